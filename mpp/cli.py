@@ -1,0 +1,102 @@
+"""Command line of recipes/pretrain_mpp.py: argparse -> PretrainConfig, errors as one line + exit 2."""
+import argparse
+import sys
+
+from .config import DEFAULT_LR, PAPER_REF_BATCH, PretrainConfig, validate
+from .errors import UsageError
+from .targets import TARGETS
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (no usage block) with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PretrainConfig()
+    p = OneLineParser(
+        prog="pretrain_mpp.py",
+        description="Masked patch prediction pretraining of a timm ViT (Dosovitskiy et al. 2021, §4.6). "
+        "Run it through 'accelerate launch'; mixed precision and multi-GPU/TPU are accelerate's flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help="built-in (mnist5k, fashion-mnist, photos), a local folder (imagefolder or save_to_disk), parquet files, .tar webdataset shards, or a Hub id")
+    g.add_argument("--dataset-config", default=d.dataset_config, help="the Hub dataset's configuration name")
+    g.add_argument("--split", default=d.split, help="dataset split to pretrain on")
+    g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
+    g.add_argument("--streaming", action="store_true", help="stream the dataset (iterable, sharded per process); needs --max-steps")
+    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process (default: 0 on CPU machines with <= 4 cores, else a few)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"), help="RandomResizedCrop area range")
+    g.add_argument("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help="any timm VisionTransformer name")
+    g.add_argument("--img-size", type=int, default=d.img_size, help="input resolution")
+    g.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size (must divide --img-size)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="timm's activation checkpointing (less memory, ~30%% slower)")
+
+    g = p.add_argument_group("objective")
+    g.add_argument("--target", default=d.target, choices=list(TARGETS), help="what each corrupted patch predicts")
+    g.add_argument("--mask-ratio", type=float, default=d.mask_ratio, help="share of patches corrupted per image")
+    g.add_argument("--mask-probs", type=float, nargs=3, default=d.mask_probs, metavar=("MASK", "RANDOM", "KEEP"), help="of the corrupted: [mask] token / random other patch / unchanged")
+    g.add_argument("--random-from", default=d.random_from, choices=["batch", "image"], help="where random replacement patches come from")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per device per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimiser steps (overrides --epochs)")
+    g.add_argument("--epochs", type=float, default=d.epochs, help="passes over the dataset when --max-steps is not given")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate at the actual global batch (default {DEFAULT_LR:g} unless --base-lr)")
+    g.add_argument("--base-lr", type=float, default=d.base_lr, help="instead of --lr: lr = base_lr x global_batch / ref_batch (paper: 2e-4)")
+    g.add_argument("--ref-batch", type=int, default=d.ref_batch, help=f"reference batch of --base-lr (paper: {PAPER_REF_BATCH})")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps, then cosine decay")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (not on biases, norms, embeddings)")
+    g.add_argument("--betas", type=float, nargs=2, default=d.betas, help="AdamW betas")
+    g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="global gradient-norm clip (0: off)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=d.output_dir, help="run folder (default runs/<date-time>)")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="optimiser steps between checkpoints")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many recent checkpoints to keep")
+    g.add_argument("--resume", default=d.resume, help="'auto' (newest complete checkpoint of --output-dir) or a checkpoint folder")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="optimiser steps between metric records")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> PretrainConfig:
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    for key in ("crop_scale", "mask_probs", "betas"):
+        values[key] = tuple(values[key])
+    cfg = PretrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def run_cli(main, argv: list[str] | None = None):
+    """Call main(argv); a UsageError becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def exit_cleanly(code: int = 0):
+    """Leave without gloo's occasional abort at interpreter exit: tear the group down, flush, _exit."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,258 @@
+"""Image datasets through the `datasets` library, decoded safely and augmented per sample.
+
+--dataset may be a built-in offline set, a local folder (imagefolder layout or save_to_disk),
+parquet files, webdataset .tar shards, or a Hugging Face Hub id. Every kind except save_to_disk
+goes through datasets.load_dataset, so the Hub path is the same code as the local ones.
+"""
+import glob
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Array2D, Array3D, Dataset, DatasetDict, Image, IterableDataset, load_dataset, load_from_disk
+from PIL import Image as PILImage
+from PIL import ImageOps
+
+from .builtin_data import BUILTIN_DATASETS
+from .errors import UsageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else with path syntax was meant as a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in (".parquet", ".tar", ".arrow")
+
+
+def _local_files(path: str) -> list[str]:
+    if any(c in path for c in "*?["):
+        return sorted(glob.glob(os.path.expanduser(path)))
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [str(p)]
+    return sorted(str(f) for f in p.rglob("*") if f.is_file())
+
+
+def load_images(
+    dataset: str,
+    split: str = "train",
+    config: str | None = None,
+    streaming: bool = False,
+) -> Dataset | IterableDataset:
+    """The dataset named by --dataset, one split. Raises UsageError for names that cannot work."""
+    if dataset in BUILTIN_DATASETS:
+        try:
+            ds = BUILTIN_DATASETS[dataset](split)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--dataset {dataset}: {e}") from None
+        return ds.to_iterable_dataset(num_shards=8) if streaming else ds
+
+    path = Path(dataset).expanduser()
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise UsageError(f"--split {split!r} not in {path}; it has: {', '.join(ds)}")
+            ds = ds[split]
+        return ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds) // 1000))) if streaming else ds
+
+    if path.exists() or any(c in dataset for c in "*?["):
+        files = _local_files(dataset)
+        if not files:
+            raise UsageError(f"--dataset {dataset}: no files found")
+        suffixes = {Path(f).suffix.lower() for f in files}
+        if suffixes <= {".parquet"}:
+            builder, kwargs = "parquet", dict(data_files={split: files})
+        elif suffixes <= {".tar"}:
+            builder, kwargs = "webdataset", dict(data_files={split: files})
+        elif path.is_dir():
+            builder, kwargs = "imagefolder", dict(data_dir=str(path))
+        else:
+            raise UsageError(f"--dataset {dataset}: expected a folder, .parquet files or .tar shards, found {sorted(suffixes)}")
+        return _load(builder, split, streaming, **kwargs)
+
+    if _looks_like_path(dataset):
+        raise UsageError(f"--dataset {dataset}: no such file or folder (built-in sets: {', '.join(BUILTIN_DATASETS)})")
+    return _load(dataset, split, streaming, name=config)
+
+
+def _load(builder: str, split: str, streaming: bool, **kwargs):
+    """datasets.load_dataset for one split; its errors become one-line UsageErrors."""
+    try:
+        return load_dataset(builder, split=split, streaming=streaming, **kwargs)
+    except ValueError as e:  # unknown split and the like
+        raise UsageError(f"--dataset {builder} --split {split}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # not found on the Hub, offline, no access, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--dataset {builder}: could not load it ({type(e).__name__}: {first})") from None
+
+
+def is_image_feature(feature) -> bool:
+    return isinstance(feature, (Image, Array3D, Array2D))
+
+
+def find_image_column(ds: Dataset | IterableDataset, requested: str | None = None) -> str:
+    """The column holding images: the requested one, or the only image-typed column."""
+    features = ds.features
+    if features is None:  # some streamed datasets only know their columns after a first example
+        features = next(iter(ds.take(1))).keys() if requested is None else {requested: None}
+    names = list(features)
+    if requested is not None:
+        if requested not in names:
+            raise UsageError(f"--image-column {requested!r} not in the dataset; columns: {', '.join(names)}")
+        return requested
+    found = [n for n in names if ds.features is not None and is_image_feature(ds.features[n])]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UsageError(f"the dataset has no image column (columns: {', '.join(names)}); name one with --image-column")
+    raise UsageError(f"the dataset has several image columns ({', '.join(found)}); choose one with --image-column")
+
+
+def prepare_columns(ds, image_column: str):
+    """Keep only the image column; leave encoded images undecoded (we decode them safely ourselves)."""
+    ds = ds.select_columns([image_column])
+    if ds.features is not None and isinstance(ds.features[image_column], Image):
+        ds = ds.cast_column(image_column, Image(decode=False))
+    return ds
+
+
+def _pil_to_rgb(img: PILImage.Image) -> PILImage.Image:
+    img = ImageOps.exif_transpose(img)  # photos taken sideways
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = PILImage.fromarray((a / top * 255).round().clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = PILImage.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def decode_image(value) -> tuple[torch.Tensor | None, str]:
+    """Any stored image -> ((3, H, W) uint8 tensor, '') or (None, why it was skipped)."""
+    try:
+        if isinstance(value, dict):  # Image(decode=False): {"bytes": ..., "path": ...}
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+            if source is None:
+                return None, "empty image entry"
+            with PILImage.open(source) as img:
+                img.load()
+                rgb = _pil_to_rgb(img)
+        elif isinstance(value, PILImage.Image):
+            rgb = _pil_to_rgb(value)
+        elif value is None:
+            return None, "missing image"
+        else:  # Array3D / Array2D: (H, W[, C]) numbers 0..255
+            a = np.asarray(value)
+            if a.ndim == 2:
+                a = a[..., None]
+            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8)).permute(2, 0, 1)  # (C, H, W)
+            return (t.expand(3, -1, -1) if t.shape[0] == 1 else t[:3]), ""
+        return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1), ""
+    except Exception as e:  # truncated, corrupt, not an image, decompression bomb, ...
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
+def _describe(value, index) -> str:
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    return f"#{index}"
+
+
+@dataclass
+class BadImage:
+    name: str
+    reason: str
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed per (run seed, epoch, sample): augmentation independent of workers, ranks and resumes."""
+    return (seed * 1_000_003 + epoch) * 2_147_483_647 + index & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """A map-style dataset of augmented (3, H, W) uint8 tensors; broken images become BadImage."""
+
+    def __init__(self, ds: Dataset, image_column: str, transform, seed: int):
+        self.ds = prepare_columns(ds, image_column)
+        if isinstance(self.ds.features[image_column], (Array3D, Array2D)):
+            self.ds = self.ds.with_format("numpy")
+        self.column = image_column
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _augment(self, value, index: int):
+        image, problem = decode_image(value)
+        if image is None:
+            return BadImage(_describe(value, index), problem)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            return self.transform(image)
+
+    def __getitem__(self, index: int):
+        return self._augment(self.ds[index][self.column], index)
+
+    def __getitems__(self, indices: list[int]):
+        # one Arrow read per batch instead of one per image
+        values = self.ds[indices][self.column]
+        return [self._augment(v, i) for v, i in zip(values, indices)]
+
+
+class AugmentedStream(torch.utils.data.IterableDataset):
+    """The streaming twin of AugmentedImages over a datasets.IterableDataset (already split by node)."""
+
+    def __init__(self, ds: IterableDataset, image_column: str, transform, seed: int, rank: int = 0, skip: int = 0):
+        self.ds = prepare_columns(ds, image_column)
+        self.column = image_column
+        self.transform = transform
+        self.seed = seed
+        self.rank = rank
+        self.skip = skip  # examples already consumed this epoch (resume)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.ds.set_epoch(epoch)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        stream = self.ds.skip(self.skip) if self.skip else self.ds
+        seed = self.seed * 1009 + self.rank * 101 + (worker.id if worker else 0)
+        for j, row in enumerate(stream, start=self.skip):
+            image, problem = decode_image(row[self.column])
+            if image is None:
+                yield BadImage(_describe(row[self.column], j), problem)
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(seed, self.epoch, j))
+                yield self.transform(image)
+
+
+def collate_images(items: list) -> dict:
+    """Stack the good images; pass the bad ones on so the training loop can count and name them."""
+    good = [x for x in items if isinstance(x, torch.Tensor)]
+    bad = [(x.name, x.reason) for x in items if isinstance(x, BadImage)]
+    pixels = torch.stack(good) if good else torch.empty(0, dtype=torch.uint8)
+    return {"pixels": pixels, "bad": bad}  # pixels (B', 3, H, W) uint8
+
+
+def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5):
+    """Pretraining augmentation on (3, H, W) uint8 tensors: RandomResizedCrop and horizontal flip."""
+    from torchvision.transforms import v2
+
+    steps = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), antialias=True)]
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    return v2.Compose(steps)

@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+
+from mpp.masking import UNCHANGED, sample_corruption
+from mpp.model import MPPModel, create_encoder
+
+# small timm ViTs: class token, register tokens + class token, no class token (avg pool, fc_norm)
+ENCODERS = {
+    "cls": dict(model_name="test_vit", img_size=28, patch_size=7),
+    "registers": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, reg_tokens=2),
+    "no_cls_avg": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, class_token=False, global_pool="avg"),
+}
+
+
+def build(kind: str, target: str = "mean3bit") -> MPPModel:
+    return MPPModel(create_encoder(**ENCODERS[kind]), target=target)
+
+
+@pytest.mark.parametrize("kind", list(ENCODERS))
+def test_uncorrupted_encoder_equals_timm_forward_features(kind):
+    model = build(kind).eval()
+    x = torch.randn(3, 3, model.encoder.patch_embed.img_size[0], model.encoder.patch_embed.img_size[1])
+    with torch.no_grad():
+        ref = model.encoder.forward_features(x)
+        assert torch.equal(model.encode(x), ref)
+        # a corruption whose every token is 'unchanged' changes nothing either
+        c = sample_corruption(3, model.num_patches, 0.5, (0.0, 0.0, 1.0))
+        assert (c.kind == UNCHANGED).all()
+        assert torch.equal(model.encode(x, c), ref)
+
+
+@pytest.mark.parametrize("kind", list(ENCODERS))
+@pytest.mark.parametrize("target", ["mean3bit", "mean3bit_4x4", "pixels_l2"])
+def test_every_trainable_parameter_gets_a_gradient(kind, target):
+    model = build(kind, target)
+    size = model.encoder.patch_embed.img_size[0]
+    out = model(torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8))
+    assert torch.isfinite(out.loss) and 0 <= out.accuracy <= 1
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_output_shapes():
+    model = build("cls", "mean3bit_4x4")  # 16 patches, 8 corrupted
+    out = model(torch.rand(4, 3, 28, 28))
+    assert out.pred.shape == (4, 8, 16 * 512) and out.target.shape == (4, 8, 16)
+
+
+def test_initial_loss_is_ln512():
+    model = build("cls")
+    out = model(torch.randint(0, 256, (64, 3, 28, 28), dtype=torch.uint8))
+    assert abs(out.loss.item() - math.log(512)) < 0.05
+
+
+def test_loss_only_on_corrupted_patches():
+    """Changing the pixels of an uncorrupted patch changes no target that the loss sees."""
+    model = build("cls")
+    x = torch.rand(2, 3, 28, 28)
+    c = sample_corruption(2, 16, 0.5, (0.8, 0.1, 0.1))
+    kept = sorted(set(range(16)) - set(c.ids[0].tolist()))[0]
+    y = x.clone()
+    r, col = divmod(kept, 4)
+    y[0, :, r * 7 : r * 7 + 7, col * 7 : col * 7 + 7] = 1 - y[0, :, r * 7 : r * 7 + 7, col * 7 : col * 7 + 7]
+    assert torch.equal(model(x, c).target, model(y, c).target)
+
+
+def test_step_compiles_without_graph_breaks():
+    model = build("cls")
+    x = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    explanation = torch._dynamo.explain(lambda images: model(images).loss)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_unknown_and_non_vit_models_are_refused():
+    with pytest.raises(ValueError, match="unknown timm model"):
+        create_encoder("vit_nonexistent", 28, 7)
+    with pytest.raises(ValueError, match="not a timm VisionTransformer"):
+        create_encoder("resnet18", 28, 7)
