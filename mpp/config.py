@@ -53,6 +53,7 @@ class PretrainConfig:
     seed: int = 0
     log_every: int = 10
     progress: bool = True
+    threads: int | None = None  # CPU threads per process; None: the machine's cores / processes on it
     # filled in by resolve()
     derived: dict = field(default_factory=dict)
 
@@ -99,8 +100,8 @@ def validate(cfg: PretrainConfig) -> None:
     for flag, value in [("--lr", cfg.lr), ("--base-lr", cfg.base_lr)]:
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UsageError(f"{flag} must be a positive number, got {value}")
-    if cfg.warmup_steps < 0 or cfg.weight_decay < 0 or cfg.min_lr < 0 or cfg.clip_grad < 0 or (cfg.workers or 0) < 0:
-        raise UsageError("--warmup-steps, --weight-decay, --min-lr, --clip-grad and --workers must not be negative")
+    if cfg.warmup_steps < 0 or cfg.weight_decay < 0 or cfg.min_lr < 0 or cfg.clip_grad < 0 or (cfg.workers or 0) < 0 or (cfg.threads or 0) < 0:
+        raise UsageError("--warmup-steps, --weight-decay, --min-lr, --clip-grad, --workers and --threads must not be negative")
     if not all(0 <= b < 1 for b in cfg.betas):
         raise UsageError(f"--betas must be two numbers in [0, 1), got {cfg.betas}")
     lo, hi = cfg.crop_scale

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, parse_flag_from_env, set_seed
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
@@ -130,7 +130,11 @@ def _tracker_config(cfg_dict: dict) -> dict:
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Runs (or resumes) one pretraining run. Every process calls this."""
     validate(cfg)
-    dist = PartialState()  # starts the process group
+    # starts the process group; AcceleratorState honours ACCELERATE_USE_CPU, a bare PartialState does not
+    dist = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if dist.device.type == "cpu" or cfg.threads:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.num_processes))
+        torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
     # Everything that can be wrong with the invocation is found before the run folder is made.
     set_seed(cfg.seed)  # identical initialisation on every process
     try:
@@ -264,7 +268,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if bad_sum:
             accelerator.print(f"skipped {bad_sum} unreadable images, e.g. " + "; ".join(f"{n}: {r}" for n, r in all_bad[:3]))
-    accelerator.end_training()
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers (and, in accelerate >= 1.x, the process group)
     return PretrainResult(run_dir, accelerator.unwrap_model(model), step)
 

@@ -1,0 +1,162 @@
+import gzip
+import io
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, Features, Image as ImageFeature, Value
+from PIL import Image
+
+from mpp.builtin_data import FASHION_MNIST_DIR, mnist5k, photos, read_idx
+from mpp.data import AugmentedImages, BadImage, collate_images, decode_image, find_image_column, load_images, train_transform
+from mpp.errors import UsageError
+from mpp.targets import Mean3Bit
+
+
+def png_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_mnist5k_builtin():
+    ds = mnist5k()
+    assert len(ds) == 5000 and find_image_column(ds) == "image"
+    labels = np.array(ds["label"])
+    assert (np.bincount(labels) == 500).all()
+    image, problem = decode_image(ds.with_format("numpy")[0]["image"])
+    assert problem == "" and image.shape == (3, 28, 28) and image.dtype == torch.uint8
+    assert torch.equal(image[0], image[1]) and image.max() > 200  # grey digit as RGB
+
+
+def test_photos_builtin_covers_the_colour_classes():
+    ds = photos()
+    images = torch.stack([decode_image(v)[0] for v in ds.with_format("numpy")["image"]])
+    classes = Mean3Bit().compute(images.float() / 255, 8).unique()
+    assert images.shape == (4000, 3, 64, 64)
+    assert len(classes) == 512  # every 3-bit colour occurs as some 8x8 patch's mean
+
+
+def test_read_idx_against_hand_written_file(tmp_path):
+    data = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + struct.pack(">III", 2, 3, 4) + data.tobytes())
+    assert np.array_equal(read_idx(path), data)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_builtin():
+    ds = load_images("fashion-mnist", split="test")
+    assert len(ds) == 10_000 and ds.features["label"].names[9] == "ankle boot"
+
+
+def test_unknown_builtin_split_and_missing_path():
+    with pytest.raises(UsageError, match="fashion-mnist"):
+        load_images("fashion-mnist", split="validation")
+    with pytest.raises(UsageError, match="no such file"):
+        load_images("./does/not/exist")
+
+
+def test_dataset_without_image_column():
+    ds = Dataset.from_dict({"text": ["a", "b"]})
+    with pytest.raises(UsageError, match="no image column"):
+        find_image_column(ds)
+    with pytest.raises(UsageError, match="--image-column 'img' not in"):
+        find_image_column(ds, "img")
+
+
+@pytest.fixture()
+def messy_folder(tmp_path):
+    """An imagefolder with good images in many modes and files that are not images at all."""
+    root = tmp_path / "images" / "cls"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    rgb.save(root / "rgb.jpg")
+    rgb.convert("CMYK").save(root / "cmyk.jpg")
+    rgb.convert("RGBA").save(root / "rgba.png")
+    rgb.convert("P").save(root / "palette.png")
+    rgb.convert("L").save(root / "grey.png")
+    Image.fromarray((rng.integers(0, 65535, (20, 20))).astype(np.uint16)).save(root / "sixteen.png")
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(root / "tiny.png")
+    (root / "truncated.jpg").write_bytes(png_bytes(rgb, "JPEG")[:300])
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.jpg").write_text("not an image")
+    return tmp_path / "images"
+
+
+def test_imagefolder_with_broken_files_is_counted_not_fatal(messy_folder):
+    ds = load_images(str(messy_folder))
+    column = find_image_column(ds)
+    images = AugmentedImages(ds, column, train_transform(16), seed=0)
+    batch = collate_images(images.__getitems__(list(range(len(images)))))
+    names = sorted(name.rsplit("/", 1)[-1] for name, _ in batch["bad"])
+    assert names == ["empty.png", "notes.jpg", "truncated.jpg"]
+    assert batch["pixels"].shape == (7, 3, 16, 16) and batch["pixels"].dtype == torch.uint8
+
+
+def test_decode_modes():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent: composited on white
+    img, _ = decode_image({"bytes": png_bytes(rgba), "path": None})
+    assert img.shape == (3, 4, 4) and (img == 255).all()
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    img, _ = decode_image({"bytes": png_bytes(sixteen), "path": None})
+    assert (img == 255).all()
+    exif = Image.new("RGB", (6, 2))
+    ex = exif.getexif()
+    ex[0x0112] = 6  # orientation: rotate 90 degrees
+    img, _ = decode_image({"bytes": png_bytes(exif, "JPEG", exif=ex), "path": None})
+    assert img.shape == (3, 6, 2)
+    img, problem = decode_image({"bytes": b"", "path": None})
+    assert img is None and problem
+
+
+def _write_image_table(tmp_path):
+    imgs = [Image.fromarray(np.full((8, 8, 3), i * 20, dtype=np.uint8)) for i in range(6)]
+    return Dataset.from_dict({"img": imgs, "label": list(range(6))}, features=Features({"img": ImageFeature(), "label": Value("int64")}))
+
+
+def test_save_to_disk_parquet_and_webdataset(tmp_path):
+    ds = _write_image_table(tmp_path)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "table.parquet"))
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for i in range(6):
+            data = png_bytes(Image.fromarray(np.full((8, 8, 3), i * 20, dtype=np.uint8)))
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    for source in ["saved", "table.parquet", "shard-0.tar"]:
+        loaded = load_images(str(tmp_path / source))
+        column = find_image_column(loaded)
+        assert len(loaded) == 6, source
+        first, problem = decode_image(loaded.cast_column(column, ImageFeature(decode=False))[0][column])
+        assert problem == "" and first.shape == (3, 8, 8), source
+
+
+def test_streaming_local_parquet(tmp_path):
+    _write_image_table(tmp_path).to_parquet(str(tmp_path / "table.parquet"))
+    stream = load_images(str(tmp_path / "table.parquet"), streaming=True)
+    assert find_image_column(stream) == "img"
+    assert sum(1 for _ in stream) == 6
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index():
+    ds = mnist5k().select(range(32))
+    a = AugmentedImages(ds, "image", train_transform(28), seed=3)
+    b = AugmentedImages(ds, "image", train_transform(28), seed=3)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(a[5], b.__getitems__([4, 5])[1])
+    a.set_epoch(1)
+    assert not torch.equal(a[5], b[5])
+    rng_before = torch.get_rng_state()
+    b[7]
+    assert torch.equal(torch.get_rng_state(), rng_before)  # nor is it disturbed
+
+
+def test_collate_passes_bad_items_on():
+    batch = collate_images([torch.zeros(3, 4, 4, dtype=torch.uint8), BadImage("x.jpg", "broken")])
+    assert batch["pixels"].shape == (1, 3, 4, 4) and batch["bad"] == [("x.jpg", "broken")]
