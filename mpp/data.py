@@ -241,11 +241,18 @@ class AugmentedStream(torch.utils.data.IterableDataset):
 
 
 def collate_images(items: list) -> dict:
-    """Stack the good images; pass the bad ones on so the training loop can count and name them."""
+    """Stack the images; name the bad ones so the training loop can count and report them.
+
+    A bad image's slot is filled with a good image of the same batch, so every batch keeps its
+    static shape and every process takes the same number of steps (a short batch on one rank of
+    a multi-process run would leave the others waiting).
+    """
     good = [x for x in items if isinstance(x, torch.Tensor)]
     bad = [(x.name, x.reason) for x in items if isinstance(x, BadImage)]
-    pixels = torch.stack(good) if good else torch.empty(0, dtype=torch.uint8)
-    return {"pixels": pixels, "bad": bad}  # pixels (B', 3, H, W) uint8
+    if not good:
+        raise RuntimeError(f"all {len(items)} images of a batch are unreadable, e.g. {bad[0][0]}: {bad[0][1]}")
+    filled = good + [good[i % len(good)] for i in range(len(bad))]
+    return {"pixels": torch.stack(filled), "bad": bad}  # pixels (B, 3, H, W) uint8
 
 
 def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5):

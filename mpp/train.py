@@ -122,6 +122,18 @@ def export_weights(model: MPPModel, cfg: PretrainConfig, run_dir: Path, step: in
     save_weights(run_dir / "model.safetensors", enc.state_dict(), meta)
 
 
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the records up to the step the run starts from; later ones are logged again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def count_all(accelerator: Accelerator, count: int) -> int:
+    """A count summed over all processes."""
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum").item())
+
+
 def _tracker_config(cfg_dict: dict) -> dict:
     """TensorBoard hparams take scalars and strings only."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg_dict.items() if k != "derived"}
@@ -196,10 +208,11 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     )
     if accelerator.is_main_process:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        trim_metrics(run_dir / "metrics.jsonl", state["step"])
     accelerator.init_trackers("tensorboard", config=_tracker_config(cfg.to_dict()))
 
     step, epoch, batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-    bad_total, bad_examples = state["bad_images"], []
+    bad_total, bad_new, bad_examples = state["bad_images"], 0, []  # all processes; this one's since the last count
     progress = tqdm(total=total_steps, initial=step, disable=not (accelerator.is_main_process and cfg.progress), desc="mpp", dynamic_ncols=True)
     if resume_from:
         accelerator.print(f"resumed from {resume_from} at step {step}")
@@ -216,11 +229,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         for batch in batches:
             batches_in_epoch += 1
             if batch["bad"]:
-                bad_total += len(batch["bad"])
+                bad_new += len(batch["bad"])
                 bad_examples = (bad_examples + batch["bad"])[:10]
             pixels = batch["pixels"].to(accelerator.device, non_blocking=True)  # (B, 3, H, W) uint8
-            if pixels.shape[0] == 0:
-                continue
             with accelerator.accumulate(model):
                 out = model(pixels)
                 accelerator.backward(out.loss)
@@ -240,6 +251,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             if step % cfg.log_every == 0 or step == total_steps:
                 # the only host-device synchronisation: once per logging window
                 loss, acc, n = accelerator.reduce(window, "sum").tolist()
+                bad_total, bad_new = bad_total + count_all(accelerator, bad_new), 0
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step, "epoch": epoch, "loss": loss / n, "masked_acc": acc / n, "lr": lr,
@@ -253,6 +265,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 window.zero_()
                 window_images, window_start = 0, time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step == total_steps:
+                bad_total, bad_new = bad_total + count_all(accelerator, bad_new), 0
                 save_checkpoint(accelerator, run_dir, {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total}, cfg.keep_checkpoints)
             if step >= total_steps:
                 break
@@ -261,7 +274,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     progress.close()
 
     all_bad = [b for part in gather_object([bad_examples]) for b in part]
-    bad_sum = int(accelerator.reduce(torch.tensor(bad_total, device=accelerator.device), "sum").item())
+    bad_sum = bad_total + count_all(accelerator, bad_new)
     if accelerator.is_main_process:
         export_weights(accelerator.unwrap_model(model), cfg, run_dir, step)
         summary = {"steps": step, "bad_images": bad_sum, "bad_examples": all_bad[:10]}

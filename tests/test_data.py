@@ -95,7 +95,7 @@ def test_imagefolder_with_broken_files_is_counted_not_fatal(messy_folder):
     batch = collate_images(images.__getitems__(list(range(len(images)))))
     names = sorted(name.rsplit("/", 1)[-1] for name, _ in batch["bad"])
     assert names == ["empty.png", "notes.jpg", "truncated.jpg"]
-    assert batch["pixels"].shape == (7, 3, 16, 16) and batch["pixels"].dtype == torch.uint8
+    assert batch["pixels"].shape == (10, 3, 16, 16) and batch["pixels"].dtype == torch.uint8  # bad slots refilled
 
 
 def test_decode_modes():
@@ -157,6 +157,10 @@ def test_augmentation_depends_only_on_seed_epoch_and_index():
     assert torch.equal(torch.get_rng_state(), rng_before)  # nor is it disturbed
 
 
-def test_collate_passes_bad_items_on():
-    batch = collate_images([torch.zeros(3, 4, 4, dtype=torch.uint8), BadImage("x.jpg", "broken")])
-    assert batch["pixels"].shape == (1, 3, 4, 4) and batch["bad"] == [("x.jpg", "broken")]
+def test_collate_keeps_the_batch_shape_and_names_bad_items():
+    good = [torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(3)]
+    batch = collate_images([good[0], BadImage("x.jpg", "broken"), good[1], good[2]])
+    assert batch["pixels"].shape == (4, 3, 4, 4) and batch["bad"] == [("x.jpg", "broken")]
+    assert torch.equal(batch["pixels"][:3], torch.stack(good)) and torch.equal(batch["pixels"][3], good[0])
+    with pytest.raises(RuntimeError, match="all 1 images of a batch are unreadable, e.g. y.png"):
+        collate_images([BadImage("y.png", "empty")])

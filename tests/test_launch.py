@@ -1,6 +1,7 @@
 """End to end through real processes: accelerate launch with 2 CPU ranks, and exact resume."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,20 +42,66 @@ def test_two_cpu_processes_train_identical_replicas(tmp_path):
     assert len(initial) > 0
 
 
-def test_resumed_run_ends_with_the_same_weights(tmp_path):
-    """A run resumed from its step-6 checkpoint ends bit-identical to the uninterrupted run (tolerance 0)."""
-    recipe = [sys.executable, "recipes/pretrain_mpp.py", *TINY, "--max-steps", "12", "--checkpoint-every", "6"]
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    """96 MNIST digits saved with save_to_disk: 3 steps of 32 per epoch."""
+    from mpp.builtin_data import mnist5k
+
+    path = tmp_path_factory.mktemp("data") / "digits96"
+    mnist5k().shuffle(seed=0).select(range(96)).save_to_disk(str(path))
+    return path
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, small_dataset):
+    """Resumed mid-epoch (step 4 = 2nd batch of epoch 1), a run ends bit-identical to the uninterrupted one (tolerance 0)."""
+    recipe = [sys.executable, "recipes/pretrain_mpp.py", *TINY, "--dataset", str(small_dataset), "--max-steps", "10",
+              "--checkpoint-every", "4", "--log-every", "2"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run(recipe + ["--output-dir", str(full)])
-    run(recipe + ["--output-dir", str(resumed), "--resume", str(full / "checkpoints" / "step_000006")])
+    run(recipe + ["--output-dir", str(resumed), "--resume", str(full / "checkpoints" / "step_000004")])
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [9, 12]  # it continued, it did not start over
     full_log = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     resumed_log = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert full_log[-1]["loss"] == resumed_log[-1]["loss"]
+    assert [r["step"] for r in resumed_log] == [6, 8, 10]  # it continued, it did not start over
+    assert [r["epoch"] for r in resumed_log] == [1, 2, 3]
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log[2:]]
+
+
+def test_kill_then_resume_auto_continues_from_the_newest_checkpoint(tmp_path, small_dataset):
+    """A run killed after its step-4 checkpoint: metrics after it are dropped and logged again."""
+    out = tmp_path / "run"
+    recipe = [sys.executable, "recipes/pretrain_mpp.py", *TINY, "--dataset", str(small_dataset), "--checkpoint-every", "4",
+              "--log-every", "2", "--output-dir", str(out)]
+    run(recipe + ["--max-steps", "6"])  # stands in for a run killed at step 6: its last checkpoint is step 4
+    shutil.rmtree(out / "checkpoints" / "step_000006")
+    (out / "model.safetensors").unlink()
+    (out / "checkpoints" / ".tmp-step_000008").mkdir()  # a half-written checkpoint is never resumed from
+    proc = run(recipe + ["--max-steps", "6", "--resume", "auto"])
+    assert "resumed from" in proc.stdout + proc.stderr and "step_000004" in proc.stdout + proc.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+
+
+def test_broken_files_are_counted_and_named(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images" / "all"
+    folder.mkdir(parents=True)
+    for i in range(22):
+        Image.new("RGB", (20, 20), (i * 10, 0, 0)).save(folder / f"{i:02d}.png")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    out = tmp_path / "run"
+    args = ["--dataset", str(tmp_path / "images"), "--model", "test_vit", "--img-size", "16", "--patch-size", "4",
+            "--batch-size", "8", "--max-steps", "3", "--no-progress", "--output-dir", str(out)]
+    proc = run([sys.executable, "recipes/pretrain_mpp.py", *args])  # one epoch: each file is read once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bad_images"] == 2
+    assert sorted(Path(name).name for name, _ in summary["bad_examples"]) == ["text.jpg", "zero.png"]
+    assert "skipped 2 unreadable images" in proc.stdout + proc.stderr
 
 
 def test_main_job_files(tmp_path):
