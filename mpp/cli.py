@@ -71,6 +71,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_finetune_parser() -> argparse.ArgumentParser:
+    from .finetune_config import PRESETS, FinetuneConfig
+
+    d = FinetuneConfig()
+    p = OneLineParser(
+        prog="finetune.py",
+        description="Fine-tune a timm ViT classifier from scratch, from MPP weights or from supervised weights. "
+        "Optimisation knobs left unset take the --preset's value.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help="labelled dataset: built-in (mnist5k, fashion-mnist), local folder, parquet, Hub id")
+    g.add_argument("--dataset-config", default=d.dataset_config, help="the Hub dataset's configuration name")
+    g.add_argument("--train-split", default=d.train_split, help="split to train on")
+    g.add_argument("--eval-split", default=d.eval_split, help="held-out split for top-1")
+    g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
+    g.add_argument("--label-column", default=d.label_column, help="label column (detected: the only ClassLabel column)")
+    g.add_argument("--train-per-class", type=int, default=d.train_per_class, help="low-label regime: N training images per class")
+    g.add_argument("--train-fraction", type=float, default=d.train_fraction, help="low-label regime: this fraction of the training split")
+    g.add_argument("--subset-seed", type=int, default=d.subset_seed, help="seed of the low-label draw")
+    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers per process (default: 0 on small CPU machines)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"), help="RandomResizedCrop area range")
+    g.add_argument("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
+    g = p.add_argument_group("model")
+    g.add_argument("--init", default=d.init, help="scratch, a .safetensors file (from pretrain_mpp.py or finetune.py) or timm:NAME.TAG")
+    g.add_argument("--model", default=d.model, help="timm ViT for --init scratch (otherwise the weights' metadata decides)")
+    g.add_argument("--img-size", type=int, default=d.img_size, help="resolution (default: the weights'; larger interpolates position embeddings)")
+    g.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size for --init scratch (default 7)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="timm's activation checkpointing")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--preset", default=d.preset, choices=list(PRESETS), help="paper: SGD momentum, no wd, clip 1, zero head; modern: AdamW, layer decay, drop path, label smoothing, mixup/cutmix, RandAugment")
+    for key, kind in [("opt", str), ("lr", float), ("weight_decay", float), ("layer_decay", float), ("drop_path", float),
+                      ("label_smoothing", float), ("mixup", float), ("cutmix", float), ("auto_augment", str),
+                      ("clip_grad", float), ("warmup_steps", int)]:
+        shown = ", ".join(f"{name} {PRESETS[name][key]}" for name in PRESETS)
+        g.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"(preset: {shown})")
+    g.add_argument("--zero-head", action=argparse.BooleanOptionalAction, default=None, help="zero-initialise the head (preset: paper yes, modern no)")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per device per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
+    g.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training images")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimiser steps (overrides --epochs)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=d.output_dir, help="run folder (default runs/<date-time>)")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="optimiser steps between checkpoints")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many recent checkpoints to keep")
+    g.add_argument("--resume", default=d.resume, help="'auto' or a checkpoint folder")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="optimiser steps between metric records")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between held-out evaluations")
+    g.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (default: cores / processes)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def parse_finetune_config(argv: list[str] | None = None):
+    from .finetune_config import FinetuneConfig, validate_finetune
+
+    values = vars(build_finetune_parser().parse_args(argv))
+    values["crop_scale"] = tuple(values["crop_scale"])
+    cfg = FinetuneConfig(**values)
+    validate_finetune(cfg)
+    return cfg
+
+
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:
     args = build_parser().parse_args(argv)
     values = vars(args)

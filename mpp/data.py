@@ -7,6 +7,7 @@ goes through datasets.load_dataset, so the Hub path is the same code as the loca
 import glob
 import io
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,9 +113,10 @@ def find_image_column(ds: Dataset | IterableDataset, requested: str | None = Non
     raise UsageError(f"the dataset has several image columns ({', '.join(found)}); choose one with --image-column")
 
 
-def prepare_columns(ds, image_column: str):
-    """Keep only the image column; leave encoded images undecoded (we decode them safely ourselves)."""
-    ds = ds.select_columns([image_column])
+def prepare_columns(ds, image_column: str, columns: list[str] | None = None):
+    """Keep only the columns used (the image column by default); leave encoded images undecoded
+    (we decode them safely ourselves)."""
+    ds = ds.select_columns(columns or [image_column])
     if ds.features is not None and isinstance(ds.features[image_column], Image):
         ds = ds.cast_column(image_column, Image(decode=False))
     return ds
@@ -175,14 +177,30 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 2_147_483_647 + index & 0x7FFF_FFFF_FFFF_FFFF
 
 
-class AugmentedImages(torch.utils.data.Dataset):
-    """A map-style dataset of augmented (3, H, W) uint8 tensors; broken images become BadImage."""
+def seeded(transform, image, seed: int):
+    """transform(image) with torch's and Python's RNGs (timm's RandAugment uses the latter) seeded,
+    leaving both global generators as they were."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return transform(image)
+    finally:
+        random.setstate(state)
 
-    def __init__(self, ds: Dataset, image_column: str, transform, seed: int):
-        self.ds = prepare_columns(ds, image_column)
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """A map-style dataset of augmented (3, H, W) uint8 tensors, with their labels when label_column
+    is given; broken images become BadImage."""
+
+    def __init__(self, ds: Dataset, image_column: str, transform, seed: int, label_column: str | None = None):
+        columns = [image_column] + ([label_column] if label_column else [])
+        self.ds = prepare_columns(ds, image_column, columns)
         if isinstance(self.ds.features[image_column], (Array3D, Array2D)):
             self.ds = self.ds.with_format("numpy")
         self.column = image_column
+        self.label_column = label_column
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -193,21 +211,24 @@ class AugmentedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def _augment(self, value, index: int):
-        image, problem = decode_image(value)
-        if image is None:
-            return BadImage(_describe(value, index), problem)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            return self.transform(image)
-
     def __getitem__(self, index: int):
-        return self._augment(self.ds[index][self.column], index)
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]):
-        # one Arrow read per batch instead of one per image
-        values = self.ds[indices][self.column]
-        return [self._augment(v, i) for v, i in zip(values, indices)]
+        rows = self.ds[indices]  # one Arrow read per batch instead of one per image
+        # one seed per batch, from its first index (unique within an epoch): the same batches get
+        # the same augmentation whatever the number of workers, and after a resume
+        images = seeded(self._augment_all, list(zip(rows[self.column], indices)), sample_seed(self.seed, self.epoch, indices[0]))
+        if self.label_column is None:
+            return images
+        return [x if isinstance(x, BadImage) else (x, int(y)) for x, y in zip(images, rows[self.label_column])]
+
+    def _augment_all(self, values_and_indices):
+        out = []
+        for value, index in values_and_indices:
+            image, problem = decode_image(value)
+            out.append(BadImage(_describe(value, index), problem) if image is None else self.transform(image))
+        return out
 
 
 class AugmentedStream(torch.utils.data.IterableDataset):
@@ -235,24 +256,39 @@ class AugmentedStream(torch.utils.data.IterableDataset):
             if image is None:
                 yield BadImage(_describe(row[self.column], j), problem)
                 continue
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(seed, self.epoch, j))
-                yield self.transform(image)
+            yield seeded(self.transform, image, sample_seed(seed, self.epoch, j))
 
 
 def collate_images(items: list) -> dict:
-    """Stack the images; name the bad ones so the training loop can count and report them.
+    """Stack the images (and labels); name the bad ones so the training loop can count and report them.
 
-    A bad image's slot is filled with a good image of the same batch, so every batch keeps its
-    static shape and every process takes the same number of steps (a short batch on one rank of
-    a multi-process run would leave the others waiting).
+    Items are image tensors, (image, label) pairs or BadImage. A bad image's slot is filled with a
+    good item of the same batch, so every batch keeps its static shape and every process takes the
+    same number of steps (a short batch on one rank of a multi-process run would leave the others
+    waiting).
     """
-    good = [x for x in items if isinstance(x, torch.Tensor)]
+    good = [x for x in items if not isinstance(x, BadImage)]
     bad = [(x.name, x.reason) for x in items if isinstance(x, BadImage)]
     if not good:
         raise RuntimeError(f"all {len(items)} images of a batch are unreadable, e.g. {bad[0][0]}: {bad[0][1]}")
     filled = good + [good[i % len(good)] for i in range(len(bad))]
+    if isinstance(filled[0], tuple):
+        return {"pixels": torch.stack([x for x, _ in filled]), "labels": torch.tensor([y for _, y in filled]), "bad": bad}
     return {"pixels": torch.stack(filled), "bad": bad}  # pixels (B, 3, H, W) uint8
+
+
+def timm_transform(img_size: int, training: bool, crop_scale=(0.35, 1.0), hflip: float = 0.5, auto_augment: str | None = None):
+    """timm's own transforms (RandomResizedCrop, flip, RandAugment; or resize + centre crop for
+    evaluation) on (3, H, W) uint8 tensors, returning uint8 tensors: normalisation happens on the device."""
+    from timm.data import create_transform
+    from torchvision.transforms.v2.functional import to_pil_image
+
+    if training:
+        tf = create_transform(img_size, is_training=True, scale=tuple(crop_scale), hflip=hflip, auto_augment=auto_augment,
+                              color_jitter=None, normalize=False)
+    else:
+        tf = create_transform(img_size, is_training=False, crop_pct=1.0, normalize=False)
+    return lambda image: tf(to_pil_image(image))
 
 
 def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5):

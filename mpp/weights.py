@@ -41,7 +41,7 @@ def timm_overlay(path: str | Path, meta: dict) -> dict:
     """The pretrained_cfg_overlay that makes timm load this file strictly as encoder-only weights."""
     return dict(
         file=str(Path(path).resolve()),
-        num_classes=0,
+        num_classes=meta.get("num_classes", 0),  # fine-tuned files carry their head
         custom_load=False,
         mean=tuple(meta["mean"]),
         std=tuple(meta["std"]),
@@ -52,7 +52,8 @@ def load_backbone(path: str | Path, num_classes: int = 0, img_size: int | None =
     """The timm VisionTransformer stored in an mpp weight file, loaded strictly.
 
     img_size other than the trained one: timm's checkpoint_filter_fn resamples the position
-    embeddings (resample_abs_pos_embed, bicubic). num_classes > 0 adds a freshly initialised head.
+    embeddings (resample_abs_pos_embed, bicubic). num_classes > 0 adds a freshly initialised head,
+    or, for a fine-tuned file with that many classes, loads its head.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,3 +70,26 @@ def load_backbone(path: str | Path, num_classes: int = 0, img_size: int | None =
         pretrained_cfg_overlay=timm_overlay(path, meta),
         **kwargs,
     )
+
+
+def load_encoder_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load every non-head weight strictly into a timm ViT; its classification head stays as it is.
+
+    A file's own head (from fine-tuning) belongs to another task and is dropped. timm's
+    checkpoint_filter_fn resamples the position embeddings to the model's grid. Raises
+    UsageError naming every missing, unexpected or mis-shaped key.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from .errors import UsageError
+
+    state = checkpoint_filter_fn({k: v for k, v in tensors.items() if not k.startswith("head.")}, model)
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if shapes:
+        raise UsageError(f"{source}: weights of another architecture: " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    head = {k for k in own if k.startswith("head.")}
+    not_head = sorted(set(missing) - head)
+    if not_head or unexpected:
+        raise UsageError(f"{source}: only the head may be missing; missing {not_head[:8]}, unexpected {sorted(unexpected)[:8]}")

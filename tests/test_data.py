@@ -1,5 +1,6 @@
 import gzip
 import io
+import random
 import struct
 import tarfile
 
@@ -144,17 +145,20 @@ def test_streaming_local_parquet(tmp_path):
     assert sum(1 for _ in stream) == 6
 
 
-def test_augmentation_depends_only_on_seed_epoch_and_index():
+def test_augmentation_depends_only_on_seed_epoch_and_batch():
     ds = mnist5k().select(range(32))
     a = AugmentedImages(ds, "image", train_transform(28), seed=3)
     b = AugmentedImages(ds, "image", train_transform(28), seed=3)
     torch.manual_seed(123)  # the global RNG plays no part
-    assert torch.equal(a[5], b.__getitems__([4, 5])[1])
+    first = a.__getitems__([4, 5, 9])
+    torch.manual_seed(456)
+    assert all(torch.equal(x, y) for x, y in zip(first, b.__getitems__([4, 5, 9])))
+    assert not torch.equal(first[0], first[1][:, :, :])  # images of a batch get different crops
     a.set_epoch(1)
-    assert not torch.equal(a[5], b[5])
-    rng_before = torch.get_rng_state()
-    b[7]
-    assert torch.equal(torch.get_rng_state(), rng_before)  # nor is it disturbed
+    assert not all(torch.equal(x, y) for x, y in zip(a.__getitems__([4, 5, 9]), first))
+    rng_before, py_before = torch.get_rng_state(), random.getstate()
+    b.__getitems__([7, 8])
+    assert torch.equal(torch.get_rng_state(), rng_before) and random.getstate() == py_before  # nor is it disturbed
 
 
 def test_collate_keeps_the_batch_shape_and_names_bad_items():

@@ -1,0 +1,232 @@
+"""Fine-tuning a timm ViT classifier from scratch, from MPP weights or from supervised weights."""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from datasets import ClassLabel
+from safetensors import SafetensorError
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+
+from . import __version__
+from .config import lr_at
+from .data import AugmentedImages, collate_images, find_image_column, load_images, timm_transform
+from .errors import UsageError
+from .loop import LoopSettings, default_workers, finish, fit, init_processes, open_run, start_logging, write_summary
+from .weights import load_encoder_weights, load_tensors, read_metadata, save_weights
+
+
+@dataclass
+class LabelledData:
+    train: object  # datasets.Dataset
+    eval: object
+    image_column: str
+    label_column: str
+    class_names: list[str]
+
+
+def find_label_column(ds, requested: str | None) -> str:
+    names = list(ds.features)
+    if requested is not None:
+        if requested not in names:
+            raise UsageError(f"--label-column {requested!r} not in the dataset; columns: {', '.join(names)}")
+        return requested
+    labels = [n for n in names if isinstance(ds.features[n], ClassLabel)] or [n for n in names if n in ("label", "labels")]
+    if len(labels) != 1:
+        raise UsageError(f"fine-tuning needs labels: found no single label column among {', '.join(names)}; name it with --label-column")
+    return labels[0]
+
+
+def class_names_of(ds, column: str) -> list[str]:
+    feature = ds.features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    return [str(v) for v in sorted(set(ds[column]))]
+
+
+def low_label_subset(ds, label_column: str, per_class: int | None, fraction: float | None, seed: int):
+    """A reproducible subset: per_class examples of each class, or a fraction of the whole (seeded)."""
+    if per_class is None and fraction is None:
+        return ds
+    labels = np.asarray(ds[label_column])
+    rng = np.random.default_rng(seed)
+    if fraction is not None:
+        picked = rng.permutation(len(ds))[: max(1, round(fraction * len(ds)))]
+    else:
+        classes, counts = np.unique(labels, return_counts=True)
+        if per_class > counts.min():
+            raise UsageError(f"--train-per-class {per_class}: class {classes[counts.argmin()]} has only {counts.min()} examples")
+        picked = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes])
+    return ds.select(np.sort(picked))
+
+
+def open_labelled_data(cfg, dist) -> LabelledData:
+    with dist.main_process_first():
+        train = load_images(cfg.dataset, cfg.train_split, cfg.dataset_config)
+        evaluation = load_images(cfg.dataset, cfg.eval_split, cfg.dataset_config)
+    image_column = find_image_column(train, cfg.image_column)
+    label_column = find_label_column(train, cfg.label_column)
+    if label_column not in evaluation.features:
+        raise UsageError(f"--eval-split {cfg.eval_split} has no {label_column!r} column")
+    names = class_names_of(train, label_column)
+    train = low_label_subset(train, label_column, cfg.train_per_class, cfg.train_fraction, cfg.subset_seed)
+    if len(train) < cfg.batch_size * dist.num_processes:
+        raise UsageError(f"--batch-size {cfg.batch_size} x {dist.num_processes} processes is more than the {len(train)} training images")
+    return LabelledData(train, evaluation, image_column, label_column, names)
+
+
+def init_weights(init: str) -> tuple[dict | None, dict]:
+    """(tensors or None, architecture metadata) for --init scratch | FILE.safetensors | timm:NAME.TAG."""
+    if init == "scratch":
+        return None, {}
+    if init.startswith("timm:"):
+        name = init[len("timm:") :]
+        if not timm.is_model(name):
+            raise UsageError(f"--init {init}: {name!r} is not a timm model")
+        try:
+            source = timm.create_model(name, pretrained=True, num_classes=0)
+        except Exception as e:  # offline, no such tag, ...
+            raise UsageError(f"--init {init}: could not get timm's pretrained weights ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        meta = {"timm_model": name.split(".")[0], "img_size": source.patch_embed.img_size[0], "patch_size": source.patch_embed.patch_size[0],
+                "mean": list(source.pretrained_cfg["mean"]), "std": list(source.pretrained_cfg["std"])}
+        return source.state_dict(), meta
+    path = Path(init)
+    if not path.is_file():
+        raise UsageError(f"--init {init}: no such file (use scratch, a .safetensors file or timm:NAME.TAG)")
+    try:
+        meta, tensors = read_metadata(path), load_tensors(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"--init {init}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+    if "timm_model" not in meta:
+        raise UsageError(f"--init {init}: no 'timm_model' metadata, so the architecture is unknown (files written by mpp have it)")
+    return tensors, meta
+
+
+def build_classifier(cfg, num_classes: int):
+    """The timm model to fine-tune, with the init's weights loaded (strict but for the head)."""
+    tensors, meta = init_weights(cfg.init)
+    name = meta.get("timm_model", cfg.model)
+    patch = meta.get("patch_size", cfg.patch_size or 7)
+    img_size = cfg.img_size or meta.get("img_size", 28)
+    if img_size % patch:
+        raise UsageError(f"--img-size {img_size} is not divisible by the patch size {patch}")
+    if not timm.is_model(name):
+        raise UsageError(f"--model {name!r} is not a timm model")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, patch_size=patch,
+                              drop_path_rate=cfg.resolved("drop_path"))
+    if tensors is not None:
+        load_encoder_weights(model, tensors, f"--init {cfg.init}")
+    if cfg.resolved("zero_head"):
+        torch.nn.init.zeros_(model.head.weight)
+        torch.nn.init.zeros_(model.head.bias)
+    mean = meta.get("mean", list(model.pretrained_cfg["mean"]))
+    std = meta.get("std", list(model.pretrained_cfg["std"]))
+    return model, dict(timm_model=name, img_size=img_size, patch_size=patch, mean=mean, std=std)
+
+
+@torch.no_grad()
+def top1(accelerator, model, loader, mean: torch.Tensor, std: torch.Tensor) -> float:
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        x = (batch["pixels"].float() / 255 - mean) / std
+        pred = model(x).argmax(1)
+        pred, labels = accelerator.gather_for_metrics((pred, batch["labels"]))
+        correct += (pred == labels).sum().item()
+        total += labels.numel()
+    return correct / max(1, total)
+
+
+def finetune(cfg) -> dict:
+    """Runs (or resumes) one fine-tuning run; returns results.json's content. Every process calls this."""
+    from .finetune_config import validate_finetune
+
+    validate_finetune(cfg)
+    dist = init_processes(cfg.threads)
+    set_seed(cfg.seed)
+    data = open_labelled_data(cfg, dist)
+    model, arch = build_classifier(cfg, len(data.class_names))
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum)
+    acc = run.accelerator
+
+    global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+    peak_lr = cfg.resolved("lr")
+    opt_kwargs = {"momentum": 0.9} if cfg.resolved("opt") in ("momentum", "sgd") else {}
+    optimizer = create_optimizer_v2(model, opt=cfg.resolved("opt"), lr=peak_lr, weight_decay=cfg.resolved("weight_decay"),
+                                    layer_decay=cfg.resolved("layer_decay"), **opt_kwargs)
+    workers = default_workers(acc.device) if cfg.workers is None else cfg.workers
+    train_images = AugmentedImages(data.train, data.image_column,
+                                   timm_transform(arch["img_size"], True, cfg.crop_scale, cfg.hflip, cfg.resolved("auto_augment")),
+                                   cfg.seed, data.label_column)
+    eval_images = AugmentedImages(data.eval, data.image_column, timm_transform(arch["img_size"], False), cfg.seed, data.label_column)
+    loader_kwargs = dict(collate_fn=collate_images, num_workers=workers, pin_memory=acc.device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(train_images, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                               generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
+    eval_loader = torch.utils.data.DataLoader(eval_images, batch_size=max(cfg.batch_size, 256), **loader_kwargs)
+    model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader, eval_loader)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * (len(train_loader) // cfg.grad_accum)))
+    warmup = min(cfg.resolved("warmup_steps"), total_steps // 2)
+    if run.resume_from:
+        acc.load_state(str(run.resume_from))
+    else:
+        set_seed(cfg.seed, device_specific=True)
+
+    cfg.derived = dict(run_dir=str(run.run_dir), num_processes=acc.num_processes, global_batch=global_batch, total_steps=total_steps,
+                       warmup_steps=warmup, train_images=len(data.train), eval_images=len(data.eval),
+                       num_classes=len(data.class_names), mpp_version=__version__, **arch)
+    start_logging(run, cfg.to_dict())
+
+    mean = torch.tensor(arch["mean"], device=acc.device).view(1, -1, 1, 1)
+    std = torch.tensor(arch["std"], device=acc.device).view(1, -1, 1, 1)
+    mixing = cfg.resolved("mixup") > 0 or cfg.resolved("cutmix") > 0
+    mixup = Mixup(mixup_alpha=cfg.resolved("mixup"), cutmix_alpha=cfg.resolved("cutmix"),
+                  label_smoothing=cfg.resolved("label_smoothing"), num_classes=len(data.class_names)) if mixing else None
+
+    def classify_step(model, batch):
+        x = (batch["pixels"].float() / 255 - mean) / std  # (B, 3, H, W)
+        y = batch["labels"]
+        if mixup is not None:
+            x, soft = mixup(x, y)  # soft targets (B, K), label smoothing included
+            logits = model(x)
+            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.resolved("label_smoothing"))
+        return loss, (logits.argmax(1) == y).float().mean()
+
+    history = []
+
+    def evaluate(epoch: int, step: int) -> dict | None:
+        if (epoch + 1) % cfg.eval_every:
+            return None
+        history.append({"epoch": epoch, "step": step, "top1": top1(acc, model, eval_loader, mean, std)})
+        return {"eval_top1": history[-1]["top1"]}
+
+    settings = LoopSettings(
+        total_steps=total_steps, lr_at=lambda step: lr_at(step, peak_lr, warmup, total_steps, cfg.min_lr),
+        clip_grad=cfg.resolved("clip_grad"), log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints, batch_size=cfg.batch_size, progress=cfg.progress, desc="finetune", metric="train_acc",
+    )
+    result = fit(run, model, optimizer, train_loader, train_images, classify_step, settings, on_epoch_end=evaluate)
+    final = top1(acc, model, eval_loader, mean, std)
+    results = {
+        "final_top1": final, "best_top1": max([final] + [h["top1"] for h in history]), "init": cfg.init, "steps": result.step,
+        "train_images": len(data.train), "eval_images": len(data.eval), "history": history, "config": cfg.to_dict(),
+    }
+    if acc.is_main_process:
+        meta = {**arch, "num_classes": len(data.class_names), "class_names": data.class_names, "steps": result.step,
+                "init": cfg.init, "mpp_version": __version__}
+        save_weights(run.run_dir / "model.safetensors", acc.unwrap_model(model).state_dict(), meta)
+        (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        acc.print(f"top-1 on {cfg.eval_split}: final {final:.4f}, best {results['best_top1']:.4f}")
+    write_summary(run, result, {"final_top1": final})
+    finish(run)
+    return results

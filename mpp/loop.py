@@ -1,0 +1,245 @@
+"""What every training recipe shares: processes, the run folder, resume, and the accelerate loop.
+
+The recipes (pretraining, fine-tuning) differ only in their model, data and `step_fn`.
+"""
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, parse_flag_from_env
+from tqdm.auto import tqdm
+
+from .checkpoint import STATE_FILE, complete_checkpoints, latest_checkpoint, read_trainer_state, save_checkpoint
+from .errors import UsageError
+
+FRESH_STATE = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_images": 0}
+
+
+def init_processes(threads: int | None) -> PartialState:
+    """Start the process group and give each CPU process its share of the cores.
+
+    AcceleratorState honours ACCELERATE_USE_CPU, a bare PartialState does not. accelerate launch
+    without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run.
+    """
+    dist = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if dist.device.type == "cpu" or threads:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.num_processes))
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
+    return dist
+
+
+def default_workers(device: torch.device) -> int:
+    """No worker processes on small CPU machines (they would take cores from the step), else a few."""
+    cores = os.cpu_count() or 1
+    if device.type == "cpu" and cores <= 4:
+        return 0
+    return min(8, max(1, cores // max(1, PartialState().num_processes) - 1))
+
+
+def check_resume_path(resume: str | None) -> Path | None:
+    """--resume PATH must be a complete checkpoint; 'auto' is resolved once the run folder is known."""
+    if not resume or resume == "auto":
+        return None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise UsageError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use 'auto' or a checkpoints/step_N folder")
+    return path
+
+
+def default_run_dir(output_dir: str | None, resume: str | None, runs_root: str = "runs") -> Path:
+    """--output-dir, else with --resume auto the newest run under runs/ that has a checkpoint, else runs/<date-time>."""
+    if output_dir:
+        return Path(output_dir)
+    if resume == "auto":
+        runs = sorted((p for p in Path(runs_root).glob("*") if complete_checkpoints(p)), key=lambda p: p.stat().st_mtime)
+        if runs:
+            return runs[-1]
+    return Path(runs_root) / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def check_run_dir(run_dir: Path, resume: str | None) -> None:
+    """Refuse to overwrite a finished or started run unless resuming; make sure we can write there."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--output-dir {run_dir} exists and is not a folder")
+    if resume is None and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UsageError(f"--output-dir {run_dir} is not empty; pass --resume auto to continue that run, or choose another folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--output-dir {run_dir} is not writable ({e.strerror})") from None
+
+
+@dataclass
+class Run:
+    accelerator: Accelerator
+    run_dir: Path
+    resume_from: Path | None
+    state: dict  # step, epoch, batches_in_epoch, bad_images at the start
+
+
+def open_run(dist: PartialState, output_dir: str | None, resume: str | None, grad_accum: int) -> Run:
+    """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator."""
+    resume_from = check_resume_path(resume)
+    # named on the main process (its clock) and shared before accelerate's trackers need it
+    run_dir = Path(broadcast_object_list([str(default_run_dir(output_dir, resume))])[0])
+    if dist.is_main_process:
+        check_run_dir(run_dir, resume)
+    dist.wait_for_everyone()
+    if resume == "auto":
+        resume_from = latest_checkpoint(run_dir)
+    state = read_trainer_state(resume_from) if resume_from else dict(FRESH_STATE)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=grad_accum,
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    return Run(accelerator, run_dir, resume_from, state)
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the records up to the step the run starts from; later ones are logged again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def start_logging(run: Run, config: dict) -> None:
+    """config.json, metrics.jsonl trimmed to the resume step, TensorBoard through accelerate."""
+    if run.accelerator.is_main_process:
+        (run.run_dir / "config.json").write_text(json.dumps(config, indent=2))
+        trim_metrics(run.run_dir / "metrics.jsonl", run.state["step"])
+    # TensorBoard hparams take scalars and strings only
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items() if k != "derived"}
+    run.accelerator.init_trackers("tensorboard", config=flat)
+    if run.resume_from:
+        run.accelerator.print(f"resumed from {run.resume_from} at step {run.state['step']}")
+
+
+def count_all(accelerator: Accelerator, count: int) -> int:
+    """A count summed over all processes."""
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum").item())
+
+
+def write_record(run: Run, record: dict) -> None:
+    run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    if run.accelerator.is_main_process:
+        with open(run.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int
+    lr_at: Callable[[int], float]  # optimiser step -> learning rate
+    clip_grad: float
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    batch_size: int
+    streaming: bool = False
+    progress: bool = True
+    desc: str = "train"
+    metric: str = "acc"  # name of the second number step_fn returns
+
+
+@dataclass
+class LoopResult:
+    step: int
+    bad_images: int  # over all processes
+    bad_examples: list = field(default_factory=list)  # (name, reason), the first few
+
+
+def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSettings,
+        on_epoch_end: Callable[[int, int], dict] | None = None) -> LoopResult:
+    """Train until s.total_steps optimiser steps, resuming at run.state; every process calls this.
+
+    step_fn(model, batch) -> (loss, metric) scalar tensors. on_epoch_end(epoch, step) -> extra
+    numbers to log (e.g. held-out accuracy), called on every process after each full epoch.
+    """
+    acc = run.accelerator
+    step, epoch, batches_in_epoch = run.state["step"], run.state["epoch"], run.state["batches_in_epoch"]
+    bad_total, bad_new, bad_examples = run.state["bad_images"], 0, []  # all processes; this one's since the last count
+    progress = tqdm(total=s.total_steps, initial=step, disable=not (acc.is_main_process and s.progress), desc=s.desc, dynamic_ncols=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    window = torch.zeros(3, device=acc.device)  # loss sum, metric sum, micro-batches
+    window_images, window_start = 0, time.perf_counter()
+
+    model.train()
+    while step < s.total_steps:
+        images.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        batches = acc.skip_first_batches(loader, batches_in_epoch) if batches_in_epoch and not s.streaming else loader
+        for batch in batches:
+            batches_in_epoch += 1
+            if batch["bad"]:
+                bad_new += len(batch["bad"])
+                bad_examples = (bad_examples + batch["bad"])[:10]
+            with acc.accumulate(model):
+                loss, metric = step_fn(model, batch)
+                acc.backward(loss)
+                if acc.sync_gradients and s.clip_grad > 0:
+                    acc.clip_grad_norm_(params, s.clip_grad)
+                lr = s.lr_at(step)
+                for group in optimizer.param_groups:
+                    # timm's layer decay stores a per-group scale
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window += torch.stack([loss.detach().float(), metric.detach().float(), torch.ones((), device=window.device)])
+            window_images += batch["pixels"].shape[0]
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            if step % s.log_every == 0 or step == s.total_steps:
+                # the only host-device synchronisation: once per logging window
+                loss_sum, metric_sum, n = acc.reduce(window, "sum").tolist()
+                bad_total, bad_new = bad_total + count_all(acc, bad_new), 0
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "epoch": epoch, "loss": loss_sum / n, s.metric: metric_sum / n, "lr": lr,
+                          "images_per_sec": window_images * acc.num_processes / elapsed, "bad_images": bad_total}
+                progress.set_postfix(loss=f"{record['loss']:.3f}", **{s.metric: f"{record[s.metric]:.3f}"}, img_s=f"{record['images_per_sec']:.0f}")
+                write_record(run, record)
+                window.zero_()
+                window_images, window_start = 0, time.perf_counter()
+            if step % s.checkpoint_every == 0 or step == s.total_steps:
+                bad_total, bad_new = bad_total + count_all(acc, bad_new), 0
+                trainer_state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total}
+                save_checkpoint(acc, run.run_dir, trainer_state, s.keep_checkpoints)
+            if step >= s.total_steps:
+                break
+        else:  # the epoch ran out
+            if on_epoch_end is not None:
+                extra = on_epoch_end(epoch, step)
+                if extra:
+                    write_record(run, {"step": step, "epoch": epoch, **extra})
+                model.train()
+            epoch, batches_in_epoch = epoch + 1, 0
+    progress.close()
+    all_examples = [b for part in gather_object([bad_examples]) for b in part]
+    return LoopResult(step, bad_total + count_all(acc, bad_new), all_examples[:10])
+
+
+def write_summary(run: Run, result: LoopResult, extra: dict | None = None) -> None:
+    if run.accelerator.is_main_process:
+        summary = {"steps": result.step, "bad_images": result.bad_images, "bad_examples": result.bad_examples, **(extra or {})}
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if result.bad_images:
+            shown = "; ".join(f"{n}: {r}" for n, r in result.bad_examples[:3])
+            run.accelerator.print(f"skipped {result.bad_images} unreadable images, e.g. {shown}")
+
+
+def finish(run: Run) -> None:
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()  # closes the trackers (and, in accelerate >= 1.x, the process group)
