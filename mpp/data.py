@@ -299,3 +299,26 @@ def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0)
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     return v2.Compose(steps)
+
+
+def sample_images(dataset: str, split: str, config: str | None, column: str | None, count: int, seed: int, img_size: int):
+    """(count, 3, img_size, img_size) uint8: random readable images, resized and centre-cropped."""
+    from torchvision.transforms import v2
+
+    ds = load_images(dataset, split, config)
+    column = find_image_column(ds, column)
+    ds = prepare_columns(ds, column)
+    if isinstance(ds.features[column], (Array3D, Array2D)):
+        ds = ds.with_format("numpy")
+    resize = v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
+    order = np.random.default_rng(seed).permutation(len(ds))
+    images = []
+    for i in order[: 4 * count]:  # a few spare draws for unreadable images
+        image, _ = decode_image(ds[int(i)][column])
+        if image is not None:
+            images.append(resize(image))
+        if len(images) == count:
+            break
+    if not images:
+        raise UsageError(f"--dataset {dataset}: no readable images found")
+    return torch.stack(images)
