@@ -6,11 +6,13 @@ from .errors import UsageError
 
 # ViT paper §4 / App. B.1.1: SGD momentum 0.9, no weight decay, clip at global norm 1, cosine with
 # warmup, zero-initialised head. `modern`: MAE / DeiT-style fine-tuning from timm's own parts.
+# RandAugment's magnitude is capped at 9 (mmax9): at 10, timm's increasing posterize asks PIL for
+# 0 bits, which Pillow >= 10 refuses.
 PRESETS = {
     "paper": dict(opt="momentum", lr=0.03, weight_decay=0.0, layer_decay=None, drop_path=0.0, label_smoothing=0.0,
                   mixup=0.0, cutmix=0.0, auto_augment=None, clip_grad=1.0, warmup_steps=50, zero_head=True),
     "modern": dict(opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75, drop_path=0.1, label_smoothing=0.1,
-                   mixup=0.8, cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1", clip_grad=0.0, warmup_steps=50, zero_head=False),
+                   mixup=0.8, cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1-mmax9", clip_grad=0.0, warmup_steps=50, zero_head=False),
 }
 PRESET_KEYS = tuple(PRESETS["paper"])
 
