@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=d.resume, help="'auto' (newest complete checkpoint of --output-dir) or a checkpoint folder")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--log-every", type=int, default=d.log_every, help="optimiser steps between metric records")
+    g.add_argument("--log-images-every", type=int, default=d.log_images_every, help="steps between MPP prediction pictures in TensorBoard (0: never)")
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (default: the cores / processes on this machine; "
                    "accelerate launch without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -52,6 +52,7 @@ class PretrainConfig:
     resume: str | None = None
     seed: int = 0
     log_every: int = 10
+    log_images_every: int = 0  # steps between prediction pictures in TensorBoard (0: never)
     progress: bool = True
     threads: int | None = None  # CPU threads per process; None: the machine's cores / processes on it
     # filled in by resolve()
@@ -93,6 +94,8 @@ def validate(cfg: PretrainConfig) -> None:
         raise UsageError(f"--max-steps must be at least 1, got {cfg.max_steps}")
     if not cfg.epochs > 0:
         raise UsageError(f"--epochs must be positive, got {cfg.epochs}")
+    if cfg.log_images_every < 0:
+        raise UsageError(f"--log-images-every must be 0 (off) or a number of steps, got {cfg.log_images_every}")
     if cfg.streaming and cfg.max_steps is None:
         raise UsageError("--streaming needs --max-steps (a stream has no known length)")
     if cfg.lr is not None and cfg.base_lr is not None:

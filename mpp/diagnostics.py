@@ -228,7 +228,8 @@ def mpp_predictions(model: MPPModel, images: torch.Tensor, corruption: Corruptio
     if corruption is None:
         gen = torch.Generator(device=pixels.device).manual_seed(seed)
         corruption = sample_corruption(B, N, model.mask_ratio, model.mask_probs, model.random_from_same_image, pixels.device, gen)
-    out = model(pixels, corruption)
+    with torch.no_grad():
+        out = model(pixels, corruption)
     model.train(was_training)
 
     ids = corruption.ids[..., None, None, None].expand(-1, -1, 3, p, p)  # (B, K, 3, p, p)

@@ -160,11 +160,12 @@ class LoopResult:
 
 
 def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSettings,
-        on_epoch_end: Callable[[int, int], dict] | None = None) -> LoopResult:
+        on_epoch_end: Callable[[int, int], dict] | None = None, on_step: Callable[[int], None] | None = None) -> LoopResult:
     """Train until s.total_steps optimiser steps, resuming at run.state; every process calls this.
 
     step_fn(model, batch) -> (loss, metric) scalar tensors. on_epoch_end(epoch, step) -> extra
     numbers to log (e.g. held-out accuracy), called on every process after each full epoch.
+    on_step(step) runs on every process after each optimiser step (e.g. to log pictures).
     """
     acc = run.accelerator
     step, epoch, batches_in_epoch = run.state["step"], run.state["epoch"], run.state["batches_in_epoch"]
@@ -202,6 +203,8 @@ def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSe
                 continue
             step += 1
             progress.update(1)
+            if on_step is not None:
+                on_step(step)
             if step % s.log_every == 0 or step == s.total_steps:
                 # the only host-device synchronisation: once per logging window
                 loss_sum, metric_sum, n = acc.reduce(window, "sum").tolist()

@@ -82,6 +82,24 @@ def export_weights(model: MPPModel, cfg: PretrainConfig, run_dir: Path, step: in
     save_weights(run_dir / "model.safetensors", enc.state_dict(), meta)
 
 
+def picture_logger(cfg: PretrainConfig, accelerator, model):
+    """on_step callback: every --log-images-every steps, a grid of MPP predictions on 8 fixed images."""
+    if not cfg.log_images_every or cfg.streaming or not accelerator.is_main_process:
+        return None
+    from .data import sample_images
+    from .diagnostics import prediction_grid
+
+    images = sample_images(cfg.dataset, cfg.split, cfg.dataset_config, cfg.image_column, 8, cfg.seed, cfg.img_size)
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)  # a SummaryWriter
+
+    def log_pictures(step: int) -> None:
+        if step % cfg.log_images_every == 0:
+            grid = prediction_grid(accelerator.unwrap_model(model), images.to(accelerator.device), seed=cfg.seed)  # (H, W, 3) uint8
+            tracker.add_image("mpp/predictions", grid, step, dataformats="HWC")
+
+    return log_pictures
+
+
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Runs (or resumes) one pretraining run. Every process calls this."""
     validate(cfg)
@@ -138,7 +156,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         keep_checkpoints=cfg.keep_checkpoints, batch_size=cfg.batch_size, streaming=cfg.streaming,
         progress=cfg.progress, desc="mpp", metric="masked_acc",
     )
-    result = fit(run, model, optimizer, loader, images, mpp_step, settings)
+    result = fit(run, model, optimizer, loader, images, mpp_step, settings, on_step=picture_logger(cfg, accelerator, model))
     if accelerator.is_main_process:
         export_weights(accelerator.unwrap_model(model), cfg, run.run_dir, result.step)
     write_summary(run, result)

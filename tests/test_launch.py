@@ -107,11 +107,16 @@ def test_broken_files_are_counted_and_named(tmp_path):
 def test_main_job_files(tmp_path):
     """The default job's outputs on a short run: weights, head, metrics, config, TensorBoard events."""
     out = tmp_path / "run"
-    proc = run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--max-steps", "4", "--output-dir", str(out)])
+    proc = run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--max-steps", "4", "--log-images-every", "2", "--output-dir", str(out)])
     assert "model.safetensors" in proc.stdout
     for name in ["model.safetensors", "mpp_head.safetensors", "metrics.jsonl", "config.json", "summary.json"]:
         assert (out / name).is_file(), name
-    assert list((out / "tensorboard").rglob("events.out.tfevents*"))
+    events = list((out / "tensorboard").rglob("events.out.tfevents*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pictures = EventAccumulator(str(events[0]), size_guidance={"images": 0})
+    pictures.Reload()
+    assert [e.step for e in pictures.Images("mpp/predictions")] == [2, 4]  # --log-images-every 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 4]
     assert all(r["loss"] > 0 and 0 <= r["masked_acc"] <= 1 and r["images_per_sec"] > 0 for r in records)
