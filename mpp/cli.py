@@ -14,6 +14,31 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_run_flags(p: argparse.ArgumentParser, run: argparse._ArgumentGroup, d) -> None:
+    """The flags both recipes share: data pipeline, batch and length, the run folder, checkpoints."""
+    g = p.add_argument_group("data pipeline")
+    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process (default: 0 on CPU machines with <= 4 cores, else a few)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"), help="RandomResizedCrop area range")
+    g.add_argument("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
+    g = p.add_argument_group("length")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per device per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
+    g.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training images when --max-steps is not given")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimiser steps (overrides --epochs)")
+    run.add_argument("--output-dir", default=d.output_dir, help="run folder (default runs/<date-time>)")
+    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="optimiser steps between checkpoints")
+    run.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many recent checkpoints to keep")
+    run.add_argument("--resume", default=d.resume, help="'auto' (newest complete checkpoint of --output-dir) or a checkpoint folder")
+    run.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    run.add_argument("--log-every", type=int, default=d.log_every, help="optimiser steps between metric records")
+    run.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps,
+                     help="stop after this many optimiser steps in a row with a non-finite gradient (each is skipped); 0: no check, no per-step sync")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (accelerate's dynamo plugin, inductor)")
+    run.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (default: the cores / processes on this machine; "
+                     "accelerate launch without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = PretrainConfig()
     p = OneLineParser(
@@ -28,9 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default=d.split, help="dataset split to pretrain on")
     g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
     g.add_argument("--streaming", action="store_true", help="stream the dataset (iterable, sharded per process); needs --max-steps")
-    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process (default: 0 on CPU machines with <= 4 cores, else a few)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"), help="RandomResizedCrop area range")
-    g.add_argument("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="any timm VisionTransformer name")
@@ -45,10 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-from", default=d.random_from, choices=["batch", "image"], help="where random replacement patches come from")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per device per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
-    g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimiser steps (overrides --epochs)")
-    g.add_argument("--epochs", type=float, default=d.epochs, help="passes over the dataset when --max-steps is not given")
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate at the actual global batch (default {DEFAULT_LR:g} unless --base-lr)")
     g.add_argument("--base-lr", type=float, default=d.base_lr, help="instead of --lr: lr = base_lr x global_batch / ref_batch (paper: 2e-4)")
     g.add_argument("--ref-batch", type=int, default=d.ref_batch, help=f"reference batch of --base-lr (paper: {PAPER_REF_BATCH})")
@@ -59,16 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="global gradient-norm clip (0: off)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=d.output_dir, help="run folder (default runs/<date-time>)")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="optimiser steps between checkpoints")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many recent checkpoints to keep")
-    g.add_argument("--resume", default=d.resume, help="'auto' (newest complete checkpoint of --output-dir) or a checkpoint folder")
-    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="optimiser steps between metric records")
     g.add_argument("--log-images-every", type=int, default=d.log_images_every, help="steps between MPP prediction pictures in TensorBoard (0: never)")
-    g.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (default: the cores / processes on this machine; "
-                   "accelerate launch without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_run_flags(p, g, d)
     return p
 
 
@@ -92,9 +102,6 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-per-class", type=int, default=d.train_per_class, help="low-label regime: N training images per class")
     g.add_argument("--train-fraction", type=float, default=d.train_fraction, help="low-label regime: this fraction of the training split")
     g.add_argument("--subset-seed", type=int, default=d.subset_seed, help="seed of the low-label draw")
-    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers per process (default: 0 on small CPU machines)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"), help="RandomResizedCrop area range")
-    g.add_argument("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
     g = p.add_argument_group("model")
     g.add_argument("--init", default=d.init, help="scratch, a .safetensors file (from pretrain_mpp.py or finetune.py) or timm:NAME.TAG")
     g.add_argument("--model", default=d.model, help="timm ViT for --init scratch (otherwise the weights' metadata decides)")
@@ -110,20 +117,9 @@ def build_finetune_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"(preset: {shown})")
     g.add_argument("--zero-head", action=argparse.BooleanOptionalAction, default=None, help="zero-initialise the head (preset: paper yes, modern no)")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per device per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
-    g.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training images")
-    g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimiser steps (overrides --epochs)")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=d.output_dir, help="run folder (default runs/<date-time>)")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="optimiser steps between checkpoints")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many recent checkpoints to keep")
-    g.add_argument("--resume", default=d.resume, help="'auto' or a checkpoint folder")
-    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="optimiser steps between metric records")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between held-out evaluations")
-    g.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (default: cores / processes)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_run_flags(p, g, d)
     return p
 
 
@@ -147,13 +143,23 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
     return cfg
 
 
+# Exit codes of the recipes besides 0: 2 bad invocation, 1 a run that failed (e.g. non-finite
+# gradients), 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGINT after writing a checkpoint: resume it.
+EXIT_STOPPED = 75
+
+
 def run_cli(main, argv: list[str] | None = None):
-    """Call main(argv); a UsageError becomes one line on stderr and exit code 2."""
+    """Call main(argv); a UsageError becomes one line on stderr and exit code 2, a NonFiniteError exit code 1."""
+    from .loop import NonFiniteError
+
     try:
         return main(argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        exit_cleanly(1)
 
 
 def exit_cleanly(code: int = 0):

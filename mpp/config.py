@@ -55,6 +55,8 @@ class PretrainConfig:
     log_images_every: int = 0  # steps between prediction pictures in TensorBoard (0: never)
     progress: bool = True
     threads: int | None = None  # CPU threads per process; None: the machine's cores / processes on it
+    compile: bool = False
+    max_nonfinite_steps: int = 5  # 0: no finiteness check (and no host-device sync per step)
     # filled in by resolve()
     derived: dict = field(default_factory=dict)
 
@@ -85,15 +87,9 @@ def validate(cfg: PretrainConfig) -> None:
         raise UsageError(f"--target {cfg.target!r} is not one of: {', '.join(TARGETS)}")
     if cfg.random_from not in ("batch", "image"):
         raise UsageError(f"--random-from must be 'batch' or 'image', got {cfg.random_from!r}")
-    for flag, value in [("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum), ("--log-every", cfg.log_every),
-                        ("--checkpoint-every", cfg.checkpoint_every), ("--keep-checkpoints", cfg.keep_checkpoints),
-                        ("--ref-batch", cfg.ref_batch)]:
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if not cfg.epochs > 0:
-        raise UsageError(f"--epochs must be positive, got {cfg.epochs}")
+    validate_run(cfg)
+    if cfg.ref_batch < 1:
+        raise UsageError(f"--ref-batch must be at least 1, got {cfg.ref_batch}")
     if cfg.log_images_every < 0:
         raise UsageError(f"--log-images-every must be 0 (off) or a number of steps, got {cfg.log_images_every}")
     if cfg.streaming and cfg.max_steps is None:
@@ -103,10 +99,24 @@ def validate(cfg: PretrainConfig) -> None:
     for flag, value in [("--lr", cfg.lr), ("--base-lr", cfg.base_lr)]:
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UsageError(f"{flag} must be a positive number, got {value}")
-    if cfg.warmup_steps < 0 or cfg.weight_decay < 0 or cfg.min_lr < 0 or cfg.clip_grad < 0 or (cfg.workers or 0) < 0 or (cfg.threads or 0) < 0:
-        raise UsageError("--warmup-steps, --weight-decay, --min-lr, --clip-grad, --workers and --threads must not be negative")
+    if cfg.warmup_steps < 0 or cfg.weight_decay < 0 or cfg.min_lr < 0 or cfg.clip_grad < 0:
+        raise UsageError("--warmup-steps, --weight-decay, --min-lr and --clip-grad must not be negative")
     if not all(0 <= b < 1 for b in cfg.betas):
         raise UsageError(f"--betas must be two numbers in [0, 1), got {cfg.betas}")
+
+
+def validate_run(cfg) -> None:
+    """Checks of the flags both recipes have (cli.add_run_flags)."""
+    for flag, value in [("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum), ("--log-every", cfg.log_every),
+                        ("--checkpoint-every", cfg.checkpoint_every), ("--keep-checkpoints", cfg.keep_checkpoints)]:
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    if not cfg.epochs > 0:
+        raise UsageError(f"--epochs must be positive, got {cfg.epochs}")
+    if (cfg.workers or 0) < 0 or (cfg.threads or 0) < 0 or cfg.max_nonfinite_steps < 0:
+        raise UsageError("--workers, --threads and --max-nonfinite-steps must not be negative")
     lo, hi = cfg.crop_scale
     if not 0 < lo <= hi <= 1:
         raise UsageError(f"--crop-scale needs 0 < min <= max <= 1, got {lo} {hi}")

@@ -154,7 +154,7 @@ def finetune(cfg) -> dict:
     model, arch = build_classifier(cfg, len(data.class_names))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum)
+    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile)
     acc = run.accelerator
 
     global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
@@ -214,8 +214,13 @@ def finetune(cfg) -> dict:
         total_steps=total_steps, lr_at=lambda step: lr_at(step, peak_lr, warmup, total_steps, cfg.min_lr),
         clip_grad=cfg.resolved("clip_grad"), log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints, batch_size=cfg.batch_size, progress=cfg.progress, desc="finetune", metric="train_acc",
+        max_nonfinite=cfg.max_nonfinite_steps,
     )
     result = fit(run, model, optimizer, train_loader, train_images, classify_step, settings, on_epoch_end=evaluate)
+    if result.stopped_by:
+        write_summary(run, result)
+        finish(run)
+        return {"stopped_by": result.stopped_by, "steps": result.step}
     final = top1(acc, model, eval_loader, mean, std)
     results = {
         "final_top1": final, "best_top1": max([final] + [h["top1"] for h in history]), "init": cfg.init, "steps": result.step,

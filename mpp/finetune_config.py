@@ -2,6 +2,7 @@
 import math
 from dataclasses import asdict, dataclass, field
 
+from .config import validate_run
 from .errors import UsageError
 
 # ViT paper §4 / App. B.1.1: SGD momentum 0.9, no weight decay, clip at global norm 1, cosine with
@@ -67,6 +68,8 @@ class FinetuneConfig:
     eval_every: int = 1  # epochs
     threads: int | None = None
     progress: bool = True
+    compile: bool = False
+    max_nonfinite_steps: int = 5
     derived: dict = field(default_factory=dict)
 
     def resolved(self, key: str):
@@ -93,15 +96,9 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         raise UsageError(f"--img-size must be positive, got {cfg.img_size}")
     if cfg.img_size is not None and cfg.patch_size is not None and cfg.img_size % cfg.patch_size:
         raise UsageError(f"--img-size {cfg.img_size} is not divisible by --patch-size {cfg.patch_size}")
-    for flag, value in [("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum), ("--log-every", cfg.log_every),
-                        ("--checkpoint-every", cfg.checkpoint_every), ("--keep-checkpoints", cfg.keep_checkpoints),
-                        ("--eval-every", cfg.eval_every)]:
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if not cfg.epochs > 0:
-        raise UsageError(f"--epochs must be positive, got {cfg.epochs}")
+    validate_run(cfg)
+    if cfg.eval_every < 1:
+        raise UsageError(f"--eval-every must be at least 1, got {cfg.eval_every}")
     lr = cfg.resolved("lr")
     if not (lr > 0 and math.isfinite(lr)):
         raise UsageError(f"--lr must be a positive number, got {lr}")

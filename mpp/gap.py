@@ -29,13 +29,13 @@ class GapConfig:
     model: str = "test_vit"
     img_size: int = 28
     patch_size: int = 7
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1200
     pretrain_batch: int = 256
     pretrain_lr: float = 1e-3
-    finetune_epochs: float = 50
+    finetune_epochs: float = 100
     finetune_batch: int = 100
     preset: str = "paper"
-    finetune_lr: float | None = None
+    finetune_lr: float | None = 0.1  # measured: 0.03 left scratch at 49% (MPP 67%), 0.1 gives 66% (MPP 70.5%)
     shots: tuple[int, ...] = (1, 5, 10, 25)
     seeds: tuple[int, ...] = (0, 1, 2)
     output_dir: str = "runs/gap"

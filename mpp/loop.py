@@ -3,7 +3,10 @@
 The recipes (pretraining, fine-tuning) differ only in their model, data and `step_fn`.
 """
 import json
+import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -12,7 +15,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, parse_flag_from_env
+from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from .checkpoint import STATE_FILE, complete_checkpoints, latest_checkpoint, read_trainer_state, save_checkpoint
@@ -86,7 +89,7 @@ class Run:
     state: dict  # step, epoch, batches_in_epoch, bad_images at the start
 
 
-def open_run(dist: PartialState, output_dir: str | None, resume: str | None, grad_accum: int) -> Run:
+def open_run(dist: PartialState, output_dir: str | None, resume: str | None, grad_accum: int, compile: bool = False) -> Run:
     """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator."""
     resume_from = check_resume_path(resume)
     # named on the main process (its clock) and shared before accelerate's trackers need it
@@ -102,6 +105,8 @@ def open_run(dist: PartialState, output_dir: str | None, resume: str | None, gra
         log_with="tensorboard",
         project_dir=str(run_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # accelerate compiles in prepare() and unwraps for saving; `accelerate launch --dynamo_backend` works too
+        **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor")} if compile else {}),
     )
     return Run(accelerator, run_dir, resume_from, state)
 
@@ -150,6 +155,7 @@ class LoopSettings:
     progress: bool = True
     desc: str = "train"
     metric: str = "acc"  # name of the second number step_fn returns
+    max_nonfinite: int = 5  # consecutive optimiser steps with a non-finite gradient before giving up; 0: no check
 
 
 @dataclass
@@ -157,6 +163,39 @@ class LoopResult:
     step: int
     bad_images: int  # over all processes
     bad_examples: list = field(default_factory=list)  # (name, reason), the first few
+    skipped_steps: int = 0  # optimiser steps skipped for a non-finite gradient
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when the run was asked to stop early
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite gradients: the run stops, its last checkpoint stays as it was."""
+
+
+class StopSignals:
+    """SIGTERM / SIGINT (pre-emption, Ctrl-C) ask the loop to stop after the current step.
+
+    The first signal only sets a flag; the previous handlers come back, so a second signal
+    interrupts at once.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        self.__exit__()
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSettings,
@@ -167,13 +206,21 @@ def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSe
     numbers to log (e.g. held-out accuracy), called on every process after each full epoch.
     on_step(step) runs on every process after each optimiser step (e.g. to log pictures).
     """
+    with StopSignals() as signals:
+        return _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_step, signals)
+
+
+def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_step, signals: StopSignals) -> LoopResult:
     acc = run.accelerator
     step, epoch, batches_in_epoch = run.state["step"], run.state["epoch"], run.state["batches_in_epoch"]
     bad_total, bad_new, bad_examples = run.state["bad_images"], 0, []  # all processes; this one's since the last count
     progress = tqdm(total=s.total_steps, initial=step, disable=not (acc.is_main_process and s.progress), desc=s.desc, dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    window = torch.zeros(3, device=acc.device)  # loss sum, metric sum, micro-batches
+    window = torch.zeros(4, device=acc.device)  # loss sum, metric sum, micro-batches, stop requests
     window_images, window_start = 0, time.perf_counter()
+    # fp16: accelerate's GradScaler skips overflowing steps itself (and must see every step)
+    check_finite = acc.mixed_precision != "fp16" and s.max_nonfinite > 0
+    skipped, nonfinite_in_a_row, stopped_by = run.state.get("skipped_steps", 0), 0, None
 
     model.train()
     while step < s.total_steps:
@@ -189,37 +236,60 @@ def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSe
             with acc.accumulate(model):
                 loss, metric = step_fn(model, batch)
                 acc.backward(loss)
-                if acc.sync_gradients and s.clip_grad > 0:
-                    acc.clip_grad_norm_(params, s.clip_grad)
+                finite = True
+                if acc.sync_gradients and (s.clip_grad > 0 or check_finite):
+                    norm = acc.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else math.inf)
+                    # one host-device sync per step: a NaN/inf gradient must not reach the weights
+                    finite = not check_finite or bool(torch.isfinite(norm))
                 lr = s.lr_at(step)
                 for group in optimizer.param_groups:
                     # timm's layer decay stores a per-group scale
                     group["lr"] = lr * group.get("lr_scale", 1.0)
-                optimizer.step()
+                if finite:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window += torch.stack([loss.detach().float(), metric.detach().float(), torch.ones((), device=window.device)])
+            window += torch.stack([loss.detach().float(), metric.detach().float(), torch.ones((), device=window.device),
+                                   torch.tensor(float(signals.received is not None), device=window.device)])
             window_images += batch["pixels"].shape[0]
             if not acc.sync_gradients:
                 continue
             step += 1
             progress.update(1)
+            if finite:
+                nonfinite_in_a_row = 0
+            else:
+                skipped, nonfinite_in_a_row = skipped + 1, nonfinite_in_a_row + 1
+                acc.print(f"step {step}: non-finite gradient (loss {loss.item():.4g}), optimiser step skipped ({nonfinite_in_a_row} in a row)")
+                if nonfinite_in_a_row >= s.max_nonfinite:
+                    raise NonFiniteError(f"{nonfinite_in_a_row} optimiser steps in a row with a non-finite gradient, the last at step {step}; "
+                                         f"the last good checkpoint in {run.run_dir / 'checkpoints'} is intact (lower --lr or check the data)")
             if on_step is not None:
                 on_step(step)
+            # a stop request: acted on at once by a single process, at the next log step by many (they must agree)
+            stop_now = signals.received is not None and acc.num_processes == 1
             if step % s.log_every == 0 or step == s.total_steps:
-                # the only host-device synchronisation: once per logging window
-                loss_sum, metric_sum, n = acc.reduce(window, "sum").tolist()
+                # the only host-device synchronisation besides the finiteness check: once per logging window
+                loss_sum, metric_sum, n, stops = acc.reduce(window, "sum").tolist()
+                stop_now = stop_now or stops > 0
                 bad_total, bad_new = bad_total + count_all(acc, bad_new), 0
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "epoch": epoch, "loss": loss_sum / n, s.metric: metric_sum / n, "lr": lr,
-                          "images_per_sec": window_images * acc.num_processes / elapsed, "bad_images": bad_total}
+                          "images_per_sec": window_images * acc.num_processes / elapsed, "bad_images": bad_total,
+                          "skipped_steps": skipped}
                 progress.set_postfix(loss=f"{record['loss']:.3f}", **{s.metric: f"{record[s.metric]:.3f}"}, img_s=f"{record['images_per_sec']:.0f}")
                 write_record(run, record)
                 window.zero_()
                 window_images, window_start = 0, time.perf_counter()
-            if step % s.checkpoint_every == 0 or step == s.total_steps:
+            if step % s.checkpoint_every == 0 or step == s.total_steps or stop_now:
                 bad_total, bad_new = bad_total + count_all(acc, bad_new), 0
-                trainer_state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total}
-                save_checkpoint(acc, run.run_dir, trainer_state, s.keep_checkpoints)
+                trainer_state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total,
+                                 "skipped_steps": skipped}
+                saved = save_checkpoint(acc, run.run_dir, trainer_state, s.keep_checkpoints)
+            if stop_now:
+                stopped_by = signals.received or "a signal to another process"
+                acc.print(f"stopped by {stopped_by} after step {step}; checkpoint {saved}. "
+                          f"Continue with the same command plus --resume auto --output-dir {run.run_dir}")
+                break
             if step >= s.total_steps:
                 break
         else:  # the epoch ran out
@@ -229,9 +299,11 @@ def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSe
                     write_record(run, {"step": step, "epoch": epoch, **extra})
                 model.train()
             epoch, batches_in_epoch = epoch + 1, 0
+            continue
+        break  # stopped early
     progress.close()
     all_examples = [b for part in gather_object([bad_examples]) for b in part]
-    return LoopResult(step, bad_total + count_all(acc, bad_new), all_examples[:10])
+    return LoopResult(step, bad_total + count_all(acc, bad_new), all_examples[:10], skipped, stopped_by)
 
 
 def write_summary(run: Run, result: LoopResult, extra: dict | None = None) -> None:

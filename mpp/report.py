@@ -1,4 +1,4 @@
-"""PNG figures of mpp.diagnostics arrays, and a report.md that embeds them (recipes/inspect.py).
+"""PNG figures of mpp.diagnostics arrays, and a report.md that embeds them (recipes/inspect_run.py).
 
 Figures are bare matplotlib.figure.Figure objects, rendered by Agg on savefig: no pyplot state,
 no display needed, nothing to close.

@@ -22,6 +22,7 @@ class PretrainResult:
     run_dir: Path
     model: MPPModel  # unwrapped, on this process's device
     steps: int
+    stopped_by: str | None = None  # a signal that stopped the run before its last step
 
 
 def open_dataset(cfg: PretrainConfig, state: PartialState):
@@ -114,7 +115,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         encoder.set_grad_checkpointing(True)
     model = MPPModel(encoder, cfg.target, cfg.mask_ratio, cfg.mask_probs, cfg.random_from == "image")
     ds, column = open_dataset(cfg, dist)
-    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum)
+    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile)
     accelerator = run.accelerator
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
@@ -154,11 +155,11 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         total_steps=total_steps, lr_at=lambda step: lr_at(step, peak_lr, warmup, total_steps, cfg.min_lr),
         clip_grad=cfg.clip_grad, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints, batch_size=cfg.batch_size, streaming=cfg.streaming,
-        progress=cfg.progress, desc="mpp", metric="masked_acc",
+        progress=cfg.progress, desc="mpp", metric="masked_acc", max_nonfinite=cfg.max_nonfinite_steps,
     )
     result = fit(run, model, optimizer, loader, images, mpp_step, settings, on_step=picture_logger(cfg, accelerator, model))
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not result.stopped_by:  # weights only for a finished run
         export_weights(accelerator.unwrap_model(model), cfg, run.run_dir, result.step)
     write_summary(run, result)
     finish(run)
-    return PretrainResult(run.run_dir, accelerator.unwrap_model(model), result.step)
+    return PretrainResult(run.run_dir, accelerator.unwrap_model(model), result.step, result.stopped_by)

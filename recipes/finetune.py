@@ -1,12 +1,12 @@
 """Fine-tune a timm ViT: from scratch, MPP weights or supervised weights.  accelerate launch recipes/finetune.py --help"""
-from mpp.cli import exit_cleanly, parse_finetune_config, run_cli
+from mpp.cli import EXIT_STOPPED, exit_cleanly, parse_finetune_config, run_cli
 from mpp.finetune import finetune
 
 
 def main(argv=None):
-    finetune(parse_finetune_config(argv))  # every flag checked before anything heavy
+    results = finetune(parse_finetune_config(argv))  # every flag checked before anything heavy
+    return EXIT_STOPPED if results.get("stopped_by") else 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
-    exit_cleanly(0)
+    exit_cleanly(run_cli(main))

@@ -51,6 +51,14 @@ BAD = [
     (["--lr", "1e-3", "--base-lr", "2e-4"], "not both"),
     (["--resume", "/no/such/checkpoint"], "not a complete checkpoint folder"),
     (["--streaming"], "--streaming needs --max-steps"),
+    (["--crop-scale", "0.5", "0.2"], "--crop-scale needs 0 < min <= max <= 1"),
+    (["--hflip", "2"], "--hflip is a probability in [0, 1]"),
+    (["--betas", "1", "0.9"], "--betas must be two numbers in [0, 1)"),
+    (["--log-images-every", "-1"], "--log-images-every must be 0 (off)"),
+    (["--warmup-steps", "-1"], "must not be negative"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--img-size", "7", "--patch-size", "7"], "gives one patch"),
+    (["--dataset", "mnist5k", "--batch-size", "6000"], "more than the 5000 images"),
 ]
 
 

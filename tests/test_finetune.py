@@ -120,16 +120,41 @@ def test_finetune_each_init_end_to_end(mpp_weights, tmp_path):
     assert meta["num_classes"] == 10 and meta["class_names"][3] == "3" and meta["init"].endswith("scratch/model.safetensors")
 
 
-@pytest.mark.parametrize("args,message", [
+BAD = [
     (["--dataset", "photos"], "fine-tuning needs labels"),
-    (["--dataset", "mnist5k", "--label-column", "digit"], "--label-column 'digit' not in the dataset"),
-    (["--dataset", "mnist5k", "--init", "nowhere.safetensors"], "--init nowhere.safetensors: no such file"),
-    (["--dataset", "mnist5k", "--train-per-class", "501"], "--train-per-class 501: class 0 has only 500"),
-    (["--dataset", "mnist5k", "--preset", "fancy"], "invalid choice: 'fancy'"),
-    (["--dataset", "mnist5k", "--mixup", "0.8", "--batch-size", "15"], "mixup/cutmix need an even --batch-size"),
-])
-def test_bad_finetune_invocations(args, message, tmp_path):
-    proc = run_finetune(args + ["--output-dir", str(tmp_path / "out")], tmp_path, ok=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not (tmp_path / "out").exists()
+    (["--label-column", "digit"], "--label-column 'digit' not in the dataset"),
+    (["--init", "nowhere.safetensors"], "--init nowhere.safetensors: no such file"),
+    (["--init", "timm:vit_nonexistent_thing"], "is not a timm model"),
+    (["--train-per-class", "501"], "--train-per-class 501: class 0 has only 500"),
+    (["--train-per-class", "5", "--train-fraction", "0.5"], "not both"),
+    (["--train-fraction", "1.5"], "--train-fraction must be in (0, 1]"),
+    (["--preset", "fancy"], "invalid choice: 'fancy'"),
+    (["--mixup", "0.8", "--batch-size", "15"], "mixup/cutmix need an even --batch-size"),
+    (["--layer-decay", "1.5"], "--layer-decay must be in (0, 1]"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--eval-every", "0"], "--eval-every must be at least 1"),
+    (["--img-size", "30", "--patch-size", "7"], "--img-size 30 is not divisible by --patch-size 7"),
+    (["--dataset", "./no/such/place"], "no such file or folder"),
+    (["--opt", "rmsprop_tf_fancy"], "--opt 'rmsprop_tf_fancy'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_finetune_invocations(args, message, tmp_path, capsys):
+    from mpp.cli import parse_finetune_config, run_cli
+    from mpp.finetune import finetune
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda a: finetune(parse_finetune_config(a)), ["--dataset", "mnist5k", "--eval-split", "train", *args,
+                                                                 "--output-dir", str(out), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_finetune_recipe_process_reports_one_line(tmp_path):
+    proc = run_finetune(["--dataset", "photos", "--output-dir", str(tmp_path / "out")], tmp_path, ok=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: fine-tuning needs labels")

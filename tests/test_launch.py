@@ -127,3 +127,15 @@ def test_main_job_files(tmp_path):
     run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--max-steps", "4", "--output-dir", str(out), "--resume", "auto"])
     after = load_file(out / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_accumulation_counts_optimiser_steps(tmp_path, small_dataset):
+    out = tmp_path / "run"
+    run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--dataset", str(small_dataset), "--batch-size", "16",
+         "--grad-accum", "2", "--max-steps", "4", "--log-every", "2", "--output-dir", str(out)])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    config = json.loads((out / "config.json").read_text())
+    assert config["derived"]["global_batch"] == 32
+    # 96 images / 16 per micro-batch = 6 micro-batches = 3 optimiser steps per epoch: step 4 is in epoch 1
+    assert records[-1]["epoch"] == 1

@@ -1,0 +1,42 @@
+"""The benchmarks run on a tiny configuration and write well-formed results (no timing is asserted)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_step_tiny(tmp_path):
+    bench = load("bench_step")
+    out = tmp_path / "step"
+    report = bench.main(["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "4",
+                         "--steps", "1", "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["rows"] == report["rows"] and {r["arm"] for r in saved["rows"]} >= {"bare_timm", "mpp"}
+    assert all(r["images_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in saved["rows"])
+    # the stated FLOP formula agrees with torch's own count of the forward pass (which on CPU leaves
+    # out the fused attention kernel: then it must equal the formula's linear part)
+    formula, counted = saved["forward_flops_formula"], saved["forward_flops_counted"]
+    assert counted in (pytest.approx(formula["linear"], rel=1e-6), pytest.approx(formula["total"], rel=1e-6))
+    assert "| mpp |" in out.with_suffix(".md").read_text() and "Command: `" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_loop_tiny(tmp_path):
+    bench = load("bench_loop")
+    out = tmp_path / "loop"
+    bench.main(["--steps", "3", "--bare-steps", "1", "--jpegs", "40", "--out", str(out),
+                "--recipe-args", "--model test_vit --img-size 28 --patch-size 7 --batch-size 8"])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [r["dataset"] for r in saved["rows"]] == ["mnist5k", "imagefolder of JPEGs"]
+    assert all(r["loop_images_per_sec"] > 0 and r["bare_images_per_sec"] > 0 and r["data_only_images_per_sec"] > 0 for r in saved["rows"])
+    assert "| mnist5k |" in out.with_suffix(".md").read_text()
