@@ -10,16 +10,16 @@ says whether the loop waits for data.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from results_io import provenance, provenance_lines, write_results
 
 from mpp.config import PretrainConfig
 from mpp.data import AugmentedImages, collate_images, find_image_column, load_images, train_transform
@@ -50,9 +50,9 @@ def data_rate(cfg: PretrainConfig, dataset: str, batches: int) -> float:
     images = AugmentedImages(ds, find_image_column(ds), train_transform(cfg.img_size, cfg.crop_scale, cfg.hflip), cfg.seed)
     loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_images, drop_last=True)
     it = iter(loader)
-    next(it)
+    next(it)  # warm-up
     start, count = time.perf_counter(), 0
-    for _ in range(batches):
+    for _ in range(min(batches, len(loader) - 1)):
         count += next(it)["pixels"].shape[0]
     return count / (time.perf_counter() - start)
 
@@ -109,19 +109,12 @@ def main(argv=None):
                          "bare_before": before, "bare_after": after, "loop_images_per_sec": loop, "loop_vs_bare": loop / bare,
                          "data_only_images_per_sec": data, "data_time_share": bare / data, "recipe_wall_s": wall})
     report = {
-        "command": " ".join(["python", "benchmarks/bench_loop.py"] + (argv if argv is not None else sys.argv[1:])),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **provenance("bench_loop.py", argv),
         "config": {"model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch_size": cfg.batch_size,
                    "steps": args.steps, "workers": cfg.workers},
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, report, markdown(report))
     return report
 
 
@@ -129,7 +122,7 @@ def markdown(r: dict) -> str:
     c = r["config"]
     lines = [f"# bench_loop: recipes/pretrain_mpp.py vs the bare timm step ({c['model']}, {c['img_size']} px / patch "
              f"{c['patch_size']}, batch {c['batch_size']}, {c['steps']} steps)", "",
-             f"Command: `{r['command']}`  ", f"Date: {r['date']}; machine: {r['machine']}; versions: {r['versions']}", "",
+             *provenance_lines(r),
              "data share: time the data pipeline alone needs per batch, as a share of the bare step's time "
              "(with no worker processes it adds to the step; under 1 it could be hidden by workers).", "",
              "| dataset | bare step img/s (before / after) | loop img/s | loop / bare | data only img/s | data share |",

@@ -9,15 +9,13 @@ table gives the median images/s with min-max. FLOPs come from a stated formula (
 blocks plus attention), checked against torch.utils.flop_counter.FlopCounterMode.
 """
 import argparse
-import json
-import platform
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from results_io import provenance, provenance_lines, write_results
 
 from mpp.model import MPPModel, create_encoder
 
@@ -197,20 +195,12 @@ def main(argv=None):
                      "mfu": r["median"] * train_flops_per_image / peak})
     attention_share = formula["attention"] / formula["total"]
     report = {
-        "command": " ".join(["python", "benchmarks/bench_step.py"] + (argv if argv is not None else sys.argv[1:])),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                   + (torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"),
-        "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__, "python": platform.python_version()},
+        **provenance("bench_step.py", argv, device),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "forward_flops_formula": formula, "forward_flops_counted": counted, "matmul_flops_per_sec": peak,
         "attention_share_of_block_flops": attention_share, "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, report, markdown(report))
     return report
 
 
@@ -218,7 +208,7 @@ def markdown(r: dict) -> str:
     c = r["config"]
     lines = [f"# bench_step: {c['model']} at {c['img_size']} px / patch {c['patch_size']}, batch {c['batch_size']}, "
              f"{c['device']} {c['dtype']}{' compiled' if c['compile'] else ''}", "",
-             f"Command: `{r['command']}`  ", f"Date: {r['date']}; machine: {r['machine']}; versions: {r['versions']}", "",
+             *provenance_lines(r),
              f"Forward FLOPs per image: formula {r['forward_flops_formula']['total'] / 1e9:.4f} G "
              f"(linear {r['forward_flops_formula']['linear'] / 1e9:.4f} G + attention {r['forward_flops_formula']['attention'] / 1e9:.4f} G); "
              f"FlopCounterMode {r['forward_flops_counted'] / 1e9:.4f} G (on CPU it does not count the fused attention kernel). Measured matmul rate {r['matmul_flops_per_sec'] / 1e9:.1f} GFLOP/s "

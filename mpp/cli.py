@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--log-images-every", type=int, default=d.log_images_every, help="steps between MPP prediction pictures in TensorBoard (0: never)")
+    g.add_argument("--eval-dataset", default=d.eval_dataset, help="labelled set (train and test splits, e.g. fashion-mnist) on which "
+                   "k-NN and 10-shot linear accuracy of the frozen encoder are logged every --eval-every-steps")
+    g.add_argument("--eval-every-steps", type=int, default=d.eval_every_steps, help="steps between frozen-feature evaluations")
     add_run_flags(p, g, d)
     return p
 

@@ -53,6 +53,8 @@ class PretrainConfig:
     seed: int = 0
     log_every: int = 10
     log_images_every: int = 0  # steps between prediction pictures in TensorBoard (0: never)
+    eval_dataset: str | None = None  # labelled set with train/test splits for frozen-feature monitoring
+    eval_every_steps: int = 100
     progress: bool = True
     threads: int | None = None  # CPU threads per process; None: the machine's cores / processes on it
     compile: bool = False
@@ -92,6 +94,8 @@ def validate(cfg: PretrainConfig) -> None:
         raise UsageError(f"--ref-batch must be at least 1, got {cfg.ref_batch}")
     if cfg.log_images_every < 0:
         raise UsageError(f"--log-images-every must be 0 (off) or a number of steps, got {cfg.log_images_every}")
+    if cfg.eval_every_steps < 1:
+        raise UsageError(f"--eval-every-steps must be at least 1, got {cfg.eval_every_steps}")
     if cfg.streaming and cfg.max_steps is None:
         raise UsageError("--streaming needs --max-steps (a stream has no known length)")
     if cfg.lr is not None and cfg.base_lr is not None:

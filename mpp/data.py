@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Array2D, Array3D, Dataset, DatasetDict, Image, IterableDataset, load_dataset, load_from_disk
+from datasets import Array2D, Array3D, ClassLabel, Dataset, DatasetDict, Image, IterableDataset, load_dataset, load_from_disk
 from PIL import Image as PILImage
 from PIL import ImageOps
 
@@ -173,7 +173,7 @@ class BadImage:
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A seed per (run seed, epoch, sample): augmentation independent of workers, ranks and resumes."""
+    """A seed per (run seed, epoch, index): augmentation that depends on neither workers nor resumes."""
     return (seed * 1_000_003 + epoch) * 2_147_483_647 + index & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -234,13 +234,14 @@ class AugmentedImages(torch.utils.data.Dataset):
 class AugmentedStream(torch.utils.data.IterableDataset):
     """The streaming twin of AugmentedImages over a datasets.IterableDataset (already split by node)."""
 
-    def __init__(self, ds: IterableDataset, image_column: str, transform, seed: int, rank: int = 0, skip: int = 0):
+    def __init__(self, ds: IterableDataset, image_column: str, transform, seed: int, rank: int = 0,
+                 skip: tuple[int, int] = (0, 0)):
         self.ds = prepare_columns(ds, image_column)
         self.column = image_column
         self.transform = transform
         self.seed = seed
         self.rank = rank
-        self.skip = skip  # examples already consumed this epoch (resume)
+        self.skip = skip  # (epoch, examples of it already consumed): where a resumed run starts
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -249,9 +250,10 @@ class AugmentedStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
-        stream = self.ds.skip(self.skip) if self.skip else self.ds
+        consumed = self.skip[1] if self.epoch == self.skip[0] else 0
+        stream = self.ds.skip(consumed) if consumed else self.ds
         seed = self.seed * 1009 + self.rank * 101 + (worker.id if worker else 0)
-        for j, row in enumerate(stream, start=self.skip):
+        for j, row in enumerate(stream, start=consumed):
             image, problem = decode_image(row[self.column])
             if image is None:
                 yield BadImage(_describe(row[self.column], j), problem)
@@ -301,24 +303,79 @@ def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0)
     return v2.Compose(steps)
 
 
+def resize_square(image: torch.Tensor, img_size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, img_size, img_size): shorter side resized, then centre-cropped (evaluation view)."""
+    from torchvision.transforms.v2.functional import center_crop, resize
+
+    return center_crop(resize(image, img_size, antialias=True), img_size)
+
+
 def sample_images(dataset: str, split: str, config: str | None, column: str | None, count: int, seed: int, img_size: int):
     """(count, 3, img_size, img_size) uint8: random readable images, resized and centre-cropped."""
-    from torchvision.transforms import v2
-
     ds = load_images(dataset, split, config)
     column = find_image_column(ds, column)
     ds = prepare_columns(ds, column)
     if isinstance(ds.features[column], (Array3D, Array2D)):
         ds = ds.with_format("numpy")
-    resize = v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
     order = np.random.default_rng(seed).permutation(len(ds))
     images = []
     for i in order[: 4 * count]:  # a few spare draws for unreadable images
         image, _ = decode_image(ds[int(i)][column])
         if image is not None:
-            images.append(resize(image))
+            images.append(resize_square(image, img_size))
         if len(images) == count:
             break
     if not images:
         raise UsageError(f"--dataset {dataset}: no readable images found")
     return torch.stack(images)
+
+
+def find_label_column(ds, requested: str | None) -> str:
+    names = list(ds.features)
+    if requested is not None:
+        if requested not in names:
+            raise UsageError(f"--label-column {requested!r} not in the dataset; columns: {', '.join(names)}")
+        return requested
+    labels = [n for n in names if isinstance(ds.features[n], ClassLabel)] or [n for n in names if n in ("label", "labels")]
+    if len(labels) != 1:
+        raise UsageError(f"fine-tuning needs labels: found no single label column among {', '.join(names)}; name it with --label-column")
+    return labels[0]
+
+
+def class_names_of(ds, column: str) -> list[str]:
+    feature = ds.features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    return [str(v) for v in sorted(set(ds[column]))]
+
+
+def low_label_subset(ds, label_column: str, per_class: int | None, fraction: float | None, seed: int):
+    """A reproducible subset: per_class examples of each class, or a fraction of the whole (seeded)."""
+    if per_class is None and fraction is None:
+        return ds
+    labels = np.asarray(ds[label_column])
+    rng = np.random.default_rng(seed)
+    if fraction is not None:
+        picked = rng.permutation(len(ds))[: max(1, round(fraction * len(ds)))]
+    else:
+        classes, counts = np.unique(labels, return_counts=True)
+        if per_class > counts.min():
+            raise UsageError(f"--train-per-class {per_class}: class {classes[counts.argmin()]} has only {counts.min()} examples")
+        picked = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes])
+    return ds.select(np.sort(picked))
+
+
+def labelled_images(dataset: str, split: str, img_size: int, per_class: int | None = None, limit: int | None = None,
+                    seed: int = 0, label_column: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A labelled split as (M, 3, img_size, img_size) uint8 images (resized, centre-cropped) and (M,) labels,
+    for frozen-feature evaluation: per_class examples of each class (seeded), or the first `limit`."""
+    ds = load_images(dataset, split)
+    label = find_label_column(ds, label_column)
+    ds = low_label_subset(ds, label, per_class, None, seed)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    column = find_image_column(ds)
+    decoded = [decode_image(v)[0] for v in prepare_columns(ds, column).with_format("numpy")[column]]
+    keep = [i for i, image in enumerate(decoded) if image is not None]
+    images = torch.stack([resize_square(decoded[i], img_size) for i in keep])
+    return images, torch.tensor(np.asarray(ds[label]))[keep]

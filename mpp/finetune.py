@@ -4,19 +4,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from datasets import ClassLabel
 from safetensors import SafetensorError
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 
 from . import __version__
 from .config import lr_at
-from .data import AugmentedImages, collate_images, find_image_column, load_images, timm_transform
+from .data import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
 from .errors import UsageError
 from .loop import LoopSettings, default_workers, finish, fit, init_processes, open_run, start_logging, write_summary
 from .weights import load_encoder_weights, load_tensors, read_metadata, save_weights
@@ -29,41 +27,6 @@ class LabelledData:
     image_column: str
     label_column: str
     class_names: list[str]
-
-
-def find_label_column(ds, requested: str | None) -> str:
-    names = list(ds.features)
-    if requested is not None:
-        if requested not in names:
-            raise UsageError(f"--label-column {requested!r} not in the dataset; columns: {', '.join(names)}")
-        return requested
-    labels = [n for n in names if isinstance(ds.features[n], ClassLabel)] or [n for n in names if n in ("label", "labels")]
-    if len(labels) != 1:
-        raise UsageError(f"fine-tuning needs labels: found no single label column among {', '.join(names)}; name it with --label-column")
-    return labels[0]
-
-
-def class_names_of(ds, column: str) -> list[str]:
-    feature = ds.features[column]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    return [str(v) for v in sorted(set(ds[column]))]
-
-
-def low_label_subset(ds, label_column: str, per_class: int | None, fraction: float | None, seed: int):
-    """A reproducible subset: per_class examples of each class, or a fraction of the whole (seeded)."""
-    if per_class is None and fraction is None:
-        return ds
-    labels = np.asarray(ds[label_column])
-    rng = np.random.default_rng(seed)
-    if fraction is not None:
-        picked = rng.permutation(len(ds))[: max(1, round(fraction * len(ds)))]
-    else:
-        classes, counts = np.unique(labels, return_counts=True)
-        if per_class > counts.min():
-            raise UsageError(f"--train-per-class {per_class}: class {classes[counts.argmin()]} has only {counts.min()} examples")
-        picked = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes])
-    return ds.select(np.sort(picked))
 
 
 def open_labelled_data(cfg, dist) -> LabelledData:

@@ -89,26 +89,13 @@ def stage_commands(cfg: GapConfig, seed: int, root: Path) -> dict[str, list[str]
 
 def frozen_features(cfg: GapConfig, seed: int, root: Path) -> dict[str, dict]:
     """Few-shot linear and k-NN accuracy of each init's frozen encoder on the downstream task."""
-    from .data import decode_image, find_image_column, load_images
+    from .data import labelled_images
     from .evaluate import frozen_feature_report
-    from .finetune import find_label_column, low_label_subset
     from .model import create_encoder
     from .weights import load_backbone
-    from torchvision.transforms.v2.functional import center_crop, resize
 
-    def images_and_labels(split, per_class=None):
-        ds = load_images(cfg.downstream, split)
-        label = find_label_column(ds, None)
-        ds = low_label_subset(ds, label, per_class, None, seed)
-        if cfg.eval_limit and per_class is None:
-            ds = ds.select(range(min(cfg.eval_limit, len(ds))))
-        column = find_image_column(ds)
-        images = torch.stack([center_crop(resize(decode_image(v)[0], cfg.img_size, antialias=True), cfg.img_size)
-                              for v in ds.with_format("numpy")[column]])
-        return images, torch.tensor(np.asarray(ds[label]))
-
-    train_x, train_y = images_and_labels("train", cfg.train_per_class)
-    test_x, test_y = images_and_labels("test")
+    train_x, train_y = labelled_images(cfg.downstream, "train", cfg.img_size, per_class=cfg.train_per_class, seed=seed)
+    test_x, test_y = labelled_images(cfg.downstream, "test", cfg.img_size, limit=cfg.eval_limit)
     torch.manual_seed(seed)
     encoders = {
         "scratch": create_encoder(cfg.model, cfg.img_size, cfg.patch_size),
@@ -141,7 +128,7 @@ def run_gap(cfg: GapConfig) -> dict:
     report = {
         "config": asdict(cfg), "per_seed": per_seed, "summary": summary, "wall_time_s": time.time() - start,
         "hardware": f"{platform.machine()}, {torch.get_num_threads()} threads, {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
-        "versions": _versions(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "versions": _versions(), "command": " ".join(["python", "recipes/gap.py"] + sys.argv[1:]),
     }
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))

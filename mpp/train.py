@@ -35,7 +35,7 @@ def open_dataset(cfg: PretrainConfig, state: PartialState):
     return ds, column
 
 
-def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator, skip_examples: int = 0):
+def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator, skip: tuple[int, int] = (0, 0)):
     """(dataset wrapper, DataLoader). Only the map-style loader goes through accelerator.prepare."""
     transform = train_transform(cfg.img_size, cfg.crop_scale, cfg.hflip)
     workers = default_workers(accelerator.device) if cfg.workers is None else cfg.workers
@@ -45,7 +45,7 @@ def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator,
 
         ds = ds.shuffle(seed=cfg.seed, buffer_size=10_000)
         ds = split_dataset_by_node(ds, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        images = AugmentedStream(ds, column, transform, cfg.seed, accelerator.process_index, skip_examples)
+        images = AugmentedStream(ds, column, transform, cfg.seed, accelerator.process_index, skip)
         loader = torch.utils.data.DataLoader(
             images, batch_size=cfg.batch_size, collate_fn=collate_images, num_workers=workers, pin_memory=pin, drop_last=True
         )
@@ -101,6 +101,39 @@ def picture_logger(cfg: PretrainConfig, accelerator, model):
     return log_pictures
 
 
+def feature_monitor(cfg: PretrainConfig, run, model, labelled):
+    """on_step callback: every --eval-every-steps, k-NN and 10-shot linear accuracy of the frozen
+    encoder on --eval-dataset, logged as eval_knn20 / eval_linear_10shot (watching an unlabelled run)."""
+    if labelled is None or not run.accelerator.is_main_process:
+        return None
+    from .evaluate import frozen_feature_report
+    from .loop import write_record
+
+    def evaluate(step: int) -> None:
+        if step % cfg.eval_every_steps == 0:
+            encoder = run.accelerator.unwrap_model(model).encoder
+            report = frozen_feature_report(encoder, *labelled, encoder.pretrained_cfg["mean"], encoder.pretrained_cfg["std"],
+                                           shots=(10,), draws=3, seed=cfg.seed)
+            write_record(run, {"step": step, "eval_knn20": report["knn20"], "eval_linear_10shot": report["linear_10shot"]})
+
+    return evaluate
+
+
+def load_monitor_data(cfg: PretrainConfig):
+    """(train images, train labels, test images, test labels) of --eval-dataset: 50 per class from
+    its train split, the first 2,000 of its test split."""
+    if not cfg.eval_dataset:
+        return None
+    from .data import labelled_images
+
+    try:
+        train = labelled_images(cfg.eval_dataset, "train", cfg.img_size, per_class=50, seed=cfg.seed)
+        test = labelled_images(cfg.eval_dataset, "test", cfg.img_size, limit=2000)
+    except UsageError as e:
+        raise UsageError(f"--eval-dataset needs a labelled set with train and test splits: {e}") from None
+    return (*train, *test)
+
+
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Runs (or resumes) one pretraining run. Every process calls this."""
     validate(cfg)
@@ -115,6 +148,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         encoder.set_grad_checkpointing(True)
     model = MPPModel(encoder, cfg.target, cfg.mask_ratio, cfg.mask_probs, cfg.random_from == "image")
     ds, column = open_dataset(cfg, dist)
+    labelled = load_monitor_data(cfg) if dist.is_main_process else None
     run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile)
     accelerator = run.accelerator
 
@@ -124,8 +158,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         model, opt="adamw", lr=peak_lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
         **({"fused": True} if accelerator.device.type == "cuda" else {}),
     )
-    skip_examples = run.state["batches_in_epoch"] * cfg.batch_size if cfg.streaming else 0
-    images, loader = build_loader(cfg, ds, column, accelerator, skip_examples)
+    skip = (run.state["epoch"], run.state["batches_in_epoch"] * cfg.batch_size)  # streaming resume
+    images, loader = build_loader(cfg, ds, column, accelerator, skip)
     if cfg.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
         total_steps = cfg.max_steps
@@ -157,7 +191,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         keep_checkpoints=cfg.keep_checkpoints, batch_size=cfg.batch_size, streaming=cfg.streaming,
         progress=cfg.progress, desc="mpp", metric="masked_acc", max_nonfinite=cfg.max_nonfinite_steps,
     )
-    result = fit(run, model, optimizer, loader, images, mpp_step, settings, on_step=picture_logger(cfg, accelerator, model))
+    callbacks = [c for c in (picture_logger(cfg, accelerator, model), feature_monitor(cfg, run, model, labelled)) if c]
+    result = fit(run, model, optimizer, loader, images, mpp_step, settings, on_step=lambda step: [c(step) for c in callbacks])
     if accelerator.is_main_process and not result.stopped_by:  # weights only for a finished run
         export_weights(accelerator.unwrap_model(model), cfg, run.run_dir, result.step)
     write_summary(run, result)

@@ -139,3 +139,33 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path, small_dataset):
     assert config["derived"]["global_batch"] == 32
     # 96 images / 16 per micro-batch = 6 micro-batches = 3 optimiser steps per epoch: step 4 is in epoch 1
     assert records[-1]["epoch"] == 1
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="apt-get install dataset-fashion-mnist")
+def test_frozen_feature_monitor_during_pretraining(tmp_path):
+    out = tmp_path / "run"
+    run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--max-steps", "4", "--eval-dataset", "fashion-mnist",
+         "--eval-every-steps", "2", "--output-dir", str(out)])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_knn20" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0.1 < r["eval_knn20"] <= 1 and 0.1 < r["eval_linear_10shot"] <= 1 for r in evals)  # above chance (0.1)
+
+
+def test_streaming_parquet_pretraining_and_resume(tmp_path, small_dataset):
+    """--streaming over local parquet (iterable, split by node): runs across an epoch end and resumes."""
+    from datasets import load_from_disk
+
+    data = tmp_path / "digits.parquet"
+    load_from_disk(str(small_dataset)).to_parquet(str(data))
+    out = tmp_path / "run"
+    args = [sys.executable, "recipes/pretrain_mpp.py", *TINY, "--dataset", str(data), "--streaming", "--max-steps", "5",
+            "--checkpoint-every", "2", "--log-every", "1", "--output-dir", str(out)]
+    run(args)  # 96 images = 3 batches of 32 per epoch: steps 4-5 are in epoch 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["epoch"] == 1
+    shutil.rmtree(out / "checkpoints" / "step_000005")
+    (out / "model.safetensors").unlink()
+    run(args + ["--resume", "auto"])  # from step 4
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert (out / "model.safetensors").is_file()
