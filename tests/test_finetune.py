@@ -10,26 +10,18 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
 from mpp import load_backbone
-from mpp.config import PretrainConfig
 from mpp.errors import UsageError
 from mpp.finetune import build_classifier, low_label_subset
 from mpp.finetune_config import FinetuneConfig
-from mpp.model import MPPModel, create_encoder
-from mpp.train import export_weights
+from mpp.model import create_encoder
 from mpp.weights import load_encoder_weights
 
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(scope="module")
-def mpp_weights(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("mpp")
-    torch.manual_seed(0)
-    model = MPPModel(create_encoder("test_vit", 28, 7))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    export_weights(model, PretrainConfig(model="test_vit", img_size=28, patch_size=7), run_dir, step=1)
+@pytest.fixture()
+def mpp_weights(exported):
+    run_dir, model = exported
     return run_dir / "model.safetensors", model
 
 

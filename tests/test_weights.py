@@ -8,22 +8,6 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
 from mpp import load_backbone, read_metadata
-from mpp.config import PretrainConfig
-from mpp.model import MPPModel, create_encoder
-from mpp.train import export_weights
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A model with non-default weights, exported the way pretraining exports it."""
-    run_dir = tmp_path_factory.mktemp("run")
-    torch.manual_seed(1)
-    model = MPPModel(create_encoder("test_vit", 28, 7))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)  # not timm's init: a load that silently re-inits would show
-    export_weights(model, PretrainConfig(model="test_vit", img_size=28, patch_size=7), run_dir, step=5)
-    return run_dir, model
 
 
 def test_files_and_metadata(exported):
