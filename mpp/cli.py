@@ -20,6 +20,7 @@ def add_run_flags(p: argparse.ArgumentParser, run: argparse._ArgumentGroup, d) -
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process (default: 0 on CPU machines with <= 4 cores, else a few)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"), help="RandomResizedCrop area range")
     g.add_argument("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
+    g.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image or missing label instead of skipping and counting it")
     g = p.add_argument_group("length")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per device per micro-batch")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
@@ -152,15 +153,15 @@ EXIT_STOPPED = 75
 
 
 def run_cli(main, argv: list[str] | None = None):
-    """Call main(argv); a UsageError becomes one line on stderr and exit code 2, a NonFiniteError exit code 1."""
-    from .loop import NonFiniteError
+    """Call main(argv); a UsageError becomes one line on stderr and exit code 2, a RunError exit code 1."""
+    from .loop import RunError
 
     try:
         return main(argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except NonFiniteError as e:
+    except RunError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         exit_cleanly(1)
 

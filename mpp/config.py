@@ -22,6 +22,7 @@ class PretrainConfig:
     workers: int | None = None  # None: 0 on CPU machines with <= 4 cores, else a few per process
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: float = 0.5
+    strict_data: bool = False
     # model
     model: str = "vit_tiny_patch16_224"
     img_size: int = 28

@@ -177,6 +177,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 2_147_483_647 + index & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def _missing(label) -> bool:
+    """None, or NaN (how a numpy-formatted dataset shows a missing integer)."""
+    return label is None or (isinstance(label, (float, np.floating)) and np.isnan(label))
+
+
 def seeded(transform, image, seed: int):
     """transform(image) with torch's and Python's RNGs (timm's RandAugment uses the latter) seeded,
     leaving both global generators as they were."""
@@ -221,7 +226,8 @@ class AugmentedImages(torch.utils.data.Dataset):
         images = seeded(self._augment_all, list(zip(rows[self.column], indices)), sample_seed(self.seed, self.epoch, indices[0]))
         if self.label_column is None:
             return images
-        return [x if isinstance(x, BadImage) else (x, int(y)) for x, y in zip(images, rows[self.label_column])]
+        return [x if isinstance(x, BadImage) else BadImage(f"#{i}", "missing label") if _missing(y) else (x, int(y))
+                for x, y, i in zip(images, rows[self.label_column], indices)]
 
     def _augment_all(self, values_and_indices):
         out = []

@@ -177,7 +177,7 @@ def finetune(cfg) -> dict:
         total_steps=total_steps, lr_at=lambda step: lr_at(step, peak_lr, warmup, total_steps, cfg.min_lr),
         clip_grad=cfg.resolved("clip_grad"), log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints, batch_size=cfg.batch_size, progress=cfg.progress, desc="finetune", metric="train_acc",
-        max_nonfinite=cfg.max_nonfinite_steps,
+        max_nonfinite=cfg.max_nonfinite_steps, strict_data=cfg.strict_data,
     )
     result = fit(run, model, optimizer, train_loader, train_images, classify_step, settings, on_epoch_end=evaluate)
     if result.stopped_by:

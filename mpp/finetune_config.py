@@ -33,6 +33,7 @@ class FinetuneConfig:
     workers: int | None = None
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: float = 0.5
+    strict_data: bool = False
     # model
     init: str = "scratch"
     model: str = "vit_tiny_patch16_224"  # scratch only; otherwise the weights' metadata decides

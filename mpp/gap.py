@@ -110,6 +110,10 @@ def frozen_features(cfg: GapConfig, seed: int, root: Path) -> dict[str, dict]:
 
 
 def run_gap(cfg: GapConfig) -> dict:
+    if max(cfg.shots) > cfg.train_per_class:
+        raise UsageError(f"--shots {max(cfg.shots)} is more than the {cfg.train_per_class} labelled images per class (--train-per-class)")
+    if len(set(cfg.seeds)) != len(cfg.seeds) or not cfg.seeds:
+        raise UsageError(f"--seeds must be distinct, got {list(cfg.seeds)}")
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--output-dir {out} is not empty; choose another folder")

@@ -156,6 +156,7 @@ class LoopSettings:
     desc: str = "train"
     metric: str = "acc"  # name of the second number step_fn returns
     max_nonfinite: int = 5  # consecutive optimiser steps with a non-finite gradient before giving up; 0: no check
+    strict_data: bool = False  # an unreadable image stops the run instead of being skipped
 
 
 @dataclass
@@ -167,8 +168,16 @@ class LoopResult:
     stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when the run was asked to stop early
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite gradients: the run stops, its last checkpoint stays as it was."""
+class RunError(RuntimeError):
+    """A run that cannot go on: reported as one line, exit code 1, the last checkpoint left as it was."""
+
+
+class NonFiniteError(RunError):
+    """Too many consecutive non-finite gradients."""
+
+
+class BadDataError(RunError):
+    """An unreadable image or missing label under --strict-data."""
 
 
 class StopSignals:
@@ -231,6 +240,9 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
         for batch in batches:
             batches_in_epoch += 1
             if batch["bad"]:
+                if s.strict_data:
+                    name, reason = batch["bad"][0]
+                    raise BadDataError(f"--strict-data: {name}: {reason} (in epoch {epoch}, before step {step + 1})")
                 bad_new += len(batch["bad"])
                 bad_examples = (bad_examples + batch["bad"])[:10]
             with acc.accumulate(model):

@@ -189,7 +189,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         total_steps=total_steps, lr_at=lambda step: lr_at(step, peak_lr, warmup, total_steps, cfg.min_lr),
         clip_grad=cfg.clip_grad, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints, batch_size=cfg.batch_size, streaming=cfg.streaming,
-        progress=cfg.progress, desc="mpp", metric="masked_acc", max_nonfinite=cfg.max_nonfinite_steps,
+        progress=cfg.progress, desc="mpp", metric="masked_acc", max_nonfinite=cfg.max_nonfinite_steps, strict_data=cfg.strict_data,
     )
     callbacks = [c for c in (picture_logger(cfg, accelerator, model), feature_monitor(cfg, run, model, labelled)) if c]
     result = fit(run, model, optimizer, loader, images, mpp_step, settings, on_step=lambda step: [c(step) for c in callbacks])

@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, Features, Image as ImageFeature, Value
+from datasets import Array3D, Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
 from mpp.builtin_data import FASHION_MNIST_DIR, mnist5k, photos, read_idx
@@ -168,3 +168,10 @@ def test_collate_keeps_the_batch_shape_and_names_bad_items():
     assert torch.equal(batch["pixels"][:3], torch.stack(good)) and torch.equal(batch["pixels"][3], good[0])
     with pytest.raises(RuntimeError, match="all 1 images of a batch are unreadable, e.g. y.png"):
         collate_images([BadImage("y.png", "empty")])
+
+
+def test_missing_label_is_a_bad_item():
+    ds = Dataset.from_dict({"image": [np.zeros((4, 4, 3), dtype=np.uint8)] * 2, "label": [3, None]},
+                           features=Features({"image": Array3D((4, 4, 3), "uint8"), "label": Value("int64")}))
+    items = AugmentedImages(ds, "image", lambda x: x, seed=0, label_column="label").__getitems__([0, 1])
+    assert items[0][1] == 3 and isinstance(items[1], BadImage) and items[1].reason == "missing label"

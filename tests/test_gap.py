@@ -44,6 +44,13 @@ def test_gap_quick(tmp_path):
         assert (out / "seed0" / arm / "model.safetensors").is_file(), arm
 
 
+def test_gap_refuses_more_shots_than_labels(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "gap.py"), "--shots", "50", "--train-per-class", "20",
+                           "--output-dir", str(tmp_path / "gap")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--shots 50 is more than the 20 labelled images per class" in proc.stderr
+    assert not (tmp_path / "gap").exists()
+
+
 def test_gap_refuses_a_used_output_dir(tmp_path):
     (tmp_path / "x").write_text("")
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "gap.py"), "--quick", "--output-dir", str(tmp_path)],

@@ -102,6 +102,12 @@ def test_broken_files_are_counted_and_named(tmp_path):
     assert summary["bad_images"] == 2
     assert sorted(Path(name).name for name, _ in summary["bad_examples"]) == ["text.jpg", "zero.png"]
     assert "skipped 2 unreadable images" in proc.stdout + proc.stderr
+    strict = subprocess.run([sys.executable, "recipes/pretrain_mpp.py", *args[:-1], str(tmp_path / "strict"), "--strict-data"],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert strict.returncode == 1
+    error = [line for line in strict.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "--strict-data:" in error[0] and ("zero.png" in error[0] or "text.jpg" in error[0])
+    assert not (tmp_path / "strict" / "model.safetensors").exists()
 
 
 def test_main_job_files(tmp_path):
