@@ -43,3 +43,15 @@ def test_bench_loop_tiny(tmp_path):
     assert [r["dataset"] for r in saved["rows"]] == ["mnist5k", "imagefolder of JPEGs"]
     assert all(r["loop_images_per_sec"] > 0 and r["bare_images_per_sec"] > 0 and r["data_only_images_per_sec"] > 0 for r in saved["rows"])
     assert "| mnist5k |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_scaling_tiny(tmp_path):
+    bench = load("bench_scaling")
+    out = tmp_path / "scaling"
+    bench.main(["--model", "test_vit", "--patch-size", "7", "--batch-sizes", "2", "4", "--img-size", "28", "--img-sizes", "14", "28",
+                "--batch-size", "2", "--steps", "1", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["sweep"] for r in rows] == ["batch", "batch", "sequence", "sequence", "grad_checkpointing", "grad_checkpointing"]
+    assert all(r["images_per_sec"] > 0 and r["peak_mb"] >= 0 for r in rows)
+    # the attention share of the FLOPs grows with the number of tokens
+    assert rows[2]["tokens"] < rows[3]["tokens"] and rows[2]["attention_flop_share"] < rows[3]["attention_flop_share"]
