@@ -29,3 +29,22 @@ def exported(tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.01)  # not timm's init: a load that silently re-inits would show
     export_weights(model, PretrainConfig(model="test_vit", img_size=28, patch_size=7), run_dir, step=5)
     return run_dir, model
+
+
+@pytest.fixture()
+def refused(tmp_path, capsys):
+    """refused(main, argv) runs a recipe's main through run_cli with --output-dir and asserts the
+    refusal: exit code 2, one line on stderr, no output folder left. Returns that line."""
+    from mpp.cli import run_cli
+
+    def check(main, argv: list[str]) -> str:
+        out = tmp_path / "refused-run"
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, [*argv, "--output-dir", str(out), "--no-progress"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert not out.exists()
+        return err
+
+    return check
