@@ -299,7 +299,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 saved = save_checkpoint(acc, run.run_dir, trainer_state, s.keep_checkpoints)
             if stop_now:
                 stopped_by = signals.received or "a signal to another process"
-                acc.print(f"stopped by {stopped_by} after step {step}; checkpoint {saved}. "
+                acc.print(f"stopped by {stopped_by} after step {step}; checkpoint {saved or latest_checkpoint(run.run_dir)}. "
                           f"Continue with the same command plus --resume auto --output-dir {run.run_dir}")
                 break
             if step >= s.total_steps:

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -175,3 +176,15 @@ def test_streaming_parquet_pretraining_and_resume(tmp_path, small_dataset):
     run(args + ["--resume", "auto"])  # from step 4
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_failing_rank_fails_the_whole_launch_fast(tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+    start = time.time()
+    proc = subprocess.run(launch + ["tests/launch_fail.py", *TINY, "--max-steps", "50", "--output-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, env={**ENV, "ACCELERATE_USE_CPU": "1"}, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stdout + proc.stderr
+    assert time.time() - start < 90  # not a hang until a collective times out (30 minutes by default)
+    assert not (tmp_path / "run" / "model.safetensors").exists()

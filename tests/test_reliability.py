@@ -125,3 +125,29 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteError, match="3 optimiser steps in a row with a non-finite gradient, the last at step 3"):
         fit(run2, model, optimizer, batches, Images(), step_fn, settings)
     assert not (run2.run_dir / "checkpoints").exists()  # nothing written over a good checkpoint
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, capsys):
+    """Disk full during the step-4 checkpoint: the partial folder goes, step 2 stays valid, the run says so and goes on."""
+    dist = init_processes(threads=None)
+    run = open_run(dist, str(tmp_path / "run"), None, grad_accum=1)
+    real_save = run.accelerator.save_state
+
+    def save_state(path):
+        if "000004" in str(path):
+            real_save(path)  # a part is written, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_save(path)
+
+    run.accelerator.save_state = save_state
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [{"pixels": torch.randn(4, 3), "bad": []} for _ in range(6)]
+    settings = LoopSettings(total_steps=5, lr_at=lambda step: 0.1, clip_grad=0, log_every=5, checkpoint_every=2,
+                            keep_checkpoints=3, batch_size=4, progress=False)
+    result = fit(run, model, optimizer, batches, Images(), lambda m, b: (m(b["pixels"]).pow(2).mean(), torch.zeros(())), settings)
+    assert result.step == 5
+    names = sorted(p.name for p in (run.run_dir / "checkpoints").iterdir())
+    assert names == ["step_000002", "step_000005"]  # no step 4, no leftover .tmp- folder
+    out = capsys.readouterr().out
+    assert "checkpoint at step 4 could not be written (No space left on device)" in out and "step_000002" in out

@@ -1,0 +1,22 @@
+"""Pretraining in which rank 1 fails at its third step (for tests/test_launch.py): the launch must fail fast."""
+import sys
+
+from accelerate.state import PartialState
+
+import mpp.model
+from mpp.cli import parse_config, run_cli
+from mpp.train import pretrain
+
+forward = mpp.model.MPPModel.forward
+calls = {"n": 0}
+
+
+def failing_forward(self, *args, **kwargs):
+    calls["n"] += 1
+    if PartialState().process_index == 1 and calls["n"] == 3:
+        raise RuntimeError("injected failure on rank 1")
+    return forward(self, *args, **kwargs)
+
+
+mpp.model.MPPModel.forward = failing_forward
+run_cli(lambda argv: pretrain(parse_config(argv)), sys.argv[1:])
