@@ -8,7 +8,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,6 @@ class GapConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     output_dir: str = "runs/gap"
     eval_limit: int | None = None  # evaluate on the first N held-out images (quick mode)
-    extra: dict = field(default_factory=dict)
 
 
 def quick(cfg: GapConfig) -> GapConfig:

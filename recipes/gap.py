@@ -30,7 +30,7 @@ def main(argv=None):
                       "supervised on a low-label downstream set, measure few-shot linear and k-NN accuracy; repeat per seed.")
     p.add_argument("--quick", action="store_true", help="a few steps of everything, one seed (for tests)")
     for name, value in vars(d).items():
-        if name in ("extra", "eval_limit"):
+        if name == "eval_limit":
             continue
         help_text = HELP.get(name, name.replace("_", " "))
         flag = "--" + name.replace("_", "-")
