@@ -129,6 +129,12 @@ def validate_run(cfg) -> None:
         raise UsageError(f"--hflip is a probability in [0, 1], got {cfg.hflip}")
 
 
+def check_batch_fits(batch_size: int, processes: int, images: int, what: str) -> None:
+    """drop_last batches: the dataset must fill at least one batch on every process."""
+    if images < batch_size * processes:
+        raise UsageError(f"--batch-size {batch_size} x {processes} processes is more than the {images} images of {what}")
+
+
 def resolve_lr(cfg: PretrainConfig, global_batch: int) -> float:
     """--lr is taken as is; --base-lr scales linearly: lr = base_lr * global_batch / ref_batch."""
     if cfg.base_lr is not None:

@@ -13,7 +13,7 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 
 from . import __version__
-from .config import lr_at
+from .config import check_batch_fits, lr_at
 from .data import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
 from .errors import UsageError
 from .loop import LoopSettings, default_workers, finish, fit, init_processes, open_run, start_logging, write_summary
@@ -39,8 +39,7 @@ def open_labelled_data(cfg, dist) -> LabelledData:
         raise UsageError(f"--eval-split {cfg.eval_split} has no {label_column!r} column")
     names = class_names_of(train, label_column)
     train = low_label_subset(train, label_column, cfg.train_per_class, cfg.train_fraction, cfg.subset_seed)
-    if len(train) < cfg.batch_size * dist.num_processes:
-        raise UsageError(f"--batch-size {cfg.batch_size} x {dist.num_processes} processes is more than the {len(train)} training images")
+    check_batch_fits(cfg.batch_size, dist.num_processes, len(train), f"the training split {cfg.train_split}")
     return LabelledData(train, evaluation, image_column, label_column, names)
 
 

@@ -9,7 +9,7 @@ from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 
 from . import __version__
-from .config import PretrainConfig, lr_at, resolve_lr, validate
+from .config import PretrainConfig, check_batch_fits, lr_at, resolve_lr, validate
 from .data import AugmentedImages, AugmentedStream, collate_images, find_image_column, load_images, train_transform
 from .errors import UsageError
 from .loop import LoopSettings, default_workers, fit, finish, init_processes, open_run, start_logging, write_summary
@@ -30,8 +30,8 @@ def open_dataset(cfg: PretrainConfig, state: PartialState):
     with state.main_process_first():
         ds = load_images(cfg.dataset, cfg.split, cfg.dataset_config, cfg.streaming)
     column = find_image_column(ds, cfg.image_column)
-    if not cfg.streaming and len(ds) < cfg.batch_size * state.num_processes:
-        raise UsageError(f"--batch-size {cfg.batch_size} x {state.num_processes} processes is more than the {len(ds)} images of {cfg.dataset}")
+    if not cfg.streaming:
+        check_batch_fits(cfg.batch_size, state.num_processes, len(ds), cfg.dataset)
     return ds, column
 
 
