@@ -2,10 +2,12 @@
 
     python benchmarks/bench_loop.py            # default recipe settings, built-in data and JPEGs
 
-For each dataset: the loop's steady images/s (median of its logged windows after the first, from
-metrics.jsonl of a real recipe run), the bare encoder step's images/s measured just before and
-just after it (their mean), and the data pipeline alone (decode + augmentation + collate), which
-says whether the loop waits for data.
+For each dataset, --repeats times interleaved (bare, loop, bare, loop, ..., bare): the loop's
+steady images/s (median of its logged windows after the first, from metrics.jsonl of a real recipe
+run) against the mean of the bare encoder step's images/s measured just before and just after it;
+the median of those ratios with their min-max. Where the time goes: the loop's own data_wait_share
+(time spent waiting for the loader, from metrics.jsonl) and the data pipeline alone (decode +
+augmentation + collate) as a share of the bare step.
 """
 import argparse
 import json
@@ -30,18 +32,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def bare_rate(cfg: PretrainConfig, steps: int) -> float:
-    """images/s of timm's forward_features + mean + backward + AdamW on one fixed batch."""
+    """images/s of timm's forward_features + mean + backward + AdamW on one fixed batch, from the
+    median step time (a scheduler hiccup in a few steps does not move it; the loop's rate is a
+    median over its logged windows too)."""
     torch.manual_seed(0)
     encoder = create_encoder(cfg.model, cfg.img_size, cfg.patch_size)
     opt = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
     x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size)
-    for i in range(steps + 2):
-        if i == 2:
-            start = time.perf_counter()
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        start = time.perf_counter()
         encoder.forward_features(x).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return cfg.batch_size * steps / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return cfg.batch_size / statistics.median(times[2:])
 
 
 def data_rate(cfg: PretrainConfig, dataset: str, batches: int) -> float:
@@ -57,8 +62,9 @@ def data_rate(cfg: PretrainConfig, dataset: str, batches: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def loop_rate(dataset: str, steps: int, extra: list[str]) -> tuple[float, float]:
-    """(median images/s of the logged windows after the first, wall seconds) of a real recipe run."""
+def loop_rate(dataset: str, steps: int, extra: list[str]) -> tuple[float, float, float]:
+    """(images/s, data_wait_share, wall seconds) of a real recipe run; the first two are medians of
+    the logged windows after the first (which holds the start-up)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, str(ROOT / "recipes" / "pretrain_mpp.py"), *extra, "--dataset", dataset, "--max-steps", str(steps),
@@ -66,8 +72,9 @@ def loop_rate(dataset: str, steps: int, extra: list[str]) -> tuple[float, float]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
         wall = time.perf_counter() - start
-        rates = [json.loads(line)["images_per_sec"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(rates[1:] or rates), wall
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = records[1:] or records
+    return statistics.median(r["images_per_sec"] for r in steady), statistics.median(r["data_wait_share"] for r in steady), wall
 
 
 def jpeg_folder(root: Path, count: int) -> Path:
@@ -86,7 +93,8 @@ def jpeg_folder(root: Path, count: int) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="optimiser steps of each recipe run")
-    p.add_argument("--bare-steps", type=int, default=10)
+    p.add_argument("--bare-steps", type=int, default=20, help="timed steps of each bare measurement")
+    p.add_argument("--repeats", type=int, default=3, help="recipe runs per dataset, each between two bare measurements")
     p.add_argument("--jpegs", type=int, default=2000, help="JPEG files of the imagefolder arm (0: skip it)")
     p.add_argument("--recipe-args", default="", help="extra recipe flags, e.g. '--model test_vit --batch-size 32'")
     p.add_argument("--out", default=str(RESULTS / "bench_loop"))
@@ -100,18 +108,25 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         datasets = [cfg.dataset] + ([str(jpeg_folder(Path(tmp), args.jpegs))] if args.jpegs else [])
         for dataset in datasets:
-            before = bare_rate(cfg, args.bare_steps)
-            loop, wall = loop_rate(dataset, args.steps, extra)
-            after = bare_rate(cfg, args.bare_steps)
-            bare = (before + after) / 2
+            bare = [bare_rate(cfg, args.bare_steps)]
+            loops = []
+            for _ in range(args.repeats):
+                loops.append(loop_rate(dataset, args.steps, extra))
+                bare.append(bare_rate(cfg, args.bare_steps))
+            ratios = [rate / ((before + after) / 2) for (rate, _, _), before, after in zip(loops, bare, bare[1:])]
             data = data_rate(cfg, dataset, batches=10)
-            rows.append({"dataset": "imagefolder of JPEGs" if dataset != cfg.dataset else dataset, "bare_images_per_sec": bare,
-                         "bare_before": before, "bare_after": after, "loop_images_per_sec": loop, "loop_vs_bare": loop / bare,
-                         "data_only_images_per_sec": data, "data_time_share": bare / data, "recipe_wall_s": wall})
+            bare_median = statistics.median(bare)
+            rows.append({"dataset": "imagefolder of JPEGs" if dataset != cfg.dataset else dataset,
+                         "bare_images_per_sec": bare_median, "bare_runs": bare,
+                         "loop_images_per_sec": statistics.median(rate for rate, _, _ in loops), "loop_runs": [rate for rate, _, _ in loops],
+                         "loop_vs_bare": statistics.median(ratios), "loop_vs_bare_min": min(ratios), "loop_vs_bare_max": max(ratios),
+                         "data_wait_share": statistics.median(wait for _, wait, _ in loops),
+                         "data_only_images_per_sec": data, "data_time_share": bare_median / data,
+                         "recipe_wall_s": [wall for _, _, wall in loops]})
     report = {
         **provenance("bench_loop.py", argv),
         "config": {"model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch_size": cfg.batch_size,
-                   "steps": args.steps, "workers": cfg.workers},
+                   "steps": args.steps, "repeats": args.repeats, "workers": cfg.workers},
         "rows": rows,
     }
     write_results(args.out, report, markdown(report))
@@ -121,15 +136,18 @@ def main(argv=None):
 def markdown(r: dict) -> str:
     c = r["config"]
     lines = [f"# bench_loop: recipes/pretrain_mpp.py vs the bare timm step ({c['model']}, {c['img_size']} px / patch "
-             f"{c['patch_size']}, batch {c['batch_size']}, {c['steps']} steps)", "",
+             f"{c['patch_size']}, batch {c['batch_size']}, {c['steps']} steps, {c['repeats']} interleaved repeats)", "",
              *provenance_lines(r),
-             "data share: time the data pipeline alone needs per batch, as a share of the bare step's time "
-             "(with no worker processes it adds to the step; under 1 it could be hidden by workers).", "",
-             "| dataset | bare step img/s (before / after) | loop img/s | loop / bare | data only img/s | data share |",
-             "|---|---|---|---|---|---|"]
+             "loop / bare: median (min-max) over the repeats of the loop's images/s against the mean of the bare step's "
+             "just before and after it. loop waits: the share of the loop's time spent waiting for the data loader "
+             "(its metrics.jsonl `data_wait_share`). data alone: the data pipeline's time per batch as a share of the bare "
+             "step's (with no worker processes it adds to the step).", "",
+             "| dataset | bare step img/s | loop img/s | loop / bare | loop waits for data | data alone img/s | data alone / bare step |",
+             "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        lines.append(f"| {row['dataset']} | {row['bare_images_per_sec']:.1f} ({row['bare_before']:.1f} / {row['bare_after']:.1f}) | "
-                     f"{row['loop_images_per_sec']:.1f} | {row['loop_vs_bare']:.3f} | {row['data_only_images_per_sec']:.0f} | {row['data_time_share']:.1%} |")
+        lines.append(f"| {row['dataset']} | {row['bare_images_per_sec']:.1f} | {row['loop_images_per_sec']:.1f} | "
+                     f"**{row['loop_vs_bare']:.3f}** ({row['loop_vs_bare_min']:.3f}–{row['loop_vs_bare_max']:.3f}) | "
+                     f"{row['data_wait_share']:.1%} | {row['data_only_images_per_sec']:.0f} | {row['data_time_share']:.1%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -207,6 +207,24 @@ class StopSignals:
         self._previous = {}
 
 
+class WaitClock:
+    """Seconds spent waiting for the data loader to hand over the next batch (data-bound or not)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, batches):
+        it = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - start
+            yield batch
+
+
 def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSettings,
         on_epoch_end: Callable[[int, int], dict] | None = None, on_step: Callable[[int], None] | None = None) -> LoopResult:
     """Train until s.total_steps optimiser steps, resuming at run.state; every process calls this.
@@ -226,7 +244,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
     progress = tqdm(total=s.total_steps, initial=step, disable=not (acc.is_main_process and s.progress), desc=s.desc, dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
     window = torch.zeros(4, device=acc.device)  # loss sum, metric sum, micro-batches, stop requests
-    window_images, window_start = 0, time.perf_counter()
+    window_images, window_start, waiting = 0, time.perf_counter(), WaitClock()
     # fp16: accelerate's GradScaler skips overflowing steps itself (and must see every step)
     check_finite = acc.mixed_precision != "fp16" and s.max_nonfinite > 0
     skipped, nonfinite_in_a_row, stopped_by = run.state.get("skipped_steps", 0), 0, None
@@ -237,7 +255,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         batches = acc.skip_first_batches(loader, batches_in_epoch) if batches_in_epoch and not s.streaming else loader
-        for batch in batches:
+        for batch in waiting.timed(batches):
             batches_in_epoch += 1
             if batch["bad"]:
                 if s.strict_data:
@@ -286,12 +304,14 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 bad_total, bad_new = bad_total + count_all(acc, bad_new), 0
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "epoch": epoch, "loss": loss_sum / n, s.metric: metric_sum / n, "lr": lr,
-                          "images_per_sec": window_images * acc.num_processes / elapsed, "bad_images": bad_total,
+                          "images_per_sec": window_images * acc.num_processes / elapsed,
+                          "data_wait_share": waiting.seconds / elapsed,  # this process's; near 0: the loader keeps up
+                          "bad_images": bad_total,
                           "skipped_steps": skipped}
                 progress.set_postfix(loss=f"{record['loss']:.3f}", **{s.metric: f"{record[s.metric]:.3f}"}, img_s=f"{record['images_per_sec']:.0f}")
                 write_record(run, record)
                 window.zero_()
-                window_images, window_start = 0, time.perf_counter()
+                window_images, window_start, waiting.seconds = 0, time.perf_counter(), 0.0
             if step % s.checkpoint_every == 0 or step == s.total_steps or stop_now:
                 bad_total, bad_new = bad_total + count_all(acc, bad_new), 0
                 trainer_state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total,

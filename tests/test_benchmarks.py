@@ -37,11 +37,13 @@ def test_bench_step_tiny(tmp_path):
 def test_bench_loop_tiny(tmp_path):
     bench = load("bench_loop")
     out = tmp_path / "loop"
-    bench.main(["--steps", "3", "--bare-steps", "1", "--jpegs", "40", "--out", str(out),
+    bench.main(["--steps", "3", "--bare-steps", "1", "--repeats", "1", "--jpegs", "40", "--out", str(out),
                 "--recipe-args", "--model test_vit --img-size 28 --patch-size 7 --batch-size 8"])
     saved = json.loads(out.with_suffix(".json").read_text())
     assert [r["dataset"] for r in saved["rows"]] == ["mnist5k", "imagefolder of JPEGs"]
     assert all(r["loop_images_per_sec"] > 0 and r["bare_images_per_sec"] > 0 and r["data_only_images_per_sec"] > 0 for r in saved["rows"])
+    assert all(len(r["bare_runs"]) == 2 and r["loop_vs_bare_min"] <= r["loop_vs_bare"] <= r["loop_vs_bare_max"]
+               and 0 <= r["data_wait_share"] < 1 for r in saved["rows"])
     assert "| mnist5k |" in out.with_suffix(".md").read_text()
 
 

@@ -11,7 +11,8 @@ from datasets import Array3D, Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
 from mpp.builtin_data import FASHION_MNIST_DIR, mnist5k, photos, read_idx
-from mpp.data import AugmentedImages, BadImage, collate_images, decode_image, find_image_column, load_images, train_transform
+from mpp.data import (AugmentedImages, BadImage, as_tensor, collate_images, decode_image, find_image_column, load_images, open_image,
+                      seeded, train_transform)
 from mpp.errors import UsageError
 from mpp.targets import Mean3Bit
 
@@ -113,6 +114,22 @@ def test_decode_modes():
     assert img.shape == (3, 6, 2)
     img, problem = decode_image({"bytes": b"", "path": None})
     assert img is None and problem
+
+
+def test_encoded_images_are_augmented_as_pil_like_tensors():
+    # encoded files are cropped and resized by PIL before becoming tensors (cheaper); with the same
+    # seed the result must match augmenting the decoded tensor: same crop box, same flip
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).resize((320, 240))  # smooth, not square
+    stored = {"bytes": png_bytes(photo), "path": None}
+    pil, _ = open_image(stored)
+    assert isinstance(pil, Image.Image)
+    tf = train_transform(24, crop_scale=(0.2, 0.5))
+    for seed in range(5):
+        via_pil = as_tensor(seeded(tf, pil, seed))
+        via_tensor = seeded(tf, decode_image(stored)[0], seed)
+        assert via_pil.shape == via_tensor.shape == (3, 24, 24) and via_pil.dtype == torch.uint8
+        assert (via_pil.float() - via_tensor.float()).abs().mean() < 1.0  # levels of 255: resampling filters differ slightly
 
 
 def _write_image_table(tmp_path):

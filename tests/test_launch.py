@@ -126,7 +126,7 @@ def test_main_job_files(tmp_path):
     assert [e.step for e in pictures.Images("mpp/predictions")] == [2, 4]  # --log-images-every 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 4]
-    assert all(r["loss"] > 0 and 0 <= r["masked_acc"] <= 1 and r["images_per_sec"] > 0 for r in records)
+    assert all(r["loss"] > 0 and 0 <= r["masked_acc"] <= 1 and r["images_per_sec"] > 0 and 0 <= r["data_wait_share"] < 1 for r in records)
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == "test_vit" and config["mask_probs"] == [0.8, 0.1, 0.1]
     # --resume auto on a finished run has nothing left to do and keeps the weights

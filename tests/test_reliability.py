@@ -127,6 +127,28 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path):
     assert not (run2.run_dir / "checkpoints").exists()  # nothing written over a good checkpoint
 
 
+def test_data_wait_share_measures_time_spent_waiting_for_batches(tmp_path):
+    dist = init_processes(threads=None)
+    run = open_run(dist, str(tmp_path / "run"), None, grad_accum=1)
+    model = torch.nn.Linear(3, 1)
+
+    def slow_batches():  # the loader needs 50 ms a batch
+        for _ in range(8):
+            time.sleep(0.05)
+            yield {"pixels": torch.randn(4, 3), "bad": []}
+
+    def step_fn(model, batch):  # and so does the step
+        time.sleep(0.05)
+        return model(batch["pixels"]).pow(2).mean(), torch.zeros(())
+
+    settings = LoopSettings(total_steps=8, lr_at=lambda step: 0.1, clip_grad=0, log_every=4, checkpoint_every=100,
+                            keep_checkpoints=1, batch_size=4, progress=False)
+    fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), slow_batches(), Images(), step_fn, settings)
+    records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8]
+    assert all(0.35 < r["data_wait_share"] < 0.65 for r in records), records  # half the time waiting
+
+
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, capsys):
     """Disk full during the step-4 checkpoint: the partial folder goes, step 2 stays valid, the run says so and goes on."""
     dist = init_processes(threads=None)
