@@ -31,22 +31,26 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def bare_rate(cfg: PretrainConfig, steps: int) -> float:
-    """images/s of timm's forward_features + mean + backward + AdamW on one fixed batch, from the
-    median step time (a scheduler hiccup in a few steps does not move it; the loop's rate is a
-    median over its logged windows too)."""
+def bare_rate(cfg: PretrainConfig, steps: int) -> tuple[float, float]:
+    """(images/s, CPU cores busy) of timm's forward_features + mean + backward + AdamW on one fixed
+    batch. images/s from the median step time (a scheduler hiccup in a few steps does not move it;
+    the loop's rate is a median over its logged windows too); cores busy = CPU time / wall time,
+    which says how much CPU is left to hide data loading behind the step."""
     torch.manual_seed(0)
     encoder = create_encoder(cfg.model, cfg.img_size, cfg.patch_size)
     opt = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
     x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size)
     times = []
     for i in range(steps + 2):  # two warm-up steps
+        if i == 2:
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
         start = time.perf_counter()
         encoder.forward_features(x).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return cfg.batch_size / statistics.median(times[2:])
+    cores = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
+    return cfg.batch_size / statistics.median(times[2:]), cores
 
 
 def data_rate(cfg: PretrainConfig, dataset: str, batches: int) -> float:
@@ -113,11 +117,12 @@ def main(argv=None):
             for _ in range(args.repeats):
                 loops.append(loop_rate(dataset, args.steps, extra))
                 bare.append(bare_rate(cfg, args.bare_steps))
+            bare, cores = [rate for rate, _ in bare], [busy for _, busy in bare]
             ratios = [rate / ((before + after) / 2) for (rate, _, _), before, after in zip(loops, bare, bare[1:])]
             data = data_rate(cfg, dataset, batches=10)
             bare_median = statistics.median(bare)
             rows.append({"dataset": "imagefolder of JPEGs" if dataset != cfg.dataset else dataset,
-                         "bare_images_per_sec": bare_median, "bare_runs": bare,
+                         "bare_images_per_sec": bare_median, "bare_runs": bare, "bare_cpu_cores": statistics.median(cores),
                          "loop_images_per_sec": statistics.median(rate for rate, _, _ in loops), "loop_runs": [rate for rate, _, _ in loops],
                          "loop_vs_bare": statistics.median(ratios), "loop_vs_bare_min": min(ratios), "loop_vs_bare_max": max(ratios),
                          "data_wait_share": statistics.median(wait for _, wait, _ in loops),
@@ -140,12 +145,14 @@ def markdown(r: dict) -> str:
              *provenance_lines(r),
              "loop / bare: median (min-max) over the repeats of the loop's images/s against the mean of the bare step's "
              "just before and after it. loop waits: the share of the loop's time spent waiting for the data loader "
-             "(its metrics.jsonl `data_wait_share`). data alone: the data pipeline's time per batch as a share of the bare "
+             "(its metrics.jsonl `data_wait_share`). bare step cores: CPU time / wall time of the bare step (what is "
+             "left of the machine's cores could hide data loading). data alone: the data pipeline's time per batch as a share of the bare "
              "step's (with no worker processes it adds to the step).", "",
-             "| dataset | bare step img/s | loop img/s | loop / bare | loop waits for data | data alone img/s | data alone / bare step |",
-             "|---|---|---|---|---|---|---|"]
+             "| dataset | bare step img/s | bare step cores | loop img/s | loop / bare | loop waits for data | data alone img/s | data alone / bare step |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        lines.append(f"| {row['dataset']} | {row['bare_images_per_sec']:.1f} | {row['loop_images_per_sec']:.1f} | "
+        lines.append(f"| {row['dataset']} | {row['bare_images_per_sec']:.1f} | {row['bare_cpu_cores']:.2f} of {os.cpu_count()} | "
+                     f"{row['loop_images_per_sec']:.1f} | "
                      f"**{row['loop_vs_bare']:.3f}** ({row['loop_vs_bare_min']:.3f}–{row['loop_vs_bare_max']:.3f}) | "
                      f"{row['data_wait_share']:.1%} | {row['data_only_images_per_sec']:.0f} | {row['data_time_share']:.1%} |")
     return "\n".join(lines) + "\n"

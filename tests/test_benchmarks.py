@@ -43,7 +43,7 @@ def test_bench_loop_tiny(tmp_path):
     assert [r["dataset"] for r in saved["rows"]] == ["mnist5k", "imagefolder of JPEGs"]
     assert all(r["loop_images_per_sec"] > 0 and r["bare_images_per_sec"] > 0 and r["data_only_images_per_sec"] > 0 for r in saved["rows"])
     assert all(len(r["bare_runs"]) == 2 and r["loop_vs_bare_min"] <= r["loop_vs_bare"] <= r["loop_vs_bare_max"]
-               and 0 <= r["data_wait_share"] < 1 for r in saved["rows"])
+               and 0 <= r["data_wait_share"] < 1 and r["bare_cpu_cores"] > 0 for r in saved["rows"])
     assert "| mnist5k |" in out.with_suffix(".md").read_text()
 
 
