@@ -24,6 +24,7 @@ import torch
 from results_io import provenance, provenance_lines, write_results
 
 from mpp.config import PretrainConfig
+from mpp.loop import fused_optimizer_kwargs
 from mpp.data import AugmentedImages, collate_images, find_image_column, load_images, train_transform
 from mpp.model import create_encoder
 
@@ -32,13 +33,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def bare_rate(cfg: PretrainConfig, steps: int) -> tuple[float, float]:
-    """(images/s, CPU cores busy) of timm's forward_features + mean + backward + AdamW on one fixed
+    """(images/s, CPU cores busy) of timm's forward_features + mean + backward + fused AdamW on one fixed
     batch. images/s from the median step time (a scheduler hiccup in a few steps does not move it;
     the loop's rate is a median over its logged windows too); cores busy = CPU time / wall time,
     which says how much CPU is left to hide data loading behind the step."""
     torch.manual_seed(0)
     encoder = create_encoder(cfg.model, cfg.img_size, cfg.patch_size)
-    opt = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=1e-4, **fused_optimizer_kwargs("adamw", torch.device("cpu")))  # as the recipe
     x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size)
     times = []
     for i in range(steps + 2):  # two warm-up steps

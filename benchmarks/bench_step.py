@@ -17,6 +17,7 @@ import torch
 
 from results_io import provenance, provenance_lines, write_results
 
+from mpp.loop import fused_optimizer_kwargs
 from mpp.model import MPPModel, create_encoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,6 +58,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def adamw(params, device: str):
+    """Every arm gets the recipes' optimiser: torch's AdamW, fused where torch has the kernel."""
+    return torch.optim.AdamW(params, lr=1e-4, **fused_optimizer_kwargs("adamw", torch.device(device)))
+
+
 def bare_step(encoder, optimizer, x):
     """The reference: timm's forward_features, a scalar loss, backward, AdamW."""
     def step():
@@ -84,7 +90,7 @@ def peer_steps(args, device, dtype, batch) -> dict:
         cfg = ViTConfig(image_size=args.img_size, patch_size=args.patch_size, hidden_size=args.dim, num_hidden_layers=args.depth,
                         num_attention_heads=args.heads, intermediate_size=int(args.dim * args.mlp_ratio), encoder_stride=args.patch_size)
         hf = ViTForMaskedImageModeling(cfg).to(device)
-        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+        opt = adamw(hf.parameters(), device)
         n = (args.img_size // args.patch_size) ** 2
         pixels = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
 
@@ -105,7 +111,7 @@ def peer_steps(args, device, dtype, batch) -> dict:
                   heads=args.heads, mlp_dim=int(args.dim * args.mlp_ratio)).to(device)
         # the paper's 50% corruption with 80/10/10 (its defaults give 49/50/1)
         mpp = MPP(transformer=vit, patch_size=args.patch_size, dim=args.dim, mask_prob=0.5, replace_prob=0.8, random_patch_prob=0.1).to(device)
-        opt = torch.optim.AdamW(mpp.parameters(), lr=1e-4)
+        opt = adamw(mpp.parameters(), device)
         pixels = torch.rand(batch, 3, args.img_size, args.img_size, device=device)
 
         def vp_step():
@@ -161,9 +167,8 @@ def main(argv=None):
     args.dim, args.depth = encoder.embed_dim, len(encoder.blocks)
     args.heads, args.mlp_ratio = encoder.blocks[0].attn.num_heads, encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim
     mpp = MPPModel(create_encoder(args.model, args.img_size, args.patch_size)).to(device)
-    fused = {"fused": True} if device == "cuda" else {}
-    opt_a = torch.optim.AdamW(encoder.parameters(), lr=1e-4, **fused)
-    opt_b = torch.optim.AdamW([q for q in mpp.parameters() if q.requires_grad], lr=1e-4, **fused)
+    opt_a = adamw(encoder.parameters(), device)
+    opt_b = adamw([q for q in mpp.parameters() if q.requires_grad], device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     images = torch.randint(0, 256, x.shape, dtype=torch.uint8, device=device)
     enc_fwd = encoder.forward_features

@@ -16,7 +16,8 @@ from . import __version__
 from .config import check_batch_fits, lr_at
 from .data import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
 from .errors import UsageError
-from .loop import LoopSettings, default_workers, finish, fit, init_processes, open_run, start_logging, write_summary
+from .loop import (LoopSettings, default_workers, finish, fit, fused_optimizer_kwargs, init_processes, open_run, start_logging,
+                   write_summary)
 from .weights import load_encoder_weights, load_tensors, read_metadata, save_weights
 
 
@@ -121,7 +122,7 @@ def finetune(cfg) -> dict:
 
     global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
     peak_lr = cfg.resolved("lr")
-    opt_kwargs = {"momentum": 0.9} if cfg.resolved("opt") in ("momentum", "sgd") else {}
+    opt_kwargs = {"momentum": 0.9} if cfg.resolved("opt") in ("momentum", "sgd") else fused_optimizer_kwargs(cfg.resolved("opt"), acc.device)
     optimizer = create_optimizer_v2(model, opt=cfg.resolved("opt"), lr=peak_lr, weight_decay=cfg.resolved("weight_decay"),
                                     layer_decay=cfg.resolved("layer_decay"), **opt_kwargs)
     workers = default_workers(acc.device) if cfg.workers is None else cfg.workers

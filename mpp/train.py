@@ -12,7 +12,8 @@ from . import __version__
 from .config import PretrainConfig, check_batch_fits, lr_at, resolve_lr, validate
 from .data import AugmentedImages, AugmentedStream, collate_images, find_image_column, load_images, train_transform
 from .errors import UsageError
-from .loop import LoopSettings, default_workers, fit, finish, init_processes, open_run, start_logging, write_summary
+from .loop import (LoopSettings, default_workers, fit, finish, fused_optimizer_kwargs, init_processes, open_run, start_logging,
+                   write_summary)
 from .model import MPPModel, create_encoder
 from .weights import save_weights
 
@@ -156,7 +157,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     peak_lr = resolve_lr(cfg, global_batch)
     optimizer = create_optimizer_v2(
         model, opt="adamw", lr=peak_lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
-        **({"fused": True} if accelerator.device.type == "cuda" else {}),
+        **fused_optimizer_kwargs("adamw", accelerator.device),
     )
     skip = (run.state["epoch"], run.state["batches_in_epoch"] * cfg.batch_size)  # streaming resume
     images, loader = build_loader(cfg, ds, column, accelerator, skip)
