@@ -33,7 +33,7 @@ def add_run_flags(p: argparse.ArgumentParser, run: argparse._ArgumentGroup, d) -
     run.add_argument("--seed", type=int, default=d.seed, help="random seed")
     run.add_argument("--log-every", type=int, default=d.log_every, help="optimiser steps between metric records")
     run.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps,
-                     help="stop after this many optimiser steps in a row with a non-finite gradient (each is skipped); 0: no check, no per-step sync")
+                     help="stop after this many optimiser steps in a row with a non-finite gradient (each is skipped; checked at logging steps); 0: no check")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (accelerate's dynamo plugin, inductor)")
     run.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (default: the cores / processes on this machine; "
                      "accelerate launch without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run)")
