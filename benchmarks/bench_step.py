@@ -158,6 +158,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(RESULTS / "bench_step"), help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device on this machine; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = args.device, torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -190,7 +192,7 @@ def main(argv=None):
     n = encoder.patch_embed.num_patches
     tokens = n + encoder.num_prefix_tokens
     formula = vit_forward_flops(args.depth, args.dim, tokens, args.mlp_ratio, 3 * args.patch_size**2, n)
-    counted = counted_forward_flops(encoder, x[:1]) if device == "cpu" else float("nan")
+    counted = counted_forward_flops(encoder, x[:1])
     train_flops_per_image = 3 * formula["total"]  # forward + backward (2x forward)
     peak = matmul_rate(device, dtype)
     rows = []

@@ -104,7 +104,8 @@ def open_run(dist: PartialState, output_dir: str | None, resume: str | None, gra
         gradient_accumulation_steps=grad_accum,
         log_with="tensorboard",
         project_dir=str(run_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: batches from pinned memory are copied while the previous step still runs (GPU)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         # accelerate compiles in prepare() and unwraps for saving; `accelerate launch --dynamo_backend` works too
         **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor")} if compile else {}),
     )

@@ -33,6 +33,21 @@ def test_bench_step_tiny(tmp_path):
     assert "| mpp |" in out.with_suffix(".md").read_text() and "Command: `" in out.with_suffix(".md").read_text()
 
 
+def test_bench_step_gpu_settings_on_cpu(tmp_path, capsys):
+    # the GPU invocation's autocast path, runnable here in bf16; --device cuda without CUDA is refused up front
+    bench = load("bench_step")
+    report = bench.main(["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "4", "--dtype", "bf16",
+                         "--steps", "1", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path / "bf16")])
+    assert report["config"]["dtype"] == "bf16" and all(r["images_per_sec"] > 0 for r in report["rows"])
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as refused:
+            bench.main(["--device", "cuda", "--out", str(tmp_path / "cuda")])
+        assert refused.value.code == 2 and "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "cuda.json").exists()
+
+
 @pytest.mark.slow
 def test_bench_loop_tiny(tmp_path):
     bench = load("bench_loop")
