@@ -298,6 +298,10 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
     guard = None
     if acc.mixed_precision != "fp16" and s.max_nonfinite > 0:
         guard = NonFiniteGuard(optimizer, s.max_nonfinite, run.state.get("skipped_steps", 0), acc.device)
+
+    def skipped_steps() -> int:  # with the check off, a resumed run keeps the count it had
+        return guard.skipped if guard else run.state.get("skipped_steps", 0)
+
     stopped_by = None
 
     model.train()
@@ -351,7 +355,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                           "images_per_sec": window_images * acc.num_processes / elapsed,
                           "data_wait_share": waiting.seconds / elapsed,  # this process's; near 0: the loader keeps up
                           "bad_images": bad_total,
-                          "skipped_steps": guard.skipped if guard else 0}
+                          "skipped_steps": skipped_steps()}
                 progress.set_postfix(loss=f"{record['loss']:.3f}", **{s.metric: f"{record[s.metric]:.3f}"}, img_s=f"{record['images_per_sec']:.0f}")
                 write_record(run, record)
                 window.zero_()
@@ -361,7 +365,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 if guard:  # never checkpoint a run that is about to stop for non-finite gradients
                     guard.check(step, run.run_dir, acc.print)
                 trainer_state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total,
-                                 "skipped_steps": guard.skipped if guard else 0}
+                                 "skipped_steps": skipped_steps()}
                 saved = save_checkpoint(acc, run.run_dir, trainer_state, s.keep_checkpoints)
             if stop_now:
                 stopped_by = signals.received or "a signal to another process"
@@ -381,9 +385,8 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
         break  # stopped early
     progress.close()
     all_examples = [b for part in gather_object([bad_examples]) for b in part]
-    if guard:
-        guard.check(step, run.run_dir, acc.print)
-    return LoopResult(step, bad_total + count_all(acc, bad_new), all_examples[:10], guard.skipped if guard else 0, stopped_by)
+    # every way out of the loop above passes the checkpoint step, where the guard was read last
+    return LoopResult(step, bad_total + count_all(acc, bad_new), all_examples[:10], skipped_steps(), stopped_by)
 
 
 def write_summary(run: Run, result: LoopResult, extra: dict | None = None) -> None:
