@@ -68,6 +68,11 @@ class MPPModel(nn.Module):
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 
+    def no_weight_decay(self) -> set[str]:
+        """Embeddings keep their size: the encoder's (pos_embed, cls_token, reg_token, ...) and the
+        mask token. timm's create_optimizer_v2 reads this only from the model it is given."""
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()} | {"mask_token"}
+
     @property
     def num_patches(self) -> int:
         return self.encoder.patch_embed.num_patches

@@ -67,6 +67,12 @@ def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator,
     return images, loader
 
 
+def build_optimizer(model: MPPModel, cfg: PretrainConfig, lr: float, device: torch.device):
+    """AdamW through timm: no decay on biases, norms and embeddings (MPPModel.no_weight_decay)."""
+    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                               **fused_optimizer_kwargs("adamw", device))
+
+
 def export_weights(model: MPPModel, cfg: PretrainConfig, run_dir: Path, step: int) -> None:
     """model.safetensors (encoder, timm keys) and mpp_head.safetensors (mask token + head)."""
     enc = model.encoder
@@ -104,7 +110,7 @@ def picture_logger(cfg: PretrainConfig, accelerator, model):
 
 def feature_monitor(cfg: PretrainConfig, run, model, labelled):
     """on_step callback: every --eval-every-steps, k-NN and 10-shot linear accuracy of the frozen
-    encoder on --eval-dataset, logged as eval_knn20 / eval_linear_10shot (watching an unlabelled run)."""
+    encoder on --eval-dataset, logged as eval_knn20_{cls,mean} / eval_linear_10shot_{cls,mean} (watching an unlabelled run)."""
     if labelled is None or not run.accelerator.is_main_process:
         return None
     from .evaluate import frozen_feature_report
@@ -115,7 +121,7 @@ def feature_monitor(cfg: PretrainConfig, run, model, labelled):
             encoder = run.accelerator.unwrap_model(model).encoder
             report = frozen_feature_report(encoder, *labelled, encoder.pretrained_cfg["mean"], encoder.pretrained_cfg["std"],
                                            shots=(10,), draws=3, seed=cfg.seed)
-            write_record(run, {"step": step, "eval_knn20": report["knn20"], "eval_linear_10shot": report["linear_10shot"]})
+            write_record(run, {"step": step, **{f"eval_{k}": v for k, v in report.items() if not k.endswith("_std")}})
 
     return evaluate
 
@@ -155,10 +161,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     peak_lr = resolve_lr(cfg, global_batch)
-    optimizer = create_optimizer_v2(
-        model, opt="adamw", lr=peak_lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
-        **fused_optimizer_kwargs("adamw", accelerator.device),
-    )
+    optimizer = build_optimizer(model, cfg, peak_lr, accelerator.device)
     skip = (run.state["epoch"], run.state["batches_in_epoch"] * cfg.batch_size)  # streaming resume
     images, loader = build_loader(cfg, ds, column, accelerator, skip)
     if cfg.streaming:
