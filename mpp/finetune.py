@@ -16,8 +16,8 @@ from . import __version__
 from .config import check_batch_fits, lr_at
 from .data import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
 from .errors import UsageError
-from .loop import (LoopSettings, default_workers, finish, fit, fused_optimizer_kwargs, init_processes, open_run, start_logging,
-                   write_summary)
+from .loop import (LoopSettings, capped_warmup, default_workers, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
+                   start_logging, write_summary)
 from .weights import load_encoder_weights, load_tensors, read_metadata, save_weights
 
 
@@ -136,7 +136,7 @@ def finetune(cfg) -> dict:
     eval_loader = torch.utils.data.DataLoader(eval_images, batch_size=max(cfg.batch_size, 256), **loader_kwargs)
     model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader, eval_loader)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * (len(train_loader) // cfg.grad_accum)))
-    warmup = min(cfg.resolved("warmup_steps"), total_steps // 2)
+    warmup = capped_warmup(cfg.resolved("warmup_steps"), total_steps, acc.print)
     if run.resume_from:
         acc.load_state(str(run.resume_from))
     else:

@@ -158,6 +158,7 @@ class LoopSettings:
     metric: str = "acc"  # name of the second number step_fn returns
     max_nonfinite: int = 5  # consecutive optimiser steps with a non-finite gradient before giving up; 0: no check
     strict_data: bool = False  # an unreadable image stops the run instead of being skipped
+    clock: Callable[[], float] = time.perf_counter  # seconds; tests pass a deterministic one
 
 
 @dataclass
@@ -256,21 +257,30 @@ class NonFiniteGuard:
                                  f"the last good checkpoint in {run_dir / 'checkpoints'} is intact (lower --lr or check the data)")
 
 
+def capped_warmup(requested: int, total_steps: int, say: Callable[[str], None]) -> int:
+    """Warmup takes at most half the run, so that the cosine has room; said aloud when it is cut."""
+    warmup = min(requested, total_steps // 2)
+    if warmup < requested:
+        say(f"--warmup-steps {requested} is more than half of the {total_steps} steps: warming up over {warmup} steps")
+    return warmup
+
+
 class WaitClock:
     """Seconds spent waiting for the data loader to hand over the next batch (data-bound or not)."""
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
         self.seconds = 0.0
 
     def timed(self, batches):
         it = iter(batches)
         while True:
-            start = time.perf_counter()
+            start = self.clock()
             try:
                 batch = next(it)
             except StopIteration:
                 return
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.clock() - start
             yield batch
 
 
@@ -293,10 +303,11 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
     progress = tqdm(total=s.total_steps, initial=step, disable=not (acc.is_main_process and s.progress), desc=s.desc, dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
     window = torch.zeros(4, device=acc.device)  # loss sum, metric sum, micro-batches, stop requests
-    window_images, window_start, waiting = 0, time.perf_counter(), WaitClock()
-    # fp16: accelerate's GradScaler skips overflowing steps itself (and must see every step)
+    window_images, window_start, waiting = 0, s.clock(), WaitClock(s.clock)
+    # fp16 on a GPU: accelerate's GradScaler skips overflowing steps itself (and must see every step).
+    # fp16 on a CPU has no scaler (accelerate makes none there): the guard stays on.
     guard = None
-    if acc.mixed_precision != "fp16" and s.max_nonfinite > 0:
+    if acc.scaler is None and s.max_nonfinite > 0:
         guard = NonFiniteGuard(optimizer, s.max_nonfinite, run.state.get("skipped_steps", 0), acc.device)
 
     def skipped_steps() -> int:  # with the check off, a resumed run keeps the count it had
@@ -350,7 +361,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 bad_total, bad_new = bad_total + count_all(acc, bad_new), 0
                 if guard:
                     guard.check(step, run.run_dir, acc.print)
-                elapsed = time.perf_counter() - window_start
+                elapsed = s.clock() - window_start
                 record = {"step": step, "epoch": epoch, "loss": loss_sum / n, s.metric: metric_sum / n, "lr": lr,
                           "images_per_sec": window_images * acc.num_processes / elapsed,
                           "data_wait_share": waiting.seconds / elapsed,  # this process's; near 0: the loader keeps up
@@ -359,7 +370,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 progress.set_postfix(loss=f"{record['loss']:.3f}", **{s.metric: f"{record[s.metric]:.3f}"}, img_s=f"{record['images_per_sec']:.0f}")
                 write_record(run, record)
                 window.zero_()
-                window_images, window_start, waiting.seconds = 0, time.perf_counter(), 0.0
+                window_images, window_start, waiting.seconds = 0, s.clock(), 0.0
             if step % s.checkpoint_every == 0 or step == s.total_steps or stop_now:
                 bad_total, bad_new = bad_total + count_all(acc, bad_new), 0
                 if guard:  # never checkpoint a run that is about to stop for non-finite gradients

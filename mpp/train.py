@@ -12,8 +12,8 @@ from . import __version__
 from .config import PretrainConfig, check_batch_fits, lr_at, resolve_lr, validate
 from .data import AugmentedImages, AugmentedStream, collate_images, find_image_column, load_images, train_transform
 from .errors import UsageError
-from .loop import (LoopSettings, default_workers, fit, finish, fused_optimizer_kwargs, init_processes, open_run, start_logging,
-                   write_summary)
+from .loop import (LoopSettings, capped_warmup, default_workers, fit, finish, fused_optimizer_kwargs, init_processes, open_run,
+                   start_logging, write_summary)
 from .model import MPPModel, create_encoder
 from .weights import save_weights
 
@@ -170,7 +170,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     else:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * (len(loader) // cfg.grad_accum)))
-    warmup = min(cfg.warmup_steps, total_steps // 2)
+    warmup = capped_warmup(cfg.warmup_steps, total_steps, accelerator.print)
 
     if run.resume_from:
         accelerator.load_state(str(run.resume_from))  # model, optimizer, every process's RNG states

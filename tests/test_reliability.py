@@ -131,26 +131,39 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path, fused):
     assert not (run2.run_dir / "checkpoints").exists()  # nothing written over a good checkpoint
 
 
+class FakeClock:
+    """A clock that moves only when told to: timing tests that do not depend on the machine's load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_data_wait_share_measures_time_spent_waiting_for_batches(tmp_path):
     dist = init_processes(threads=None)
     run = open_run(dist, str(tmp_path / "run"), None, grad_accum=1)
     model = torch.nn.Linear(3, 1)
+    clock = FakeClock()
 
-    def slow_batches():  # the loader needs 50 ms a batch
-        for _ in range(8):
-            time.sleep(0.05)
-            yield {"pixels": torch.randn(4, 3), "bad": []}
+    class SlowBatches(list):  # the loader needs 3 s a batch
+        def __iter__(self):
+            for batch in super().__iter__():
+                clock.now += 3.0
+                yield batch
 
-    def step_fn(model, batch):  # and so does the step
-        time.sleep(0.05)
+    def step_fn(model, batch):  # the step 1 s
+        clock.now += 1.0
         return model(batch["pixels"]).pow(2).mean(), torch.zeros(())
 
     settings = LoopSettings(total_steps=8, lr_at=lambda step: 0.1, clip_grad=0, log_every=4, checkpoint_every=100,
-                            keep_checkpoints=1, batch_size=4, progress=False)
-    fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), slow_batches(), Images(), step_fn, settings)
+                            keep_checkpoints=1, batch_size=4, progress=False, clock=clock)
+    fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), SlowBatches(linear_batches(8)), Images(), step_fn, settings)
     records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8]
-    assert all(0.35 < r["data_wait_share"] < 0.65 for r in records), records  # half the time waiting
+    assert [r["data_wait_share"] for r in records] == [0.75, 0.75]  # 3 s of every 4 waiting
+    assert [r["images_per_sec"] for r in records] == [1.0, 1.0]  # 4 images every 4 s
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, capsys):
@@ -171,9 +184,151 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, capsys):
     batches = [{"pixels": torch.randn(4, 3), "bad": []} for _ in range(6)]
     settings = LoopSettings(total_steps=5, lr_at=lambda step: 0.1, clip_grad=0, log_every=5, checkpoint_every=2,
                             keep_checkpoints=3, batch_size=4, progress=False)
-    result = fit(run, model, optimizer, batches, Images(), lambda m, b: (m(b["pixels"]).pow(2).mean(), torch.zeros(())), settings)
+    seen_at_step_5 = []  # the folder right after the failed write, before the next save could tidy up
+
+    def on_step(step):
+        if step == 5:
+            seen_at_step_5.extend(sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()))
+
+    result = fit(run, model, optimizer, batches, Images(), lambda m, b: (m(b["pixels"]).pow(2).mean(), torch.zeros(())), settings,
+                 on_step=on_step)
     assert result.step == 5
+    assert seen_at_step_5 == ["step_000002"]  # the partial .tmp-step_000004 is gone at once
     names = sorted(p.name for p in (run.run_dir / "checkpoints").iterdir())
     assert names == ["step_000002", "step_000005"]  # no step 4, no leftover .tmp- folder
     out = capsys.readouterr().out
     assert "checkpoint at step 4 could not be written (No space left on device)" in out and "step_000002" in out
+
+
+def linear_batches(n):
+    return [{"pixels": torch.randn(4, 3), "bad": []} for _ in range(n)]
+
+
+def square_loss(model, batch):
+    return model(batch["pixels"]).pow(2).mean(), torch.zeros(())
+
+
+def test_keep_checkpoints_keeps_exactly_the_newest(tmp_path):
+    """A checkpoint every step, --keep-checkpoints 2: after each save exactly the newest two remain,
+    the one just written among them."""
+    dist = init_processes(threads=None)
+    run = open_run(dist, str(tmp_path / "run"), None, grad_accum=1)
+    model = torch.nn.Linear(3, 1)
+    seen = {}  # step -> checkpoints present when that step begins (after the previous step's save)
+
+    def on_step(step):
+        seen[step] = sorted(p.name for p in (run.run_dir / "checkpoints").glob("*")) if step > 1 else []
+
+    settings = LoopSettings(total_steps=5, lr_at=lambda step: 0.1, clip_grad=0, log_every=5, checkpoint_every=1,
+                            keep_checkpoints=2, batch_size=4, progress=False)
+    fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), square_loss, settings, on_step=on_step)
+    newest_two = {step: [f"step_{s:06d}" for s in range(max(1, step - 2), step)] for step in range(2, 6)}
+    assert {step: seen[step] for step in range(2, 6)} == newest_two
+    assert sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()) == ["step_000004", "step_000005"]
+
+
+def test_a_second_signal_interrupts_at_once(tmp_path):
+    """The first SIGINT asks for a stop after the step (checkpoint, stopped_by); a second one reaches the
+    handler that was there before the loop (Python's KeyboardInterrupt; here a recognisable exception)."""
+
+    class Interrupted(Exception):
+        pass
+
+    def previous_handler(signum, frame):
+        raise Interrupted
+
+    dist = init_processes(threads=None)
+    settings = LoopSettings(total_steps=6, lr_at=lambda step: 0.1, clip_grad=0, log_every=100, checkpoint_every=100,
+                            keep_checkpoints=3, batch_size=4, progress=False)
+    model = torch.nn.Linear(3, 1)
+    original = signal.signal(signal.SIGINT, previous_handler)
+    try:
+        for signals in (1, 2):
+            run = open_run(dist, str(tmp_path / f"run{signals}"), None, grad_accum=1)
+            calls = []
+
+            def step_fn(model, batch):
+                calls.append(1)
+                if len(calls) == 2:
+                    for _ in range(signals):
+                        os.kill(os.getpid(), signal.SIGINT)
+                return square_loss(model, batch)
+
+            if signals == 1:
+                result = fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), step_fn, settings)
+                assert result.stopped_by == "SIGINT" and result.step == 2 and len(calls) == 2
+                assert [p.name for p in (run.run_dir / "checkpoints").iterdir()] == ["step_000002"]
+            else:
+                with pytest.raises(Interrupted):
+                    fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), step_fn, settings)
+                assert len(calls) == 2 and not (run.run_dir / "checkpoints").exists()  # no step finished, nothing saved
+            assert signal.getsignal(signal.SIGINT) is previous_handler  # the loop left the handlers as it found them
+    finally:
+        signal.signal(signal.SIGINT, original)
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; these tests need another mixed precision than the rest."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def nan_from(first_bad: int):
+    calls = []
+
+    def step_fn(model, batch):
+        calls.append(1)
+        loss, metric = square_loss(model, batch)
+        return (loss * float("nan") if len(calls) > first_bad else loss), metric
+
+    return step_fn
+
+
+def test_fp16_on_cpu_keeps_the_nonfinite_guard(tmp_path, fresh_accelerate_state):
+    """accelerate makes no GradScaler on a CPU (fp16 runs in fp32 there): nothing but the guard stands
+    between a NaN gradient and the weights, so it must stay on."""
+    from accelerate import Accelerator
+
+    from mpp.loop import FRESH_STATE, Run
+
+    acc = Accelerator(mixed_precision="fp16", cpu=True)
+    assert acc.mixed_precision == "fp16" and acc.scaler is None
+    run = Run(acc, tmp_path, None, dict(FRESH_STATE))
+    model = torch.nn.Linear(3, 1)
+    settings = LoopSettings(total_steps=6, lr_at=lambda step: 0.1, clip_grad=0, log_every=3, checkpoint_every=100,
+                            keep_checkpoints=1, batch_size=4, progress=False, max_nonfinite=2)
+    with pytest.raises(NonFiniteError, match="2 optimiser steps in a row"):
+        fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), nan_from(1), settings)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fp16_with_a_grad_scaler_leaves_nonfinite_steps_to_it(tmp_path, fresh_accelerate_state):
+    """The GPU fp16 path, with torch's CPU GradScaler standing in for accelerate's CUDA one: the scaler
+    skips each overflowing step and lowers its scale, the loop neither skips (the scaler must see every
+    step) nor stops. Not tested on CPU: fp16 autocast kernels and accelerate's own choice of scaler."""
+    from accelerate import Accelerator
+
+    from mpp.loop import FRESH_STATE, Run
+
+    acc = Accelerator(mixed_precision="fp16", cpu=True)
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**8)  # what accelerate does on a GPU
+    model = torch.nn.Linear(3, 1)
+    optimizer = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    run = Run(acc, tmp_path, None, dict(FRESH_STATE))
+    weights = []
+    step_fn = nan_from(2)  # every batch after the second is NaN: far more in a row than max_nonfinite
+
+    def on_step(step):
+        weights.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+
+    settings = LoopSettings(total_steps=6, lr_at=lambda step: 0.1, clip_grad=1.0, log_every=3, checkpoint_every=100,
+                            keep_checkpoints=1, batch_size=4, progress=False, max_nonfinite=2)
+    result = fit(run, model, optimizer, linear_batches(6), Images(), step_fn, settings, on_step=on_step)
+    assert result.step == 6 and result.stopped_by is None
+    assert not torch.equal(weights[0], weights[1])  # good steps moved the weights
+    assert all(torch.equal(weights[1], w) for w in weights[2:])  # the NaN steps did not
+    assert acc.scaler.get_scale() == 2.0**8 / 2**4  # halved once per skipped step
