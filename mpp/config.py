@@ -129,13 +129,25 @@ def validate_run(cfg) -> None:
         raise UsageError(f"--hflip is a probability in [0, 1], got {cfg.hflip}")
 
 
-def check_batch_fits(batch_size: int, processes: int, images: int, what: str) -> None:
-    """drop_last batches: the dataset must fill at least one batch on every process."""
+def check_batch_fits(batch_size: int, processes: int, images: int, what: str, grad_accum: int = 1) -> None:
+    """drop_last batches: the dataset must fill at least one batch, and one accumulation of
+    --grad-accum batches, on every process."""
     if images < batch_size * processes:
         raise UsageError(f"--batch-size {batch_size} x {processes} processes is more than the {images} images of {what}")
 
 
 def resolve_lr(cfg: PretrainConfig, global_batch: int) -> float:
+    batches = images // (batch_size * processes)  # per process and epoch, as the prepared loader deals them
+    if batches < grad_accum:
+        raise UsageError(f"--grad-accum {grad_accum} is more than the {batches} batches of {batch_size} per process in an epoch of "
+                         f"{what}; lower --grad-accum or --batch-size")
+
+
+def optimizer_steps(epochs: float, batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimiser steps in `epochs` epochs, counted the way accelerate takes them: one after every
+    grad_accum micro-batches and one at each epoch's end (its short last accumulation)."""
+    per_epoch = math.ceil(batches_per_epoch / grad_accum)
+    return max(1, math.ceil(round(epochs * per_epoch, 9)))  # round: 0.1 * 30 is 3.0000000000000004
     """--lr is taken as is; --base-lr scales linearly: lr = base_lr * global_batch / ref_batch."""
     if cfg.base_lr is not None:
         return cfg.base_lr * global_batch / cfg.ref_batch

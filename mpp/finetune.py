@@ -13,7 +13,7 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 
 from . import __version__
-from .config import check_batch_fits, lr_at
+from .config import check_batch_fits, lr_at, optimizer_steps
 from .data import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
 from .errors import UsageError
 from .loop import (LoopSettings, capped_warmup, default_workers, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
@@ -40,7 +40,7 @@ def open_labelled_data(cfg, dist) -> LabelledData:
         raise UsageError(f"--eval-split {cfg.eval_split} has no {label_column!r} column")
     names = class_names_of(train, label_column)
     train = low_label_subset(train, label_column, cfg.train_per_class, cfg.train_fraction, cfg.subset_seed)
-    check_batch_fits(cfg.batch_size, dist.num_processes, len(train), f"the training split {cfg.train_split}")
+    check_batch_fits(cfg.batch_size, dist.num_processes, len(train), f"the training split {cfg.train_split}", cfg.grad_accum)
     return LabelledData(train, evaluation, image_column, label_column, names)
 
 
@@ -135,7 +135,7 @@ def finetune(cfg) -> dict:
                                                generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
     eval_loader = torch.utils.data.DataLoader(eval_images, batch_size=max(cfg.batch_size, 256), **loader_kwargs)
     model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader, eval_loader)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * (len(train_loader) // cfg.grad_accum)))
+    total_steps = cfg.max_steps or optimizer_steps(cfg.epochs, len(train_loader), cfg.grad_accum)
     warmup = capped_warmup(cfg.resolved("warmup_steps"), total_steps, acc.print)
     if run.resume_from:
         acc.load_state(str(run.resume_from))

@@ -265,6 +265,15 @@ def capped_warmup(requested: int, total_steps: int, say: Callable[[str], None]) 
     return warmup
 
 
+def short_accumulation_scale(batch: int, per_epoch: int | None, grad_accum: int) -> float:
+    """The factor for micro-batch `batch` (1-based in its epoch) that makes each optimiser step's
+    gradient the mean over its own micro-batches. accelerate divides every loss by grad_accum, but
+    also steps at each epoch's end, after a short last accumulation of k < grad_accum micro-batches:
+    those get grad_accum / k."""
+    short = per_epoch % grad_accum if per_epoch else 0
+    return grad_accum / short if short and batch > per_epoch - short else 1.0
+
+
 class WaitClock:
     """Seconds spent waiting for the data loader to hand over the next batch (data-bound or not)."""
 
@@ -315,6 +324,8 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
 
     stopped_by = None
 
+    # micro-batches per epoch on this process; a stream has no epoch end accelerate could see
+    per_epoch = None if s.streaming else len(loader)
     model.train()
     while step < s.total_steps:
         images.set_epoch(epoch)
@@ -331,7 +342,8 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 bad_examples = (bad_examples + batch["bad"])[:10]
             with acc.accumulate(model):
                 loss, metric = step_fn(model, batch)
-                acc.backward(loss)
+                scale = short_accumulation_scale(batches_in_epoch, per_epoch, acc.gradient_accumulation_steps)
+                acc.backward(loss * scale if scale != 1 else loss)
                 step_allowed = True
                 if acc.sync_gradients and (s.clip_grad > 0 or guard):
                     norm = acc.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else math.inf)

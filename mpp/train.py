@@ -1,5 +1,4 @@
 """The MPP pretraining loop under Hugging Face Accelerate (one CPU, GPUs, nodes or TPU alike)."""
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +8,7 @@ from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 
 from . import __version__
-from .config import PretrainConfig, check_batch_fits, lr_at, resolve_lr, validate
+from .config import PretrainConfig, check_batch_fits, lr_at, optimizer_steps, resolve_lr, validate
 from .data import AugmentedImages, AugmentedStream, collate_images, find_image_column, load_images, train_transform
 from .errors import UsageError
 from .loop import (LoopSettings, capped_warmup, default_workers, fit, finish, fused_optimizer_kwargs, init_processes, open_run,
@@ -32,7 +31,7 @@ def open_dataset(cfg: PretrainConfig, state: PartialState):
         ds = load_images(cfg.dataset, cfg.split, cfg.dataset_config, cfg.streaming)
     column = find_image_column(ds, cfg.image_column)
     if not cfg.streaming:
-        check_batch_fits(cfg.batch_size, state.num_processes, len(ds), cfg.dataset)
+        check_batch_fits(cfg.batch_size, state.num_processes, len(ds), cfg.dataset, cfg.grad_accum)
     return ds, column
 
 
@@ -169,7 +168,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         total_steps = cfg.max_steps
     else:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * (len(loader) // cfg.grad_accum)))
+        total_steps = cfg.max_steps or optimizer_steps(cfg.epochs, len(loader), cfg.grad_accum)
     warmup = capped_warmup(cfg.warmup_steps, total_steps, accelerator.print)
 
     if run.resume_from:

@@ -63,3 +63,106 @@ def test_pretraining_builds_its_optimiser_without_decay_on_embeddings(tmp_path, 
     got = decay_of(built[0], result.model)
     assert got == expected_decay(result.model, cfg.weight_decay)
     assert got["encoder.pos_embed"] == got["encoder.cls_token"] == got["mask_token"] == 0.0
+
+
+# --- optimiser steps under gradient accumulation (#1) ---
+
+
+def test_optimiser_steps_count_each_epochs_short_last_accumulation():
+    from mpp.config import optimizer_steps
+
+    assert optimizer_steps(3, 6, 4) == 6  # 2 steps an epoch: 4 micro-batches, then the epoch's last 2
+    assert optimizer_steps(30, 6, 4) == 60
+    assert optimizer_steps(2, 8, 4) == 4 and optimizer_steps(1, 5, 1) == 5
+    assert optimizer_steps(0.5, 30, 3) == 5 and optimizer_steps(0.1, 30, 1) == 3
+
+
+class Rows(torch.utils.data.Dataset):
+    """Rows of a regression problem as fit() expects them (a "pixels" tensor, a "bad" list)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def collate_rows(items):
+    return {"pixels": torch.stack([x for x, _ in items]), "y": torch.stack([y for _, y in items]), "bad": []}
+
+
+def test_each_optimiser_step_is_the_mean_gradient_of_its_own_micro_batches(tmp_path):
+    """6 micro-batches an epoch with --grad-accum 4: steps after micro-batches 1-4 and 5-6, each with
+    the gradient of the mean loss of its micro-batches (plain SGD, checked against torch by hand)."""
+    from accelerate import Accelerator
+
+    from mpp.config import optimizer_steps
+    from mpp.loop import FRESH_STATE, LoopSettings, Run, fit
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3), torch.randn(12, 2)
+    model = torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in model.parameters()]
+    lr, epochs = 0.1, 2
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    loader = torch.utils.data.DataLoader(Rows(x, y), batch_size=2, shuffle=False, drop_last=True, collate_fn=collate_rows)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model, opt, loader = acc.prepare(model, opt, loader)
+    total = optimizer_steps(epochs, len(loader), 4)
+    assert total == 4
+
+    def step_fn(model, batch):
+        loss = torch.nn.functional.mse_loss(model(batch["pixels"]), batch["y"])
+        return loss, loss.detach()
+
+    settings = LoopSettings(total_steps=total, lr_at=lambda step: lr, clip_grad=0, log_every=100, checkpoint_every=100,
+                            keep_checkpoints=1, batch_size=2, progress=False, max_nonfinite=0)
+    result = fit(Run(acc, tmp_path, None, dict(FRESH_STATE)), model, opt, loader, loader.dataset, step_fn, settings)
+    assert result.step == total
+
+    reference = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        for p, p0 in zip(reference.parameters(), start):
+            p.copy_(p0)
+    for _ in range(epochs):
+        for rows in (slice(0, 8), slice(8, 12)):  # micro-batches 1-4, then 5-6
+            micro = [torch.nn.functional.mse_loss(reference(x[i:i + 2]), y[i:i + 2]) for i in range(rows.start, rows.stop, 2)]
+            grads = torch.autograd.grad(torch.stack(micro).mean(), list(reference.parameters()))
+            with torch.no_grad():
+                for p, g in zip(reference.parameters(), grads):
+                    p -= lr * g
+    for p, q in zip(acc.unwrap_model(model).parameters(), reference.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+
+
+def test_pretraining_with_grad_accum_runs_the_epochs_asked_for(tmp_path):
+    """96 images, batch 16, --grad-accum 4: 6 micro-batches = 2 optimiser steps an epoch, 6 in 3 epochs."""
+    import json
+
+    cfg = PretrainConfig(dataset=str(tiny_images(tmp_path / "data", 96)), model="test_vit", img_size=28, patch_size=7,
+                         batch_size=16, grad_accum=4, epochs=3, warmup_steps=0, log_every=1, checkpoint_every=100,
+                         progress=False, output_dir=str(tmp_path / "run"), workers=0)
+    result = train.pretrain(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 6 and cfg.derived["total_steps"] == 6
+    assert [(r["step"], r["epoch"]) for r in records] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 2)]
+
+
+def test_a_loader_shorter_than_one_accumulation_is_refused(tmp_path, refused, capsys):
+    from mpp.cli import parse_config, parse_finetune_config
+    from mpp.finetune import finetune
+
+    data = str(tiny_images(tmp_path / "data", 16))
+    capsys.readouterr()  # the dataset's progress bar
+    line = refused(lambda a: train.pretrain(parse_config(a)), ["--dataset", data, "--model", "test_vit", "--batch-size", "8",
+                                                               "--grad-accum", "4"])
+    assert "--grad-accum 4 is more than the 2 batches of 8 per process" in line
+    line = refused(lambda a: finetune(parse_finetune_config(a)), ["--dataset", "mnist5k", "--eval-split", "train",
+                                                                  "--train-per-class", "2", "--batch-size", "8", "--grad-accum", "4"])
+    assert "--grad-accum 4 is more than the 2 batches of 8 per process" in line
