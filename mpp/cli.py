@@ -4,6 +4,7 @@ import sys
 
 from .config import DEFAULT_LR, PAPER_REF_BATCH, PretrainConfig, validate
 from .errors import UsageError
+from .families import SUPPORTED
 from .targets import TARGETS
 
 
@@ -56,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--streaming", action="store_true", help="stream the dataset (iterable, sharded per process); needs --max-steps")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help="any timm VisionTransformer name")
+    g.add_argument("--model", default=d.model, help=f"a timm ViT of a supported family: {SUPPORTED}; "
+                   "ResNets, ConvNeXt, Swin and other non-ViTs are refused")
     g.add_argument("--img-size", type=int, default=d.img_size, help="input resolution")
-    g.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size (must divide --img-size)")
+    g.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size (must divide --img-size); timm's argument, so for a "
+                   "hybrid it is the patch on the CNN feature map (usually 1) and each token stands for img-size / grid pixels")
     g.add_argument("--grad-checkpointing", action="store_true", help="timm's activation checkpointing (less memory, ~30%% slower)")
 
     g = p.add_argument_group("objective")
@@ -66,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-ratio", type=float, default=d.mask_ratio, help="share of patches corrupted per image")
     g.add_argument("--mask-probs", type=float, nargs=3, default=d.mask_probs, metavar=("MASK", "RANDOM", "KEEP"), help="of the corrupted: [mask] token / random other patch / unchanged")
     g.add_argument("--random-from", default=d.random_from, choices=["batch", "image"], help="where random replacement patches come from")
+    g.add_argument("--corrupt-at", default=d.corrupt_at, choices=["auto", "embedding", "pixels"],
+                   help="embedding: corrupt patch embeddings after the projection (the paper's, with a learnable [mask] embedding); "
+                   "pixels: corrupt the regions' pixels before the patch embedding (a learnable [mask] colour, starting at the "
+                   "normalisation mean); auto: embedding for plain patch embeddings, pixels for hybrids, whose CNN stem sees across "
+                   "region borders and would read a hidden region's colour from its neighbours"),
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate at the actual global batch (default {DEFAULT_LR:g} unless --base-lr)")

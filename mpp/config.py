@@ -33,6 +33,7 @@ class PretrainConfig:
     mask_ratio: float = 0.5
     mask_probs: tuple[float, float, float] = (0.8, 0.1, 0.1)
     random_from: str = "batch"
+    corrupt_at: str = "auto"  # embedding | pixels | auto: embedding for plain patch embeddings, pixels for hybrids
     # optimisation
     batch_size: int = 128
     grad_accum: int = 1
@@ -85,11 +86,13 @@ def validate(cfg: PretrainConfig) -> None:
     if abs(sum(cfg.mask_probs) - 1) > 1e-6:
         raise UsageError(f"--mask-probs must sum to 1, got {' '.join(map(str, cfg.mask_probs))} (sum {sum(cfg.mask_probs):g})")
     if not timm.is_model(cfg.model):
-        raise UsageError(f"--model {cfg.model!r} is not a timm model; any timm VisionTransformer is allowed, e.g. vit_tiny_patch16_224")
+        raise UsageError(f"--model {cfg.model!r} is not a timm model; supported: timm VisionTransformer, DeiT distilled, hybrid ViTs and Eva, e.g. vit_tiny_patch16_224")
     if cfg.target not in TARGETS:
         raise UsageError(f"--target {cfg.target!r} is not one of: {', '.join(TARGETS)}")
     if cfg.random_from not in ("batch", "image"):
         raise UsageError(f"--random-from must be 'batch' or 'image', got {cfg.random_from!r}")
+    if cfg.corrupt_at not in ("auto", "embedding", "pixels"):
+        raise UsageError(f"--corrupt-at must be auto, embedding or pixels, got {cfg.corrupt_at!r}")
     validate_run(cfg)
     if cfg.ref_batch < 1:
         raise UsageError(f"--ref-batch must be at least 1, got {cfg.ref_batch}")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, sample_corruption
 from .model import MPPModel
-from .targets import NUM_COLOURS, class_colour, patchify
+from .targets import NUM_COLOURS, class_colour, patchify, unpatchify
 from .weights import load_backbone, load_tensors, read_metadata
 
 HEAD_FILE = "mpp_head.safetensors"
@@ -44,6 +44,7 @@ def load_mpp_model(path: str | Path) -> tuple[MPPModel, bool]:
         mask_ratio=cfg.get("mask_ratio", 0.5),
         mask_probs=tuple(cfg.get("mask_probs", (0.8, 0.1, 0.1))),
         random_from_same_image=cfg.get("random_from") == "image",
+        corrupt_at=meta.get("mpp_corrupt_at", "embedding"),  # files from before the option were embedding-corrupted
     )
     head_file = weights.parent / HEAD_FILE
     if head_file.is_file():
@@ -185,24 +186,18 @@ def attention_rollout(attn, num_prefix: int, grid: tuple[int, int] | None = None
     return m.reshape(-1, gh, gw)
 
 
-def unpatchify(patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, N, C, p, p) -> (B, C, H, W): the inverse of targets.patchify."""
-    B, N, C, p, _ = patches.shape
-    gh, gw = grid
-    return patches.reshape(B, gh, gw, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, gh * p, gw * p)
-
-
-def _patch_contents(target: str, values: torch.Tensor, p: int, logits: bool) -> torch.Tensor:
-    """Head outputs (logits=True) or targets (B, K, ...) -> what they say the patch looks like (B, K, 3, p, p)."""
+def _patch_contents(target: str, values: torch.Tensor, region: tuple[int, int], logits: bool) -> torch.Tensor:
+    """Head outputs (logits=True) or targets (B, K, ...) -> what they say the region looks like (B, K, 3, rh, rw)."""
     B, K = values.shape[:2]
+    rh, rw = region
     if target == "pixels_l2":
-        return values.float().reshape(B, K, 3, p, p).clamp(0, 1)
+        return values.float().reshape(B, K, 3, rh, rw).clamp(0, 1)
     # (B, K, cells): the most likely class of each cell, or the target's class
     classes = values.reshape(B, K, -1, NUM_COLOURS).argmax(-1) if logits else values.reshape(B, K, -1)
     cells = class_colour(classes)  # (B, K, cells, 3) centres of the 3-bit bins
     side = math.isqrt(cells.shape[2])  # 1 for mean3bit, 4 for mean3bit_4x4
     grid = cells.reshape(B * K, side, side, 3).permute(0, 3, 1, 2)  # (B*K, 3, side, side)
-    return F.interpolate(grid, size=(p, p), mode="nearest").reshape(B, K, 3, p, p)
+    return F.interpolate(grid, size=(rh, rw), mode="nearest").reshape(B, K, 3, rh, rw)
 
 
 def _hwc(images: torch.Tensor) -> np.ndarray:
@@ -223,8 +218,8 @@ def mpp_predictions(model: MPPModel, images: torch.Tensor, corruption: Corruptio
     model.eval()
     pixels = model.normalise(images)  # (B, 3, H, W) in [0, 1]
     B, _, H, W = pixels.shape
-    p, N = model.patch_size, model.num_patches
-    grid = (H // p, W // p)
+    (rh, rw), N = model.region, model.num_patches
+    grid = (H // rh, W // rw)
     if corruption is None:
         gen = torch.Generator(device=pixels.device).manual_seed(seed)
         corruption = sample_corruption(B, N, model.mask_ratio, model.mask_probs, model.random_from_same_image, pixels.device, gen)
@@ -232,11 +227,11 @@ def mpp_predictions(model: MPPModel, images: torch.Tensor, corruption: Corruptio
         out = model(pixels, corruption)
     model.train(was_training)
 
-    ids = corruption.ids[..., None, None, None].expand(-1, -1, 3, p, p)  # (B, K, 3, p, p)
-    patches = patchify(pixels, p)  # (B, N, 3, p, p)
+    ids = corruption.ids[..., None, None, None].expand(-1, -1, 3, rh, rw)  # (B, K, 3, rh, rw)
+    patches = patchify(pixels, model.region)  # (B, N, 3, rh, rw)
     name = model.target.name
     painted = {
-        key: unpatchify(patches.scatter(1, ids, _patch_contents(name, v, p, logits)), grid)  # (B, 3, H, W)
+        key: unpatchify(patches.scatter(1, ids, _patch_contents(name, v, model.region, logits)), grid)  # (B, 3, H, W)
         for key, v, logits in (("predicted", out.pred, True), ("true", out.target, False))
     }
     kind = torch.full((B, N), -1, dtype=torch.long).scatter(1, corruption.ids.cpu(), corruption.kind.cpu())
@@ -248,7 +243,7 @@ def mpp_predictions(model: MPPModel, images: torch.Tensor, corruption: Corruptio
         "accuracy": float(out.accuracy),
         "loss": float(out.loss),
         "target": name,
-        "patch_size": p,
+        "patch_size": rh,  # the region's height (square regions for every supported model)
     }
 
 

@@ -5,10 +5,15 @@ token independently becomes the learnable [mask] embedding (p_mask), the embeddi
 other patch (p_random), or stays as it is (p_keep): BERT's 80/10/10 by default. All shapes are
 static ((B, K) index tensors, no boolean indexing), so the step compiles without graph breaks and
 runs on XLA.
+
+The same Corruption applies in embedding space (apply_corruption on patch embeddings, the paper's)
+or in pixel space (apply_pixel_corruption on the normalised image, before the patch embedding).
 """
 from dataclasses import dataclass
 
 import torch
+
+from .targets import patchify, unpatchify
 
 # Codes in Corruption.kind.
 MASK_TOKEN, RANDOM_PATCH, UNCHANGED = 0, 1, 2
@@ -72,6 +77,17 @@ def apply_corruption(tokens: torch.Tensor, corruption: Corruption, mask_token: t
         torch.where(kind == RANDOM_PATCH, replacement, original),
     )
     return tokens.scatter(1, ids, new)  # (B, N, D)
+
+
+def apply_pixel_corruption(images: torch.Tensor, corruption: Corruption, mask_colour: torch.Tensor, region: tuple[int, int]) -> torch.Tensor:
+    """images (B, C, H, W) normalised; returns a copy whose corrupted regions hold the [mask] colour
+    (C,) everywhere, the pixels of the source region, or their own pixels (same rules as apply_corruption)."""
+    B, C, H, W = images.shape
+    rh, rw = region
+    regions = patchify(images, region)  # (B, N, C, rh, rw)
+    fill = mask_colour.view(C, 1, 1).expand(C, rh, rw).reshape(-1)  # (C*rh*rw,) one colour over the region
+    out = apply_corruption(regions.flatten(2), corruption, fill)  # (B, N, C*rh*rw)
+    return unpatchify(out.view_as(regions), (H // rh, W // rw))  # (B, C, H, W)
 
 
 def corrupted_mask(corruption: Corruption, num_patches: int) -> torch.Tensor:

@@ -1,27 +1,13 @@
-"""The MPP model: a timm VisionTransformer encoder, one learnable [mask] embedding, a linear head."""
+"""The MPP model: a timm ViT encoder (families.py), one learnable [mask] embedding or [mask] colour,
+a linear head."""
 from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn as nn
-from timm.models import VisionTransformer
-from timm.models._manipulate import checkpoint_seq
 
-from .masking import Corruption, apply_corruption, sample_corruption
+from .families import SUPPORTED, create_encoder, resolve_corrupt_at, run_encoder, token_grid, token_region  # noqa: F401
+from .masking import Corruption, apply_corruption, apply_pixel_corruption, sample_corruption
 from .targets import get_target
-
-
-def create_encoder(model_name: str, img_size: int, patch_size: int, **kwargs) -> VisionTransformer:
-    """A timm VisionTransformer without classifier (num_classes=0), randomly initialised."""
-    if not timm.is_model(model_name):
-        raise ValueError(f"unknown timm model {model_name!r}; any timm VisionTransformer is allowed, e.g. vit_tiny_patch16_224")
-    try:
-        encoder = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size, **kwargs)
-    except TypeError:  # architectures without img_size / patch_size arguments are not ViTs
-        encoder = None
-    if not isinstance(encoder, VisionTransformer):
-        raise ValueError(f"{model_name!r} is not a timm VisionTransformer (try vit_tiny_patch16_224, vit_small_patch16_224, ...)")
-    return encoder
 
 
 @dataclass
@@ -36,25 +22,40 @@ class MPPOutput:
 class MPPModel(nn.Module):
     def __init__(
         self,
-        encoder: VisionTransformer,
+        encoder: nn.Module,
         target: str = "mean3bit",
         mask_ratio: float = 0.5,
         mask_probs: tuple[float, float, float] = (0.8, 0.1, 0.1),
         random_from_same_image: bool = False,
+        corrupt_at: str = "auto",
     ):
+        """corrupt_at: 'embedding' (the paper's: after the patch projection), 'pixels' (the corrupted
+        regions of the normalised image, before the patch embedding) or 'auto' (embedding where a
+        token sees only its own region, pixels for hybrids: see families.resolve_corrupt_at)."""
         super().__init__()
         self.encoder = encoder
         self.target = get_target(target)
         self.mask_ratio = mask_ratio
         self.mask_probs = tuple(mask_probs)
         self.random_from_same_image = random_from_same_image
-        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.grid = token_grid(encoder)  # (gh, gw) tokens
+        self.region = token_region(encoder)  # (rh, rw) image pixels behind each token
+        if self.grid[0] * self.grid[1] < 2:
+            raise ValueError(f"a {self.grid[0]}x{self.grid[1]} token grid has one token; MPP needs at least 2")
+        self.corrupt_at = resolve_corrupt_at(encoder, corrupt_at)
+        if getattr(getattr(encoder, "patch_drop", None), "prob", 0) > 0:
+            raise ValueError("patch dropout removes tokens that MPP predicts: create the encoder with patch_drop_rate=0")
         dim = encoder.embed_dim
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        # only the one in use exists, so that DDP sees no unused parameter
+        if self.corrupt_at == "embedding":
+            self.mask_token = nn.Parameter(torch.zeros(dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+        else:
+            # learnable like the [mask] embedding, starting at 0 = the normalisation mean colour
+            self.mask_colour = nn.Parameter(torch.zeros(len(encoder.pretrained_cfg.get("mean", (0.5, 0.5, 0.5)))))  # (C,)
         # Models that pool with fc_norm have no final norm on the tokens: give the head one.
         head_norm = nn.LayerNorm(dim) if isinstance(encoder.norm, nn.Identity) else nn.Identity()
-        self.head = nn.Sequential(head_norm, nn.Linear(dim, self.target.num_outputs(self.patch_size)))
+        self.head = nn.Sequential(head_norm, nn.Linear(dim, self.target.num_outputs(self.region)))
         # small initial logits: the loss starts at ln(512) for mean3bit, as for a uniform guess
         nn.init.trunc_normal_(self.head[-1].weight, std=0.02)
         nn.init.zeros_(self.head[-1].bias)
@@ -71,30 +72,23 @@ class MPPModel(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Embeddings keep their size: the encoder's (pos_embed, cls_token, reg_token, ...) and the
         mask token. timm's create_optimizer_v2 reads this only from the model it is given."""
-        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()} | {"mask_token"}
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()} | {"mask_token", "mask_colour"}
 
     @property
     def num_patches(self) -> int:
-        return self.encoder.patch_embed.num_patches
+        return self.grid[0] * self.grid[1]
 
     def encode(self, x: torch.Tensor, corruption: Corruption | None = None) -> torch.Tensor:
-        """timm's forward_features with corruption between patch projection and position embedding.
+        """timm's forward_features with corruption between patch projection and position embedding
+        (corrupt_at 'embedding'), or of the corrupted image ('pixels').
 
         x (B, 3, H, W) normalised -> (B, prefix + N, D)
         """
-        enc = self.encoder
-        x = enc.patch_embed(x)  # (B, N, D), or (B, gh, gw, D) with dynamic_img_size
-        if corruption is not None:
-            shape = x.shape
-            x = apply_corruption(x.reshape(shape[0], -1, shape[-1]), corruption, self.mask_token).view(shape)
-        x = enc._pos_embed(x)  # (B, prefix + N, D): class/register tokens, position embeddings
-        x = enc.patch_drop(x)
-        x = enc.norm_pre(x)
-        if enc.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(enc.blocks, x)
-        else:
-            x = enc.blocks(x)
-        return enc.norm(x)
+        if corruption is None:
+            return run_encoder(self.encoder, x)
+        if self.corrupt_at == "pixels":
+            return run_encoder(self.encoder, apply_pixel_corruption(x, corruption, self.mask_colour, self.region))
+        return run_encoder(self.encoder, x, lambda tokens: apply_corruption(tokens, corruption, self.mask_token))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 in [0, 255] or float in [0, 1] -> float in [0, 1]."""
@@ -110,7 +104,7 @@ class MPPModel(nn.Module):
             corruption = sample_corruption(
                 B, self.num_patches, self.mask_ratio, self.mask_probs, self.random_from_same_image, pixels.device
             )
-        target = self.target.compute(pixels, self.patch_size)  # (B, N, ...)
+        target = self.target.compute(pixels, self.region)  # (B, N, ...) from the uncorrupted image
         tokens = self.encode((pixels - self.pixel_mean) / self.pixel_std, corruption)
         tokens = tokens[:, self.encoder.num_prefix_tokens :]  # (B, N, D)
         ids = corruption.ids  # (B, K)

@@ -1,4 +1,4 @@
-"""Weight files: the encoder under timm's VisionTransformer keys, the MPP head beside it.
+"""Weight files: the encoder under its timm model's own keys (VisionTransformer, Eva, ...), the MPP head beside it.
 
 model.safetensors loads strictly into plain timm (no mpp import needed):
     timm.create_model(meta["timm_model"], pretrained=True, num_classes=0,
@@ -49,11 +49,13 @@ def timm_overlay(path: str | Path, meta: dict) -> dict:
 
 
 def load_backbone(path: str | Path, num_classes: int = 0, img_size: int | None = None, **kwargs) -> torch.nn.Module:
-    """The timm VisionTransformer stored in an mpp weight file, loaded strictly.
+    """The timm model stored in an mpp weight file, loaded strictly.
 
     img_size other than the trained one: timm's checkpoint_filter_fn resamples the position
     embeddings (resample_abs_pos_embed, bicubic). num_classes > 0 adds a freshly initialised head,
-    or, for a fine-tuned file with that many classes, loads its head.
+    or, for a fine-tuned file with that many classes, loads its head. Every other weight must be
+    in the file: timm itself loads non-strictly when the class count differs, so the file is loaded
+    at its own class count and the head is replaced afterwards.
     """
     path = Path(path)
     if not path.is_file():
@@ -61,27 +63,32 @@ def load_backbone(path: str | Path, num_classes: int = 0, img_size: int | None =
     meta = read_metadata(path)
     if "timm_model" not in meta:
         raise ValueError(f"{path} has no 'timm_model' metadata: not a weight file written by mpp")
-    return timm.create_model(
+    stored_classes = meta.get("num_classes", 0)
+    model = timm.create_model(
         meta["timm_model"],
         pretrained=True,
-        num_classes=num_classes,
+        num_classes=stored_classes,  # = the overlay's: timm loads strictly
         img_size=img_size or meta["img_size"],
         patch_size=meta["patch_size"],
         pretrained_cfg_overlay=timm_overlay(path, meta),
         **kwargs,
     )
+    if num_classes != stored_classes:
+        model.reset_classifier(num_classes)  # a fresh head (or none) on the strictly loaded encoder
+    return model
 
 
 def load_encoder_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Load every non-head weight strictly into a timm ViT; its classification head stays as it is.
 
-    A file's own head (from fine-tuning) belongs to another task and is dropped. timm's
-    checkpoint_filter_fn resamples the position embeddings to the model's grid. Raises
-    UsageError naming every missing, unexpected or mis-shaped key.
+    A file's own head (from fine-tuning) belongs to another task and is dropped. The model family's
+    own timm checkpoint_filter_fn (vision_transformer, eva, ...) resamples the position embeddings
+    to the model's grid. Raises UsageError naming every missing, unexpected or mis-shaped key.
     """
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
     from .errors import UsageError
+    from .families import checkpoint_filter
+
+    checkpoint_filter_fn = checkpoint_filter(model)
 
     state = checkpoint_filter_fn({k: v for k, v in tensors.items() if not k.startswith("head.")}, model)
     own = model.state_dict()
