@@ -200,9 +200,9 @@ def _missing(label) -> bool:
 
 
 def seeded(transform, image, seed: int):
-    """transform(image) with torch's and Python's RNGs (timm's RandAugment uses the latter) seeded,
-    leaving both global generators as they were."""
-    state = random.getstate()
+    """transform(image) with torch's, Python's and numpy's global RNGs seeded (timm's RandAugment
+    draws from the last two), leaving all three as they were."""
+    state, np_state = random.getstate(), np.random.get_state()
     random.seed(seed)
     try:
         with torch.random.fork_rng(devices=[]):
@@ -264,12 +264,14 @@ class AugmentedStream(torch.utils.data.IterableDataset):
         self.transform = transform
         self.seed = seed
         self.rank = rank
+    np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds
         self.skip = skip  # (epoch, examples of it already consumed): where a resumed run starts
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.ds.set_epoch(epoch)
+        np.random.set_state(np_state)
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()

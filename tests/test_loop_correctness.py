@@ -166,3 +166,35 @@ def test_a_loader_shorter_than_one_accumulation_is_refused(tmp_path, refused, ca
     line = refused(lambda a: finetune(parse_finetune_config(a)), ["--dataset", "mnist5k", "--eval-split", "train",
                                                                   "--train-per-class", "2", "--batch-size", "8", "--grad-accum", "4"])
     assert "--grad-accum 4 is more than the 2 batches of 8 per process" in line
+
+
+# --- RandAugment under per-batch seeding (#7) ---
+
+
+def test_randaugment_depends_only_on_the_batch_seed():
+    """The modern preset's transform (timm RandAugment draws from numpy's global RNG) gives the same
+    image for the same seed whatever numpy's global state, another for another seed, and seeded()
+    leaves every global RNG as it found it."""
+    import random
+
+    from PIL import Image as PILImage
+
+    from mpp.data import seeded, timm_transform
+    from mpp.finetune_config import PRESETS
+
+    tf = timm_transform(28, True, auto_augment=PRESETS["modern"]["auto_augment"])
+    image = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    seeds = range(8)
+    outputs = []
+    for prior in (1, 2):
+        np.random.seed(prior)
+        np.random.rand(prior)  # workers and earlier batches leave numpy's global RNG anywhere
+        outputs.append([seeded(tf, image, s) for s in seeds])
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    assert len({bytes(x.numpy()) for x in outputs[0]}) == len(seeds)
+
+    before = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    seeded(tf, image, 3)
+    after = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    assert before[0] == after[0] and torch.equal(before[2], after[2])
+    assert all(np.array_equal(a, b) for a, b in zip(before[1], after[1]))
