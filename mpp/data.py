@@ -122,17 +122,80 @@ def prepare_columns(ds, image_column: str, columns: list[str] | None = None):
     return ds
 
 
+def to_levels(a: np.ndarray, what: str = "array") -> np.ndarray:
+    """Numbers -> uint8 levels 0..255 by a fixed rule per dtype, never by the image's own range:
+    uint8 as is; bool False/True -> 0/255; uint16 0..65535 -> x / 257 (= x * 255 / 65535);
+    floats must lie in [0, 1] -> x * 255; other integers must lie in 0..255 and are taken as they are.
+    Scaled values are rounded to the nearest level, halves up (0.5 -> 128). Raises ValueError for
+    values outside the rule's range (NaN included) or another dtype."""
+    if a.dtype == np.uint8:
+        return a
+    if a.size == 0:
+        raise ValueError(f"{what} is empty")
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if a.dtype == np.uint16:
+        return np.floor(a / 257 + 0.5).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        low, high = np.min(a), np.max(a)  # NaN propagates, and fails the test below
+        if not (low >= 0 and high <= 1):
+            raise ValueError(f"{what}: float values must lie in [0, 1], found {low:g}..{high:g} (store uint8 0..255 or floats 0..1)")
+        return np.floor(a.astype(np.float64) * 255 + 0.5).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.integer):
+        low, high = int(np.min(a)), int(np.max(a))
+        if low < 0 or high > 255:
+            raise ValueError(f"{what}: {a.dtype} values must lie in 0..255, found {low}..{high} (only uint16 is read as 16-bit)")
+        return a.astype(np.uint8)
+    raise ValueError(f"{what}: unsupported dtype {a.dtype}")
+
+
 def _pil_to_rgb(img: PILImage.Image) -> PILImage.Image:
+    """Any PIL image -> RGB. Modes I;16* and I (32-bit integers) are read as 16-bit levels 0..65535
+    (x / 257; I values outside 0..65535 are refused), mode F as floats in [0, 1] (x * 255, others
+    refused), both rounded halves up; transparency is composited over white; CMYK, P, L, 1 and the
+    rest by PIL's own conversion."""
     img = ImageOps.exif_transpose(img)  # photos taken sideways
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = PILImage.fromarray((a / top * 255).round().clip(0, 255).astype(np.uint8))
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        a = np.asarray(img).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"mode {img.mode} values must lie in 0..65535 (read as 16-bit), found {a.min()}..{a.max()}")
+        img = PILImage.fromarray(to_levels(a.astype(np.uint16), f"mode {img.mode} image"))
+    elif img.mode == "F":
+        img = PILImage.fromarray(to_levels(np.asarray(img), "mode F image"))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = PILImage.alpha_composite(white, rgba)
     return img.convert("RGB")
+
+
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+
+
+def _array_to_rgb(a: np.ndarray) -> torch.Tensor | PILImage.Image:
+    """An Array2D / Array3D value -> (3, H, W) uint8 tensor (an RGB PIL image for RGBA: over white).
+
+    Shapes: (H, W) grey; (H, W, C) or (C, H, W) with C in 1, 3, 4: the end that can be a channel
+    axis is; when both can (e.g. (3, 4, 4)) the array is refused as ambiguous. Values: to_levels.
+    """
+    shape = a.shape
+    if a.ndim == 2:
+        a = a[..., None]  # (H, W, 1)
+    elif a.ndim == 3:
+        first, last = shape[0] in CHANNELS, shape[-1] in CHANNELS
+        if first and last:
+            raise ValueError(f"array of shape {shape} is ambiguous: channels first or last? (C must be 1, 3 or 4 at one end only)")
+        if not (first or last):
+            raise ValueError(f"array of shape {shape}: no channel axis of 1, 3 or 4 at either end")
+        if first:
+            a = a.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    else:
+        raise ValueError(f"array of shape {shape}: expected (H, W), (H, W, C) or (C, H, W)")
+    a = to_levels(a, f"array of shape {shape}")
+    if a.shape[-1] == 4:
+        return _pil_to_rgb(PILImage.fromarray(np.ascontiguousarray(a), "RGBA"))
+    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)  # (C, H, W)
+    return t.expand(3, -1, -1) if t.shape[0] == 1 else t
 
 
 def open_image(value) -> tuple[PILImage.Image | torch.Tensor | None, str]:
@@ -141,7 +204,8 @@ def open_image(value) -> tuple[PILImage.Image | torch.Tensor | None, str]:
 
     Encoded images stay PIL so that augmentation crops and resizes them before the conversion to a
     tensor: PIL's resize of the crop plus a small conversion costs a quarter less than converting
-    the whole image first (benchmarks/bench_loop.py, JPEG arm).
+    the whole image first (benchmarks/bench_loop.py, JPEG arm). Numbers become levels by a fixed
+    rule per dtype or PIL mode (to_levels, _pil_to_rgb); arrays that break it are skipped with the reason.
     """
     try:
         if isinstance(value, dict):  # Image(decode=False): {"bytes": ..., "path": ...}
@@ -155,12 +219,8 @@ def open_image(value) -> tuple[PILImage.Image | torch.Tensor | None, str]:
             return _pil_to_rgb(value), ""
         if value is None:
             return None, "missing image"
-        a = np.asarray(value)  # Array3D / Array2D: (H, W[, C]) numbers 0..255
-        if a.ndim == 2:
-            a = a[..., None]
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8)).permute(2, 0, 1)  # (C, H, W)
-        return (t.expand(3, -1, -1) if t.shape[0] == 1 else t[:3]), ""
-    except Exception as e:  # truncated, corrupt, not an image, decompression bomb, ...
+        return _array_to_rgb(np.asarray(value)), ""
+    except Exception as e:  # truncated, corrupt, not an image, decompression bomb, ambiguous array, ...
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
 
 
@@ -204,12 +264,14 @@ def seeded(transform, image, seed: int):
     draws from the last two), leaving all three as they were."""
     state, np_state = random.getstate(), np.random.get_state()
     random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return transform(image)
     finally:
         random.setstate(state)
+        np.random.set_state(np_state)
 
 
 class AugmentedImages(torch.utils.data.Dataset):
@@ -264,14 +326,12 @@ class AugmentedStream(torch.utils.data.IterableDataset):
         self.transform = transform
         self.seed = seed
         self.rank = rank
-    np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds
         self.skip = skip  # (epoch, examples of it already consumed): where a resumed run starts
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.ds.set_epoch(epoch)
-        np.random.set_state(np_state)
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
@@ -292,16 +352,18 @@ def collate_images(items: list) -> dict:
     Items are image tensors, (image, label) pairs or BadImage. A bad image's slot is filled with a
     good item of the same batch, so every batch keeps its static shape and every process takes the
     same number of steps (a short batch on one rank of a multi-process run would leave the others
-    waiting).
+    waiting). `valid` (B,) bool is False at the filled slots: evaluation leaves them out of its
+    counts; training keeps them (the copy is trained on once more, which keeps shapes static).
     """
     good = [x for x in items if not isinstance(x, BadImage)]
     bad = [(x.name, x.reason) for x in items if isinstance(x, BadImage)]
     if not good:
         raise RuntimeError(f"all {len(items)} images of a batch are unreadable, e.g. {bad[0][0]}: {bad[0][1]}")
     filled = good + [good[i % len(good)] for i in range(len(bad))]
+    valid = torch.arange(len(filled)) < len(good)  # (B,)
     if isinstance(filled[0], tuple):
-        return {"pixels": torch.stack([x for x, _ in filled]), "labels": torch.tensor([y for _, y in filled]), "bad": bad}
-    return {"pixels": torch.stack(filled), "bad": bad}  # pixels (B, 3, H, W) uint8
+        return {"pixels": torch.stack([x for x, _ in filled]), "labels": torch.tensor([y for _, y in filled]), "valid": valid, "bad": bad}
+    return {"pixels": torch.stack(filled), "valid": valid, "bad": bad}  # pixels (B, 3, H, W) uint8
 
 
 def timm_transform(img_size: int, training: bool, crop_scale=(0.35, 1.0), hflip: float = 0.5, auto_augment: str | None = None):
@@ -392,15 +454,27 @@ def low_label_subset(ds, label_column: str, per_class: int | None, fraction: flo
     return ds.select(np.sort(picked))
 
 
+def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """`limit` sorted indices whose class counts differ by at most one (a class with fewer examples
+    gives them all): each class in a seeded random order, the classes taking turns."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    rank = np.empty(len(labels), dtype=np.int64)  # position of each example within its class's order
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        rank[members] = np.arange(len(members))
+    return np.sort(order[np.argsort(rank[order], kind="stable")][:limit])
+
+
 def labelled_images(dataset: str, split: str, img_size: int, per_class: int | None = None, limit: int | None = None,
                     seed: int = 0, label_column: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A labelled split as (M, 3, img_size, img_size) uint8 images (resized, centre-cropped) and (M,) labels,
-    for frozen-feature evaluation: per_class examples of each class (seeded), or the first `limit`."""
+    for frozen-feature evaluation: per_class examples of each class, and/or `limit` examples balanced
+    over the classes (both seeded; a folder is stored class by class, so its first rows would not do)."""
     ds = load_images(dataset, split)
     label = find_label_column(ds, label_column)
     ds = low_label_subset(ds, label, per_class, None, seed)
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
+    if limit and limit < len(ds):
+        ds = ds.select(stratified_subset(np.asarray(ds[label]), limit, seed))
     column = find_image_column(ds)
     decoded = [decode_image(v)[0] for v in prepare_columns(ds, column).with_format("numpy")[column]]
     keep = [i for i, image in enumerate(decoded) if image is not None]

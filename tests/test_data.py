@@ -11,8 +11,8 @@ from datasets import Array3D, Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
 from mpp.builtin_data import FASHION_MNIST_DIR, mnist5k, photos, read_idx
-from mpp.data import (AugmentedImages, BadImage, as_tensor, collate_images, decode_image, find_image_column, load_images, open_image,
-                      seeded, train_transform)
+from mpp.data import (AugmentedImages, BadImage, as_tensor, collate_images, decode_image, find_image_column, labelled_images, load_images,
+                      open_image, seeded, train_transform)
 from mpp.errors import UsageError
 from mpp.targets import Mean3Bit
 
@@ -100,13 +100,81 @@ def test_imagefolder_with_broken_files_is_counted_not_fatal(messy_folder):
     assert batch["pixels"].shape == (10, 3, 16, 16) and batch["pixels"].dtype == torch.uint8  # bad slots refilled
 
 
+def level(x):
+    """The documented rounding of a scaled value: to the nearest level, halves up."""
+    return np.floor(np.asarray(x, dtype=np.float64) + 0.5).astype(np.uint8)
+
+
+def rgb_of(value) -> np.ndarray:
+    """decode_image(value) as an (H, W, 3) numpy array; fails with the reason when it is refused."""
+    image, problem = decode_image(value)
+    assert image is not None, problem
+    return image.permute(1, 2, 0).numpy()
+
+
+def stored(img: Image.Image, fmt="PNG") -> dict:
+    return {"bytes": png_bytes(img, fmt), "path": None}
+
+
+def test_arrays_decode_by_dtype_not_by_their_own_range():
+    floats = np.array([[0.0, 0.2, 0.5, 1.0]], dtype=np.float32)  # [0, 1] -> x * 255
+    assert np.array_equal(rgb_of(floats)[..., 0], level(floats * 255)) and rgb_of(floats)[0, 2, 0] == 128
+    sixteen = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)  # 0..65535 -> x * 255 / 65535
+    assert rgb_of(sixteen)[0, :, 1].tolist() == [0, 1, 128, 255]
+    assert rgb_of(np.array([[False, True]]))[0, :, 2].tolist() == [0, 255]
+    assert rgb_of(np.array([[7, 200]], dtype=np.int64))[0, :, 0].tolist() == [7, 200]  # other integers: levels as they are
+    dark = np.full((5, 5, 3), 0.1)  # a dark float image stays dark: no stretching to its own maximum
+    assert (rgb_of(dark) == 26).all()
+
+
+def test_channels_first_arrays_are_transposed_and_ambiguous_ones_refused():
+    red = np.zeros((3, 8, 6), dtype=np.uint8)
+    red[0] = 255  # (C, H, W)
+    out = rgb_of(red)
+    assert out.shape == (8, 6, 3) and (out == [255, 0, 0]).all()
+    grey = np.arange(8 * 6, dtype=np.uint8).reshape(1, 8, 6)
+    assert np.array_equal(rgb_of(grey), np.repeat(grey[0][..., None], 3, axis=2))
+    rgba = np.zeros((2, 5, 4), dtype=np.uint8)
+    rgba[0] = [255, 0, 0, 0]  # transparent: white
+    rgba[1] = [0, 0, 255, 255]  # opaque blue
+    assert (rgb_of(rgba)[0] == 255).all() and (rgb_of(rgba)[1] == [0, 0, 255]).all()
+    for bad, reason in [(np.zeros((3, 4, 4), np.uint8), "ambiguous"), (np.zeros((2, 8, 8), np.uint8), "no channel axis"),
+                        (np.zeros((1, 5, 5, 3), np.uint8), "expected (H, W)"), (np.full((5, 5), 1.5), "[0, 1], found 1.5..1.5"),
+                        (np.full((5, 5), np.nan), "[0, 1], found nan"), (np.full((5, 5), 300), "0..255, found 300..300")]:
+        image, problem = decode_image(bad)
+        assert image is None and reason in problem, (bad.shape, problem)
+
+
+def test_pil_modes_decode_by_value():
+    over_white = Image.new("RGBA", (3, 2), (0, 0, 0, 128))  # half-transparent black over white: 255 - 128
+    assert (abs(rgb_of(stored(over_white)).astype(int) - 127) <= 1).all()
+    assert (rgb_of(stored(Image.new("RGBA", (3, 2), (255, 0, 0, 0)))) == 255).all()  # fully transparent: white
+    assert (rgb_of(stored(Image.new("RGBA", (3, 2), (10, 20, 30, 255)))) == [10, 20, 30]).all()
+    assert (rgb_of(stored(Image.new("LA", (3, 2), (50, 0)))) == 255).all() and (rgb_of(stored(Image.new("LA", (3, 2), (50, 255)))) == 50).all()
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0  # index 0 transparent: white
+    assert rgb_of(stored(palette)).tolist() == [[[255, 255, 255], [10, 20, 30]]]
+    cmyk = Image.new("CMYK", (2, 2), (255, 0, 0, 0))  # full cyan
+    assert (rgb_of(stored(cmyk, "TIFF")) == [0, 255, 255]).all()
+    sixteen = Image.fromarray(np.array([[0, 257, 32768, 65535]], dtype=np.uint16))  # I;16
+    assert rgb_of(stored(sixteen))[0, :, 0].tolist() == [0, 1, 128, 255]
+    # mode I (32-bit integers): always 16-bit levels, whatever the image's own maximum
+    assert rgb_of(stored(Image.fromarray(np.array([[255, 257, 65535]], dtype=np.int32)), "TIFF"))[0, :, 0].tolist() == [1, 1, 255]
+    assert rgb_of(stored(Image.fromarray(np.full((2, 2), 200, dtype=np.int32)), "TIFF"))[0, 0, 0] == 1
+    # mode F: floats in [0, 1]
+    assert rgb_of(stored(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)), "TIFF"))[0, :, 1].tolist() == [0, 128, 255]
+    for refused in [Image.fromarray(np.array([[0.5, 1.5]], dtype=np.float32)), Image.fromarray(np.array([[-1, 5]], dtype=np.int32)),
+                    Image.fromarray(np.array([[70000, 5]], dtype=np.int32))]:
+        image, problem = decode_image(stored(refused, "TIFF"))
+        assert image is None and "must lie in" in problem, refused.mode
+
+
 def test_decode_modes():
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent: composited on white
     img, _ = decode_image({"bytes": png_bytes(rgba), "path": None})
     assert img.shape == (3, 4, 4) and (img == 255).all()
-    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
-    img, _ = decode_image({"bytes": png_bytes(sixteen), "path": None})
-    assert (img == 255).all()
     exif = Image.new("RGB", (6, 2))
     ex = exif.getexif()
     ex[0x0112] = 6  # orientation: rotate 90 degrees
@@ -183,12 +251,38 @@ def test_collate_keeps_the_batch_shape_and_names_bad_items():
     batch = collate_images([good[0], BadImage("x.jpg", "broken"), good[1], good[2]])
     assert batch["pixels"].shape == (4, 3, 4, 4) and batch["bad"] == [("x.jpg", "broken")]
     assert torch.equal(batch["pixels"][:3], torch.stack(good)) and torch.equal(batch["pixels"][3], good[0])
+    assert batch["valid"].tolist() == [True, True, True, False]  # the filled slot is marked
+    labelled = collate_images([(good[0], 7), BadImage("x.jpg", "broken"), (good[1], 8)])
+    assert labelled["labels"].tolist() == [7, 8, 7] and labelled["valid"].tolist() == [True, True, False]
     with pytest.raises(RuntimeError, match="all 1 images of a batch are unreadable, e.g. y.png"):
         collate_images([BadImage("y.png", "empty")])
 
 
 def test_missing_label_is_a_bad_item():
-    ds = Dataset.from_dict({"image": [np.zeros((4, 4, 3), dtype=np.uint8)] * 2, "label": [3, None]},
-                           features=Features({"image": Array3D((4, 4, 3), "uint8"), "label": Value("int64")}))
+    ds = Dataset.from_dict({"image": [np.zeros((5, 5, 3), dtype=np.uint8)] * 2, "label": [3, None]},
+                           features=Features({"image": Array3D((5, 5, 3), "uint8"), "label": Value("int64")}))
     items = AugmentedImages(ds, "image", lambda x: x, seed=0, label_column="label").__getitems__([0, 1])
     assert items[0][1] == 3 and isinstance(items[1], BadImage) and items[1].reason == "missing label"
+
+
+def test_limited_eval_subset_is_stratified_and_seeded(tmp_path):
+    """A folder stored class by class (4 x 50): `limit` 60 must not be the first 60 rows (classes 0 and 1 only)."""
+    from datasets import ClassLabel
+
+    labels = np.repeat(np.arange(4), 50)
+    images = np.zeros((200, 8, 8, 1), dtype=np.uint8)
+    images[:, 0, :, 0] = (labels * 60)[:, None]  # top row: the class
+    images[:, 1, :, 0] = (np.arange(200) % 50)[:, None]  # second row: the example within its class
+    ds = Dataset.from_dict({"image": images, "label": labels},
+                           features=Features({"image": Array3D((8, 8, 1), "uint8"), "label": ClassLabel(names=list("abcd"))}))
+    ds.save_to_disk(str(tmp_path / "sorted"))
+    x, y = labelled_images(str(tmp_path / "sorted"), "train", 8, limit=60)
+    assert np.bincount(y.numpy(), minlength=4).tolist() == [15, 15, 15, 15]
+    assert torch.equal(x[:, 0, 0, 0], (y * 60).to(torch.uint8))  # each image still carries its own label
+    picked = set(zip(y.tolist(), x[:, 0, 1, 0].tolist()))
+    assert len(picked) == 60 and {i for _, i in picked} != set(range(15))  # drawn at random, not each class's first rows
+    _, y62 = labelled_images(str(tmp_path / "sorted"), "train", 8, limit=62)
+    assert sorted(np.bincount(y62.numpy(), minlength=4).tolist()) == [15, 15, 16, 16]
+    again, _ = labelled_images(str(tmp_path / "sorted"), "train", 8, limit=60, seed=0)
+    other, _ = labelled_images(str(tmp_path / "sorted"), "train", 8, limit=60, seed=1)
+    assert torch.equal(again, x) and not torch.equal(other, x)  # seeded
