@@ -80,3 +80,52 @@ def test_unknown_and_non_vit_models_are_refused():
         create_encoder("vit_nonexistent", 28, 7)
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
         create_encoder("resnet18", 28, 7)
+
+
+# ---- where the corruption sits and where predictions are read (a signal traced through timm's parts) ----
+PLACEMENT = {**ENCODERS, "eva02_rope": dict(model_name="eva02_tiny_patch14_224", img_size=28, patch_size=7, depth=2)}
+
+
+@pytest.mark.parametrize("kind", ["cls", "registers", "eva02_rope"])
+def test_corruption_is_applied_before_position_embeddings(kind):
+    """The tokens entering the blocks are: the patch embedding, or the [mask] embedding, or another
+    patch's embedding, plus the position embedding of the token's OWN position."""
+    model = MPPModel(create_encoder(**PLACEMENT[kind])).eval()
+    enc = model.encoder
+    with torch.no_grad():
+        model.mask_token.fill_(3.0)  # a recognisable signal
+    seen = {}
+    enc.patch_embed.register_forward_hook(lambda _m, _a, out: seen.setdefault("patches", out))
+    enc.norm_pre.register_forward_pre_hook(lambda _m, args: seen.setdefault("blocks_in", args[0]))
+    B, N = 3, model.num_patches
+    c = sample_corruption(B, N, 0.5, (0.5, 0.3, 0.2))
+    with torch.no_grad():
+        model(torch.rand(B, 3, *enc.patch_embed.img_size), c)
+    D = seen["patches"].shape[-1]
+    patches = seen["patches"].reshape(B, N, D)  # (B, N, D) also from an NHWC patch embedding
+    expected = patches.clone()
+    for b in range(B):
+        for k in range(c.ids.shape[1]):
+            i, kind_, src = c.ids[b, k].item(), c.kind[b, k].item(), c.source[b, k].item()
+            if kind_ == 0:
+                expected[b, i] = 3.0
+            elif kind_ == 1:
+                expected[b, i] = patches.reshape(B * N, D)[src]
+    expected = expected + enc.pos_embed[:, -N:]  # the last N rows belong to the patches in every layout
+    assert torch.allclose(seen["blocks_in"][:, -N:], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["cls", "no_cls_avg", "eva02_rope"])
+def test_predictions_are_read_from_exactly_the_corrupted_tokens(kind):
+    model = MPPModel(create_encoder(**PLACEMENT[kind])).eval()
+    enc = model.encoder
+    seen = {}
+    enc.norm.register_forward_hook(lambda _m, _a, out: seen.setdefault("tokens", out))
+    model.head.register_forward_pre_hook(lambda _m, args: seen.setdefault("head_in", args[0]))
+    size = enc.patch_embed.img_size[0]
+    c = sample_corruption(3, model.num_patches, 0.5, (0.8, 0.1, 0.1))
+    with torch.no_grad():
+        model(torch.rand(3, 3, size, size), c)
+    patch_tokens = seen["tokens"][:, enc.num_prefix_tokens :]  # (B, N, D)
+    for b in range(3):
+        assert torch.equal(seen["head_in"][b], patch_tokens[b, c.ids[b]])
