@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from datasets import Array3D, ClassLabel, Dataset, Features
 
+from .clipart import CLIPART_CLASSES, OPENCLIPART_DIR, class_of, load_clipart, path_split
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
@@ -47,19 +49,56 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> Dataset:
-    """Fashion-MNIST from Debian's dataset-fashion-mnist: train 60,000, test 10,000, 28x28 grey."""
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"fashion-mnist has splits 'train' and 'test', not {split!r}")
+def _fashion_mnist_arrays(prefix: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(M, 28, 28, 1) images and (M,) labels of 'train' or 't10k'."""
     images_file = root / f"{prefix}-images-idx3-ubyte.gz"
     if not images_file.exists():
         raise FileNotFoundError(
             f"fashion-mnist files not found under {root}: install them with 'apt-get install dataset-fashion-mnist'"
         )
-    images = read_idx(images_file)[..., None]  # (M, 28, 28, 1)
-    labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+    return read_idx(images_file)[..., None], read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+
+
+def fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> Dataset:
+    """Fashion-MNIST from Debian's dataset-fashion-mnist: train 60,000, test 10,000, 28x28 grey."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"fashion-mnist has splits 'train' and 'test', not {split!r}")
+    images, labels = _fashion_mnist_arrays(prefix, root)
     return _array_dataset(images, labels, FASHION_MNIST_CLASSES)
+
+
+def held_out(labels: np.ndarray, fraction: float = 0.1) -> np.ndarray:
+    """(M,) bool: a fixed `fraction` of each class (seeded by the class), held out for validation."""
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        mask[np.random.default_rng(int(c)).choice(members, int(len(members) * fraction), replace=False)] = True
+    return mask
+
+
+def fashion_mnist_classes(split: str, classes: list[int], name: str, root: Path = FASHION_MNIST_DIR) -> Dataset:
+    """Fashion-MNIST restricted to `classes`, relabelled 0..K-1 in that order. 'train' and 'validation'
+    are the 60,000 training images less and only a fixed 10% per class; 'test' is the 10,000 test images."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"{name} has splits 'train', 'validation' and 'test', not {split!r}")
+    images, labels = _fashion_mnist_arrays("t10k" if split == "test" else "train", root)
+    keep = np.isin(labels, classes)
+    if split != "test":
+        keep &= held_out(labels) == (split == "validation")
+    relabel = np.full(10, -1)
+    relabel[classes] = np.arange(len(classes))
+    return _array_dataset(images[keep], relabel[labels[keep]], [FASHION_MNIST_CLASSES[c] for c in classes])
+
+
+def fashion_mnist_upstream(split: str = "train", root: Path = FASHION_MNIST_DIR) -> Dataset:
+    """Fashion-MNIST classes 0-4 (t-shirt/top .. coat): the grey transfer setting's pretraining labels."""
+    return fashion_mnist_classes(split, [0, 1, 2, 3, 4], "fashion-mnist-upstream", root)
+
+
+def fashion_mnist_downstream(split: str = "train", root: Path = FASHION_MNIST_DIR) -> Dataset:
+    """Fashion-MNIST classes 5-9 (sandal .. ankle boot), relabelled 0-4: the grey transfer setting's task."""
+    return fashion_mnist_classes(split, [5, 6, 7, 8, 9], "fashion-mnist-downstream", root)
 
 
 def _photographs() -> list[np.ndarray]:
@@ -97,4 +136,53 @@ def photos(split: str = "train", num_crops: int = 4000, size: int = 64, seed: in
     return _array_dataset(crops, None, None)
 
 
-BUILTIN_DATASETS = {"mnist5k": mnist5k, "fashion-mnist": fashion_mnist, "photos": photos}
+CLIPART_SPLITS = ("train", "validation", "test")
+# Disjoint label spaces for the colour transfer setting, 7 of the 14 classes each: snake order over the
+# classes sorted by size (1st, 4th, 5th, 8th, 9th, 12th, 13th upstream), which balances image counts
+# (446 upstream, 407 downstream) and puts animals and food on both sides.
+CLIPART_UPSTREAM = ["animals/mammals", "food/desserts", "transportation/roadsigns", "food/beverages",
+                    "recreation/sports", "animals/birds", "recreation/holiday"]
+CLIPART_DOWNSTREAM = ["food/fruit", "recreation/music", "people/clothing", "computer/hardware",
+                      "transportation/vehicles", "animals/bugs", "buildings/homes"]
+
+
+def clipart(split: str = "train", root: Path = OPENCLIPART_DIR, classes: list[str] = CLIPART_CLASSES,
+            subset: list[str] | None = None, name: str = "clipart") -> Dataset:
+    """Clip art of the class folders (mpp/clipart.py), 64x64 colour; label = index in `subset`
+    (default: all `classes`). Splits 'train', 'validation', 'test' (about 70/15/15 by path hash)."""
+    if split not in CLIPART_SPLITS:
+        raise ValueError(f"{name} has splits 'train', 'validation' and 'test', not {split!r}")
+    data = load_clipart(root, classes)
+    subset = classes if subset is None else subset
+    labels = np.array([class_of(p, subset) for p in data["paths"]], dtype=np.int64)
+    keep = (labels >= 0) & np.array([path_split(p) == split for p in data["paths"]], dtype=bool)
+    return _array_dataset(data["images"][keep], labels[keep], list(subset))
+
+
+def clipart_upstream(split: str = "train", root: Path = OPENCLIPART_DIR) -> Dataset:
+    return clipart(split, root, subset=CLIPART_UPSTREAM, name="clipart-upstream")
+
+
+def clipart_downstream(split: str = "train", root: Path = OPENCLIPART_DIR) -> Dataset:
+    return clipart(split, root, subset=CLIPART_DOWNSTREAM, name="clipart-downstream")
+
+
+def colour_mix(split: str = "train", root: Path = OPENCLIPART_DIR, photo_crops: int | None = None) -> Dataset:
+    """Unlabelled colour images for pretraining: every kept clip-art image (any folder, labels dropped)
+    of this split by path hash, so no clipart validation or test image is in 'train', followed by
+    `photos` crops (4,000 for 'train', 800 for 'validation' and 'test', each split its own crops)."""
+    if split not in CLIPART_SPLITS:
+        raise ValueError(f"colour-mix has splits 'train', 'validation' and 'test', not {split!r}")
+    data = load_clipart(root)
+    keep = np.array([path_split(p) == split for p in data["paths"]], dtype=bool)
+    crops_seed = {"train": 0, "test": 0, "validation": 1}[split]  # photos offsets non-train seeds by 1
+    crops = photos("train" if split == "train" else "test", photo_crops or (4000 if split == "train" else 800), seed=crops_seed)
+    return _array_dataset(np.concatenate([data["images"][keep], np.asarray(crops.with_format("numpy")["image"])]), None, None)
+
+
+BUILTIN_DATASETS = {
+    "mnist5k": mnist5k, "fashion-mnist": fashion_mnist, "photos": photos,
+    "fashion-mnist-upstream": fashion_mnist_upstream, "fashion-mnist-downstream": fashion_mnist_downstream,
+    "clipart": clipart, "clipart-upstream": clipart_upstream, "clipart-downstream": clipart_downstream,
+    "colour-mix": colour_mix,
+}
