@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, help="built-in (mnist5k, fashion-mnist, photos), a local folder (imagefolder or save_to_disk), parquet files, .tar webdataset shards, or a Hub id")
+    g.add_argument("--dataset", default=d.dataset, help="built-in (mnist5k, fashion-mnist[-upstream|-downstream], photos, clipart[-upstream|-downstream], colour-mix), a local folder (imagefolder or save_to_disk), parquet files, .tar webdataset shards, or a Hub id")
     g.add_argument("--dataset-config", default=d.dataset_config, help="the Hub dataset's configuration name")
     g.add_argument("--split", default=d.split, help="dataset split to pretrain on")
     g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
@@ -105,7 +105,7 @@ def build_finetune_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, help="labelled dataset: built-in (mnist5k, fashion-mnist), local folder, parquet, Hub id")
+    g.add_argument("--dataset", default=d.dataset, help="labelled dataset: built-in (mnist5k, fashion-mnist[-upstream|-downstream], clipart[-upstream|-downstream]), local folder, parquet, Hub id")
     g.add_argument("--dataset-config", default=d.dataset_config, help="the Hub dataset's configuration name")
     g.add_argument("--train-split", default=d.train_split, help="split to train on")
     g.add_argument("--eval-split", default=d.eval_split, help="held-out split for top-1")
