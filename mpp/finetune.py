@@ -1,13 +1,14 @@
 """Fine-tuning a timm ViT classifier from scratch, from MPP weights or from supervised weights."""
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, extract_model_from_parallel, set_seed
 from safetensors import SafetensorError
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
@@ -16,7 +17,7 @@ from . import __version__
 from .config import check_batch_fits, lr_at, optimizer_steps
 from .data import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
 from .errors import UsageError
-from .loop import (LoopSettings, capped_warmup, default_workers, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
+from .loop import (LoopSettings, RunError, capped_warmup, default_workers, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
 from .weights import load_encoder_weights, load_tensors, read_metadata, save_weights
 
@@ -28,20 +29,23 @@ class LabelledData:
     image_column: str
     label_column: str
     class_names: list[str]
+    test: object | None = None  # --test-split, scored once with the best-by-validation weights
 
 
 def open_labelled_data(cfg, dist) -> LabelledData:
     with dist.main_process_first():
         train = load_images(cfg.dataset, cfg.train_split, cfg.dataset_config)
         evaluation = load_images(cfg.dataset, cfg.eval_split, cfg.dataset_config)
+        test = load_images(cfg.dataset, cfg.test_split, cfg.dataset_config) if cfg.test_split else None
     image_column = find_image_column(train, cfg.image_column)
     label_column = find_label_column(train, cfg.label_column)
-    if label_column not in evaluation.features:
-        raise UsageError(f"--eval-split {cfg.eval_split} has no {label_column!r} column")
+    for flag, split, ds in [("--eval-split", cfg.eval_split, evaluation), ("--test-split", cfg.test_split, test)]:
+        if ds is not None and label_column not in ds.features:
+            raise UsageError(f"{flag} {split} has no {label_column!r} column")
     names = class_names_of(train, label_column)
     train = low_label_subset(train, label_column, cfg.train_per_class, cfg.train_fraction, cfg.subset_seed)
     check_batch_fits(cfg.batch_size, dist.num_processes, len(train), f"the training split {cfg.train_split}", cfg.grad_accum)
-    return LabelledData(train, evaluation, image_column, label_column, names)
+    return LabelledData(train, evaluation, image_column, label_column, names, test)
 
 
 def init_weights(init: str) -> tuple[dict | None, dict]:
@@ -94,16 +98,70 @@ def build_classifier(cfg, num_classes: int):
 
 
 @torch.no_grad()
-def top1(accelerator, model, loader, mean: torch.Tensor, std: torch.Tensor) -> float:
+def top1(accelerator, model, loader, mean: torch.Tensor, std: torch.Tensor) -> tuple[float, int]:
+    """(top-1 over the readable images, how many unreadable ones were left out). An unreadable image's
+    slot holds a copy of another image (collate_images) and must not be scored twice."""
     model.eval()
-    correct = total = 0
+    correct = total = left_out = 0
     for batch in loader:
         x = (batch["pixels"].float() / 255 - mean) / std
         pred = model(x).argmax(1)
-        pred, labels = accelerator.gather_for_metrics((pred, batch["labels"]))
-        correct += (pred == labels).sum().item()
-        total += labels.numel()
-    return correct / max(1, total)
+        pred, labels, valid = accelerator.gather_for_metrics((pred, batch["labels"], batch["valid"]))  # (B,) each
+        correct += ((pred == labels) & valid).sum().item()
+        total += valid.sum().item()
+        left_out += (~valid).sum().item()
+    return correct / max(1, total), left_out
+
+
+def plain_model(model) -> torch.nn.Module:
+    """The timm model under accelerate's wrappers and torch.compile's (whose state_dict keys carry `_orig_mod.`)."""
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
+def save_classifier(path: Path, model, metadata: dict) -> None:
+    """The classifier's weights under timm's own keys (a valid --init and load_backbone file), compiled or not."""
+    save_weights(path, plain_model(model).state_dict(), metadata)
+
+
+def eval_history(metrics_files: list[Path], last_step: int) -> list[dict]:
+    """The held-out evaluations logged in metrics.jsonl files up to last_step, one per epoch (the last
+    logged wins: a run resumed at an epoch's end evaluates that epoch again), oldest first. A resumed
+    run starts from these, so results.json covers the evaluations before the resume too."""
+    by_epoch = {}
+    for path in metrics_files:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if "eval_top1" in record and record["step"] <= last_step:
+                by_epoch[record["epoch"]] = {"epoch": record["epoch"], "step": record["step"], "top1": record["eval_top1"]}
+    return sorted(by_epoch.values(), key=lambda h: h["epoch"])
+
+
+def earlier_run_dir(run) -> Path | None:
+    """The run folder of the checkpoint resumed from, when that is another folder than this run's."""
+    if run.resume_from is None:
+        return None
+    source = Path(run.resume_from).resolve().parent.parent  # RUN/checkpoints/step_N
+    return None if source == Path(run.run_dir).resolve() else source
+
+
+def score_best_on_test(acc, model, test_loader, best_file: Path, history: list[dict], final: float, epoch: int, step: int,
+                       keep_if_best, mean, std) -> dict:
+    """Model selection on the validation split, one score on the test split: the final evaluation is the
+    last candidate; the best-by-validation weights (best.safetensors) are loaded and scored once."""
+    keep_if_best(epoch, step, final, history)
+    candidates = history + [{"epoch": epoch, "step": step, "top1": final}]
+    best = max(candidates, key=lambda h: h["top1"])  # the first of equals, as keep_if_best keeps it
+    acc.wait_for_everyone()  # best.safetensors is written by the main process
+    saved = read_metadata(best_file) if best_file.is_file() else {}
+    if saved.get("steps") != best["step"]:
+        raise RunError(f"{best_file} holds step {saved.get('steps')}, but the best validation top-1 was at step {best['step']} "
+                       "(a resume that did not repeat the run exactly?); no test score without the selected weights")
+    plain_model(model).load_state_dict(load_tensors(best_file))
+    test, left_out = top1(acc, model, test_loader, mean, std)
+    return {"best_val_top1": best["top1"], "best_epoch": best["epoch"], "best_step": best["step"], "test_top1": test,
+            "test_unreadable": left_out}
 
 
 def finetune(cfg) -> dict:
@@ -129,12 +187,16 @@ def finetune(cfg) -> dict:
     train_images = AugmentedImages(data.train, data.image_column,
                                    timm_transform(arch["img_size"], True, cfg.crop_scale, cfg.hflip, cfg.resolved("auto_augment")),
                                    cfg.seed, data.label_column)
-    eval_images = AugmentedImages(data.eval, data.image_column, timm_transform(arch["img_size"], False), cfg.seed, data.label_column)
     loader_kwargs = dict(collate_fn=collate_images, num_workers=workers, pin_memory=acc.device.type == "cuda")
+
+    def held_out_loader(ds):
+        images = AugmentedImages(ds, data.image_column, timm_transform(arch["img_size"], False), cfg.seed, data.label_column)
+        return torch.utils.data.DataLoader(images, batch_size=max(cfg.batch_size, 256), **loader_kwargs)
+
     train_loader = torch.utils.data.DataLoader(train_images, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                                generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
-    eval_loader = torch.utils.data.DataLoader(eval_images, batch_size=max(cfg.batch_size, 256), **loader_kwargs)
-    model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader, eval_loader)
+    model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader, held_out_loader(data.eval))
+    test_loader = acc.prepare(held_out_loader(data.test)) if data.test is not None else None
     total_steps = cfg.max_steps or optimizer_steps(cfg.epochs, len(train_loader), cfg.grad_accum)
     warmup = capped_warmup(cfg.resolved("warmup_steps"), total_steps, acc.print)
     if run.resume_from:
@@ -144,6 +206,7 @@ def finetune(cfg) -> dict:
 
     cfg.derived = dict(run_dir=str(run.run_dir), num_processes=acc.num_processes, global_batch=global_batch, total_steps=total_steps,
                        warmup_steps=warmup, train_images=len(data.train), eval_images=len(data.eval),
+                       **({"test_images": len(data.test)} if data.test is not None else {}),
                        num_classes=len(data.class_names), mpp_version=__version__, **arch)
     start_logging(run, cfg.to_dict())
 
@@ -165,13 +228,31 @@ def finetune(cfg) -> dict:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.resolved("label_smoothing"))
         return loss, (logits.argmax(1) == y).float().mean()
 
-    history = []
+    # evaluations before a resume: from this run's metrics.jsonl (trimmed to the resume step) and,
+    # resuming another folder's checkpoint, from that folder's (its best weights come along)
+    earlier = earlier_run_dir(run)
+    if acc.is_main_process and earlier and cfg.test_split and (earlier / "best.safetensors").is_file():
+        if not (run.run_dir / "best.safetensors").exists():
+            shutil.copyfile(earlier / "best.safetensors", run.run_dir / "best.safetensors")
+    metrics_files = ([earlier / "metrics.jsonl"] if earlier else []) + [run.run_dir / "metrics.jsonl"]
+    history = broadcast_object_list([eval_history(metrics_files, run.state["step"]) if acc.is_main_process else None])[0]
+    weights_meta = {**arch, "num_classes": len(data.class_names), "class_names": data.class_names, "init": cfg.init,
+                    "mpp_version": __version__}
+    best_file = run.run_dir / "best.safetensors"
+
+    def keep_if_best(epoch: int, step: int, score: float, others: list[dict]) -> None:
+        """--test-split: the weights of each new best validation top-1 go to best.safetensors."""
+        if cfg.test_split and acc.is_main_process and score > max((h["top1"] for h in others), default=-1.0):
+            save_classifier(best_file, model, {**weights_meta, "steps": step, "epoch": epoch, "val_top1": score})
 
     def evaluate(epoch: int, step: int) -> dict | None:
         if (epoch + 1) % cfg.eval_every:
             return None
-        history.append({"epoch": epoch, "step": step, "top1": top1(acc, model, eval_loader, mean, std)})
-        return {"eval_top1": history[-1]["top1"]}
+        score, _ = top1(acc, model, eval_loader, mean, std)
+        history[:] = [h for h in history if h["epoch"] != epoch]  # evaluated again after a resume at its end
+        keep_if_best(epoch, step, score, history)
+        history.append({"epoch": epoch, "step": step, "top1": score})
+        return {"eval_top1": score}
 
     settings = LoopSettings(
         total_steps=total_steps, lr_at=lambda step: lr_at(step, peak_lr, warmup, total_steps, cfg.min_lr),
@@ -184,17 +265,25 @@ def finetune(cfg) -> dict:
         write_summary(run, result)
         finish(run)
         return {"stopped_by": result.stopped_by, "steps": result.step}
-    final = top1(acc, model, eval_loader, mean, std)
+    final, left_out = top1(acc, model, eval_loader, mean, std)
     results = {
         "final_top1": final, "best_top1": max([final] + [h["top1"] for h in history]), "init": cfg.init, "steps": result.step,
-        "train_images": len(data.train), "eval_images": len(data.eval), "history": history, "config": cfg.to_dict(),
+        "train_images": len(data.train), "eval_images": len(data.eval), "eval_unreadable": left_out, "history": history,
+        "config": cfg.to_dict(),
     }
     if acc.is_main_process:
-        meta = {**arch, "num_classes": len(data.class_names), "class_names": data.class_names, "steps": result.step,
-                "init": cfg.init, "mpp_version": __version__}
-        save_weights(run.run_dir / "model.safetensors", acc.unwrap_model(model).state_dict(), meta)
+        save_classifier(run.run_dir / "model.safetensors", model, {**weights_meta, "steps": result.step})
+    if cfg.test_split:
+        last_epoch = train_images.epoch if result.step > run.state["step"] else run.state["epoch"]  # no step: a finished run
+        results.update(score_best_on_test(acc, model, test_loader, best_file, history, final, last_epoch, result.step,
+                                          keep_if_best, mean, std))
+        results["test_images"] = len(data.test)
+    if acc.is_main_process:
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        acc.print(f"top-1 on {cfg.eval_split}: final {final:.4f}, best {results['best_top1']:.4f}")
+        acc.print(f"top-1 on {cfg.eval_split}: final {final:.4f}, best {results['best_top1']:.4f}"
+                  + (f" ({left_out} unreadable images left out)" if left_out else "")
+                  + (f"; on {cfg.test_split} with the best epoch's weights ({results['best_epoch']}): {results['test_top1']:.4f}"
+                     if cfg.test_split else ""))
     write_summary(run, result, {"final_top1": final})
     finish(run)
     return results

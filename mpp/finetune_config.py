@@ -25,6 +25,7 @@ class FinetuneConfig:
     dataset_config: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
+    test_split: str | None = None  # given: --eval-split selects the epoch, this split is scored once
     image_column: str | None = None
     label_column: str | None = None
     train_per_class: int | None = None
@@ -87,6 +88,9 @@ class FinetuneConfig:
 def validate_finetune(cfg: FinetuneConfig) -> None:
     if cfg.preset not in PRESETS:
         raise UsageError(f"--preset {cfg.preset!r} is not one of: {', '.join(PRESETS)}")
+    if cfg.test_split is not None and cfg.test_split in (cfg.eval_split, cfg.train_split):
+        which = "--eval-split" if cfg.test_split == cfg.eval_split else "--train-split"
+        raise UsageError(f"--test-split {cfg.test_split} is also the {which}: the test split must be held out from training and model selection")
     if cfg.train_per_class is not None and cfg.train_fraction is not None:
         raise UsageError("give --train-per-class or --train-fraction, not both")
     if cfg.train_per_class is not None and cfg.train_per_class < 1:

@@ -129,6 +129,7 @@ BAD = [
     (["--img-size", "30", "--patch-size", "7"], "--img-size 30 is not divisible by --patch-size 7"),
     (["--dataset", "./no/such/place"], "no such file or folder"),
     (["--opt", "rmsprop_tf_fancy"], "--opt 'rmsprop_tf_fancy'"),
+    (["--test-split", "train"], "--test-split train is also the --eval-split"),
 ]
 
 
