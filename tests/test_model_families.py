@@ -66,8 +66,9 @@ def test_no_graph_breaks_from_the_objective(kind):
     torch._dynamo.reset()
     ours = torch._dynamo.explain(lambda x: model(x).loss)(images)
     torch._dynamo.reset()
-    assert ours.graph_break_count <= bare.graph_break_count, ours.break_reasons
-    assert ours.graph_break_count == 0, ours.break_reasons  # timm's own forward breaks none of these either
+    # break_reasons, not graph_break_count: torch 2.14 counts 0 for a break with nothing traced after it
+    assert len(bare.break_reasons) == 0, bare.break_reasons  # timm's own forward breaks none of these
+    assert len(ours.break_reasons) == 0, ours.break_reasons
 
 
 def test_corrupt_at_auto_is_embedding_for_patches_and_pixels_for_hybrids():
