@@ -230,20 +230,45 @@ def test_streaming_local_parquet(tmp_path):
     assert sum(1 for _ in stream) == 6
 
 
+def noise_images(seed: int = 3) -> AugmentedImages:
+    """32 images of random noise (any two different crops differ), augmented with this run seed."""
+    rng = np.random.default_rng(0)
+    ds = Dataset.from_dict({"image": list(rng.integers(0, 256, (32, 28, 28, 3), dtype=np.uint8))},
+                           features=Features({"image": Array3D((28, 28, 3), "uint8")}))
+    return AugmentedImages(ds, "image", train_transform(28), seed=seed)
+
+
 def test_augmentation_depends_only_on_seed_epoch_and_batch():
-    ds = mnist5k().select(range(32))
-    a = AugmentedImages(ds, "image", train_transform(28), seed=3)
-    b = AugmentedImages(ds, "image", train_transform(28), seed=3)
+    """A batch's augmentation is seeded by (seed, epoch, its first index): image 4 first in two
+    different batches gets the same crop, a second copy of it in the same batch another one, and
+    another epoch or seed another one; the global RNGs neither matter nor change."""
+    a, b = noise_images(), noise_images()
     torch.manual_seed(123)  # the global RNG plays no part
     first = a.__getitems__([4, 5, 9])
     torch.manual_seed(456)
-    assert all(torch.equal(x, y) for x, y in zip(first, b.__getitems__([4, 5, 9])))
-    assert not torch.equal(first[0], first[1][:, :, :])  # images of a batch get different crops
+    assert torch.equal(b.__getitems__([4, 7, 8])[0], first[0])
+    twice = a.__getitems__([4, 4])
+    assert torch.equal(twice[0], first[0]) and not torch.equal(twice[1], twice[0])
+    assert not torch.equal(noise_images(seed=4).__getitems__([4, 5, 9])[0], first[0])
     a.set_epoch(1)
-    assert not all(torch.equal(x, y) for x, y in zip(a.__getitems__([4, 5, 9]), first))
+    assert not torch.equal(a.__getitems__([4, 5, 9])[0], first[0])
     rng_before, py_before = torch.get_rng_state(), random.getstate()
     b.__getitems__([7, 8])
     assert torch.equal(torch.get_rng_state(), rng_before) and random.getstate() == py_before  # nor is it disturbed
+
+
+def test_augmentation_does_not_depend_on_the_number_of_workers():
+    """The same batches through a DataLoader with 0 and with 2 worker processes: identical pixels."""
+    batches = [[4, 5, 9], [0, 1], [30, 2, 17, 8], [11, 12]]  # a fixed batch sampler
+
+    def load(workers):
+        images = noise_images()
+        images.set_epoch(2)
+        loader = torch.utils.data.DataLoader(images, batch_sampler=batches, collate_fn=collate_images, num_workers=workers)
+        return [batch["pixels"] for batch in loader]
+
+    in_process, two_workers = load(0), load(2)
+    assert len(two_workers) == 4 and all(torch.equal(x, y) for x, y in zip(in_process, two_workers))
 
 
 def test_collate_keeps_the_batch_shape_and_names_bad_items():
