@@ -388,7 +388,8 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 if guard:  # never checkpoint a run that is about to stop for non-finite gradients
                     guard.check(step, run.run_dir, acc.print)
                 trainer_state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total,
-                                 "skipped_steps": skipped_steps()}
+                                 "skipped_steps": skipped_steps(),
+                                 **(loader.position() if hasattr(loader, "position") else {})}  # a stream's per-worker place
                 saved = save_checkpoint(acc, run.run_dir, trainer_state, s.keep_checkpoints)
             if stop_now:
                 stopped_by = signals.received or "a signal to another process"

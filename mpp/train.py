@@ -9,7 +9,7 @@ from timm.optim import create_optimizer_v2
 
 from . import __version__
 from .config import PretrainConfig, check_batch_fits, lr_at, optimizer_steps, resolve_lr, validate
-from .data import AugmentedImages, AugmentedStream, collate_images, find_image_column, load_images, train_transform
+from .data import AugmentedImages, AugmentedStream, StreamLoader, StreamPosition, collate_images, find_image_column, load_images, train_transform
 from .errors import UsageError
 from .loop import (LoopSettings, capped_warmup, default_workers, fit, finish, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
@@ -35,8 +35,9 @@ def open_dataset(cfg: PretrainConfig, state: PartialState):
     return ds, column
 
 
-def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator, skip: tuple[int, int] = (0, 0)):
-    """(dataset wrapper, DataLoader). Only the map-style loader goes through accelerator.prepare."""
+def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator, run_state: dict | None = None):
+    """(dataset wrapper, DataLoader). Only the map-style loader goes through accelerator.prepare.
+    run_state: the checkpoint's trainer state, where a resumed stream starts."""
     transform = train_transform(cfg.img_size, cfg.crop_scale, cfg.hflip)
     workers = default_workers(accelerator.device) if cfg.workers is None else cfg.workers
     pin = accelerator.device.type == "cuda"
@@ -45,11 +46,13 @@ def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator,
 
         ds = ds.shuffle(seed=cfg.seed, buffer_size=10_000)
         ds = split_dataset_by_node(ds, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        images = AugmentedStream(ds, column, transform, cfg.seed, accelerator.process_index, skip)
+        position = StreamPosition.of_run(run_state, workers) if run_state else None
+        images = AugmentedStream(ds, column, transform, cfg.seed, accelerator.process_index, cfg.batch_size, position)
         loader = torch.utils.data.DataLoader(
-            images, batch_size=cfg.batch_size, collate_fn=collate_images, num_workers=workers, pin_memory=pin, drop_last=True
+            images, batch_size=cfg.batch_size, collate_fn=AugmentedStream.collate, num_workers=workers, pin_memory=pin, drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed),  # as below: a resume's new iterator leaves the global RNG alone
         )
-        return images, loader
+        return images, StreamLoader(loader, images.resume)
     images = AugmentedImages(ds, column, transform, cfg.seed)
     loader = torch.utils.data.DataLoader(
         images,
@@ -166,8 +169,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     peak_lr = resolve_lr(cfg, global_batch)
     optimizer = build_optimizer(model, cfg, peak_lr, accelerator.device)
-    skip = (run.state["epoch"], run.state["batches_in_epoch"] * cfg.batch_size)  # streaming resume
-    images, loader = build_loader(cfg, ds, column, accelerator, skip)
+    images, loader = build_loader(cfg, ds, column, accelerator, run.state)
     if cfg.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
         total_steps = cfg.max_steps

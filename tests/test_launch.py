@@ -184,7 +184,9 @@ def test_frozen_feature_monitor_during_pretraining(tmp_path):
 
 
 def test_streaming_parquet_pretraining_and_resume(tmp_path, small_dataset):
-    """--streaming over local parquet (iterable, split by node): runs across an epoch end and resumes."""
+    """--streaming over local parquet (iterable, split by node): runs across an epoch end and resumes
+    in epoch 1 to weights bit-identical to the uninterrupted run's (which examples a resumed stream
+    reads, with and without workers: test_loop_correctness.py)."""
     from datasets import load_from_disk
 
     data = tmp_path / "digits.parquet"
@@ -196,10 +198,14 @@ def test_streaming_parquet_pretraining_and_resume(tmp_path, small_dataset):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["epoch"] == 1
     shutil.rmtree(out / "checkpoints" / "step_000005")
+    uninterrupted = load_file(out / "model.safetensors")
     (out / "model.safetensors").unlink()
-    run(args + ["--resume", "auto"])  # from step 4
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
-    assert (out / "model.safetensors").is_file()
+    run(args + ["--resume", "auto"])  # from step 4, the 2nd batch of epoch 1
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    assert resumed[-1]["loss"] == records[-1]["loss"]
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.equal(uninterrupted[k], weights[k]) for k in uninterrupted)
 
 
 def test_a_failing_rank_fails_the_whole_launch_fast(tmp_path):

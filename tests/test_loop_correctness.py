@@ -198,3 +198,69 @@ def test_randaugment_depends_only_on_the_batch_seed():
     after = random.getstate(), np.random.get_state(), torch.get_rng_state()
     assert before[0] == after[0] and torch.equal(before[2], after[2])
     assert all(np.array_equal(a, b) for a, b in zip(before[1], after[1]))
+
+
+# --- which examples a resumed streaming run reads (#3) ---
+
+
+@pytest.fixture(scope="module")
+def parquet_stream(tmp_path_factory):
+    """150 images in 4 parquet files of unequal size (4 shards: workers get unequal shares and run
+    out at different times); image i is filled with colour (i, i // 256, 7)."""
+    from datasets import load_from_disk
+
+    root = tmp_path_factory.mktemp("stream")
+    ds = load_from_disk(str(tiny_images(root / "all", 150)))
+    for k, (lo, hi) in enumerate([(0, 44), (44, 80), (80, 124), (124, 150)]):
+        ds.select(range(lo, hi)).to_parquet(str(root / f"part{k}.parquet"))
+    return str(root / "part*.parquet")
+
+
+def stream_loader(data: str, workers: int, run_state: dict | None = None):
+    """The streaming (images, loader) pair exactly as pretrain() builds it, on one process."""
+    from types import SimpleNamespace
+
+    from mpp.data import find_image_column, load_images
+
+    cfg = PretrainConfig(dataset=data, streaming=True, max_steps=100, batch_size=8, workers=workers, img_size=28, seed=3)
+    ds = load_images(cfg.dataset, cfg.split, streaming=True)
+    fake = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
+    return train.build_loader(cfg, ds, find_image_column(ds), fake, run_state)
+
+
+def read_epoch(images, loader, epoch: int, batches: int | None = None) -> list[tuple[int, ...]]:
+    """The image indices of each batch the loop would get in `epoch` (the first `batches` of them)."""
+    images.set_epoch(epoch)
+    loader.set_epoch(epoch)
+    out = []
+    for batch in loader:
+        pixels = batch["pixels"]  # (B, 3, H, W): each image is one colour, cropping and flipping keep it
+        out.append(tuple((pixels[:, 0, 0, 0].long() + 256 * pixels[:, 1, 0, 0].long()).tolist()))
+        if len(out) == batches:
+            break
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_reads_what_the_uninterrupted_run_reads(parquet_stream, workers, monkeypatch):
+    """Interrupted in epoch 0, in epoch 1, and after a worker ran out of shards: the resumed loader
+    yields the uninterrupted run's remaining batches, in order, and then the next epoch's."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # 5 s at every parquet stream's end
+    full = [read_epoch(*stream_loader(parquet_stream, workers), epoch) for epoch in (0, 1, 2)]  # a fresh loader each
+    for epoch in (0, 1, 2):
+        indices = [i for batch in full[epoch] for i in batch]
+        assert len(indices) == len(set(indices)) > 150 - 8 * max(1, workers)  # each image once, but drop_last's rest
+    assert full[0] != full[1]  # each epoch is shuffled anew
+    for epoch, stop in [(0, 4), (1, 5), (1, len(full[1]) - 1)]:  # the last: one worker has run out of shards
+        images, loader = stream_loader(parquet_stream, workers)
+        read = read_epoch(images, loader, epoch, stop) if epoch == 0 else (read_epoch(images, loader, 0), read_epoch(images, loader, 1, stop))[1]
+        assert read == full[epoch][:stop]
+        state = {"step": 99, "epoch": epoch, "batches_in_epoch": stop, "bad_images": 0, **loader.position()}
+        if workers and stop == len(full[1]) - 1:
+            first, second = state["stream_worker_batches"]
+            assert abs(first - second) > 1  # the turn order has skipped a worker that ran out
+        images, loader = stream_loader(parquet_stream, workers, state)
+        assert read_epoch(images, loader, epoch) == full[epoch][stop:], (epoch, stop)
+        assert read_epoch(images, loader, epoch + 1) == full[epoch + 1]
