@@ -176,7 +176,9 @@ def colour_mix(split: str = "train", root: Path = OPENCLIPART_DIR, photo_crops: 
     data = load_clipart(root)
     keep = np.array([path_split(p) == split for p in data["paths"]], dtype=bool)
     crops_seed = {"train": 0, "test": 0, "validation": 1}[split]  # photos offsets non-train seeds by 1
-    crops = photos("train" if split == "train" else "test", photo_crops or (4000 if split == "train" else 800), seed=crops_seed)
+    if photo_crops is None:
+        photo_crops = 4000 if split == "train" else 800
+    crops = photos("train" if split == "train" else "test", photo_crops, seed=crops_seed)
     return _array_dataset(np.concatenate([data["images"][keep], np.asarray(crops.with_format("numpy")["image"])]), None, None)
 
 

@@ -144,6 +144,9 @@ def _cache_file(root: Path, files: list[Path]) -> Path:
     return cache / f"{CACHE_VERSION}-{key.hexdigest()[:16]}.npz"
 
 
+_decoded: dict[Path, list[Decoded]] = {}  # per process, by cache file: splits share one read
+
+
 def decode_all(root: Path) -> list[Decoded]:
     """Every PNG under root, decoded (the slow part: minutes on 2 cores), cached under $MPP_CACHE
     (default ~/.cache/mpp) keyed by the file list, sizes and mtimes."""
@@ -151,10 +154,14 @@ def decode_all(root: Path) -> list[Decoded]:
     if not files:
         raise missing_package_error(root)
     cache = _cache_file(root, files)
+    if cache in _decoded:
+        return _decoded[cache]
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             images = iter(z["images"])
-            return [Decoded(p, None if r else next(images), h, r) for p, h, r in zip(z["paths"].tolist(), z["sha1"].tolist(), z["dropped"].tolist())]
+            decoded = [Decoded(p, None if r else next(images), h, r) for p, h, r in zip(z["paths"].tolist(), z["sha1"].tolist(), z["dropped"].tolist())]
+        _decoded[cache] = decoded
+        return decoded
     decoded = [decode(f, root) for f in files]
     kept = [d.image for d in decoded if not d.dropped]
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +170,7 @@ def decode_all(root: Path) -> list[Decoded]:
              paths=np.array([d.path for d in decoded]), sha1=np.array([d.pixels_sha1 for d in decoded]),
              dropped=np.array([d.dropped for d in decoded]))
     os.replace(tmp, cache)  # atomic: concurrent builders write the same content
+    _decoded[cache] = decoded
     return decoded
 
 

@@ -1,0 +1,205 @@
+"""The colour built-ins (clipart, its transfer halves, colour-mix) and the Fashion-MNIST transfer halves.
+
+Most tests build on a small fake openclipart tree in tmp_path; one reads the real Debian package.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from mpp import builtin_data
+from mpp import clipart as clipart_module
+from mpp.builtin_data import (CLIPART_DOWNSTREAM, CLIPART_UPSTREAM, FASHION_MNIST_DIR, clipart, colour_mix,
+                              fashion_mnist_downstream, fashion_mnist_upstream)
+from mpp.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, is_placeholder, load_clipart, path_split, to_square
+from mpp.data import load_images
+from mpp.errors import UsageError
+
+FAKE_CLASSES = ["animals/birds", "food/fruit"]
+REAL_CACHE = os.environ.get("MPP_CACHE")
+# per class of CLIPART_CLASSES, from Debian openclipart-png 1:0.18+dfsg-19: a change here means the
+# decoding, the cleaning or the split changed
+REAL_SPLIT_SIZES = {
+    "train": [31, 38, 81, 27, 37, 38, 48, 61, 40, 29, 49, 37, 49, 41],
+    "validation": [7, 7, 17, 5, 9, 8, 11, 8, 9, 8, 9, 11, 6, 8],
+    "test": [9, 4, 17, 6, 8, 7, 8, 15, 11, 9, 14, 8, 15, 4],
+}
+REAL_DROPPED = {"placeholder": 17, "blank": 125, "too large": 3, "unreadable": 0,
+                "duplicate (full_resolution)": 1171, "duplicate (resized)": 1}
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(clipart_module, "_decoded", {})
+
+
+def placeholder(w: int, h: int) -> Image.Image:
+    """Inkscape's "Linked Image Not Found" drawing, stretched to w x h: red frame, red square with a
+    white X in the upper middle, black text (here bars) in the lower half, on transparency."""
+    im = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, 0, w - 1, h - 1], fill=(255, 255, 255, 255), outline=(255, 0, 0, 255), width=max(2, w // 50))
+    d.rectangle([0.35 * w, 0.1 * h, 0.65 * w, 0.4 * h], fill=(255, 0, 0, 255))
+    d.line([0.42 * w, 0.17 * h, 0.58 * w, 0.33 * h], fill=(255, 255, 255, 255), width=max(2, w // 30))
+    d.line([0.42 * w, 0.33 * h, 0.58 * w, 0.17 * h], fill=(255, 255, 255, 255), width=max(2, w // 30))
+    for top in (0.5, 0.65, 0.8):
+        d.rectangle([0.12 * w, top * h, 0.88 * w, (top + 0.1) * h], fill=(0, 0, 0, 255))
+    return im
+
+
+def drawing(seed: int) -> Image.Image:
+    """A distinct clip-art-like RGBA image: coloured shapes on transparency, some half transparent."""
+    rng = np.random.default_rng(seed)
+    w, h = (int(v) for v in rng.integers(40, 120, 2))
+    im = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    d = ImageDraw.Draw(im)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3)) + (int(rng.choice([128, 255])),)
+        d.ellipse([x0, y0, x0 + w // 3, y0 + h // 3], fill=colour)
+    return im
+
+
+def fake_openclipart(root: Path, per_class: int = 30) -> dict:
+    """A tree shaped like /usr/share/openclipart/png: two class folders (one with a sub-folder), a
+    folder outside the classes, plus one placeholder, one blank image and duplicates. Returns what it planted."""
+    seed = 0
+    for folder in [*FAKE_CLASSES, "shapes/stars"]:
+        for i in range(per_class if folder in FAKE_CLASSES else 10):
+            sub = "sub/" if folder == "animals/birds" and i % 3 == 0 else ""
+            (root / folder / sub).mkdir(parents=True, exist_ok=True)
+            drawing(seed).save(root / folder / f"{sub}img_{i:02d}.png")
+            seed += 1
+    placeholder(120, 90).save(root / "food/fruit/missing_link.png")
+    Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(root / "food/fruit/blank.png")
+    # same pixels as a class image, different file bytes, outside the classes: the class copy stays
+    (root / "abstract").mkdir()  # sorts before animals/: the kept copy must still be the class's
+    drawing(0).save(root / "abstract/copy_of_bird.png", compress_level=0)
+    drawing(30).convert("RGBA").save(root / "food/fruit/twin.png", compress_level=1)  # same pixels as food/fruit/img_00
+    return {"placeholders": 1, "blank": 1, "duplicates": 2}
+
+
+def test_transparency_is_composited_onto_white_by_value():
+    half_red = Image.new("RGBA", (1, 1), (255, 0, 0, 128))
+    # by hand: a*255 + (1-a)*255 = 255 for red, (1 - 128/255) * 255 = 127 for green and blue
+    assert (to_square(half_red) == [255, 127, 127]).all()
+    blue_and_clear = Image.new("RGBA", (2, 2), (0, 255, 0, 0))  # hidden green must not show
+    blue_and_clear.paste((0, 0, 255, 255), (0, 0, 1, 2))
+    out = to_square(blue_and_clear)  # (64, 64, 3)
+    assert (out[:, :32] == [0, 0, 255]).all() and (out[:, 32:] == [255, 255, 255]).all()
+
+
+def test_wide_image_is_padded_to_a_square_with_the_background():
+    out = to_square(Image.new("RGBA", (40, 20), (0, 0, 0, 255)))  # 2:1, opaque black
+    assert out.shape == (64, 64, 3)
+    assert (out[16:48] == 0).all() and (out[:16] == 255).all() and (out[48:] == 255).all()
+
+
+def test_placeholder_detected_at_any_stretch_and_red_artwork_kept():
+    for w, h in [(120, 90), (300, 400), (480, 480)]:
+        assert is_placeholder(np.asarray(placeholder(w, h)))
+    swiss = Image.new("RGBA", (200, 200), (255, 0, 0, 255))
+    ImageDraw.Draw(swiss).rectangle([85, 40, 115, 160], fill=(255, 255, 255, 255))
+    japan = Image.new("RGBA", (300, 200), (255, 255, 255, 255))
+    ImageDraw.Draw(japan).ellipse([90, 40, 210, 160], fill=(255, 0, 0, 255))
+    assert not is_placeholder(np.asarray(swiss)) and not is_placeholder(np.asarray(japan))
+    assert not is_placeholder(np.asarray(drawing(3)))
+
+
+def test_clipart_drops_placeholders_blanks_and_duplicates(tmp_path):
+    planted = fake_openclipart(tmp_path / "png")
+    data = load_clipart(tmp_path / "png", FAKE_CLASSES)
+    paths = set(data["paths"].tolist())
+    assert "food/fruit/missing_link.png" not in paths and "food/fruit/blank.png" not in paths
+    assert "animals/birds/sub/img_00.png" in paths and "abstract/copy_of_bird.png" not in paths  # class copy kept
+    assert "food/fruit/img_00.png" in paths and "food/fruit/twin.png" not in paths
+    assert data["dropped"]["placeholder"] == planted["placeholders"] and data["dropped"]["blank"] == planted["blank"]
+    assert data["dropped"]["duplicate (full_resolution)"] + data["dropped"]["duplicate (resized)"] == planted["duplicates"]
+    assert len(paths) == 2 * 30 + 10  # every planted drawing, the non-class folder included
+    flat = data["images"].reshape(len(paths), -1)
+    assert len(np.unique(flat, axis=0)) == len(paths)
+
+
+def test_clipart_splits_are_disjoint_deterministic_and_stable_when_files_are_added(tmp_path):
+    root = tmp_path / "png"
+    fake_openclipart(root)
+    splits = {s: clipart(s, root, FAKE_CLASSES) for s in ("train", "validation", "test")}
+    assert splits["train"].features["label"].names == FAKE_CLASSES
+    assert sum(len(d) for d in splits.values()) == 2 * 30  # not the twin, placeholder or blank
+    images = {s: {d["image"].tobytes() for d in ds.with_format("numpy")} for s, ds in splits.items()}
+    assert not (images["train"] & images["validation"]) and not (images["train"] & images["test"])
+    assert not (images["validation"] & images["test"])
+    labels = np.asarray(splits["train"]["label"])
+    assert set(labels) == {0, 1} and len(splits["train"]) > len(splits["test"])
+    clipart_module._decoded.clear()
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    again = clipart("train", root, FAKE_CLASSES)  # from the cache file this time
+    assert list(map(bytes, again.with_format("numpy")["image"])) == list(map(bytes, splits["train"].with_format("numpy")["image"]))
+    drawing(999).save(root / "food/fruit/new.png")  # a new file must not move anyone else
+    grown = {d["image"].tobytes() for d in clipart("train", root, FAKE_CLASSES).with_format("numpy")}
+    assert images["train"] <= grown and len(grown) - len(images["train"]) == (path_split("food/fruit/new.png") == "train")
+
+
+def test_path_split_fractions():
+    counts = {s: 0 for s in ("train", "validation", "test")}
+    for i in range(6000):
+        counts[path_split(f"x/y/{i}.png")] += 1
+    assert abs(counts["train"] / 6000 - 0.70) < 0.02 and abs(counts["validation"] / 6000 - 0.15) < 0.02
+
+
+def test_missing_package_is_a_one_line_usage_error(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="apt-get install openclipart-png"):
+        clipart("train", tmp_path / "nothing")
+    monkeypatch.setattr(builtin_data, "OPENCLIPART_DIR", tmp_path / "nothing")
+    monkeypatch.setitem(builtin_data.BUILTIN_DATASETS, "clipart", lambda split: clipart(split, tmp_path / "nothing"))
+    with pytest.raises(UsageError) as e:
+        load_images("clipart", "train")
+    assert "apt-get install openclipart-png" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="'train', 'validation' and 'test'"):
+        load_images("clipart", "val")
+
+
+def test_colour_mix_is_unlabelled_and_keeps_held_out_clipart_out_of_train(tmp_path):
+    root = tmp_path / "png"
+    fake_openclipart(root)
+    mix = colour_mix("train", root, photo_crops=5)
+    assert list(mix.features) == ["image"] and mix.features["image"].shape == (64, 64, 3)
+    held = {d["image"].tobytes() for s in ("validation", "test") for d in clipart(s, root, FAKE_CLASSES).with_format("numpy")}
+    train = {bytes(a) for a in mix.with_format("numpy")["image"]}
+    assert held and not (held & train)
+    n_train_art = sum(path_split(p) == "train" for p in load_clipart(root, FAKE_CLASSES)["paths"])
+    assert len(mix) == n_train_art + 5
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_transfer_halves():
+    up_train, up_val, down_test = fashion_mnist_upstream("train"), fashion_mnist_upstream("validation"), fashion_mnist_downstream("test")
+    assert (len(up_train), len(up_val), len(down_test)) == (27000, 3000, 5000)  # 10% per class held out of train
+    assert up_train.features["label"].names == ["t-shirt/top", "trouser", "pullover", "dress", "coat"]
+    assert down_test.features["label"].names == ["sandal", "shirt", "sneaker", "bag", "ankle boot"]
+    assert np.bincount(up_val["label"]).tolist() == [600] * 5 and np.bincount(down_test["label"]).tolist() == [1000] * 5
+    val = np.asarray(up_val.with_format("numpy")["image"])
+    assert (np.asarray(fashion_mnist_upstream("validation").with_format("numpy")["image"]) == val).all()  # fixed
+    train = {a.tobytes() for a in np.asarray(up_train.with_format("numpy")["image"])}
+    assert sum(a.tobytes() in train for a in val) < 30  # held out (Fashion-MNIST has a few exact duplicates)
+
+
+@pytest.mark.skipif(not OPENCLIPART_DIR.exists(), reason="the real clip art needs 'apt-get install openclipart-png'")
+def test_real_clipart_classes_split_sizes_and_drops(monkeypatch):
+    """The real package: the decoded cache is shared with every other user (first build: minutes)."""
+    if REAL_CACHE:
+        monkeypatch.setenv("MPP_CACHE", REAL_CACHE)
+    else:
+        monkeypatch.delenv("MPP_CACHE")
+    splits = {s: clipart(s) for s in ("train", "validation", "test")}
+    assert splits["test"].features["label"].names == CLIPART_CLASSES
+    sizes = {s: np.bincount(ds["label"], minlength=len(CLIPART_CLASSES)).tolist() for s, ds in splits.items()}
+    assert sizes == REAL_SPLIT_SIZES
+    assert not set(CLIPART_UPSTREAM) & set(CLIPART_DOWNSTREAM) and sorted(CLIPART_UPSTREAM + CLIPART_DOWNSTREAM) == sorted(CLIPART_CLASSES)
+    down = load_images("clipart-downstream", "train")
+    assert down.features["label"].names == CLIPART_DOWNSTREAM and min(np.bincount(down["label"])) >= 10  # 10-shot draws
+    assert len(load_images("clipart-upstream", "train")) + len(down) == len(splits["train"])
+    assert load_clipart()["dropped"] == REAL_DROPPED
