@@ -231,3 +231,30 @@ def test_load_backbone_with_classes_is_strict(exported, tmp_path):
     for classes in (0, 10):
         with pytest.raises(RuntimeError, match="blocks.0.attn.qkv.weight"):
             load_backbone(tmp_path / "model.safetensors", num_classes=classes)
+
+
+@pytest.mark.slow
+def test_eva_recipe_through_accelerate_loads_in_plain_timm(tmp_path):
+    """The issue's command: accelerate launch recipes/pretrain_mpp.py --model eva02_tiny_patch14_224
+    --img-size 28 --patch-size 7 --max-steps 20; its model.safetensors loads strictly in plain timm."""
+    import json
+    from pathlib import Path
+
+    from mpp.builtin_data import mnist5k
+
+    root = Path(__file__).parents[1]
+    data = tmp_path / "digits"
+    mnist5k().select(range(64)).save_to_disk(str(data))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "2"]
+    out = tmp_path / "run"
+    proc = subprocess.run(launch + ["recipes/pretrain_mpp.py", "--model", "eva02_tiny_patch14_224", "--img-size", "28", "--patch-size", "7",
+                                    "--max-steps", "20", "--batch-size", "16", "--dataset", str(data), "--output-dir", str(out), "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses and all(map(lambda v: v == v, losses))  # finite records were written
+    check = subprocess.run([sys.executable, "-c", PLAIN_TIMM, json.dumps([[str(out / "model.safetensors"), str(tmp_path / "f.pt"), {}]])],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert check.returncode == 0 and "OK" in check.stdout, check.stderr[-2000:]
