@@ -20,7 +20,7 @@ TINY = ["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch
 
 
 def save_images(path: Path, splits: dict[str, int]) -> Path:
-    """A save_to_disk DatasetDict of small RGB images, `index` and a two-class `label` per image."""
+    """A save_to_disk DatasetDict of small RGB noise images, `index` and a two-class `label` per image."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
     from PIL import Image as PILImage
 
@@ -28,7 +28,8 @@ def save_images(path: Path, splits: dict[str, int]) -> Path:
     features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"]), "index": Value("int64")})
     parts = {}
     for split, n in splits.items():
-        images = [PILImage.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)) for _ in range(n)]
+        # class b is brighter than class a: different enough that the classifier's predictions differ
+        images = [PILImage.fromarray(rng.integers(0, 128, (28, 28, 3), dtype=np.uint8) + np.uint8(128 * (i % 2))) for i in range(n)]
         parts[split] = Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)], "index": list(range(n))}, features=features)
     DatasetDict(parts).save_to_disk(str(path))
     return path
@@ -36,7 +37,7 @@ def save_images(path: Path, splits: dict[str, int]) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    return save_images(tmp_path_factory.mktemp("data") / "images", {"train": 24, "test": 8})
+    return save_images(tmp_path_factory.mktemp("data") / "images", {"train": 24, "test": 32})
 
 
 class StepSpy:
@@ -208,10 +209,28 @@ def test_paper_preset_reaches_the_optimiser(images, tmp_path):
     assert results["train_images"] == 12
 
 
+def top1_of_saved_weights(weights: Path, images: Path) -> tuple[torch.Tensor, float]:
+    """(predictions, top-1) on the test split, from the weight file and the stored images alone."""
+    from datasets import load_from_disk
+
+    from mpp import load_backbone, read_metadata
+
+    meta, test = read_metadata(weights), load_from_disk(str(images))["test"]
+    x = torch.stack([torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1) for image in test["image"]]) / 255  # (M, 3, 28, 28)
+    x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        predicted = load_backbone(weights, num_classes=2).eval()(x).argmax(1)
+    return predicted, (predicted == torch.tensor(test["label"])).double().mean().item()
+
+
 def test_modern_preset_reaches_the_optimiser(images, tmp_path):
     """modern: AdamW, weight decay 0.05 on matrices only, timm's layer-wise decay 0.75: lr scales
-    0.75^k for the 6 blocks, the embeddings and the head (k = 0..7), applied to the scheduled lr."""
-    _, spy, optimizer, _ = run_finetune(images, tmp_path, ["--preset", "modern"])
+    0.75^k for the 6 blocks, the embeddings and the head (k = 0..7), applied to the scheduled lr.
+    The top-1 it reports is the top-1 of the weights it saved, recomputed here."""
+    results, spy, optimizer, _ = run_finetune(images, tmp_path, ["--preset", "modern"])
+    predicted, top1 = top1_of_saved_weights(tmp_path / "run" / "model.safetensors", images)
+    assert len(predicted.unique()) == 2 and top1 > 0.5  # not one class for every image; above chance on an easy task
+    assert results["final_top1"] == pytest.approx(top1, abs=0.5 / 32)
     assert isinstance(optimizer, torch.optim.AdamW)
     scales = [g["lr_scale"] for g in optimizer.param_groups]
     assert sorted(set(np.round(scales, 12))) == sorted(set(np.round([0.75**k for k in range(8)], 12)))
