@@ -89,7 +89,7 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, batch_size: int 
     """k-nearest-neighbour accuracy with cosine similarity; majority vote, ties to the closer class."""
     train_n = F.normalize(train_x.float(), dim=1)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    k = 1  # PLANT
+    k = min(k, len(train_x))
     correct = 0
     for i in range(0, len(test_x), batch_size):
         sims = F.normalize(test_x[i : i + batch_size].float(), dim=1) @ train_n.T  # (b, M)
