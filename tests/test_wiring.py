@@ -255,3 +255,23 @@ def test_train_fraction_draws_a_seeded_subset(images):
     assert len(a) == 6 and len(set(a)) == 6 and set(a) <= set(range(24))
     assert rows(0.25, 1) == a and rows(0.25, 2) != a
     assert len(rows(0.5, 1)) == 12
+
+
+def test_ci_fails_a_test_skipped_for_a_missing_data_package(tmp_path):
+    """tests/conftest.py: with CI set, a skip whose reason says "apt-get install PACKAGE" fails (naming
+    the package); other skips stay skips (and outside CI every skip does: the rest of the suite)."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_needs.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.skipif(True, reason='apt-get install dataset-fashion-mnist')\ndef test_marked():\n    pass\n\n"
+        "def test_at_run_time():\n    pytest.skip('apt-get install openclipart-png')\n\n"
+        "@pytest.mark.skipif(True, reason='not on this platform')\ndef test_other():\n    pass\n")
+
+    ci = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(tmp_path)],
+                        capture_output=True, text=True, env={**os.environ, "CI": "true"}, cwd=tmp_path, timeout=300)
+    assert ci.returncode == 1 and "1 skipped" in ci.stdout, ci.stdout[-2000:]
+    assert "missing: apt-get install dataset-fashion-mnist" in ci.stdout and "missing: apt-get install openclipart-png" in ci.stdout
