@@ -216,7 +216,7 @@ def top1_of_saved_weights(weights: Path, images: Path) -> tuple[torch.Tensor, fl
     from mpp import load_backbone, read_metadata
 
     meta, test = read_metadata(weights), load_from_disk(str(images))["test"]
-    x = torch.stack([torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1) for image in test["image"]]) / 255  # (M, 3, 28, 28)
+    x = torch.stack([torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) for image in test["image"]]) / 255  # (M, 3, 28, 28)
     x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         predicted = load_backbone(weights, num_classes=2).eval()(x).argmax(1)
