@@ -3,6 +3,7 @@ and as a share of this machine's own matmul rate (MFU).
 
     python benchmarks/bench_step.py                       # CPU defaults: ViT-S/16 at 224, batch 32
     python benchmarks/bench_step.py --device cuda --dtype bf16 --compile --model vit_base_patch16_224 --batch-size 128
+    python benchmarks/bench_step.py --model eva02_tiny_patch14_224 --img-size 28 --patch-size 7   # any supported family
 
 Arms are timed interleaved (A B A B ...) after a warm-up; each repeat times --steps steps; the
 table gives the median images/s with min-max. FLOPs come from a stated formula (matmuls of the
@@ -144,7 +145,8 @@ def time_arms(arms: dict, steps: int, repeats: int, warmup: int, device: str, ba
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="vit_small_patch16_224")
+    p.add_argument("--model", default="vit_small_patch16_224", help="any supported timm ViT (VisionTransformer, DeiT, hybrid, Eva)")
+    p.add_argument("--depth", type=int, default=None, help="blocks (default: the model's own)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
@@ -165,10 +167,12 @@ def main(argv=None):
     device, dtype = args.device, torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
 
-    encoder = create_encoder(args.model, args.img_size, args.patch_size).to(device)
+    arch = {"depth": args.depth} if args.depth else {}
+    encoder = create_encoder(args.model, args.img_size, args.patch_size, **arch).to(device)
     args.dim, args.depth = encoder.embed_dim, len(encoder.blocks)
-    args.heads, args.mlp_ratio = encoder.blocks[0].attn.num_heads, encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim
-    mpp = MPPModel(create_encoder(args.model, args.img_size, args.patch_size)).to(device)
+    hidden = next(m for m in encoder.blocks[0].mlp.modules() if isinstance(m, torch.nn.Linear)).out_features  # fc1, or SwiGLU's fc1_g
+    args.heads, args.mlp_ratio = encoder.blocks[0].attn.num_heads, hidden / encoder.embed_dim
+    mpp = MPPModel(create_encoder(args.model, args.img_size, args.patch_size, **arch)).to(device)
     opt_a = adamw(encoder.parameters(), device)
     opt_b = adamw([q for q in mpp.parameters() if q.requires_grad], device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -189,9 +193,10 @@ def main(argv=None):
         arms.update(peer_steps(args, device, dtype, args.batch_size))
     rates = time_arms(arms, args.steps, args.repeats, args.warmup, device, args.batch_size)
 
-    n = encoder.patch_embed.num_patches
+    n = mpp.num_patches
     tokens = n + encoder.num_prefix_tokens
-    formula = vit_forward_flops(args.depth, args.dim, tokens, args.mlp_ratio, 3 * args.patch_size**2, n)
+    # a hybrid's CNN stem is not in the formula (its patch projection is counted as one over the region)
+    formula = vit_forward_flops(args.depth, args.dim, tokens, args.mlp_ratio, 3 * mpp.region[0] * mpp.region[1], n)
     counted = counted_forward_flops(encoder, x[:1])
     train_flops_per_image = 3 * formula["total"]  # forward + backward (2x forward)
     peak = matmul_rate(device, dtype)
