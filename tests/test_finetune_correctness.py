@@ -55,10 +55,20 @@ def test_unreadable_eval_images_are_left_out_of_top1():
     loader = acc.prepare(torch.utils.data.DataLoader(items, batch_size=4, collate_fn=collate_images))
     zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     assert top1(acc, PixelClassifier(), loader, zero, one) == (pytest.approx(1 / 3), 1)
-    # across batches, with a last batch that gather_for_metrics trims: 5 readable (2 right), 2 unreadable
+    # two ranks: the mask must be gathered (and trimmed) with the predictions
+    assert top1(TwoRanks(), PixelClassifier(), loader, zero, one) == (pytest.approx(2 / 6), 1)
+    # across batches: 5 readable (2 right), 2 unreadable
     items += [(image(1), 1), BadImage("y.png", "empty"), (image(0), 1)]
     loader = acc.prepare(torch.utils.data.DataLoader(items, batch_size=3, collate_fn=collate_images))
     assert top1(acc, PixelClassifier(), loader, zero, one) == (pytest.approx(2 / 5), 2)
+
+
+class TwoRanks:
+    """gather_for_metrics as two ranks holding the same batch would give it: concatenated, the sample that
+    evened out the last batch (here the final one) trimmed."""
+
+    def gather_for_metrics(self, tensors):
+        return tuple(torch.cat([t, t])[:-1] for t in tensors)
 
 
 def test_eval_history_is_rebuilt_from_metrics_files(tmp_path):
