@@ -137,9 +137,6 @@ def check_batch_fits(batch_size: int, processes: int, images: int, what: str, gr
     --grad-accum batches, on every process."""
     if images < batch_size * processes:
         raise UsageError(f"--batch-size {batch_size} x {processes} processes is more than the {images} images of {what}")
-
-
-def resolve_lr(cfg: PretrainConfig, global_batch: int) -> float:
     batches = images // (batch_size * processes)  # per process and epoch, as the prepared loader deals them
     if batches < grad_accum:
         raise UsageError(f"--grad-accum {grad_accum} is more than the {batches} batches of {batch_size} per process in an epoch of "
@@ -151,6 +148,9 @@ def optimizer_steps(epochs: float, batches_per_epoch: int, grad_accum: int) -> i
     grad_accum micro-batches and one at each epoch's end (its short last accumulation)."""
     per_epoch = math.ceil(batches_per_epoch / grad_accum)
     return max(1, math.ceil(round(epochs * per_epoch, 9)))  # round: 0.1 * 30 is 3.0000000000000004
+
+
+def resolve_lr(cfg: PretrainConfig, global_batch: int) -> float:
     """--lr is taken as is; --base-lr scales linearly: lr = base_lr * global_batch / ref_batch."""
     if cfg.base_lr is not None:
         return cfg.base_lr * global_batch / cfg.ref_batch
