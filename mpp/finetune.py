@@ -90,8 +90,10 @@ def build_classifier(cfg, num_classes: int):
     if tensors is not None:
         load_encoder_weights(model, tensors, f"--init {cfg.init}")
     if cfg.resolved("zero_head"):
-        torch.nn.init.zeros_(model.head.weight)
-        torch.nn.init.zeros_(model.head.bias)
+        for head in (model.head, getattr(model, "head_dist", None)):  # DeiT distilled models have two heads
+            if isinstance(head, torch.nn.Linear):
+                torch.nn.init.zeros_(head.weight)
+                torch.nn.init.zeros_(head.bias)
     mean = meta.get("mean", list(model.pretrained_cfg["mean"]))
     std = meta.get("std", list(model.pretrained_cfg["std"]))
     return model, dict(timm_model=name, img_size=img_size, patch_size=patch, mean=mean, std=std)

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from . import diagnostics as dg
+from .families import token_region
 from .masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED
 from .model import MPPModel
 
@@ -121,7 +122,8 @@ def plot_rollout(images: np.ndarray, rollout: np.ndarray, path: Path) -> None:
 
 def distance_over(encoder, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     """(L, H) mean attention distance averaged over images (B, 3, H, W), a few at a time to bound memory."""
-    grid, p = tuple(encoder.patch_embed.grid_size), encoder.patch_embed.patch_size[0]
+    # distances in pixels between the regions tokens stand for (a hybrid's patch_size is its feature-map patch, 1)
+    grid, p = tuple(encoder.patch_embed.grid_size), token_region(encoder)[0]
     total = 0.0
     for chunk in images.split(batch_size):
         d = dg.mean_attention_distance(dg.attention_maps(encoder, chunk), grid, p, encoder.num_prefix_tokens)  # (L, b, H)

@@ -144,3 +144,12 @@ def test_bad_finetune_invocations(args, message, refused):
 def test_finetune_recipe_process_reports_one_line(tmp_path):
     proc = run_finetune(["--dataset", "photos", "--output-dir", str(tmp_path / "out")], tmp_path, ok=False)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: fine-tuning needs labels")
+
+
+def test_zero_head_zeroes_every_head_of_a_distilled_model():
+    """The paper preset's zero-initialised head: DeiT distilled models have a second head (head_dist)."""
+    cfg = FinetuneConfig(init="scratch", model="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, preset="paper")
+    model, _ = build_classifier(cfg, num_classes=5)
+    for head in (model.head, model.head_dist):
+        assert head.weight.abs().sum() == 0 and head.bias.abs().sum() == 0
+    assert model.blocks[0].attn.qkv.weight.abs().sum() > 0  # only the heads
