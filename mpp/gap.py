@@ -1,201 +1,281 @@
-"""The paper's gap experiment (§4.6): fine-tuning from scratch vs from MPP vs from supervised weights.
+"""The paper's gap experiment (§4.6) as a transfer: scratch vs MPP vs supervised pretraining.
 
-Each stage runs the real recipes as subprocesses, exactly as a user would; the frozen-feature
-numbers (few-shot linear, k-NN) are computed here from the weight files they wrote.
+Upstream, MPP (no labels) and supervised pretraining see the same images for the same steps,
+batch and optimiser; the supervised arm learns a label space disjoint from the downstream one.
+Downstream, each arm is fine-tuned at every lr of one grid; the lr with the best validation top-1
+is kept and its best-by-validation weights are scored once on the test split. The frozen encoders
+are probed (few-shot linear, k-NN; class-token and mean-patch readouts) on the downstream train/test
+splits. Every stage is a real recipe's main(), called in this process with its output in a log
+(a process per stage would spend seconds of each short stage importing torch).
 """
-import json
-import platform
-import subprocess
-import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__
 from .errors import UsageError
+from .experiment import (check_fresh_output_dir, check_seeds, finetune_at, finetune_over_grid, pm, provenance, provenance_lines, recipe,
+                         run_in_process, summary_over_seeds, table, write_json)
+from .stats import paired_difference
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 INITS = ("scratch", "mpp", "supervised")
+COMPARISONS = {"MPP − scratch": ("mpp", "scratch"), "supervised − MPP": ("supervised", "mpp")}
+LR_SELECTIONS = ("per-seed", "first-seed")
+
+# Per setting: the data and the sizes that fit it. colour (the headline): clip-art classes split in
+# two disjoint halves; grey: Fashion-MNIST classes 0-4 upstream, 5-9 downstream.
+SETTINGS = {
+    "colour": dict(upstream="clipart-upstream", downstream="clipart-downstream", train_per_class=None, img_size=32, patch_size=8,
+                   pretrain_steps=1500, pretrain_batch=128, finetune_epochs=200, finetune_batch=64, eval_every=5),
+    "grey": dict(upstream="fashion-mnist-upstream", downstream="fashion-mnist-downstream", train_per_class=100, img_size=28,
+                 patch_size=7, pretrain_steps=1200, pretrain_batch=256, finetune_epochs=200, finetune_batch=100, eval_every=5),
+}
 
 
 @dataclass
 class GapConfig:
-    upstream: str = "fashion-mnist"
-    downstream: str = "fashion-mnist"
-    train_per_class: int = 100
+    setting: str = "colour"
+    upstream: str = "clipart-upstream"
+    downstream: str = "clipart-downstream"
+    train_per_class: int | None = None  # None: every downstream training image
     model: str = "test_vit"
-    img_size: int = 28
-    patch_size: int = 7
-    pretrain_steps: int = 1200
-    pretrain_batch: int = 256
+    img_size: int = 32
+    patch_size: int = 8
+    pretrain_steps: int = 1500
+    pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
-    finetune_epochs: float = 100
-    finetune_batch: int = 100
+    finetune_epochs: float = 200  # the most; the epoch with the best validation top-1 is kept
+    finetune_batch: int = 64
+    eval_every: int = 5  # epochs between validation evaluations
     preset: str = "paper"
-    finetune_lr: float | None = 0.1  # measured: 0.03 left scratch at 49% (MPP 67%), 0.1 gives 66% (MPP 70.5%)
-    shots: tuple[int, ...] = (1, 5, 10, 25)
+    lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1)
+    lr_selection: str = "per-seed"  # or first-seed: the first seed's validation chooses for all seeds
+    shots: tuple[int, ...] = (1, 5, 10)
     seeds: tuple[int, ...] = (0, 1, 2)
     output_dir: str = "runs/gap"
-    eval_limit: int | None = None  # evaluate on the first N held-out images (quick mode)
+    eval_limit: int | None = None  # probes on a stratified part of the test split (quick mode)
+
+
+def make_config(setting: str = "colour", **overrides) -> GapConfig:
+    """The setting's defaults, then every override that is not None."""
+    if setting not in SETTINGS:
+        raise UsageError(f"--setting {setting!r} is not one of: {', '.join(SETTINGS)}")
+    known = {f.name for f in fields(GapConfig)}
+    values = {**SETTINGS[setting], **{k: v for k, v in overrides.items() if v is not None and k in known}}
+    return GapConfig(setting=setting, **values)
 
 
 def quick(cfg: GapConfig) -> GapConfig:
-    """A few steps of everything, for the tests (under 2 minutes on 2 cores)."""
-    cfg.pretrain_steps, cfg.pretrain_batch, cfg.finetune_epochs, cfg.train_per_class = 4, 32, 2, 10
-    cfg.finetune_batch, cfg.shots, cfg.seeds, cfg.eval_limit = 20, (1, 5), (0,), 500
+    """A few steps of everything, one seed, a two-value grid (for the tests; about a minute on 2 cores)."""
+    cfg.pretrain_steps, cfg.pretrain_batch, cfg.finetune_epochs, cfg.eval_every = 4, 32, 2, 1
+    cfg.finetune_batch, cfg.lr_grid, cfg.shots, cfg.seeds, cfg.eval_limit = 32, (0.01, 0.1), (1, 5), (0,), 200
+    if cfg.train_per_class is not None:
+        cfg.train_per_class = 10
     return cfg
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    """A recipe in its own process; its output goes to a log file, a failure stops the experiment."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{' '.join(cmd[1:3])} failed (exit {proc.returncode}): {tail[0]}; see {log}")
+def validate(cfg: GapConfig) -> None:
+    """Every check that needs no training, before any run starts."""
+    check_seeds(cfg.seeds)
+    if cfg.lr_selection not in LR_SELECTIONS:
+        raise UsageError(f"--lr-selection {cfg.lr_selection!r} is not one of: {', '.join(LR_SELECTIONS)}")
+    if not cfg.lr_grid or any(not lr > 0 for lr in cfg.lr_grid) or len(set(cfg.lr_grid)) != len(cfg.lr_grid):
+        raise UsageError(f"--lr-grid needs distinct positive learning rates, got {list(cfg.lr_grid)}")
+    if cfg.train_per_class is not None and max(cfg.shots) > cfg.train_per_class:
+        raise UsageError(f"--shots {max(cfg.shots)} is more than the {cfg.train_per_class} labelled images per class (--train-per-class)")
+    if cfg.pretrain_steps < 1 or cfg.finetune_epochs <= 0 or cfg.eval_every < 1:
+        raise UsageError("--pretrain-steps, --finetune-epochs and --eval-every must be positive")
+    check_fresh_output_dir(Path(cfg.output_dir))
 
 
-def stage_commands(cfg: GapConfig, seed: int, root: Path) -> dict[str, list[str]]:
-    """The recipe invocations of one seed, in order."""
-    py = [sys.executable]
-    arch = ["--model", cfg.model, "--img-size", str(cfg.img_size), "--patch-size", str(cfg.patch_size), "--no-progress", "--seed", str(seed)]
-    upstream = ["--max-steps", str(cfg.pretrain_steps), "--batch-size", str(cfg.pretrain_batch), "--lr", str(cfg.pretrain_lr),
-                "--warmup-steps", str(max(1, cfg.pretrain_steps // 15)), "--log-every", str(max(1, cfg.pretrain_steps // 30))]
-    commands = {
-        "mpp": py + [str(RECIPES / "pretrain_mpp.py"), "--dataset", cfg.upstream, *arch, *upstream,
-                     "--checkpoint-every", str(cfg.pretrain_steps), "--output-dir", str(root / "mpp")],
-        # supervised pretraining: the fine-tuning recipe on the upstream labels, same steps, batch,
-        # optimiser family and augmentation as MPP
-        "supervised": py + [str(RECIPES / "finetune.py"), "--dataset", cfg.upstream, "--init", "scratch", *arch, *upstream,
-                            "--opt", "adamw", "--weight-decay", "0.05", "--clip-grad", "1", "--no-zero-head",
-                            "--eval-every", "1000000", "--checkpoint-every", str(cfg.pretrain_steps), "--output-dir", str(root / "supervised")],
+def pretrain_commands(cfg: GapConfig, seed: int, root: Path) -> dict[str, list[str]]:
+    """MPP and supervised pretraining on the same upstream training images, with the same steps,
+    batch, lr schedule, AdamW settings, clipping and augmentation."""
+    arch = ["--model", cfg.model, "--img-size", cfg.img_size, "--patch-size", cfg.patch_size, "--seed", seed, "--no-progress"]
+    shared = ["--max-steps", cfg.pretrain_steps, "--batch-size", cfg.pretrain_batch, "--lr", cfg.pretrain_lr,
+              "--warmup-steps", max(1, cfg.pretrain_steps // 15), "--min-lr", 0, "--weight-decay", 0.05, "--clip-grad", 1,
+              "--crop-scale", 0.35, 1.0, "--hflip", 0.5, "--log-every", max(1, cfg.pretrain_steps // 30),
+              "--checkpoint-every", cfg.pretrain_steps]
+    return {
+        "mpp": recipe("pretrain_mpp.py", "--dataset", cfg.upstream, "--split", "train", *arch, *shared, "--output-dir", root / "mpp"),
+        # the fine-tuning recipe on the upstream labels; validation is never looked at (--eval-every
+        # beyond the run), the final weights are the init
+        "supervised": recipe("finetune.py", "--dataset", cfg.upstream, "--train-split", "train", "--eval-split", "validation",
+                             "--init", "scratch", *arch, *shared, "--opt", "adamw", "--no-zero-head", "--eval-every", 1_000_000,
+                             "--output-dir", root / "supervised"),
     }
-    inits = {"scratch": "scratch", "mpp": str(root / "mpp" / "model.safetensors"), "supervised": str(root / "supervised" / "model.safetensors")}
-    for name, init in inits.items():
-        commands[f"finetune_{name}"] = py + [
-            str(RECIPES / "finetune.py"), "--dataset", cfg.downstream, "--init", init, *arch, "--preset", cfg.preset,
-            "--train-per-class", str(cfg.train_per_class), "--subset-seed", str(seed), "--epochs", str(cfg.finetune_epochs),
-            "--batch-size", str(cfg.finetune_batch), "--eval-every", "1000000", "--log-every", "10",
-            "--checkpoint-every", "1000000", "--output-dir", str(root / f"finetune_{name}"),
-            *(["--lr", str(cfg.finetune_lr)] if cfg.finetune_lr else []),
-        ]
-    return commands
 
 
-def frozen_features(cfg: GapConfig, seed: int, root: Path) -> dict[str, dict]:
-    """Few-shot linear and k-NN accuracy of each init's frozen encoder on the downstream task."""
-    from .data import labelled_images
-    from .evaluate import frozen_feature_report
+def init_of(arm: str, root: Path) -> str:
+    return "scratch" if arm == "scratch" else str(root / arm / "model.safetensors")
+
+
+def finetune_command(cfg: GapConfig, seed: int, init: str) -> list[str]:
+    """The downstream fine-tuning of one arm, without --lr and --output-dir (the grid adds them):
+    identical for the three arms but for --init."""
+    subset = ["--train-per-class", cfg.train_per_class] if cfg.train_per_class else []
+    return recipe("finetune.py", "--dataset", cfg.downstream, "--train-split", "train", "--eval-split", "validation",
+                  "--test-split", "test", *subset, "--subset-seed", seed, "--init", init, "--model", cfg.model,
+                  "--img-size", cfg.img_size, "--patch-size", cfg.patch_size, "--preset", cfg.preset,
+                  "--epochs", cfg.finetune_epochs, "--batch-size", cfg.finetune_batch, "--eval-every", cfg.eval_every,
+                  "--log-every", 10, "--checkpoint-every", 1_000_000, "--seed", seed, "--no-progress")
+
+
+def probe_encoders(cfg: GapConfig, seed: int, root: Path, data) -> dict[str, dict]:
+    """Few-shot linear and k-NN accuracy of each arm's frozen encoder (scratch: the seed's random init)."""
+    from .evaluate import describe_readouts, frozen_feature_report
     from .model import create_encoder
     from .weights import load_backbone
 
-    train_x, train_y = labelled_images(cfg.downstream, "train", cfg.img_size, per_class=cfg.train_per_class, seed=seed)
-    test_x, test_y = labelled_images(cfg.downstream, "test", cfg.img_size, limit=cfg.eval_limit)
     torch.manual_seed(seed)
-    encoders = {
-        "scratch": create_encoder(cfg.model, cfg.img_size, cfg.patch_size),
-        "mpp": load_backbone(root / "mpp" / "model.safetensors"),
-        "supervised": load_backbone(root / "supervised" / "model.safetensors"),
-    }
+    encoders = {"scratch": create_encoder(cfg.model, cfg.img_size, cfg.patch_size),
+                "mpp": load_backbone(root / "mpp" / "model.safetensors"),
+                "supervised": load_backbone(root / "supervised" / "model.safetensors")}
     reports = {}
     for name, encoder in encoders.items():
         mean, std = encoder.pretrained_cfg["mean"], encoder.pretrained_cfg["std"]
-        reports[name] = frozen_feature_report(encoder, train_x, train_y, test_x, test_y, mean, std, cfg.shots, draws=5, seed=seed)
+        reports[name] = frozen_feature_report(encoder, *data, mean, std, cfg.shots, draws=5, seed=seed)
+    reports["readouts"] = describe_readouts(encoders["mpp"])
     return reports
 
 
-def run_gap(cfg: GapConfig) -> dict:
-    if max(cfg.shots) > cfg.train_per_class:
-        raise UsageError(f"--shots {max(cfg.shots)} is more than the {cfg.train_per_class} labelled images per class (--train-per-class)")
-    if len(set(cfg.seeds)) != len(cfg.seeds) or not cfg.seeds:
-        raise UsageError(f"--seeds must be distinct, got {list(cfg.seeds)}")
-    out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"--output-dir {out} is not empty; choose another folder")
+def probe_data(cfg: GapConfig, seed: int):
+    from .data import labelled_images
+
+    train = labelled_images(cfg.downstream, "train", cfg.img_size, per_class=cfg.train_per_class, seed=seed)
+    test = labelled_images(cfg.downstream, "test", cfg.img_size, limit=cfg.eval_limit, seed=seed)
+    return (*train, *test)
+
+
+def label_spaces(cfg: GapConfig) -> dict:
+    from .data import class_names_of, find_label_column, load_images
+
+    names = {}
+    for side in ("upstream", "downstream"):
+        ds = load_images(getattr(cfg, side), "train")
+        names[side] = class_names_of(ds, find_label_column(ds, None))
+    return {**names, "disjoint": not set(names["upstream"]) & set(names["downstream"])}
+
+
+def check_shots(cfg: GapConfig, train_labels: torch.Tensor) -> None:
+    smallest = int(torch.bincount(train_labels.long()).min())
+    if max(cfg.shots) > smallest:
+        raise UsageError(f"--shots {max(cfg.shots)} is more than the {smallest} training images of the smallest downstream class")
+
+
+def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
+    validate(cfg)
+    import time
+
     start = time.time()
-    per_seed = {}
-    for seed in cfg.seeds:
-        root = out / f"seed{seed}"
-        for name, cmd in stage_commands(cfg, seed, root).items():
-            print(f"[seed {seed}] {name} ...", flush=True)
-            _run(cmd, root / "logs" / f"{name}.log")
-        results = {name: json.loads((root / f"finetune_{name}" / "results.json").read_text())["final_top1"] for name in INITS}
-        frozen = frozen_features(cfg, seed, root)
-        per_seed[seed] = {name: {"finetune_top1": results[name], **frozen[name]} for name in INITS}
-        print(f"[seed {seed}] fine-tune top-1: " + ", ".join(f"{n} {results[n]:.4f}" for n in INITS), flush=True)
-    summary = summarise(per_seed)
-    report = {
-        "config": asdict(cfg), "per_seed": per_seed, "summary": summary, "wall_time_s": time.time() - start,
-        "hardware": f"{platform.machine()}, {torch.get_num_threads()} threads, {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
-        "versions": _versions(), "command": " ".join(["python", "recipes/gap.py"] + sys.argv[1:]),
-    }
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    out = Path(cfg.output_dir)
+    spaces = label_spaces(cfg)
+    per_seed, chosen_first = {}, {}
+    for i, seed in enumerate(cfg.seeds):
+        root, logs = out / f"seed{seed}", out / f"seed{seed}" / "logs"
+        data = probe_data(cfg, seed)
+        check_shots(cfg, data[1])  # before any training
+        for name, cmd in pretrain_commands(cfg, seed, root).items():
+            print(f"[seed {seed}] pretrain {name} ...", flush=True)
+            run_in_process(cmd, logs / f"pretrain_{name}.log")
+        finetuned = {}
+        for arm in INITS:
+            base = finetune_command(cfg, seed, init_of(arm, root))
+            if cfg.lr_selection == "per-seed" or i == 0:
+                print(f"[seed {seed}] fine-tune {arm} at lr {', '.join(map(str, cfg.lr_grid))} ...", flush=True)
+                finetuned[arm] = finetune_over_grid(base, cfg.lr_grid, root, logs, f"finetune_{arm}")
+                chosen_first.setdefault(arm, finetuned[arm]["chosen_lr"])
+            else:
+                print(f"[seed {seed}] fine-tune {arm} at the first seed's lr {chosen_first[arm]} ...", flush=True)
+                finetuned[arm] = finetune_at(base, chosen_first[arm], root, logs, f"finetune_{arm}")
+        probes = probe_encoders(cfg, seed, root, data)
+        per_seed[seed] = {arm: {"test_top1": finetuned[arm]["test_top1"], "best_val_top1": finetuned[arm]["best_val_top1"],
+                                "chosen_lr": finetuned[arm]["chosen_lr"], "best_epoch": finetuned[arm]["best_epoch"],
+                                "train_acc_last": finetuned[arm]["train_acc_last"], **probes[arm]} for arm in INITS}
+        per_seed[seed]["finetune_runs"] = {arm: finetuned[arm]["by_lr"] for arm in INITS}
+        readouts = probes["readouts"]
+        print(f"[seed {seed}] test top-1: " + ", ".join(f"{a} {per_seed[seed][a]['test_top1']:.4f}" for a in INITS), flush=True)
+    report = {"config": asdict(cfg), "label_spaces": spaces, "readouts": readouts, "per_seed": per_seed,
+              **summarise(per_seed), "wall_time_s": time.time() - start, **provenance("recipes/gap.py", argv or [])}
+    write_json(out / "results.json", report)
     (out / "results.md").write_text(markdown(report))
-    bar_chart(summary, out / "gap.png")
+    bar_chart(report["summary"], out / "gap.png")
     return report
 
 
+def metric_names(per_seed: dict) -> list[str]:
+    """The numbers compared across arms: fine-tune top-1, then the probes (no _std of the draws)."""
+    first = next(iter(per_seed.values()))["scratch"]
+    probes = [k for k in first if k.startswith(("knn", "linear_")) and not k.endswith("_std")]
+    return ["test_top1", "best_val_top1", *probes]
+
+
 def summarise(per_seed: dict) -> dict:
-    """mean and std over seeds of every number, per init."""
-    metrics = next(iter(per_seed.values()))["scratch"].keys()
-    return {init: {m: {"mean": float(np.mean([s[init][m] for s in per_seed.values()])),
-                       "std": float(np.std([s[init][m] for s in per_seed.values()]))}
-                   for m in metrics if not m.endswith("_std")} for init in INITS}
-
-
-def _versions() -> dict:
-    import accelerate
-    import datasets
-    import timm
-
-    return {"mpp": __version__, "torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
-            "datasets": datasets.__version__, "python": platform.python_version()}
+    """{"summary": {arm: {metric: mean_std}}, "differences": {comparison: {metric: paired difference}}}:
+    the differences pair the arms seed by seed."""
+    seeds = list(per_seed)
+    metrics = metric_names(per_seed)
+    summary = {arm: {m: v for m, v in summary_over_seeds([per_seed[s][arm] for s in seeds]).items() if m in metrics + ["best_epoch"]}
+               for arm in INITS}
+    differences = {name: {m: paired_difference([per_seed[s][a][m] for s in seeds], [per_seed[s][b][m] for s in seeds]).to_dict()
+                          for m in metrics} for name, (a, b) in COMPARISONS.items()}
+    return {"summary": summary, "differences": differences}
 
 
 def markdown(report: dict) -> str:
-    s, cfg = report["summary"], report["config"]
-    metrics = list(s["scratch"])
+    cfg, s, per_seed = report["config"], report["summary"], report["per_seed"]
+    metrics = [m for m in s["scratch"] if m != "best_epoch"]
+    seeds = list(per_seed)
+    spaces = report["label_spaces"]
+    subset = f"{cfg['train_per_class']} labelled images per class" if cfg["train_per_class"] else "all its labelled training images"
+    selection = ("each seed's own validation split" if cfg["lr_selection"] == "per-seed"
+                 else f"seed {cfg['seeds'][0]}'s validation split, kept for the other seeds")
     lines = [
-        "# Gap experiment: fine-tuning from scratch vs MPP vs supervised pretraining", "",
-        f"Command: `{report['command']}`", "",
-        f"Upstream {cfg['upstream']} ({cfg['pretrain_steps']} steps of {cfg['pretrain_batch']}), downstream {cfg['downstream']} "
-        f"with {cfg['train_per_class']} labelled images per class, model {cfg['model']} at {cfg['img_size']} px / patch {cfg['patch_size']}, "
-        f"fine-tuning preset {cfg['preset']} for {cfg['finetune_epochs']} epochs. Seeds {cfg['seeds']}; mean ± std over seeds.", "",
-        "| init | " + " | ".join(metrics) + " |",
-        "|---|" + "---|" * len(metrics),
+        f"# Gap experiment ({cfg['setting']}): fine-tuning from scratch vs MPP vs supervised pretraining", "",
+        *provenance_lines(report), "",
+        f"Upstream `{cfg['upstream']}` (train split): MPP without labels and supervised pretraining on its labels, "
+        f"{cfg['pretrain_steps']} steps of {cfg['pretrain_batch']} each, AdamW lr {cfg['pretrain_lr']:g}. "
+        f"Label spaces {'disjoint' if spaces['disjoint'] else 'SHARED (not a transfer)'}: upstream {', '.join(spaces['upstream'])}; "
+        f"downstream {', '.join(spaces['downstream'])}.", "",
+        f"Downstream `{cfg['downstream']}` with {subset}: model {cfg['model']} at {cfg['img_size']} px / patch {cfg['patch_size']}, "
+        f"preset {cfg['preset']}, at most {cfg['finetune_epochs']:g} epochs of batch {cfg['finetune_batch']}, validation top-1 every "
+        f"{cfg['eval_every']} epochs. Each arm's lr is chosen from the same grid {list(cfg['lr_grid'])} on {selection}; the test "
+        "split is scored once, with the weights of the best validation epoch of the chosen lr. Nothing else was searched.", "",
+        f"Seeds {list(cfg['seeds'])}; mean ± sample std (ddof=1) over seeds. Probes: frozen encoders (scratch = its random init) on the "
+        f"downstream train split (k-NN, k=20, cosine; few-shot linear, closed form, mean of 5 draws) scored on the test split; "
+        f"readouts `cls` = {report['readouts']['cls']}, `mean` = {report['readouts']['mean']}.", "",
+        *table(["init", *metrics], [[arm, *(pm(s[arm][m]) for m in metrics)] for arm in INITS]), "",
+        "Paired per-seed differences (mean ± sample std, 95% t-interval):", "",
+        *table(["metric", *report["differences"]], [[m, *(report["differences"][c][m]["phrase"] for c in report["differences"])]
+                                                      for m in metrics]), "",
+        "Paper (ViT-B/16, JFT -> ImageNet): MPP about +2 points over scratch, supervised about +4 over MPP.", "",
+        "Fine-tuning per seed (chosen lr; best validation epoch of at most the budget; last logged training accuracy):", "",
+        *table(["seed", *INITS], [[seed, *(f"lr {per_seed[seed][a]['chosen_lr']:g}, epoch {per_seed[seed][a]['best_epoch']}, "
+                                           f"train acc {_num(per_seed[seed][a]['train_acc_last'])}" for a in INITS)] for seed in seeds]), "",
+        f"Wall time {report['wall_time_s'] / 60:.1f} min.", "", "![gap](gap.png)", "",
     ]
-    for init in INITS:
-        lines.append(f"| {init} | " + " | ".join(f"{s[init][m]['mean']:.4f} ± {s[init][m]['std']:.4f}" for m in metrics) + " |")
-    gain = s["mpp"]["finetune_top1"]["mean"] - s["scratch"]["finetune_top1"]["mean"]
-    behind = s["supervised"]["finetune_top1"]["mean"] - s["mpp"]["finetune_top1"]["mean"]
-    lines += ["", f"MPP minus scratch (fine-tune top-1): {gain:+.4f}; supervised minus MPP: {behind:+.4f} "
-              "(paper, ViT-B/16 JFT -> ImageNet: about +0.02 and +0.04).", "",
-              f"Wall time {report['wall_time_s']:.0f} s on {report['hardware']}; versions {report['versions']}.", "",
-              "![gap](gap.png)", ""]
     return "\n".join(lines)
 
 
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def bar_chart(summary: dict, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = list(summary["scratch"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(metrics)), 3.5))
+    metrics = [m for m in summary["scratch"] if m not in ("best_epoch", "best_val_top1")]
+    fig = Figure(figsize=(max(6, 1.1 * len(metrics)), 3.6), layout="constrained")
+    ax = fig.subplots()
     width = 0.8 / len(INITS)
-    for i, init in enumerate(INITS):
-        means = [summary[init][m]["mean"] for m in metrics]
-        stds = [summary[init][m]["std"] for m in metrics]
-        ax.bar(np.arange(len(metrics)) + i * width, means, width, yerr=stds, label=init, capsize=2)
-    ax.set_xticks(np.arange(len(metrics)) + width, metrics, rotation=20, ha="right")
-    ax.set_ylabel("accuracy")
+    for i, arm in enumerate(INITS):
+        means = [summary[arm][m]["mean"] for m in metrics]
+        stds = [summary[arm][m]["std"] or 0 for m in metrics]
+        ax.bar(np.arange(len(metrics)) + i * width, means, width, yerr=stds, label=arm, capsize=2)
+    ax.set_xticks(np.arange(len(metrics)) + width, metrics, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (test split)")
     ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(fontsize=8)
+    ax.set_title("mean ± sample std over seeds", fontsize=9)
     fig.savefig(path, dpi=120)
-    plt.close(fig)

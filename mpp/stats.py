@@ -34,7 +34,7 @@ class PairedDifference:
         return None if self.low is None else self.low <= 0 <= self.high
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "covers_zero": self.covers_zero}
+        return {**asdict(self), "covers_zero": self.covers_zero, "phrase": self.phrase()}
 
     def phrase(self, digits: int = 3) -> str:
         """'+0.032 ± 0.010 (95% CI [+0.007, +0.057], n=3): excludes 0' and the like."""

@@ -1,0 +1,113 @@
+"""recipes/ablate.py: one shared default, each setting one change away from it, the pretraining
+commands change exactly that flag, verdicts from paired per-seed differences, --quick end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpp.ablate import AXES, DEFAULT, FINDINGS, AblateConfig, all_settings, folder_of, judge, pretrain_command, quick, setting_name
+from mpp.cli import parse_config
+from mpp.clipart import OPENCLIPART_DIR
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_one_default_shared_by_every_axis():
+    settings = all_settings()
+    assert list(settings)[0] == "default" and settings["default"] == DEFAULT
+    assert len(settings) == 1 + sum(len(v) for v in AXES.values()) == 10  # the default is not re-run per axis
+    for name, setting in list(settings.items())[1:]:
+        changed = {k for k in DEFAULT if setting[k] != DEFAULT[k]}
+        assert len(changed) == 1, (name, changed)
+    # the paper's setting is the default
+    assert DEFAULT == {"target": "mean3bit", "mask_ratio": 0.5, "mask_probs": (0.8, 0.1, 0.1), "corrupt_at": "embedding", "length": 1.0}
+    lengths = sorted(s["length"] for s in settings.values() if s["target"] == "mean3bit" and s["mask_ratio"] == 0.5
+                     and s["mask_probs"] == (0.8, 0.1, 0.1) and s["corrupt_at"] == "embedding")
+    assert lengths == [0.25, 0.5, 1.0, 2.0]
+
+
+def test_each_pretraining_changes_exactly_its_flag(tmp_path):
+    cfg = AblateConfig(steps=800)
+    parsed = {name: parse_config([str(a) for a in pretrain_command(cfg, s, 3, tmp_path / "x")[2:]]).to_dict()
+              for name, s in all_settings().items()}
+    base = parsed["default"]
+    assert (base["target"], base["mask_ratio"], base["mask_probs"], base["corrupt_at"], base["max_steps"]) == ("mean3bit", 0.5, (0.8, 0.1, 0.1), "embedding", 800)
+    assert base["dataset"] == "colour-mix" and base["seed"] == 3
+    length_flags = {"max_steps", "warmup_steps", "log_every", "checkpoint_every"}  # a schedule follows the length
+    expected = {"target": {"target"}, "mask_ratio": {"mask_ratio"}, "mask_probs": {"mask_probs"}, "corrupt_at": {"corrupt_at"}, "length": length_flags}
+    for axis_values in AXES.values():
+        for key, value in axis_values:
+            cfg_dict = parsed[setting_name(key, value)]
+            differing = {k for k in base if cfg_dict[k] != base[k]}
+            assert differing == expected[key], (key, value, differing)
+    assert parsed[setting_name("length", 0.25)]["max_steps"] == 200 and parsed[setting_name("length", 2.0)]["max_steps"] == 1600
+
+
+def synthetic(values_by_setting: dict[str, list[float]], metric="linear_10shot_mean") -> dict:
+    """per_seed[seed][setting]['test'][metric] from one list of per-seed values per setting."""
+    seeds = range(len(next(iter(values_by_setting.values()))))
+    return {s: {name: {"test": {metric: v[s]}} for name, v in values_by_setting.items()} for s in seeds}
+
+
+def test_verdicts_from_paired_per_seed_differences():
+    names = list(all_settings())
+    base = {n: [0.50, 0.60, 0.55] for n in names}  # seeds differ a lot; pairing removes that
+    values = {**base,
+              "default": [0.52, 0.62, 0.57],
+              setting_name("target", "mean3bit_4x4"): [0.50, 0.605, 0.555],   # a1: default better by 0.015-0.02 each seed: agrees
+              setting_name("target", "pixels_l2"): [0.55, 0.65, 0.60],        # a2: default worse by 0.03 each seed: disagrees
+              setting_name("mask_ratio", 0.15): [0.53, 0.60, 0.57],           # b: +- mixed: inconclusive
+              setting_name("mask_probs", (1.0, 0.0, 0.0)): [0.52, 0.62, 0.57],  # c: identical: inconclusive
+              setting_name("length", 0.25): [0.40, 0.50, 0.45],               # d: gains per doubling 0.1, then 0.01: diminishing
+              setting_name("length", 0.5): [0.50, 0.60, 0.55],
+              setting_name("length", 2.0): [0.53, 0.63, 0.58]}
+    out = judge(synthetic(values), "linear_10shot_mean")
+    verdicts = {k: f["verdict"] for k, f in out["findings"].items()}
+    assert verdicts == {"a1": "agrees", "a2": "disagrees", "b": "inconclusive", "c": "inconclusive", "d": "agrees"}
+    d = out["findings"]["d"]["difference"]
+    assert d["mean"] == pytest.approx(0.09) and d["std"] == pytest.approx(0.0, abs=1e-12)  # (0.10) - (0.01) every seed
+    assert out["findings"]["a2"]["difference"]["mean"] == pytest.approx(-0.03)
+    # growing returns (the second doubling gains more) disagrees with the paper
+    values[setting_name("length", 2.0)] = [0.65, 0.75, 0.70]  # +0.13 each seed after +0.10
+    assert judge(synthetic(values), "linear_10shot_mean")["findings"]["d"]["verdict"] == "disagrees"
+    assert {f.key for f in FINDINGS} == {"a1", "a2", "b", "c", "d"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OPENCLIPART_DIR.exists(), reason="apt-get install openclipart-png")
+def test_ablate_quick(tmp_path):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "ablate.py"), "--quick", "--output-dir", str(out), "--runs-dir", str(runs)],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "ablation.json").read_text())
+    assert list(report["summary"]) == list(all_settings())
+    assert set(report["metrics"]) == {f"{m}_{r}" for m in ("knn20", "linear_5shot", "linear_10shot") for r in ("cls", "mean")}
+    for name, splits in report["summary"].items():
+        for split in ("validation", "test"):
+            assert all(math.isfinite(v["mean"]) and 0 <= v["mean"] <= 1 for v in splits[split].values()), name
+    assert set(report["findings"]) == {"a1", "a2", "b", "c", "d"}
+    assert all(f["verdict"] == "inconclusive" for f in report["findings"].values())  # one seed decides nothing
+    ft = report["finetune"]
+    assert ft["arms"][0] == "default" and report["best_setting"] in report["summary"]
+    assert all(0 <= r["test_top1"] <= 1 for arm in ft["per_seed"].values() for r in arm.values())
+    assert len(report["git"]["commit"]) == 40 and report["versions"]["torch"] and report["command"].startswith("python recipes/ablate.py --quick")
+    md = (out / "ablation.md").read_text()
+    assert "| a1 |" in md and "**inconclusive**" in md and "ablation.png" in md and "## Fine-tuning" in md
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the pretrainings ran in one process, one after another: the last one's weights must equal those
+    # of the same command in a fresh process (state leaking from run to run would show)
+    from mpp.weights import load_tensors
+
+    last = setting_name("length", 2.0)
+    assert list(all_settings())[-1] == last
+    cmd = pretrain_command(quick(AblateConfig()), all_settings()[last], 0, tmp_path / "again", runs / "pretrain_images")
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    ours, fresh = load_tensors(runs / "seed0" / folder_of(last) / "model.safetensors"), load_tensors(tmp_path / "again" / "model.safetensors")
+    assert ours.keys() == fresh.keys() and all(ours[k].equal(fresh[k]) for k in ours)
