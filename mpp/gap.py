@@ -27,7 +27,7 @@ LR_SELECTIONS = ("per-seed", "first-seed")
 # two disjoint halves; grey: Fashion-MNIST classes 0-4 upstream, 5-9 downstream.
 SETTINGS = {
     "colour": dict(upstream="clipart-upstream", downstream="clipart-downstream", train_per_class=None, img_size=32, patch_size=8,
-                   pretrain_steps=1500, pretrain_batch=128, finetune_epochs=200, finetune_batch=64, eval_every=5),
+                   pretrain_steps=1000, pretrain_batch=128, finetune_epochs=200, finetune_batch=64, eval_every=5),
     "grey": dict(upstream="fashion-mnist-upstream", downstream="fashion-mnist-downstream", train_per_class=100, img_size=28,
                  patch_size=7, pretrain_steps=1200, pretrain_batch=256, finetune_epochs=200, finetune_batch=100, eval_every=5),
 }
@@ -42,7 +42,7 @@ class GapConfig:
     model: str = "test_vit"
     img_size: int = 32
     patch_size: int = 8
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1000
     pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
     finetune_epochs: float = 200  # the most; the epoch with the best validation top-1 is kept
