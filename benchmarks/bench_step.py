@@ -158,6 +158,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile both arms")
     p.add_argument("--peers", action="store_true", help="also time HF ViTForMaskedImageModeling and vit-pytorch MPP when installed")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peak-n", type=int, default=2048, help="size of the n x n x n matmul whose rate is the MFU peak "
+                   "(bf16 on a CPU without bf16 units takes about a minute per 2048^3 product)")
     p.add_argument("--out", default=str(RESULTS / "bench_step"), help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -199,7 +201,7 @@ def main(argv=None):
     formula = vit_forward_flops(args.depth, args.dim, tokens, args.mlp_ratio, 3 * mpp.region[0] * mpp.region[1], n)
     counted = counted_forward_flops(encoder, x[:1])
     train_flops_per_image = 3 * formula["total"]  # forward + backward (2x forward)
-    peak = matmul_rate(device, dtype)
+    peak = matmul_rate(device, dtype, args.peak_n)
     rows = []
     for name, r in rates.items():
         rows.append({"arm": name, "images_per_sec": r["median"], "min": r["min"], "max": r["max"],
