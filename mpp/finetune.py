@@ -1,6 +1,5 @@
 """Fine-tuning a timm ViT classifier from scratch, from MPP weights or from supervised weights."""
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
