@@ -9,6 +9,7 @@ import io
 import itertools
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,20 @@ def _local_files(path: str) -> list[str]:
     if p.is_file():
         return [str(p)]
     return sorted(str(f) for f in p.rglob("*") if f.is_file())
+
+
+SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d{5}-of-\d{5}\.(parquet|tar)$")  # the Hub's shard naming
+
+
+def files_of_split(files: list[str], split: str, dataset: str) -> list[str]:
+    """Shards named `<split>-00000-of-00004.parquet` (as the Hub and recipes/prepare_data.py write
+    them) hold several splits: keep the asked one's. Other files all belong to the asked split."""
+    splits = {m.group("split") if (m := SPLIT_FILE.match(Path(f).name)) else None for f in files}
+    if None in splits:
+        return files
+    if split not in splits:
+        raise UsageError(f"--split {split!r} not in {dataset}; its shards hold: {', '.join(sorted(splits))}")
+    return [f for f in files if SPLIT_FILE.match(Path(f).name).group("split") == split]
 
 
 def load_images(
@@ -66,10 +81,9 @@ def load_images(
         if not files:
             raise UsageError(f"--dataset {dataset}: no files found")
         suffixes = {Path(f).suffix.lower() for f in files}
-        if suffixes <= {".parquet"}:
-            builder, kwargs = "parquet", dict(data_files={split: files})
-        elif suffixes <= {".tar"}:
-            builder, kwargs = "webdataset", dict(data_files={split: files})
+        if suffixes <= {".parquet"} or suffixes <= {".tar"}:
+            builder = "parquet" if suffixes <= {".parquet"} else "webdataset"
+            kwargs = dict(data_files={split: files_of_split(files, split, dataset)})
         elif path.is_dir():
             builder, kwargs = "imagefolder", dict(data_dir=str(path))
         else:

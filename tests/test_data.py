@@ -311,3 +311,17 @@ def test_limited_eval_subset_is_stratified_and_seeded(tmp_path):
     again, _ = labelled_images(str(tmp_path / "sorted"), "train", 8, limit=60, seed=0)
     other, _ = labelled_images(str(tmp_path / "sorted"), "train", 8, limit=60, seed=1)
     assert torch.equal(again, x) and not torch.equal(other, x)  # seeded
+
+
+def test_shards_named_by_split_load_one_split_each(tmp_path):
+    """A folder of `<split>-NNNNN-of-NNNNN.parquet` shards (the Hub's naming, what prepare_data.py
+    writes) gives each split its own rows; a split it lacks is refused with the ones it has."""
+    table = _write_image_table(tmp_path)
+    (tmp_path / "shards").mkdir()
+    table.select(range(3)).to_parquet(str(tmp_path / "shards" / "train-00000-of-00002.parquet"))
+    table.select(range(3, 4)).to_parquet(str(tmp_path / "shards" / "train-00001-of-00002.parquet"))
+    table.select(range(4, 6)).to_parquet(str(tmp_path / "shards" / "validation-00000-of-00001.parquet"))
+    assert len(load_images(str(tmp_path / "shards"), "train")) == 4
+    assert len(load_images(str(tmp_path / "shards"), "validation")) == 2
+    with pytest.raises(UsageError, match="not in .* hold: train, validation"):
+        load_images(str(tmp_path / "shards"), "test")
