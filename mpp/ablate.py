@@ -202,9 +202,13 @@ def judge(per_seed: dict, metric: str, split: str = "test") -> dict:
     return {"findings": findings, "observations": observations}
 
 
+SCRIPT = "recipes/ablate.py"
+
+
 def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
     validate(cfg)
     start = time.time()
+    origin = provenance(SCRIPT, argv or [])  # the code as it was at the start: a commit made mid-run must not be recorded
     runs = Path(cfg.runs_dir)
     per_seed, timings = {}, {}
     images = materialise(cfg, runs / "pretrain_images")
@@ -226,7 +230,7 @@ def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
               "pretrain_seconds": timings}
     if cfg.finetune:
         report["finetune"] = finetune_rows(cfg, runs, best)
-    report.update(wall_time_s=time.time() - start, **provenance("recipes/ablate.py", argv or []))
+    report.update(wall_time_s=time.time() - start, **origin)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ablation.json", report)

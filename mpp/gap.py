@@ -164,11 +164,15 @@ def check_shots(cfg: GapConfig, train_labels: torch.Tensor) -> None:
         raise UsageError(f"--shots {max(cfg.shots)} is more than the {smallest} training images of the smallest downstream class")
 
 
+SCRIPT = "recipes/gap.py"
+
+
 def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
     validate(cfg)
     import time
 
     start = time.time()
+    origin = provenance(SCRIPT, argv or [])  # the code as it was at the start: a commit made mid-run must not be recorded
     out = Path(cfg.output_dir)
     spaces = label_spaces(cfg)
     per_seed, chosen_first = {}, {}
@@ -197,7 +201,7 @@ def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
         readouts = probes["readouts"]
         print(f"[seed {seed}] test top-1: " + ", ".join(f"{a} {per_seed[seed][a]['test_top1']:.4f}" for a in INITS), flush=True)
     report = {"config": asdict(cfg), "label_spaces": spaces, "readouts": readouts, "per_seed": per_seed,
-              **summarise(per_seed), "wall_time_s": time.time() - start, **provenance("recipes/gap.py", argv or [])}
+              **summarise(per_seed), "wall_time_s": time.time() - start, **origin}
     write_json(out / "results.json", report)
     (out / "results.md").write_text(markdown(report))
     bar_chart(report["summary"], out / "gap.png")
