@@ -3,9 +3,13 @@
 
     python benchmarks/bench_scaling.py
 
-Each configuration runs in its own process, so its peak memory is its own: on CPU the growth of
-the peak resident set over the process's size just before the first step (model, optimiser and
-inputs built); on CUDA torch.cuda.max_memory_allocated.
+Each configuration runs in its own process, so its memory is its own. Two memory columns, one
+definition each:
+  - "peak RSS growth MB": growth of the process's peak resident set (ru_maxrss) over its value just
+    before the timed steps (model, optimiser state and inputs already built): host memory, any device;
+  - "CUDA max allocated MB": torch.cuda.max_memory_allocated over the timed steps: the most device
+    memory held at once, model and optimiser state included (n/a on CPU).
+The machine's load average before and after the sweep is recorded.
 """
 import argparse
 import json
@@ -16,13 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from results_io import provenance, provenance_lines, write_results
+from results_io import load_average, provenance, provenance_lines, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measure(model_name: str, img_size: int, patch: int, batch: int, grad_ckpt: bool, steps: int, device: str) -> dict:
-    """In this process: images/s and peak memory of the MPP training step."""
+    """In this process: images/s and memory of the MPP training step (see the module docstring for the two columns)."""
     from mpp.loop import fused_optimizer_kwargs
     from mpp.model import MPPModel, create_encoder
 
@@ -48,11 +52,9 @@ def measure(model_name: str, img_size: int, patch: int, batch: int, grad_ckpt: b
     if device == "cuda":
         torch.cuda.synchronize()
     rate = batch * steps / (time.perf_counter() - start)
-    if device == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024
-    return {"images_per_sec": rate, "peak_mb": peak_mb}
+    return {"images_per_sec": rate,
+            "rss_peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024,  # ru_maxrss is in KiB on Linux
+            "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
 
 def attention_share(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
@@ -83,6 +85,7 @@ def main(argv=None):
     from timm import create_model
 
     dim = create_model(args.model, pretrained=False).embed_dim
+    load_before = load_average()
     common = dict(model_name=args.model, patch=args.patch_size, steps=args.steps, device=args.device)
     rows = []
     for batch in args.batch_sizes:
@@ -97,22 +100,29 @@ def main(argv=None):
     for row in rows:
         row["tokens"] = (row["img_size"] // args.patch_size) ** 2 + 1
         row["attention_flop_share"] = attention_share(row["tokens"], dim)
-    report = {**provenance("bench_scaling.py", argv, args.device), "config": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}
+    report = {**provenance("bench_scaling.py", argv, args.device), "load_average_before": load_before,
+              "load_average_after": load_average(), "config": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}
     write_results(args.out, report, markdown(report))
     return report
+
+
+def mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def markdown(r: dict) -> str:
     c = r["config"]
     lines = [f"# bench_scaling: the MPP step of {c['model']} (patch {c['patch_size']}), {c['device']} fp32", "",
              *provenance_lines(r),
-             "peak memory: growth of the process's peak over its size just before the first timed step (CPU), "
-             "or torch.cuda.max_memory_allocated (CUDA).", "",
-             "| sweep | batch | image | tokens | attention share of FLOPs | images/s | peak MB |", "|---|---|---|---|---|---|---|"]
+             "peak RSS growth MB: growth of the process's peak resident set over its value just before the timed steps "
+             "(host memory; model, optimiser state and inputs not counted). CUDA max allocated MB: torch.cuda.max_memory_allocated "
+             "over the timed steps (device memory held at once, model and optimiser state included; n/a on CPU).", "",
+             "| sweep | batch | image | tokens | attention share of FLOPs | images/s | peak RSS growth MB | CUDA max allocated MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         sweep = row["sweep"] + (" on" if row["grad_ckpt"] else " off" if row["sweep"] == "grad_checkpointing" else "")
         lines.append(f"| {sweep} | {row['batch']} | {row['img_size']} | {row['tokens']} | {row['attention_flop_share']:.1%} | "
-                     f"{row['images_per_sec']:.2f} | {row['peak_mb']:.0f} |")
+                     f"{row['images_per_sec']:.2f} | {row['rss_peak_growth_mb']:.0f} | {mb(row['cuda_max_allocated_mb'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,22 +1,36 @@
-"""Step-level throughput: the MPP training step against the bare timm encoder step, against peers,
-and as a share of this machine's own matmul rate (MFU).
+"""Step-level throughput: the MPP training step against the bare timm encoder step and against peers,
+and the model FLOP utilisation (MFU) against two denominators.
 
     python benchmarks/bench_step.py                       # CPU defaults: ViT-S/16 at 224, batch 32
     python benchmarks/bench_step.py --device cuda --dtype bf16 --compile --model vit_base_patch16_224 --batch-size 128
     python benchmarks/bench_step.py --model eva02_tiny_patch14_224 --img-size 28 --patch-size 7   # any supported family
 
-Arms are timed interleaved (A B A B ...) after a warm-up; each repeat times --steps steps; the
-table gives the median images/s with min-max. FLOPs come from a stated formula (matmuls of the
-blocks plus attention), checked against torch.utils.flop_counter.FlopCounterMode.
+After a warm-up, each repeat times --steps steps of every arm, in an order that changes per repeat
+(rotations of a shuffle seeded by --seed: each arm takes each place once per cycle; orders recorded). The table gives each arm's median images/s with min-max,
+and its ratio to the bare timm step as the mean of the per-repeat ratios (both arms timed in the same
+repeat) with a 95% Student-t interval over repeats. The machine's load average before and after is
+recorded. FLOPs come from a stated formula (matmuls of the blocks plus attention), checked against
+torch.utils.flop_counter.FlopCounterMode; training FLOPs = 3 x forward.
+
+MFU = images/s x training FLOPs per image / a peak, against two peaks:
+  - "vs spec peak": the card's dense datasheet peak for the precision (benchmarks/peaks.py); n/a for a
+    card not in that table, a CPU included;
+  - "vs best measured GEMM": the highest rate of any GEMM measured in this run: square --peak-n sizes
+    and the model's own forward linears (batch x tokens rows), one reading each per repeat, timed
+    between the arms in the rotated order, the max kept.
 """
 import argparse
+import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from results_io import provenance, provenance_lines, write_results
+from peaks import gemm_round, model_gemm_shapes, spec_peak, sync
+from results_io import load_average, package_versions, provenance, provenance_lines, write_results
+
+from mpp.stats import paired_difference
 
 from mpp.loop import fused_optimizer_kwargs
 from mpp.model import MPPModel, create_encoder
@@ -38,25 +52,6 @@ def counted_forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return float(counter.get_total_flops())
-
-
-def matmul_rate(device: str, dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    """Measured FLOP/s of an n x n x n matmul: the machine's own peak for MFU."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    sync(device)
-    return 2 * n**3 * count / (time.perf_counter() - start)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def adamw(params, device: str):
@@ -82,15 +77,32 @@ def mpp_step(model, optimizer, images):
     return step
 
 
+PEER_PACKAGES = ["transformers", "vit-pytorch"]
+
+
+def hf_vit_config(args) -> dict:
+    """HF ViTConfig arguments for the same encoder: width, depth, heads (head width = dim / heads), MLP size."""
+    return dict(image_size=args.img_size, patch_size=args.patch_size, hidden_size=args.dim, num_hidden_layers=args.depth,
+                num_attention_heads=args.heads, intermediate_size=int(args.dim * args.mlp_ratio), encoder_stride=args.patch_size)
+
+
+def vit_pytorch_config(args) -> tuple[dict, dict]:
+    """vit-pytorch ViT and MPP arguments for the same encoder. dim_head is given: its default is 64
+    whatever dim and heads are, which builds a different attention unless dim / heads is 64."""
+    vit = dict(image_size=args.img_size, patch_size=args.patch_size, num_classes=1, dim=args.dim, depth=args.depth,
+               heads=args.heads, dim_head=args.dim // args.heads, mlp_dim=int(args.dim * args.mlp_ratio))
+    # the paper's 50% corruption with 80/10/10 (its defaults give 49/50/1)
+    mpp = dict(patch_size=args.patch_size, dim=args.dim, mask_prob=0.5, replace_prob=0.8, random_patch_prob=0.1)
+    return vit, mpp
+
+
 def peer_steps(args, device, dtype, batch) -> dict:
     """Peers at the same size, batch and precision, when installed (pip install transformers 'vit-pytorch==1.14.5')."""
     steps = {}
     try:
         from transformers import ViTConfig, ViTForMaskedImageModeling
 
-        cfg = ViTConfig(image_size=args.img_size, patch_size=args.patch_size, hidden_size=args.dim, num_hidden_layers=args.depth,
-                        num_attention_heads=args.heads, intermediate_size=int(args.dim * args.mlp_ratio), encoder_stride=args.patch_size)
-        hf = ViTForMaskedImageModeling(cfg).to(device)
+        hf = ViTForMaskedImageModeling(ViTConfig(**hf_vit_config(args))).to(device)
         opt = adamw(hf.parameters(), device)
         n = (args.img_size // args.patch_size) ** 2
         pixels = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
@@ -108,10 +120,8 @@ def peer_steps(args, device, dtype, batch) -> dict:
         from vit_pytorch import ViT
         from vit_pytorch.mpp import MPP
 
-        vit = ViT(image_size=args.img_size, patch_size=args.patch_size, num_classes=1, dim=args.dim, depth=args.depth,
-                  heads=args.heads, mlp_dim=int(args.dim * args.mlp_ratio)).to(device)
-        # the paper's 50% corruption with 80/10/10 (its defaults give 49/50/1)
-        mpp = MPP(transformer=vit, patch_size=args.patch_size, dim=args.dim, mask_prob=0.5, replace_prob=0.8, random_patch_prob=0.1).to(device)
+        vit_kwargs, mpp_kwargs = vit_pytorch_config(args)
+        mpp = MPP(transformer=ViT(**vit_kwargs).to(device), **mpp_kwargs).to(device)
         opt = adamw(mpp.parameters(), device)
         pixels = torch.rand(batch, 3, args.img_size, args.img_size, device=device)
 
@@ -126,21 +136,51 @@ def peer_steps(args, device, dtype, batch) -> dict:
     return steps
 
 
-def time_arms(arms: dict, steps: int, repeats: int, warmup: int, device: str, batch: int) -> dict:
+GEMM = "gemm"  # the GEMM round's place in a repeat's order
+
+
+def arm_orders(names: list[str], repeats: int, seed: int) -> list[list[str]]:
+    """Rotations of a seeded shuffle: within each cycle of len(names) repeats every arm takes every
+    position once (none always runs first, warmest caches or coolest chip); each cycle starts from a
+    fresh shuffle, so neighbours change too."""
+    rng, orders = random.Random(seed), []
+    for r in range(repeats):
+        shift = r % len(names)
+        if shift == 0:
+            base = rng.sample(names, len(names))
+        orders.append(base[shift:] + base[:shift])
+    return orders
+
+
+def time_arms(arms: dict, gemm, steps: int, repeats: int, warmup: int, device: str, batch: int, seed: int) -> dict:
+    """Per repeat, the arms and one GEMM round (gemm()) in that repeat's rotated order. Returns the
+    per-repeat images/s of every arm, the GEMM readings of every round, and the orders used."""
     for fn in arms.values():
         for _ in range(warmup):
             fn()
     sync(device)
     rates = {name: [] for name in arms}
-    for _ in range(repeats):  # interleaved: A B A B ...
-        for name, fn in arms.items():
+    gemm_rounds, orders = [], arm_orders([*arms, GEMM], repeats, seed)
+    for order in orders:
+        for name in order:
+            if name == GEMM:
+                gemm_rounds.append(gemm())
+                continue
             sync(device)
             start = time.perf_counter()
             for _ in range(steps):
-                fn()
+                arms[name]()
             sync(device)
             rates[name].append(batch * steps / (time.perf_counter() - start))
-    return {name: {"median": statistics.median(r), "min": min(r), "max": max(r)} for name, r in rates.items()}
+    return {"rates": rates, "gemm_rounds": gemm_rounds, "orders": orders}
+
+
+def paired_ratio(rates: list[float], reference: list[float], confidence: float = 0.95) -> dict:
+    """Per-repeat ratios rates[i] / reference[i] (both timed in repeat i, under the same load): their
+    mean and a Student-t interval over repeats (None with one repeat)."""
+    ratios = [a / b for a, b in zip(rates, reference, strict=True)]
+    d = paired_difference(ratios, [0.0] * len(ratios), confidence)  # the t-interval of the ratios themselves
+    return {"mean": d.mean, "low": d.low, "high": d.high, "n": d.n, "confidence": confidence, "per_repeat": ratios}
 
 
 def main(argv=None):
@@ -150,24 +190,32 @@ def main(argv=None):
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per arm per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="each repeat times every arm and one GEMM round, in a rotated order")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seeds the arm orders (and the weights)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile both arms")
-    p.add_argument("--peers", action="store_true", help="also time HF ViTForMaskedImageModeling and vit-pytorch MPP when installed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the bare and MPP arms (not allowed with --peers)")
+    p.add_argument("--peers", action="store_true", help="also time HF ViTForMaskedImageModeling and vit-pytorch MPP when installed (eager)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--peak-n", type=int, default=2048, help="size of the n x n x n matmul whose rate is the MFU peak "
-                   "(bf16 on a CPU without bf16 units takes about a minute per 2048^3 product)")
+    p.add_argument("--peak-n", type=int, nargs="+", default=None,
+                   help="sizes n of the n x n x n GEMMs measured for the 'best measured GEMM' peak, beside the model's own "
+                        "shapes (default: 4096 8192 16384 on CUDA, 1024 2048 on CPU; bf16 on a CPU without bf16 units "
+                        "takes about a minute per 2048^3 product, give small sizes there)")
+    p.add_argument("--gemm-seconds", type=float, default=0.3, help="time of one GEMM reading")
     p.add_argument("--out", default=str(RESULTS / "bench_step"), help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device on this machine; use --device cpu")
+    if args.compile and args.peers:
+        p.error("--compile --peers: the peers would run eager against our compiled arms; time the peers without --compile")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = args.device, torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    torch.manual_seed(0)
+    args.peak_n = args.peak_n or ([4096, 8192, 16384] if device == "cuda" else [1024, 2048])
+    load_before = load_average()
+    torch.manual_seed(args.seed)
 
     arch = {"depth": args.depth} if args.depth else {}
     encoder = create_encoder(args.model, args.img_size, args.patch_size, **arch).to(device)
@@ -193,43 +241,65 @@ def main(argv=None):
     arms = {"bare_timm": autocast(bare_step(enc_fwd, opt_a, x)), "mpp": autocast(mpp_step(model_b, opt_b, images))}
     if args.peers:
         arms.update(peer_steps(args, device, dtype, args.batch_size))
-    rates = time_arms(arms, args.steps, args.repeats, args.warmup, device, args.batch_size)
-
     n = mpp.num_patches
     tokens = n + encoder.num_prefix_tokens
+    shapes = list(dict.fromkeys([(k, k, k) for k in args.peak_n] + model_gemm_shapes(args.batch_size * tokens, args.dim, hidden)))
+    timed = time_arms(arms, lambda: gemm_round(shapes, device, dtype, args.gemm_seconds),
+                      args.steps, args.repeats, args.warmup, device, args.batch_size, args.seed)
+    load_after = load_average()
+
     # a hybrid's CNN stem is not in the formula (its patch projection is counted as one over the region)
     formula = vit_forward_flops(args.depth, args.dim, tokens, args.mlp_ratio, 3 * mpp.region[0] * mpp.region[1], n)
     counted = counted_forward_flops(encoder, x[:1])
     train_flops_per_image = 3 * formula["total"]  # forward + backward (2x forward)
-    peak = matmul_rate(device, dtype, args.peak_n)
+    best = max((r for rnd in timed["gemm_rounds"] for r in rnd), key=lambda r: r["flops_per_sec"])
+    spec = spec_peak(torch.cuda.get_device_name() if device == "cuda" else None, dtype)
     rows = []
-    for name, r in rates.items():
-        rows.append({"arm": name, "images_per_sec": r["median"], "min": r["min"], "max": r["max"],
-                     "vs_bare": r["median"] / rates["bare_timm"]["median"],
-                     "mfu": r["median"] * train_flops_per_image / peak})
-    attention_share = formula["attention"] / formula["total"]
+    for name, r in timed["rates"].items():
+        median = statistics.median(r)
+        rows.append({"arm": name, "images_per_sec": median, "min": min(r), "max": max(r), "per_repeat": r,
+                     "vs_bare": paired_ratio(r, timed["rates"]["bare_timm"]),
+                     "mfu_vs_spec_peak": median * train_flops_per_image / spec["flops_per_sec"] if spec else None,
+                     "mfu_vs_best_measured_gemm": median * train_flops_per_image / best["flops_per_sec"]})
     report = {
         **provenance("bench_step.py", argv, device),
+        "load_average_before": load_before, "load_average_after": load_after,
+        "peer_versions": package_versions(PEER_PACKAGES) if args.peers else None,
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "forward_flops_formula": formula, "forward_flops_counted": counted, "matmul_flops_per_sec": peak,
-        "attention_share_of_block_flops": attention_share, "rows": rows,
+        "forward_flops_formula": formula, "forward_flops_counted": counted,
+        "attention_share_of_block_flops": formula["attention"] / formula["total"],
+        "spec_peak": spec,
+        "best_measured_gemm": {"flops_per_sec": best["flops_per_sec"], "shape": best["shape"], "rounds": timed["gemm_rounds"]},
+        "arm_orders": timed["orders"], "rows": rows,
     }
     write_results(args.out, report, markdown(report))
     return report
 
 
 def markdown(r: dict) -> str:
-    c = r["config"]
+    c, f, spec, best = r["config"], r["forward_flops_formula"], r["spec_peak"], r["best_measured_gemm"]
+    spec_text = (f"{spec['card']} {spec['precision']} dense {spec['flops_per_sec'] / 1e12:.1f} TFLOP/s ({spec['source']})"
+                 if spec else "none known for this device (n/a)")
+    m, k, n = best["shape"]
     lines = [f"# bench_step: {c['model']} at {c['img_size']} px / patch {c['patch_size']}, batch {c['batch_size']}, "
              f"{c['device']} {c['dtype']}{' compiled' if c['compile'] else ''}", "",
              *provenance_lines(r),
-             f"Forward FLOPs per image: formula {r['forward_flops_formula']['total'] / 1e9:.4f} G "
-             f"(linear {r['forward_flops_formula']['linear'] / 1e9:.4f} G + attention {r['forward_flops_formula']['attention'] / 1e9:.4f} G); "
-             f"FlopCounterMode {r['forward_flops_counted'] / 1e9:.4f} G (on CPU it does not count the fused attention kernel). Measured matmul rate {r['matmul_flops_per_sec'] / 1e9:.1f} GFLOP/s "
-             f"(MFU = images/s x 3 x forward FLOPs / that rate). Attention's share of the FLOPs: {r['attention_share_of_block_flops']:.1%}.", "",
-             "| arm | images/s (median) | min–max | vs bare timm step | MFU |", "|---|---|---|---|---|"]
+             *([f"Peer versions: {r['peer_versions']}", ""] if r.get("peer_versions") else []),
+             f"Forward FLOPs per image: formula {f['total'] / 1e9:.4f} G (linear {f['linear'] / 1e9:.4f} G + attention "
+             f"{f['attention'] / 1e9:.4f} G); FlopCounterMode {r['forward_flops_counted'] / 1e9:.4f} G (on CPU it does not "
+             f"count the fused attention kernel). Attention's share of the FLOPs: {r['attention_share_of_block_flops']:.1%}.", "",
+             f"MFU = images/s x 3 x forward FLOPs / peak. Spec peak: {spec_text}. Best measured GEMM: "
+             f"{best['flops_per_sec'] / 1e9:.1f} GFLOP/s ({m}x{k} @ {k}x{n}; max over {len(best['rounds'])} rounds of "
+             f"{len(best['rounds'][0])} shapes, squares {c['peak_n']} and the model's linears, timed between the arms).", "",
+             f"Arm order per repeat (rotations of a shuffle, seed {c['seed']}): " + "; ".join(" ".join(o) for o in r["arm_orders"]), "",
+             "| arm | images/s (median) | min–max | vs bare timm step: mean of per-repeat ratios [95% t-interval] "
+             "| MFU vs spec peak | MFU vs best measured GEMM |", "|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        lines.append(f"| {row['arm']} | {row['images_per_sec']:.1f} | {row['min']:.1f}–{row['max']:.1f} | {row['vs_bare']:.3f} | {row['mfu']:.1%} |")
+        v = row["vs_bare"]
+        interval = f" [{v['low']:.3f}, {v['high']:.3f}]" if v["low"] is not None else " (one repeat: no interval)"
+        spec_mfu = f"{row['mfu_vs_spec_peak']:.1%}" if row["mfu_vs_spec_peak"] is not None else "n/a"
+        lines.append(f"| {row['arm']} | {row['images_per_sec']:.1f} | {row['min']:.1f}–{row['max']:.1f} | {v['mean']:.3f}{interval} "
+                     f"| {spec_mfu} | {row['mfu_vs_best_measured_gemm']:.1%} |")
     return "\n".join(lines) + "\n"
 
 

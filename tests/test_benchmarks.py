@@ -21,25 +21,77 @@ def load(name):
 def test_bench_step_tiny(tmp_path):
     bench = load("bench_step")
     out = tmp_path / "step"
-    report = bench.main(["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "4",
-                         "--steps", "1", "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    report = bench.main(["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "4", "--peers",
+                         "--steps", "1", "--repeats", "3", "--warmup", "1", "--peak-n", "64", "128", "--gemm-seconds", "0.01",
+                         "--out", str(out)])
     saved = json.loads(out.with_suffix(".json").read_text())
+    md = out.with_suffix(".md").read_text()
     assert saved["rows"] == report["rows"] and {r["arm"] for r in saved["rows"]} >= {"bare_timm", "mpp"}
-    assert all(r["images_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in saved["rows"])
     # the stated FLOP formula agrees with torch's own count of the forward pass (which on CPU leaves
     # out the fused attention kernel: then it must equal the formula's linear part)
     formula, counted = saved["forward_flops_formula"], saved["forward_flops_counted"]
     assert counted in (pytest.approx(formula["linear"], rel=1e-6), pytest.approx(formula["total"], rel=1e-6))
-    assert "| mpp |" in out.with_suffix(".md").read_text() and "Command: `" in out.with_suffix(".md").read_text()
+    assert "| mpp |" in md and "Command: `" in md
+
+    # the GEMM peak: one round per repeat, each the squares and the model's own linears (test_vit: width 64,
+    # MLP 192, 4 x 17 tokens: qkv and fc1 share a shape), and MFU divides by the best reading of them all
+    rounds = saved["best_measured_gemm"]["rounds"]
+    rows_of_tokens = 4 * ((28 // 7) ** 2 + 1)
+    assert len(rounds) == 3 and all(sorted(map(tuple, (g["shape"] for g in rnd))) == sorted(
+        [(64, 64, 64), (128, 128, 128), (rows_of_tokens, 64, 192), (rows_of_tokens, 64, 64), (rows_of_tokens, 192, 64)]) for rnd in rounds)
+    best = max(g["flops_per_sec"] for rnd in rounds for g in rnd)
+    assert saved["best_measured_gemm"]["flops_per_sec"] == best
+    for row in saved["rows"]:
+        assert row["images_per_sec"] > 0 and row["mfu_vs_best_measured_gemm"] == pytest.approx(
+            row["images_per_sec"] * 3 * formula["total"] / best, rel=1e-9)
+        assert row["mfu_vs_spec_peak"] is None  # a CPU has no spec peak in the table
+    assert saved["spec_peak"] is None and "| n/a |" in md and "MFU vs spec peak" in md and "MFU vs best measured GEMM" in md
+
+    # the order changes between repeats, the GEMM round sits between the arms, and every arm takes every place once
+    orders = saved["arm_orders"]
+    names = sorted([r["arm"] for r in saved["rows"]] + ["gemm"])
+    assert len(orders) == 3 and all(sorted(o) == names for o in orders) and len({tuple(o) for o in orders}) == 3
+    if len(names) == 3:
+        assert all(len({o[place] for o in orders}) == 3 for place in range(3))
+
+    # the ratio to the bare step: per repeat, from the rates timed in that repeat
+    bare = next(r for r in saved["rows"] if r["arm"] == "bare_timm")
+    for row in saved["rows"]:
+        expected = [a / b for a, b in zip(row["per_repeat"], bare["per_repeat"])]
+        assert row["vs_bare"]["per_repeat"] == pytest.approx(expected) and row["vs_bare"]["n"] == 3
+        assert row["vs_bare"]["low"] <= row["vs_bare"]["mean"] <= row["vs_bare"]["high"]
+
+    # the machine's load and the peers' versions are recorded
+    for key in ("load_average_before", "load_average_after"):
+        assert saved[key]["1min"] >= 0 and saved[key]["cpus"] >= 1
+    assert "Load average (1/5/15 min) before" in md
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("transformers", "vit-pytorch"):
+        try:
+            installed = version(package)
+        except PackageNotFoundError:
+            installed = None
+        assert saved["peer_versions"][package] == installed
 
 
-def test_bench_step_gpu_settings_on_cpu(tmp_path, capsys):
-    # the GPU invocation's autocast path, runnable here in bf16; --device cuda without CUDA is refused up front
+def test_bench_step_gpu_settings_on_cpu(tmp_path, capsys, monkeypatch):
+    # the GPU invocation's autocast path, runnable here in bf16, with the spec peak of an H100 looked up as
+    # on that card; --device cuda without CUDA is refused up front
     bench = load("bench_step")
+    table = bench.spec_peak
+    monkeypatch.setattr(bench, "spec_peak", lambda name, dtype: table("NVIDIA H100 80GB HBM3", dtype))
+    out = tmp_path / "bf16"
     report = bench.main(["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "4", "--dtype", "bf16",
-                         "--steps", "1", "--repeats", "1", "--warmup", "1", "--peak-n", "256",
-                         "--out", str(tmp_path / "bf16")])  # a 2048^3 bf16 matmul takes ~1 min on this CPU
+                         "--steps", "1", "--repeats", "1", "--warmup", "1", "--peak-n", "128", "--gemm-seconds", "0.01",
+                         "--out", str(out)])  # a 2048^3 bf16 matmul takes ~1 min on this CPU
     assert report["config"]["dtype"] == "bf16" and all(r["images_per_sec"] > 0 for r in report["rows"])
+    assert report["spec_peak"]["flops_per_sec"] == 989e12 and report["spec_peak"]["precision"] == "bf16"
+    train_flops = 3 * report["forward_flops_formula"]["total"]
+    for row in report["rows"]:
+        assert row["mfu_vs_spec_peak"] == pytest.approx(row["images_per_sec"] * train_flops / 989e12, rel=1e-9)
+        assert row["vs_bare"]["low"] is None  # one repeat: no interval
+    assert "NVIDIA H100 SXM bf16 dense 989.0 TFLOP/s" in out.with_suffix(".md").read_text()
     import torch
 
     if not torch.cuda.is_available():
@@ -47,6 +99,72 @@ def test_bench_step_gpu_settings_on_cpu(tmp_path, capsys):
             bench.main(["--device", "cuda", "--out", str(tmp_path / "cuda")])
         assert refused.value.code == 2 and "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
         assert not (tmp_path / "cuda.json").exists()
+
+
+def test_bench_step_refuses_compiled_arms_against_eager_peers(tmp_path, capsys):
+    bench = load("bench_step")
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--compile", "--peers", "--model", "test_vit", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "--compile --peers" in err and "without --compile" in err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_spec_peak_table():
+    import torch
+
+    peaks = load("peaks")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert peaks.spec_peak("NVIDIA H100 80GB HBM3", bf16)["flops_per_sec"] == 989e12  # H100 SXM, as torch names it
+    assert peaks.spec_peak("NVIDIA H200", bf16)["flops_per_sec"] == 989e12
+    assert peaks.spec_peak("NVIDIA H100 PCIe", bf16)["flops_per_sec"] == 756e12
+    assert peaks.spec_peak("NVIDIA A100-SXM4-80GB", bf16)["flops_per_sec"] == 312e12
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")  # plain fp32 matmuls: the fp32 peak, not TF32's
+        assert peaks.spec_peak("NVIDIA A100 80GB PCIe", fp32)["flops_per_sec"] == 19.5e12
+        torch.set_float32_matmul_precision("high")  # TF32 allowed
+        assert peaks.spec_peak("NVIDIA H100 80GB HBM3", fp32)["flops_per_sec"] == pytest.approx(494.7e12)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert peaks.spec_peak("NVIDIA GeForce RTX 4090", bf16) is None and peaks.spec_peak(None, bf16) is None
+
+
+def test_arm_orders_rotate_and_reshuffle():
+    bench = load("bench_step")
+    names = ["a", "b", "c", "gemm"]
+    orders = bench.arm_orders(names, 8, seed=0)
+    assert all(sorted(o) == names for o in orders)
+    for cycle in (orders[:4], orders[4:]):  # every name in every place once per cycle
+        assert all(len({o[place] for o in cycle}) == 4 for place in range(4))
+    assert all(a != b for a, b in zip(orders, orders[1:]))
+    assert bench.arm_orders(names, 8, seed=0) == orders and bench.arm_orders(names, 8, seed=1) != orders
+
+
+def test_paired_ratio_t_interval():
+    bench = load("bench_step")
+    r = bench.paired_ratio([1.0, 2.2, 2.7], [1.0, 2.0, 3.0])  # per-repeat ratios 1.0, 1.1, 0.9
+    half = 4.302652729911275 * 0.1 / 3**0.5  # t(0.975, 2 dof) x sample std / sqrt(n), by hand
+    assert r["per_repeat"] == pytest.approx([1.0, 1.1, 0.9]) and r["mean"] == pytest.approx(1.0)
+    assert (r["low"], r["high"]) == (pytest.approx(1.0 - half), pytest.approx(1.0 + half))
+
+
+def test_peer_configs_match_the_encoder():
+    from argparse import Namespace
+
+    bench = load("bench_step")
+    args = Namespace(img_size=28, patch_size=7, dim=96, depth=2, heads=3, mlp_ratio=4.0)  # head width 32, not vit-pytorch's default 64
+    vit_kwargs, mpp_kwargs = bench.vit_pytorch_config(args)
+    assert vit_kwargs["dim_head"] * vit_kwargs["heads"] == 96 and vit_kwargs["mlp_dim"] == 384
+    assert (mpp_kwargs["mask_prob"], mpp_kwargs["replace_prob"], mpp_kwargs["random_patch_prob"]) == (0.5, 0.8, 0.1)
+    hf = bench.hf_vit_config(args)
+    assert (hf["hidden_size"], hf["num_attention_heads"], hf["intermediate_size"], hf["num_hidden_layers"]) == (96, 3, 384, 2)
+    try:
+        from vit_pytorch import ViT
+    except ImportError:
+        return
+    attention = ViT(**vit_kwargs).transformer.layers[0][0]
+    assert attention.to_qkv.out_features == 3 * 96  # q, k, v each as wide as the encoder, as in timm
 
 
 @pytest.mark.slow
@@ -68,8 +186,17 @@ def test_bench_scaling_tiny(tmp_path):
     out = tmp_path / "scaling"
     bench.main(["--model", "test_vit", "--patch-size", "7", "--batch-sizes", "2", "4", "--img-size", "28", "--img-sizes", "14", "28",
                 "--batch-size", "2", "--steps", "1", "--out", str(out)])
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    rows = saved["rows"]
     assert [r["sweep"] for r in rows] == ["batch", "batch", "sequence", "sequence", "grad_checkpointing", "grad_checkpointing"]
-    assert all(r["images_per_sec"] > 0 and r["peak_mb"] >= 0 for r in rows)
+    # one definition per memory column: host peak-RSS growth always, CUDA's max allocated only on CUDA
+    assert all(r["images_per_sec"] > 0 and r["rss_peak_growth_mb"] >= 0 and r["cuda_max_allocated_mb"] is None
+               and "peak_mb" not in r for r in rows)
+    md = out.with_suffix(".md").read_text()
+    assert "| peak RSS growth MB | CUDA max allocated MB |" in md and md.count(" | n/a |") == len(rows)
+    assert saved["load_average_before"]["1min"] >= 0 and "Load average (1/5/15 min) before" in md
     # the attention share of the FLOPs grows with the number of tokens
     assert rows[2]["tokens"] < rows[3]["tokens"] and rows[2]["attention_flop_share"] < rows[3]["attention_flop_share"]
+    # a CUDA row shows both numbers, each in its own column
+    cuda_row = dict(rows[0], rss_peak_growth_mb=12.0, cuda_max_allocated_mb=345.0)
+    assert "| 12 | 345 |" in bench.markdown(dict(saved, rows=[cuda_row]))
