@@ -18,9 +18,16 @@ def load(name):
     return module
 
 
-def test_bench_step_tiny(tmp_path):
+def test_bench_step_tiny(tmp_path, monkeypatch):
     bench = load("bench_step")
     out = tmp_path / "step"
+    # GEMM readings with a known best, in the middle round (the real readings are taken in the bf16 test below)
+    round_rates = iter([5e9, 9e9, 1e9])
+
+    def gemm_round(shapes, device, dtype, seconds):
+        rate = next(round_rates)
+        return [{"shape": list(s), "flops_per_sec": rate + i} for i, s in enumerate(shapes)]
+    monkeypatch.setattr(bench, "gemm_round", gemm_round)
     report = bench.main(["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "4", "--peers",
                          "--steps", "1", "--repeats", "3", "--warmup", "1", "--peak-n", "64", "128", "--gemm-seconds", "0.01",
                          "--out", str(out)])
@@ -39,8 +46,8 @@ def test_bench_step_tiny(tmp_path):
     rows_of_tokens = 4 * ((28 // 7) ** 2 + 1)
     assert len(rounds) == 3 and all(sorted(map(tuple, (g["shape"] for g in rnd))) == sorted(
         [(64, 64, 64), (128, 128, 128), (rows_of_tokens, 64, 192), (rows_of_tokens, 64, 64), (rows_of_tokens, 192, 64)]) for rnd in rounds)
-    best = max(g["flops_per_sec"] for rnd in rounds for g in rnd)
-    assert saved["best_measured_gemm"]["flops_per_sec"] == best
+    best = 9e9 + 4  # the middle round's last shape
+    assert saved["best_measured_gemm"]["flops_per_sec"] == best and saved["best_measured_gemm"]["shape"] == list(rounds[1][4]["shape"])
     for row in saved["rows"]:
         assert row["images_per_sec"] > 0 and row["mfu_vs_best_measured_gemm"] == pytest.approx(
             row["images_per_sec"] * 3 * formula["total"] / best, rel=1e-9)
@@ -86,6 +93,8 @@ def test_bench_step_gpu_settings_on_cpu(tmp_path, capsys, monkeypatch):
                          "--steps", "1", "--repeats", "1", "--warmup", "1", "--peak-n", "128", "--gemm-seconds", "0.01",
                          "--out", str(out)])  # a 2048^3 bf16 matmul takes ~1 min on this CPU
     assert report["config"]["dtype"] == "bf16" and all(r["images_per_sec"] > 0 for r in report["rows"])
+    readings = [g["flops_per_sec"] for rnd in report["best_measured_gemm"]["rounds"] for g in rnd]
+    assert all(rate > 0 for rate in readings) and report["best_measured_gemm"]["flops_per_sec"] == max(readings)
     assert report["spec_peak"]["flops_per_sec"] == 989e12 and report["spec_peak"]["precision"] == "bf16"
     train_flops = 3 * report["forward_flops_formula"]["total"]
     for row in report["rows"]:
@@ -101,8 +110,12 @@ def test_bench_step_gpu_settings_on_cpu(tmp_path, capsys, monkeypatch):
         assert not (tmp_path / "cuda.json").exists()
 
 
-def test_bench_step_refuses_compiled_arms_against_eager_peers(tmp_path, capsys):
+def test_bench_step_refuses_compiled_arms_against_eager_peers(tmp_path, capsys, monkeypatch):
     bench = load("bench_step")
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built: --compile --peers must be refused before any heavy work")
+    monkeypatch.setattr(bench, "create_encoder", built)
     with pytest.raises(SystemExit) as refused:
         bench.main(["--compile", "--peers", "--model", "test_vit", "--out", str(tmp_path / "c")])
     err = capsys.readouterr().err
