@@ -30,10 +30,9 @@ import torch
 from peaks import gemm_round, model_gemm_shapes, spec_peak, sync
 from results_io import load_average, package_versions, provenance, provenance_lines, write_results
 
-from mpp.stats import paired_difference
-
 from mpp.loop import fused_optimizer_kwargs
 from mpp.model import MPPModel, create_encoder
+from mpp.stats import paired_difference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -208,6 +207,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device on this machine; use --device cpu")
+    if min(args.steps, args.repeats) < 1 or args.gemm_seconds <= 0:
+        p.error(f"--steps {args.steps} --repeats {args.repeats} --gemm-seconds {args.gemm_seconds}: each must be positive")
     if args.compile and args.peers:
         p.error("--compile --peers: the peers would run eager against our compiled arms; time the peers without --compile")
     if args.threads:
@@ -276,6 +277,10 @@ def main(argv=None):
     return report
 
 
+def flops_text(rate: float) -> str:
+    return f"{rate / 1e12:.1f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
+
+
 def markdown(r: dict) -> str:
     c, f, spec, best = r["config"], r["forward_flops_formula"], r["spec_peak"], r["best_measured_gemm"]
     spec_text = (f"{spec['card']} {spec['precision']} dense {spec['flops_per_sec'] / 1e12:.1f} TFLOP/s ({spec['source']})"
@@ -289,7 +294,7 @@ def markdown(r: dict) -> str:
              f"{f['attention'] / 1e9:.4f} G); FlopCounterMode {r['forward_flops_counted'] / 1e9:.4f} G (on CPU it does not "
              f"count the fused attention kernel). Attention's share of the FLOPs: {r['attention_share_of_block_flops']:.1%}.", "",
              f"MFU = images/s x 3 x forward FLOPs / peak. Spec peak: {spec_text}. Best measured GEMM: "
-             f"{best['flops_per_sec'] / 1e9:.1f} GFLOP/s ({m}x{k} @ {k}x{n}; max over {len(best['rounds'])} rounds of "
+             f"{flops_text(best['flops_per_sec'])} ({m}x{k} @ {k}x{n}; max over {len(best['rounds'])} rounds of "
              f"{len(best['rounds'][0])} shapes, squares {c['peak_n']} and the model's linears, timed between the arms).", "",
              f"Arm order per repeat (rotations of a shuffle, seed {c['seed']}): " + "; ".join(" ".join(o) for o in r["arm_orders"]), "",
              "| arm | images/s (median) | min–max | vs bare timm step: mean of per-repeat ratios [95% t-interval] "
