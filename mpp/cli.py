@@ -18,7 +18,7 @@ class OneLineParser(argparse.ArgumentParser):
 def add_run_flags(p: argparse.ArgumentParser, run: argparse._ArgumentGroup, d) -> None:
     """The flags both recipes share: data pipeline, batch and length, the run folder, checkpoints."""
     g = p.add_argument_group("data pipeline")
-    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process (default: 0 on CPU machines with <= 4 cores, else a few)")
+    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process, kept across epochs (default: 0 on CPU machines with <= 4 cores, else the cores per process but one)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"), help="RandomResizedCrop area range")
     g.add_argument("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
     g.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image or missing label instead of skipping and counting it")
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default=d.split, help="dataset split to pretrain on")
     g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
     g.add_argument("--streaming", action="store_true", help="stream the dataset (iterable, sharded per process); needs --max-steps")
+    g.add_argument("--decode", default=d.decode, choices=("draft", "full", "gpu"),
+                   help="how JPEGs are decoded: draft (CPU; at 1/2-1/8 scale in the DCT domain when the crop is at least "
+                   "twice the output size, never below it), full (CPU, whole image), gpu (nvJPEG on the training device; needs CUDA)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help=f"a timm ViT of a supported family: {SUPPORTED}; "

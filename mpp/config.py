@@ -4,6 +4,7 @@ from dataclasses import asdict, dataclass, field
 
 import timm
 
+from .augment import DECODE_MODES
 from .errors import UsageError
 from .targets import TARGETS
 
@@ -19,7 +20,8 @@ class PretrainConfig:
     split: str = "train"
     image_column: str | None = None
     streaming: bool = False
-    workers: int | None = None  # None: 0 on CPU machines with <= 4 cores, else a few per process
+    workers: int | None = None  # None: 0 on CPU machines with <= 4 cores, else the process's cores but one
+    decode: str = "draft"  # draft | full | gpu: see augment.py
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: float = 0.5
     strict_data: bool = False
@@ -100,6 +102,13 @@ def validate(cfg: PretrainConfig) -> None:
         raise UsageError(f"--log-images-every must be 0 (off) or a number of steps, got {cfg.log_images_every}")
     if cfg.eval_every_steps < 1:
         raise UsageError(f"--eval-every-steps must be at least 1, got {cfg.eval_every_steps}")
+    if cfg.decode not in DECODE_MODES:
+        raise UsageError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {cfg.decode!r}")
+    if cfg.decode == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--decode gpu needs a CUDA GPU (nvJPEG) and this machine has none; use --decode draft (the default) or full")
     if cfg.streaming and cfg.max_steps is None:
         raise UsageError("--streaming needs --max-steps (a stream has no known length)")
     if cfg.lr is not None and cfg.base_lr is not None:

@@ -53,6 +53,13 @@ def files_of_split(files: list[str], split: str, dataset: str) -> list[str]:
     return [f for f in files if SPLIT_FILE.match(Path(f).name).group("split") == split]
 
 
+def is_sidecar(path: str) -> bool:
+    """Files that sit beside parquet or .tar shards without being data: the Hub's README.md and
+    .gitattributes, recipes/prepare_data.py's prepare_report.json."""
+    name = Path(path).name
+    return name.startswith(".") or Path(name).suffix.lower() in (".md", ".json", ".txt")
+
+
 def load_images(
     dataset: str,
     split: str = "train",
@@ -80,6 +87,9 @@ def load_images(
         files = _local_files(dataset)
         if not files:
             raise UsageError(f"--dataset {dataset}: no files found")
+        shards = [f for f in files if not is_sidecar(f)]
+        if shards and {Path(f).suffix.lower() for f in shards} in ({".parquet"}, {".tar"}):
+            files = shards  # a README.md or prepare_report.json beside the shards is not data
         suffixes = {Path(f).suffix.lower() for f in files}
         if suffixes <= {".parquet"} or suffixes <= {".tar"}:
             builder = "parquet" if suffixes <= {".parquet"} else "webdataset"
@@ -164,7 +174,7 @@ def to_levels(a: np.ndarray, what: str = "array") -> np.ndarray:
     raise ValueError(f"{what}: unsupported dtype {a.dtype}")
 
 
-def _pil_to_rgb(img: PILImage.Image) -> PILImage.Image:
+def pil_to_rgb(img: PILImage.Image) -> PILImage.Image:
     """Any PIL image -> RGB. Modes I;16* and I (32-bit integers) are read as 16-bit levels 0..65535
     (x / 257; I values outside 0..65535 are refused), mode F as floats in [0, 1] (x * 255, others
     refused), both rounded halves up; transparency is composited over white; CMYK, P, L, 1 and the
@@ -208,7 +218,7 @@ def _array_to_rgb(a: np.ndarray) -> torch.Tensor | PILImage.Image:
         raise ValueError(f"array of shape {shape}: expected (H, W), (H, W, C) or (C, H, W)")
     a = to_levels(a, f"array of shape {shape}")
     if a.shape[-1] == 4:
-        return _pil_to_rgb(PILImage.fromarray(np.ascontiguousarray(a), "RGBA"))
+        return pil_to_rgb(PILImage.fromarray(np.ascontiguousarray(a), "RGBA"))
     t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)  # (C, H, W)
     return t.expand(3, -1, -1) if t.shape[0] == 1 else t
 
@@ -220,7 +230,7 @@ def open_image(value) -> tuple[PILImage.Image | torch.Tensor | None, str]:
     Encoded images stay PIL so that augmentation crops and resizes them before the conversion to a
     tensor: PIL's resize of the crop plus a small conversion costs a quarter less than converting
     the whole image first (benchmarks/bench_loop.py, JPEG arm). Numbers become levels by a fixed
-    rule per dtype or PIL mode (to_levels, _pil_to_rgb); arrays that break it are skipped with the reason.
+    rule per dtype or PIL mode (to_levels, pil_to_rgb); arrays that break it are skipped with the reason.
     """
     try:
         if isinstance(value, dict):  # Image(decode=False): {"bytes": ..., "path": ...}
@@ -229,14 +239,38 @@ def open_image(value) -> tuple[PILImage.Image | torch.Tensor | None, str]:
                 return None, "empty image entry"
             with PILImage.open(source) as img:
                 img.load()
-                return _pil_to_rgb(img), ""
+                return pil_to_rgb(img), ""
         if isinstance(value, PILImage.Image):
-            return _pil_to_rgb(value), ""
+            return pil_to_rgb(value), ""
         if value is None:
             return None, "missing image"
         return _array_to_rgb(np.asarray(value)), ""
     except Exception as e:  # truncated, corrupt, not an image, decompression bomb, ambiguous array, ...
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        return None, why(e)
+
+
+def why(e: Exception) -> str:
+    """One line, at most 200 characters: what went wrong reading an image."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
+def augment_value(value, transform, name: str, defer: bool = False):
+    """One stored image -> its augmented (3, S, S) uint8 tensor, or (defer: --decode gpu) an EncodedCrop
+    for the training process to decode, or a BadImage saying why not. A transform that opens images
+    itself (augment.CropFlip) gets encoded files undecoded, so that it decodes only what its crop needs."""
+    from .augment import defer_or_apply, open_encoded, read_bytes
+
+    if getattr(transform, "opens_images", False) and isinstance(value, dict):
+        try:
+            opened = open_encoded(value)
+            if opened is None:
+                return BadImage(name, "empty image entry")
+            with opened:
+                return defer_or_apply(opened, read_bytes(value), transform, name) if defer else transform(opened)
+        except Exception as e:  # as open_image: truncated, corrupt, not an image, ...
+            return BadImage(name, why(e))
+    image, problem = open_image(value)
+    return BadImage(name, problem) if image is None else as_tensor(transform(image))
 
 
 def as_tensor(image: PILImage.Image | torch.Tensor) -> torch.Tensor:
@@ -293,7 +327,7 @@ class AugmentedImages(torch.utils.data.Dataset):
     """A map-style dataset of augmented (3, H, W) uint8 tensors, with their labels when label_column
     is given; broken images become BadImage."""
 
-    def __init__(self, ds: Dataset, image_column: str, transform, seed: int, label_column: str | None = None):
+    def __init__(self, ds: Dataset, image_column: str, transform, seed: int, label_column: str | None = None, defer: bool = False):
         columns = [image_column] + ([label_column] if label_column else [])
         self.ds = prepare_columns(ds, image_column, columns)
         if isinstance(self.ds.features[image_column], (Array3D, Array2D)):
@@ -302,6 +336,7 @@ class AugmentedImages(torch.utils.data.Dataset):
         self.label_column = label_column
         self.transform = transform
         self.seed = seed
+        self.defer = defer  # --decode gpu: JPEGs leave as EncodedCrop
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -310,25 +345,25 @@ class AugmentedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: list[int]):
+    def __getitems__(self, indices: list):
+        """indices: ints (the epoch is self.epoch) or (epoch, index) pairs from loader.EpochSampler: worker
+        processes that live across epochs keep the dataset copy of the first, so the epoch travels with them."""
+        epoch = indices[0][0] if isinstance(indices[0], tuple) else self.epoch
+        indices = [i[1] if isinstance(i, tuple) else i for i in indices]
         rows = self.ds[indices]  # one Arrow read per batch instead of one per image
         # one seed per batch, from its first index (unique within an epoch): the same batches get
         # the same augmentation whatever the number of workers, and after a resume
-        images = seeded(self._augment_all, list(zip(rows[self.column], indices)), sample_seed(self.seed, self.epoch, indices[0]))
+        images = seeded(self._augment_all, list(zip(rows[self.column], indices)), sample_seed(self.seed, epoch, indices[0]))
         if self.label_column is None:
             return images
         return [x if isinstance(x, BadImage) else BadImage(f"#{i}", "missing label") if _missing(y) else (x, int(y))
                 for x, y, i in zip(images, rows[self.label_column], indices)]
 
     def _augment_all(self, values_and_indices):
-        out = []
-        for value, index in values_and_indices:
-            image, problem = open_image(value)
-            out.append(BadImage(_describe(value, index), problem) if image is None else as_tensor(self.transform(image)))
-        return out
+        return [augment_value(value, self.transform, _describe(value, index), self.defer) for value, index in values_and_indices]
 
 
 @dataclass
@@ -368,7 +403,7 @@ class AugmentedStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, ds: IterableDataset, image_column: str, transform, seed: int, rank: int = 0,
-                 batch_size: int = 1, resume: StreamPosition | None = None):
+                 batch_size: int = 1, resume: StreamPosition | None = None, defer: bool = False):
         self.ds = prepare_columns(ds, image_column)
         self.column = image_column
         self.transform = transform
@@ -376,6 +411,7 @@ class AugmentedStream(torch.utils.data.IterableDataset):
         self.rank = rank
         self.batch_size = batch_size
         self.resume = resume or StreamPosition()
+        self.defer = defer
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -393,11 +429,8 @@ class AugmentedStream(torch.utils.data.IterableDataset):
         seed = self.seed * 1009 + self.rank * 101 + wid
         # iterating self.ds in a worker reads that worker's shards only (datasets splits them)
         for j, row in itertools.islice(enumerate(self.ds), consumed, None):  # skipped rows are read, not decoded
-            image, problem = open_image(row[self.column])
-            if image is None:
-                yield BadImage(_describe(row[self.column], j), problem)
-                continue
-            yield as_tensor(seeded(self.transform, image, sample_seed(seed, self.epoch, j)))
+            value = row[self.column]
+            yield seeded(lambda v: augment_value(v, self.transform, _describe(v, j), self.defer), value, sample_seed(seed, self.epoch, j))
 
     @staticmethod
     def collate(items: list) -> dict:
@@ -453,9 +486,23 @@ def collate_images(items: list) -> dict:
         raise RuntimeError(f"all {len(items)} images of a batch are unreadable, e.g. {bad[0][0]}: {bad[0][1]}")
     filled = good + [good[i % len(good)] for i in range(len(bad))]
     valid = torch.arange(len(filled)) < len(good)  # (B,)
-    if isinstance(filled[0], tuple):
-        return {"pixels": torch.stack([x for x, _ in filled]), "labels": torch.tensor([y for _, y in filled]), "valid": valid, "bad": bad}
-    return {"pixels": torch.stack(filled), "valid": valid, "bad": bad}  # pixels (B, 3, H, W) uint8
+    labelled = isinstance(filled[0], tuple)
+    images = [x for x, _ in filled] if labelled else filled
+    batch = {"pixels": stack_images(images), "valid": valid, "bad": bad}  # pixels (B, 3, H, W) uint8
+    encoded = [(slot, x) for slot, x in enumerate(images) if not isinstance(x, torch.Tensor)]
+    if encoded:  # --decode gpu: these slots are filled on the device (augment.decode_deferred)
+        batch["encoded"] = encoded
+    if labelled:
+        batch["labels"] = torch.tensor([y for _, y in filled])
+    return batch
+
+
+def stack_images(images: list) -> torch.Tensor:
+    """(B, 3, S, S) uint8; zeros where an EncodedCrop (of size S) waits to be decoded."""
+    if all(isinstance(x, torch.Tensor) for x in images):
+        return torch.stack(images)
+    size = next(x.shape[-1] if isinstance(x, torch.Tensor) else x.size for x in images)
+    return torch.stack([x if isinstance(x, torch.Tensor) else torch.zeros(3, size, size, dtype=torch.uint8) for x in images])
 
 
 def timm_transform(img_size: int, training: bool, crop_scale=(0.35, 1.0), hflip: float = 0.5, auto_augment: str | None = None):
@@ -473,15 +520,13 @@ def timm_transform(img_size: int, training: bool, crop_scale=(0.35, 1.0), hflip:
     return lambda image: tf(image if isinstance(image, PILImage.Image) else to_pil_image(image))
 
 
-def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5):
-    """Pretraining augmentation: RandomResizedCrop and horizontal flip, on RGB PIL images or (3, H, W)
-    uint8 tensors (returned as the same kind)."""
-    from torchvision.transforms import v2
+def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5, draft: bool = True):
+    """Pretraining augmentation: RandomResizedCrop and horizontal flip (augment.CropFlip: torchvision's
+    draws; draft: JPEGs decoded at the smallest DCT scale that keeps the crop's resolution), on RGB PIL
+    images, opened JPEGs or (3, H, W) uint8 tensors, returning (3, img_size, img_size) uint8."""
+    from .augment import CropFlip
 
-    steps = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), antialias=True)]
-    if hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(hflip))
-    return v2.Compose(steps)
+    return CropFlip(img_size, crop_scale, hflip=hflip, draft=draft)
 
 
 def resize_square(image: torch.Tensor, img_size: int) -> torch.Tensor:

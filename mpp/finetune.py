@@ -16,7 +16,8 @@ from . import __version__
 from .config import check_batch_fits, lr_at, optimizer_steps
 from .data import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
 from .errors import UsageError
-from .loop import (LoopSettings, RunError, capped_warmup, default_workers, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
+from .loader import default_workers, training_loader
+from .loop import (LoopSettings, RunError, capped_warmup, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
 from .weights import load_encoder_weights, load_tensors, read_metadata, save_weights
 
@@ -188,14 +189,13 @@ def finetune(cfg) -> dict:
     train_images = AugmentedImages(data.train, data.image_column,
                                    timm_transform(arch["img_size"], True, cfg.crop_scale, cfg.hflip, cfg.resolved("auto_augment")),
                                    cfg.seed, data.label_column)
-    loader_kwargs = dict(collate_fn=collate_images, num_workers=workers, pin_memory=acc.device.type == "cuda")
 
     def held_out_loader(ds):
         images = AugmentedImages(ds, data.image_column, timm_transform(arch["img_size"], False), cfg.seed, data.label_column)
-        return torch.utils.data.DataLoader(images, batch_size=max(cfg.batch_size, 256), **loader_kwargs)
+        return torch.utils.data.DataLoader(images, batch_size=max(cfg.batch_size, 256), collate_fn=collate_images, num_workers=workers,
+                                           pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0)  # evaluated many times
 
-    train_loader = torch.utils.data.DataLoader(train_images, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                               generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
+    train_loader = training_loader(train_images, cfg.batch_size, cfg.seed, workers, acc.device, collate_images)
     model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader, held_out_loader(data.eval))
     test_loader = acc.prepare(held_out_loader(data.test)) if data.test is not None else None
     total_steps = cfg.max_steps or optimizer_steps(cfg.epochs, len(train_loader), cfg.grad_accum)

@@ -37,14 +37,6 @@ def init_processes(threads: int | None) -> PartialState:
     return dist
 
 
-def default_workers(device: torch.device) -> int:
-    """No worker processes on small CPU machines (they would take cores from the step), else a few."""
-    cores = os.cpu_count() or 1
-    if device.type == "cpu" and cores <= 4:
-        return 0
-    return min(8, max(1, cores // max(1, PartialState().num_processes) - 1))
-
-
 def check_resume_path(resume: str | None) -> Path | None:
     """--resume PATH must be a complete checkpoint; 'auto' is resolved once the run folder is known."""
     if not resume or resume == "auto":
@@ -159,6 +151,7 @@ class LoopSettings:
     max_nonfinite: int = 5  # consecutive optimiser steps with a non-finite gradient before giving up; 0: no check
     strict_data: bool = False  # an unreadable image stops the run instead of being skipped
     clock: Callable[[], float] = time.perf_counter  # seconds; tests pass a deterministic one
+    prepare_batch: Callable[[dict], dict] | None = None  # e.g. decoding on the device (--decode gpu), before the batch is counted
 
 
 @dataclass
@@ -334,6 +327,8 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
         batches = acc.skip_first_batches(loader, batches_in_epoch) if batches_in_epoch and not s.streaming else loader
         for batch in waiting.timed(batches):
             batches_in_epoch += 1
+            if s.prepare_batch is not None:
+                batch = s.prepare_batch(batch)
             if batch["bad"]:
                 if s.strict_data:
                     name, reason = batch["bad"][0]

@@ -20,7 +20,7 @@ import numpy as np
 from datasets import Array2D, Array3D, ClassLabel, Features, Image, Value
 from PIL import Image as PILImage
 
-from .data import SPLIT_FILE, _local_files, find_image_column, find_label_column, load_images, open_image, prepare_columns
+from .data import SPLIT_FILE, _local_files, find_image_column, find_label_column, is_sidecar, load_images, open_image, prepare_columns
 from .errors import UsageError
 
 DEFAULT_SPLITS = ("train", "validation", "test")
@@ -59,7 +59,7 @@ def loose_files(source: str) -> bool:
     path = Path(source).expanduser()
     if not (path.exists() or any(c in source for c in "*?[")) or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
         return False
-    files = [f for f in _local_files(source) if not Path(f).name.startswith(".") and Path(f).suffix.lower() not in (".md", ".json", ".txt")]
+    files = [f for f in _local_files(source) if not is_sidecar(f)]
     suffixes = {Path(f).suffix.lower() for f in files}
     named = all(SPLIT_FILE.match(Path(f).name) for f in files)
     return bool(files) and (suffixes <= {".parquet"} or suffixes <= {".tar"}) and not named

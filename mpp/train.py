@@ -10,8 +10,9 @@ from timm.optim import create_optimizer_v2
 from . import __version__
 from .config import PretrainConfig, check_batch_fits, lr_at, optimizer_steps, resolve_lr, validate
 from .data import AugmentedImages, AugmentedStream, StreamLoader, StreamPosition, collate_images, find_image_column, load_images, train_transform
+from .loader import default_workers, training_loader
 from .errors import UsageError
-from .loop import (LoopSettings, capped_warmup, default_workers, fit, finish, fused_optimizer_kwargs, init_processes, open_run,
+from .loop import (LoopSettings, capped_warmup, fit, finish, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
 from .model import MPPModel, create_encoder
 from .weights import save_weights
@@ -38,35 +39,50 @@ def open_dataset(cfg: PretrainConfig, state: PartialState):
 def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator, run_state: dict | None = None):
     """(dataset wrapper, DataLoader). Only the map-style loader goes through accelerator.prepare.
     run_state: the checkpoint's trainer state, where a resumed stream starts."""
-    transform = train_transform(cfg.img_size, cfg.crop_scale, cfg.hflip)
+    transform = train_transform(cfg.img_size, cfg.crop_scale, cfg.hflip, draft=cfg.decode == "draft")
+    defer = cfg.decode == "gpu"  # workers hand over JPEG bytes and crop boxes; device_decoder decodes them
     workers = default_workers(accelerator.device) if cfg.workers is None else cfg.workers
-    pin = accelerator.device.type == "cuda"
     if cfg.streaming:
         from datasets.distributed import split_dataset_by_node
 
         ds = ds.shuffle(seed=cfg.seed, buffer_size=10_000)
         ds = split_dataset_by_node(ds, rank=accelerator.process_index, world_size=accelerator.num_processes)
         position = StreamPosition.of_run(run_state, workers) if run_state else None
-        images = AugmentedStream(ds, column, transform, cfg.seed, accelerator.process_index, cfg.batch_size, position)
+        images = AugmentedStream(ds, column, transform, cfg.seed, accelerator.process_index, cfg.batch_size, position, defer)
         loader = torch.utils.data.DataLoader(
-            images, batch_size=cfg.batch_size, collate_fn=AugmentedStream.collate, num_workers=workers, pin_memory=pin, drop_last=True,
-            generator=torch.Generator().manual_seed(cfg.seed),  # as below: a resume's new iterator leaves the global RNG alone
+            images, batch_size=cfg.batch_size, collate_fn=AugmentedStream.collate, num_workers=workers,
+            pin_memory=accelerator.device.type == "cuda", drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed),  # a resume's new iterator leaves the global RNG alone
         )
         return images, StreamLoader(loader, images.resume)
-    images = AugmentedImages(ds, column, transform, cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        images,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,  # static shapes: every step sees a full batch
-        collate_fn=collate_images,
-        num_workers=workers,
-        pin_memory=pin,
-        persistent_workers=False,  # workers are re-made each epoch and see the new epoch's seeds
-        # its own generator, so that creating an iterator (e.g. on resume) never draws from the global RNG
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    return images, loader
+    images = AugmentedImages(ds, column, transform, cfg.seed, defer=defer)
+    return images, training_loader(images, cfg.batch_size, cfg.seed, workers, accelerator.device, collate_images)
+
+
+def device_decoder(img_size: int, device: torch.device):
+    """LoopSettings.prepare_batch for --decode gpu: decodes a batch's deferred JPEGs on the device into
+    their slots; one that fails is counted as unreadable and its slot filled with a readable image."""
+    from .augment import decode_deferred
+
+    def prepare(batch: dict) -> dict:
+        encoded = batch.pop("encoded", None)
+        if not encoded:
+            return batch
+        pixels, failed = decode_deferred(batch["pixels"].to(device, non_blocking=True), encoded, img_size)
+        if failed:
+            broken = {slot for slot, _ in failed}
+            good = [i for i in range(len(pixels)) if i not in broken]
+            if not good:
+                raise RuntimeError(f"all {len(pixels)} images of a batch are unreadable, e.g. {failed[0][1]}")
+            for k, (slot, reason) in enumerate(failed):
+                pixels[slot] = pixels[good[k % len(good)]]
+                batch["valid"][slot] = False
+                name, _, reason = reason.partition(": ")
+                batch["bad"].append((name, reason))
+        batch["pixels"] = pixels
+        return batch
+
+    return prepare
 
 
 def build_optimizer(model: MPPModel, cfg: PretrainConfig, lr: float, device: torch.device):
@@ -200,6 +216,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         clip_grad=cfg.clip_grad, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints, batch_size=cfg.batch_size, streaming=cfg.streaming,
         progress=cfg.progress, desc="mpp", metric="masked_acc", max_nonfinite=cfg.max_nonfinite_steps, strict_data=cfg.strict_data,
+        prepare_batch=device_decoder(cfg.img_size, accelerator.device) if cfg.decode == "gpu" else None,
     )
     callbacks = [c for c in (picture_logger(cfg, accelerator, model), feature_monitor(cfg, run, model, labelled)) if c]
     result = fit(run, model, optimizer, loader, images, mpp_step, settings, on_step=lambda step: [c(step) for c in callbacks])

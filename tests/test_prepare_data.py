@@ -59,26 +59,6 @@ def source(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def folders_load(tmp_path_factory) -> bool:
-    """Whether mpp.data.load_images reads a folder of shards with prepare_report.json beside them."""
-    probe = tmp_path_factory.mktemp("probe")
-    Dataset.from_dict({"x": [1]}).to_parquet(str(probe / "train-00000-of-00001.parquet"))
-    (probe / "prepare_report.json").write_text("{}")
-    try:
-        return len(load_images(str(probe), "train")) == 1
-    except UsageError:
-        return False
-
-
-@pytest.fixture()
-def loads_dst(request, folders_load):
-    """Tests that read DST through load_images: expected to fail (strictly) while load_images takes the
-    report beside the shards for data; they run as plain tests once it skips such sidecar files."""
-    if not folders_load:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="mpp.data.load_images does not skip prepare_report.json beside shards yet"))
-
-
-@pytest.fixture(scope="module")
 def prepared(source, tmp_path_factory):
     """(report, DST): the folder prepared with two processes and shards of at most 3 images."""
     dest = tmp_path_factory.mktemp("dst") / "small"
@@ -91,7 +71,7 @@ def expected_size(w: int, h: int, short: int) -> tuple[int, int]:
     return (s, h * s / w) if w <= h else (w * s / h, s)
 
 
-def test_round_trip_keeps_labels_sizes_and_colours(source, prepared, loads_dst):
+def test_round_trip_keeps_labels_sizes_and_colours(source, prepared):
     """Each prepared image against its source file read with plain PIL + numpy: shorter side
     min(SHORT, original), aspect within a pixel, mean colour within 3 levels; labels and class names kept."""
     _, dest = prepared
@@ -112,7 +92,7 @@ def test_round_trip_keeps_labels_sizes_and_colours(source, prepared, loads_dst):
             assert np.abs(mean_before - mean_after).max() < 3, (before["image"]["path"], mean_before, mean_after)
 
 
-def test_splits_land_in_their_own_bounded_shards(prepared, loads_dst):
+def test_splits_land_in_their_own_bounded_shards(prepared):
     """train (8 good images) -> 3 shards, validation (3) -> 1, each named the Hub's way, at most 3 rows
     each; the parquet schema itself carries the class names; a split the source lacks is not made."""
     report, dest = prepared
@@ -141,7 +121,7 @@ def test_unreadable_images_are_counted_and_skipped(prepared):
     assert not (dest / ".prepare-scratch").exists()
 
 
-def test_array_source_and_unlabelled_loose_parquet(tmp_path, loads_dst):
+def test_array_source_and_unlabelled_loose_parquet(tmp_path):
     """A save_to_disk set of grey uint8 arrays (the built-ins' storage) with an extra column: resized to
     16 px, labels kept, the extra column dropped. A loose parquet file without labels: one train split
     (not three copies of it), the image column only."""
@@ -218,7 +198,7 @@ def test_failed_run_leaves_no_half_written_destination(source, tmp_path, monkeyp
     assert not new.exists() and list(empty.iterdir()) == []
 
 
-def test_recipe_prints_summary_and_pretraining_trains_from_the_prepared_folder(source, tmp_path, capsys, loads_dst):
+def test_recipe_prints_summary_and_pretraining_trains_from_the_prepared_folder(source, tmp_path, capsys):
     """recipes/prepare_data.py then recipes/pretrain_mpp.py --dataset DST, both in this process: two steps
     on the 8 prepared training images, none of them unreadable."""
     dest = tmp_path / "small"

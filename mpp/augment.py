@@ -1,0 +1,179 @@
+"""Pretraining augmentation (RandomResizedCrop + horizontal flip) that decodes only what the crop needs.
+
+The crop box and the flip are drawn first, from the image's size in its header, with exactly the draws
+of torchvision's `v2.Compose([v2.RandomResizedCrop, v2.RandomHorizontalFlip])` (same RNG, same order), so
+a seeded sample gets the same box and flip whichever way it is decoded:
+
+- `full`: decode the whole image, then crop and resize (torchvision's own path, bit for bit);
+- `draft`: a JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 scale in
+  the DCT domain (Pillow's `Image.draft`), never below the output resolution, and the box is cropped
+  from that at sub-pixel precision (PIL's `resize(box=...)`, same bilinear antialiasing filter);
+- `gpu`: the worker hands over the JPEG's bytes and the box; the training process decodes the batch
+  with nvJPEG and crops, resizes and flips on the device (`decode_deferred`).
+
+Images that are not baseline RGB or grey JPEGs, or that carry an EXIF rotation, take the `full` path.
+"""
+import io
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image as PILImage
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+
+DECODE_MODES = ("draft", "full", "gpu")
+EXIF_ORIENTATION = 0x0112
+DRAFT_SCALES = (8, 4, 2)  # the DCT-domain reductions libjpeg offers
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Where to crop (in the image as it is shown, rotation applied) and whether to flip it."""
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+@dataclass
+class EncodedCrop:
+    """A JPEG to be decoded by the training process (--decode gpu): its bytes, its crop, the output
+    size and the image's name (for the count of unreadable images)."""
+    data: bytes
+    box: CropBox
+    size: int
+    name: str = ""
+
+
+class CropFlip:
+    """RandomResizedCrop(size, scale, ratio) then a horizontal flip with probability hflip, on an RGB
+    PIL image (decoded or only opened), or a (3, H, W) uint8 tensor; returns (3, size, size) uint8.
+    `opens_images`: the data pipeline may hand it an opened, not yet decoded image (see `draft`)."""
+
+    opens_images = True
+
+    def __init__(self, size: int, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, draft: bool = True):
+        self.size = size
+        self.crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)
+        self.hflip = hflip
+        self.draft = draft
+
+    def sample(self, height: int, width: int) -> CropBox:
+        """The box and flip for an image of this size: the draws of v2.RandomResizedCrop, then (only when
+        hflip > 0, as the old pipeline had no flip transform then) v2.RandomHorizontalFlip's."""
+        shape_only = torch.empty(1, 1, 1, dtype=torch.uint8).expand(1, height, width)  # a size, no pixels
+        p = self.crop.make_params([shape_only])
+        flip = self.hflip > 0 and not bool(torch.rand(1) >= self.hflip)  # RandomHorizontalFlip: skip when rand >= p
+        return CropBox(p["top"], p["left"], p["height"], p["width"], flip)
+
+    def __call__(self, image) -> torch.Tensor:
+        from .data import as_tensor, pil_to_rgb
+
+        if isinstance(image, torch.Tensor):  # (3, H, W) uint8
+            box = self.sample(*image.shape[-2:])
+            return self.finish(F.resized_crop(image, box.top, box.left, box.height, box.width, [self.size, self.size],
+                                              InterpolationMode.BILINEAR, antialias=True), box)
+        box = self.sample(*shown_size(image))
+        reduced = self.draft and draft_jpeg(image, box, self.size)
+        image = pil_to_rgb(image)  # decodes (at the draft scale, if one was set)
+        if reduced:  # the box in the reduced image's coordinates, sub-pixel
+            sx, sy = image.width / reduced[0], image.height / reduced[1]
+            area = (box.left * sx, box.top * sy, (box.left + box.width) * sx, (box.top + box.height) * sy)
+            out = image.resize((self.size, self.size), PILImage.BILINEAR, box=area)
+        else:
+            out = F.resized_crop(image, box.top, box.left, box.height, box.width, [self.size, self.size],
+                                 InterpolationMode.BILINEAR, antialias=True)
+        return self.finish(as_tensor(out), box)
+
+    @staticmethod
+    def finish(pixels: torch.Tensor, box: CropBox) -> torch.Tensor:
+        return F.horizontal_flip(pixels) if box.flip else pixels
+
+
+def shown_size(image: PILImage.Image) -> tuple[int, int]:
+    """(height, width) as shown: an EXIF rotation by 90 or 270 degrees swaps them. Reads the header only."""
+    w, h = image.size
+    return (w, h) if orientation(image) in (5, 6, 7, 8) else (h, w)
+
+
+def orientation(image: PILImage.Image) -> int:
+    return image.getexif().get(EXIF_ORIENTATION, 1) if hasattr(image, "getexif") else 1
+
+
+def deferrable(image: PILImage.Image) -> bool:
+    """A JPEG that nvJPEG decodes to the same picture as Pillow: RGB or grey, not yet decoded, no EXIF rotation."""
+    return image.format == "JPEG" and image.mode in ("RGB", "L") and bool(getattr(image, "tile", None)) and orientation(image) == 1
+
+
+def draft_jpeg(image: PILImage.Image, box: CropBox, size: int) -> tuple[int, int] | None:
+    """Ask libjpeg to decode at 1/r scale, the largest r in 8, 4, 2 that keeps the crop at least `size`
+    pixels on each side (so no resolution is lost); returns the full (width, height) when it did."""
+    if not deferrable(image):
+        return None
+    room = min(box.height, box.width) / size  # how far the crop may shrink before it is smaller than the output
+    r = next((r for r in DRAFT_SCALES if r <= room), 1)
+    if r == 1:
+        return None
+    full = image.size
+    image.draft("RGB" if image.mode == "RGB" else "L", (math.ceil(full[0] / r), math.ceil(full[1] / r)))
+    return full if image.size != full else None
+
+
+def defer_or_apply(image: PILImage.Image, data: bytes | None, transform: CropFlip, name: str = ""):
+    """--decode gpu in a worker: an EncodedCrop for a JPEG the device can decode (the header is all
+    that is read), else the CPU result (PNG, CMYK, progressive-rotated, ... take the CPU path)."""
+    if data is not None and deferrable(image):
+        return EncodedCrop(data, transform.sample(*shown_size(image)), transform.size, name)
+    return transform(image)
+
+
+def decode_deferred(pixels: torch.Tensor, encoded: list[tuple[int, EncodedCrop]], size: int) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    """Decode the batch's deferred JPEGs on pixels' device (nvJPEG on CUDA, libjpeg-turbo on CPU), crop,
+    resize and flip each into its slot of pixels (B, 3, size, size) uint8. Returns pixels and the slots
+    that failed to decode, with why."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not encoded:
+        return pixels, []
+    data = [torch.frombuffer(bytearray(e.data), dtype=torch.uint8) for _, e in encoded]
+    try:
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=pixels.device)  # list of (3, H, W) uint8
+    except RuntimeError:  # one broken file fails the whole call: decode them one by one
+        decoded = []
+        for d in data:
+            try:
+                decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=pixels.device))
+            except RuntimeError as e:
+                decoded.append(str(e).splitlines()[0][:200] or "RuntimeError")
+    failed = []
+    for (slot, e), image in zip(encoded, decoded):
+        if isinstance(image, str):
+            failed.append((slot, f"{e.name}: {image}"))
+            continue
+        b = e.box
+        crop = F.resized_crop(image, b.top, b.left, b.height, b.width, [size, size], InterpolationMode.BILINEAR, antialias=True)
+        pixels[slot] = CropFlip.finish(crop, b)
+    return pixels, failed
+
+
+def read_bytes(value) -> bytes | None:
+    """The encoded file behind an Image(decode=False) value, or None."""
+    if not isinstance(value, dict):
+        return None
+    if value.get("bytes"):
+        return value["bytes"]
+    if value.get("path"):
+        with open(value["path"], "rb") as f:
+            return f.read()
+    return None
+
+
+def open_encoded(value) -> PILImage.Image | None:
+    """An Image(decode=False) value opened but not decoded (the header read), or None for other values."""
+    if not isinstance(value, dict):
+        return None
+    data = value.get("bytes")
+    source = io.BytesIO(data) if data else value.get("path")
+    return None if source is None else PILImage.open(source)

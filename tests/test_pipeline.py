@@ -1,0 +1,199 @@
+"""The training data pipeline (issue 16): workers that live across epochs keep exact augmentation and
+resume; JPEG draft decoding keeps torchvision's crop boxes and flips; the --decode gpu path (run here on
+the CPU through the same code) gives the CPU path's crops; --decode gpu is refused without CUDA."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from torchvision.transforms import v2
+
+from mpp.augment import CropFlip, EncodedCrop, decode_deferred, draft_jpeg
+from mpp.cli import parse_config
+from mpp.config import PretrainConfig
+from mpp.data import AugmentedImages, collate_images, load_images, seeded, train_transform
+from mpp.errors import UsageError
+from mpp.loader import EpochSampler, default_workers
+from mpp.train import build_loader, device_decoder
+
+
+def photo(seed: int, size=(320, 240)) -> Image.Image:
+    """A smooth colour picture (a crop of a scikit-image photograph, resized): JPEG-like content."""
+    from skimage import data
+
+    base = [data.astronaut(), data.chelsea(), data.coffee()][seed % 3]
+    rng = np.random.default_rng(seed)
+    top, left = rng.integers(0, 100, 2)
+    return Image.fromarray(base[top:top + 280, left:left + 280]).resize(size)
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """24 JPEGs of 320x240 and 240x320 in an imagefolder."""
+    root = tmp_path_factory.mktemp("jpegs")
+    (root / "all").mkdir()
+    for i in range(24):
+        photo(i, (320, 240) if i % 2 else (240, 320)).save(root / "all" / f"{i:03d}.jpg", quality=90)
+    return str(root)
+
+
+def reference(image: Image.Image, size: int, scale, seed: int) -> torch.Tensor:
+    """Today's pipeline before this change, kept as the reference: torchvision v2 on the decoded image."""
+    tf = v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(0.5)])
+    out = seeded(tf, image, seed)
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
+
+
+def test_crop_boxes_and_flips_are_torchvisions_draws():
+    """Same seed -> the same box and flip as v2.RandomResizedCrop + v2.RandomHorizontalFlip, so the
+    augmentation's distribution is unchanged; and full decoding gives torchvision's pixels bit for bit."""
+    image = photo(0)
+    tf = CropFlip(32, (0.35, 1.0), draft=False)
+    flips = 0
+    for seed in range(20):
+        ours = seeded(tf, image, seed)
+        assert torch.equal(ours, reference(image, 32, (0.35, 1.0), seed)), seed
+        box = seeded(lambda _: tf.sample(240, 320), None, seed)
+        params = seeded(lambda _: v2.RandomResizedCrop(32, scale=(0.35, 1.0)).make_params([torch.empty(3, 240, 320)]), None, seed)
+        assert (box.top, box.left, box.height, box.width) == (params["top"], params["left"], params["height"], params["width"])
+        flips += box.flip
+    assert 3 < flips < 17  # both ways happen
+
+
+def test_draft_decoding_keeps_the_crop_and_loses_little():
+    """A JPEG opened but not decoded: draft decodes at a reduced DCT scale when the crop is at least twice
+    the output, and the result stays close to decoding the whole image (levels of 255)."""
+    data = jpeg_bytes(photo(1, (640, 480)))
+    full, drafted, reduced = CropFlip(32, draft=False), CropFlip(32, draft=True), 0
+    diffs = []
+    for seed in range(12):
+        a = seeded(full, Image.open(io.BytesIO(data)), seed)
+        b = seeded(drafted, Image.open(io.BytesIO(data)), seed)
+        opened = Image.open(io.BytesIO(data))
+        box = seeded(lambda _: drafted.sample(480, 640), None, seed)
+        reduced += draft_jpeg(opened, box, 32) is not None
+        diffs.append((a.float() - b.float()).abs().mean().item())
+    assert reduced >= 10  # crops of >= 35% of 640x480 are >= 4x the output: the draft path is taken
+    assert max(diffs) < 2.0 and np.mean(diffs) < 1.5, diffs  # mean absolute difference per pixel (measured 0.8-1.3)
+
+
+def test_draft_never_decodes_below_the_output_resolution():
+    data = jpeg_bytes(photo(2, (640, 480)))
+    tf = CropFlip(200, draft=True)
+    for seed in range(10):
+        opened = Image.open(io.BytesIO(data))
+        box = seeded(lambda _: tf.sample(480, 640), None, seed)
+        if draft_jpeg(opened, box, 200):
+            scale = opened.size[0] / 640
+            assert min(box.height, box.width) * scale >= 200 - 1e-6
+
+
+def epochs_of(loader, images, epochs, skip: dict | None = None):
+    """The batches of each epoch as the training loop reads them (images.set_epoch, loader.set_epoch)."""
+    out = []
+    for epoch in epochs:
+        images.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        out.append([b["pixels"].clone() for b in loader])
+    return out
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def loader_for(jpeg_folder, accelerator, workers: int, decode: str = "draft"):
+    cfg = PretrainConfig(dataset=jpeg_folder, img_size=32, batch_size=4, workers=workers, seed=5, decode="draft" if decode == "gpu" else decode)
+    ds = load_images(jpeg_folder)
+    images, loader = build_loader(cfg, ds, "image", accelerator)
+    images.defer = decode == "gpu"
+    return images, accelerator.prepare(loader)
+
+
+def test_persistent_workers_augment_each_epoch_as_fresh_ones_would(jpeg_folder, accelerator):
+    """Workers that live across epochs (the dataset copy of epoch 0) still see each epoch's seeds: the
+    same batches as reading in the main process; epochs differ; a resume mid-epoch continues exactly."""
+    images, loader = loader_for(jpeg_folder, accelerator, workers=2)
+    assert loader.base_dataloader.persistent_workers if hasattr(loader, "base_dataloader") else loader.persistent_workers
+    with_workers = epochs_of(loader, images, [0, 1, 2])
+    images0, loader0 = loader_for(jpeg_folder, accelerator, workers=0)
+    in_process = epochs_of(loader0, images0, [0, 1, 2])
+    for a, b in zip(with_workers, in_process):
+        assert len(a) == len(b) == 6 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(with_workers[0][0], with_workers[1][0])
+    # resume in epoch 1 after 2 batches, as the loop does: a fresh loader, skip_first_batches
+    images_r, loader_r = loader_for(jpeg_folder, accelerator, workers=2)
+    images_r.set_epoch(1)
+    loader_r.set_epoch(1)
+    rest = [b["pixels"] for b in accelerator.skip_first_batches(loader_r, 2)]
+    assert all(torch.equal(x, y) for x, y in zip(rest, with_workers[1][2:])) and len(rest) == 4
+
+
+def test_epoch_sampler_orders_depend_on_seed_and_epoch_only():
+    s = EpochSampler(50, seed=1)
+    first = list(s)
+    assert sorted(i for _, i in first) == list(range(50)) and {e for e, _ in first} == {0}
+    s.set_epoch(3)
+    third = list(s)
+    assert {e for e, _ in third} == {3} and [i for _, i in third] != [i for _, i in first]
+    again = EpochSampler(50, seed=1)
+    again.set_epoch(3)
+    assert list(again) == third
+
+
+def test_gpu_path_gives_the_cpu_paths_crops(jpeg_folder, accelerator):
+    """--decode gpu, run on the CPU through the same code (libjpeg-turbo instead of nvJPEG): workers
+    hand over bytes and boxes, the process decodes, crops, resizes and flips: the same crops as the
+    CPU path decoding whole images (the resize is torch's antialiased bilinear, not PIL's: at most 1 level apart)."""
+    images_c, loader_c = loader_for(jpeg_folder, accelerator, workers=0, decode="full")
+    images_g, loader_g = loader_for(jpeg_folder, accelerator, workers=0, decode="gpu")
+    prepare = device_decoder(32, torch.device("cpu"))
+    cpu = epochs_of(loader_c, images_c, [0])[0]
+    images_g.set_epoch(0)
+    loader_g.set_epoch(0)
+    deferred = 0
+    for a, batch in zip(cpu, loader_g):
+        deferred += len(batch.get("encoded", []))
+        b = prepare(batch)["pixels"]
+        diff = (a.float() - b.float()).abs()
+        assert diff.mean() < 0.05 and diff.max() <= 1, (diff.mean(), diff.max())  # measured: mean 0.001, max 1
+    assert deferred == 24
+
+
+def test_a_jpeg_that_fails_on_the_device_is_counted_and_replaced():
+    good = jpeg_bytes(photo(3))
+    broken = good[: len(good) // 3]  # a valid header, then the data stops
+    tf = CropFlip(16)
+    box = tf.sample(240, 320)
+    batch = collate_images([EncodedCrop(good, box, 16, "a.jpg"), EncodedCrop(broken, box, 16, "b.jpg")])
+    assert len(batch["encoded"]) == 2 and batch["pixels"].shape == (2, 3, 16, 16)
+    out = device_decoder(16, torch.device("cpu"))(batch)
+    assert [name for name, _ in out["bad"]] == ["b.jpg"] and "truncated" in out["bad"][0][1]
+    assert out["valid"].tolist() == [True, False] and torch.equal(out["pixels"][1], out["pixels"][0]) and out["pixels"][0].float().std() > 10
+
+
+def test_decode_gpu_is_refused_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="--decode gpu needs a CUDA GPU"):
+        parse_config(["--decode", "gpu"])
+
+
+def test_default_workers_scale_with_the_cores_per_process(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers(torch.device("cuda")) == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers(torch.device("cuda")) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_workers(torch.device("cuda")) == 7
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
+    assert default_workers(torch.device("cpu")) == 0
