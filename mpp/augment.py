@@ -2,16 +2,20 @@
 
 The crop box and the flip are drawn first, from the image's size in its header, with exactly the draws
 of torchvision's `v2.Compose([v2.RandomResizedCrop, v2.RandomHorizontalFlip])` (same RNG, same order), so
-a seeded sample gets the same box and flip whichever way it is decoded:
+a seeded sample gets the same box and flip whichever way it is decoded (--decode):
 
-- `full`: decode the whole image, then crop and resize (torchvision's own path, bit for bit);
-- `draft`: a JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 scale in
-  the DCT domain (Pillow's `Image.draft`), never below the output resolution, and the box is cropped
-  from that at sub-pixel precision (PIL's `resize(box=...)`, same bilinear antialiasing filter);
+- `pil`: Pillow decodes the whole image, torchvision crops and resizes it as a PIL image (the path
+  before issue 16, bit for bit);
+- `cpu` (default), for baseline RGB or grey JPEGs: when the crop is at least twice the output size,
+  Pillow decodes at 1/2, 1/4 or 1/8 scale in the DCT domain (`Image.draft`), never below the output
+  resolution, and the box is cropped from that at sub-pixel precision (PIL's `resize(box=...)`, same
+  bilinear antialiasing filter); otherwise libjpeg-turbo decodes through `torchvision.io.decode_jpeg`
+  and torch crops and resizes the tensor (antialiased bilinear, within 1 level of PIL's): 2-3x less CPU
+  than `pil` on ImageNet-sized JPEGs (benchmarks/bench_data.py);
 - `gpu`: the worker hands over the JPEG's bytes and the box; the training process decodes the batch
-  with nvJPEG and crops, resizes and flips on the device (`decode_deferred`).
+  with nvJPEG and crops, resizes and flips on the device with the same tensor code (`decode_deferred`).
 
-Images that are not baseline RGB or grey JPEGs, or that carry an EXIF rotation, take the `full` path.
+Other images (PNG, CMYK, EXIF-rotated JPEGs, arrays) take the `pil` path in every mode.
 """
 import io
 import math
@@ -22,7 +26,7 @@ from PIL import Image as PILImage
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-DECODE_MODES = ("draft", "full", "gpu")
+DECODE_MODES = ("cpu", "pil", "gpu")
 EXIF_ORIENTATION = 0x0112
 DRAFT_SCALES = (8, 4, 2)  # the DCT-domain reductions libjpeg offers
 
@@ -54,11 +58,11 @@ class CropFlip:
 
     opens_images = True
 
-    def __init__(self, size: int, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, draft: bool = True):
+    def __init__(self, size: int, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, fast: bool = True):
         self.size = size
         self.crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)
         self.hflip = hflip
-        self.draft = draft
+        self.fast = fast  # --decode cpu; False: pil
 
     def sample(self, height: int, width: int) -> CropBox:
         """The box and flip for an image of this size: the draws of v2.RandomResizedCrop, then (only when
@@ -68,28 +72,50 @@ class CropFlip:
         flip = self.hflip > 0 and not bool(torch.rand(1) >= self.hflip)  # RandomHorizontalFlip: skip when rand >= p
         return CropBox(p["top"], p["left"], p["height"], p["width"], flip)
 
-    def __call__(self, image) -> torch.Tensor:
+    def __call__(self, image, read=None) -> torch.Tensor:
+        """image: PIL (decoded, or opened only) or (3, H, W) uint8; read(): the encoded file's bytes, for the
+        libjpeg-turbo path of an opened JPEG (without it that path is not taken)."""
         from .data import as_tensor, pil_to_rgb
 
         if isinstance(image, torch.Tensor):  # (3, H, W) uint8
             box = self.sample(*image.shape[-2:])
-            return self.finish(F.resized_crop(image, box.top, box.left, box.height, box.width, [self.size, self.size],
-                                              InterpolationMode.BILINEAR, antialias=True), box)
+            return crop_tensor(image, box, self.size)
         box = self.sample(*shown_size(image))
-        reduced = self.draft and draft_jpeg(image, box, self.size)
-        image = pil_to_rgb(image)  # decodes (at the draft scale, if one was set)
-        if reduced:  # the box in the reduced image's coordinates, sub-pixel
-            sx, sy = image.width / reduced[0], image.height / reduced[1]
-            area = (box.left * sx, box.top * sy, (box.left + box.width) * sx, (box.top + box.height) * sy)
-            out = image.resize((self.size, self.size), PILImage.BILINEAR, box=area)
-        else:
-            out = F.resized_crop(image, box.top, box.left, box.height, box.width, [self.size, self.size],
-                                 InterpolationMode.BILINEAR, antialias=True)
+        if self.fast and deferrable(image):
+            reduced = draft_jpeg(image, box, self.size)
+            if reduced:  # decoded at 1/r scale: the box in the reduced image's coordinates, sub-pixel
+                image = pil_to_rgb(image)
+                sx, sy = image.width / reduced[0], image.height / reduced[1]
+                area = (box.left * sx, box.top * sy, (box.left + box.width) * sx, (box.top + box.height) * sy)
+                return self.finish(as_tensor(image.resize((self.size, self.size), PILImage.BILINEAR, box=area)), box)
+            if read is not None:
+                return crop_tensor(decode_jpeg_rgb(read()), box, self.size)
+        out = F.resized_crop(pil_to_rgb(image), box.top, box.left, box.height, box.width, [self.size, self.size],
+                             InterpolationMode.BILINEAR, antialias=True)
         return self.finish(as_tensor(out), box)
 
     @staticmethod
     def finish(pixels: torch.Tensor, box: CropBox) -> torch.Tensor:
         return F.horizontal_flip(pixels) if box.flip else pixels
+
+
+def crop_tensor(image: torch.Tensor, box: CropBox, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 on any device -> its box resized to (3, size, size) (antialiased bilinear), flipped if asked."""
+    out = F.resized_crop(image, box.top, box.left, box.height, box.width, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    return CropFlip.finish(out, box)
+
+
+def decode_jpeg_rgb(data, device="cpu"):
+    """libjpeg-turbo (CPU) or nvJPEG (CUDA) through torchvision: bytes, or a list of them -> (3, H, W) uint8 RGB."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec, not yet a dependency
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if isinstance(data, list):
+            return decode_jpeg([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data], mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
 
 
 def shown_size(image: PILImage.Image) -> tuple[int, int]:
@@ -131,30 +157,25 @@ def defer_or_apply(image: PILImage.Image, data: bytes | None, transform: CropFli
 
 def decode_deferred(pixels: torch.Tensor, encoded: list[tuple[int, EncodedCrop]], size: int) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """Decode the batch's deferred JPEGs on pixels' device (nvJPEG on CUDA, libjpeg-turbo on CPU), crop,
-    resize and flip each into its slot of pixels (B, 3, size, size) uint8. Returns pixels and the slots
-    that failed to decode, with why."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    resize and flip each into its slot of pixels (B, 3, size, size) uint8: the code of the `cpu` path,
+    on the device. Returns pixels and the slots that failed to decode, with why."""
     if not encoded:
         return pixels, []
-    data = [torch.frombuffer(bytearray(e.data), dtype=torch.uint8) for _, e in encoded]
     try:
-        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=pixels.device)  # list of (3, H, W) uint8
+        decoded = decode_jpeg_rgb([e.data for _, e in encoded], pixels.device)  # list of (3, H, W) uint8
     except RuntimeError:  # one broken file fails the whole call: decode them one by one
         decoded = []
-        for d in data:
+        for _, e in encoded:
             try:
-                decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=pixels.device))
-            except RuntimeError as e:
-                decoded.append(str(e).splitlines()[0][:200] or "RuntimeError")
+                decoded.append(decode_jpeg_rgb(e.data, pixels.device))
+            except RuntimeError as err:
+                decoded.append(str(err).splitlines()[0][:200] or "RuntimeError")
     failed = []
     for (slot, e), image in zip(encoded, decoded):
         if isinstance(image, str):
             failed.append((slot, f"{e.name}: {image}"))
             continue
-        b = e.box
-        crop = F.resized_crop(image, b.top, b.left, b.height, b.width, [size, size], InterpolationMode.BILINEAR, antialias=True)
-        pixels[slot] = CropFlip.finish(crop, b)
+        pixels[slot] = crop_tensor(image, e.box, size)
     return pixels, failed
 
 

@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default=d.split, help="dataset split to pretrain on")
     g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
     g.add_argument("--streaming", action="store_true", help="stream the dataset (iterable, sharded per process); needs --max-steps")
-    g.add_argument("--decode", default=d.decode, choices=("draft", "full", "gpu"),
-                   help="how JPEGs are decoded: draft (CPU; at 1/2-1/8 scale in the DCT domain when the crop is at least "
-                   "twice the output size, never below it), full (CPU, whole image), gpu (nvJPEG on the training device; needs CUDA)")
+    g.add_argument("--decode", default=d.decode, choices=("cpu", "pil", "gpu"),
+                   help="how JPEGs are decoded: cpu (at 1/2-1/8 scale in the DCT domain when the crop is at least twice the output, "
+                   "else libjpeg-turbo through torchvision and torch's resize), pil (Pillow, the whole image, as before), "
+                   "gpu (nvJPEG on the training device; needs CUDA). Other formats always take the pil path")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help=f"a timm ViT of a supported family: {SUPPORTED}; "

@@ -21,7 +21,7 @@ class PretrainConfig:
     image_column: str | None = None
     streaming: bool = False
     workers: int | None = None  # None: 0 on CPU machines with <= 4 cores, else the process's cores but one
-    decode: str = "draft"  # draft | full | gpu: see augment.py
+    decode: str = "cpu"  # cpu | pil | gpu: see augment.py
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: float = 0.5
     strict_data: bool = False
@@ -108,7 +108,7 @@ def validate(cfg: PretrainConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise UsageError("--decode gpu needs a CUDA GPU (nvJPEG) and this machine has none; use --decode draft (the default) or full")
+            raise UsageError("--decode gpu needs a CUDA GPU (nvJPEG) and this machine has none; use --decode cpu (the default) or pil")
     if cfg.streaming and cfg.max_steps is None:
         raise UsageError("--streaming needs --max-steps (a stream has no known length)")
     if cfg.lr is not None and cfg.base_lr is not None:

@@ -178,8 +178,9 @@ def pil_to_rgb(img: PILImage.Image) -> PILImage.Image:
     """Any PIL image -> RGB. Modes I;16* and I (32-bit integers) are read as 16-bit levels 0..65535
     (x / 257; I values outside 0..65535 are refused), mode F as floats in [0, 1] (x * 255, others
     refused), both rounded halves up; transparency is composited over white; CMYK, P, L, 1 and the
-    rest by PIL's own conversion."""
-    img = ImageOps.exif_transpose(img)  # photos taken sideways
+    rest by PIL's own conversion. An upright RGB image comes back as it is (decoded), not copied."""
+    if img.getexif().get(0x0112, 1) != 1:  # photos taken sideways (exif_transpose would copy even an upright one)
+        img = ImageOps.exif_transpose(img)
     if img.mode == "I" or img.mode.startswith("I;16"):
         a = np.asarray(img).astype(np.int64)
         if a.size and (a.min() < 0 or a.max() > 65535):
@@ -191,6 +192,9 @@ def pil_to_rgb(img: PILImage.Image) -> PILImage.Image:
         rgba = img.convert("RGBA")
         white = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = PILImage.alpha_composite(white, rgba)
+    if img.mode == "RGB":
+        img.load()
+        return img
     return img.convert("RGB")
 
 
@@ -266,7 +270,7 @@ def augment_value(value, transform, name: str, defer: bool = False):
             if opened is None:
                 return BadImage(name, "empty image entry")
             with opened:
-                return defer_or_apply(opened, read_bytes(value), transform, name) if defer else transform(opened)
+                return defer_or_apply(opened, read_bytes(value), transform, name) if defer else transform(opened, lambda: read_bytes(value))
         except Exception as e:  # as open_image: truncated, corrupt, not an image, ...
             return BadImage(name, why(e))
     image, problem = open_image(value)
@@ -520,13 +524,14 @@ def timm_transform(img_size: int, training: bool, crop_scale=(0.35, 1.0), hflip:
     return lambda image: tf(image if isinstance(image, PILImage.Image) else to_pil_image(image))
 
 
-def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5, draft: bool = True):
+def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5, decode: str = "cpu"):
     """Pretraining augmentation: RandomResizedCrop and horizontal flip (augment.CropFlip: torchvision's
-    draws; draft: JPEGs decoded at the smallest DCT scale that keeps the crop's resolution), on RGB PIL
-    images, opened JPEGs or (3, H, W) uint8 tensors, returning (3, img_size, img_size) uint8."""
+    draws; decode 'cpu': JPEGs decoded the cheapest way that keeps the crop's resolution, 'pil': as
+    before, by Pillow in full), on RGB PIL images, opened JPEGs or (3, H, W) uint8 tensors, returning
+    (3, img_size, img_size) uint8."""
     from .augment import CropFlip
 
-    return CropFlip(img_size, crop_scale, hflip=hflip, draft=draft)
+    return CropFlip(img_size, crop_scale, hflip=hflip, fast=decode != "pil")
 
 
 def resize_square(image: torch.Tensor, img_size: int) -> torch.Tensor:

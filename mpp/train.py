@@ -39,7 +39,7 @@ def open_dataset(cfg: PretrainConfig, state: PartialState):
 def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator, run_state: dict | None = None):
     """(dataset wrapper, DataLoader). Only the map-style loader goes through accelerator.prepare.
     run_state: the checkpoint's trainer state, where a resumed stream starts."""
-    transform = train_transform(cfg.img_size, cfg.crop_scale, cfg.hflip, draft=cfg.decode == "draft")
+    transform = train_transform(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.decode)
     defer = cfg.decode == "gpu"  # workers hand over JPEG bytes and crop boxes; device_decoder decodes them
     workers = default_workers(accelerator.device) if cfg.workers is None else cfg.workers
     if cfg.streaming:
