@@ -34,26 +34,26 @@ from mpp.loader import EpochSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-PHOTO_DIRS = ["/usr/share/backgrounds/mate/nature"]  # Debian mate-backgrounds: 12 photographs, 2-6k px
+PHOTOS = "/usr/share/backgrounds/mate/nature"  # Debian mate-backgrounds: 12 photographs
 
 
-def source_photos() -> tuple[list, str]:
+def source_photos(folder: str = PHOTOS) -> tuple[list, str]:
     """(RGB arrays of natural photographs, where they came from)."""
     from PIL import Image
 
-    files = sorted(f for d in PHOTO_DIRS for f in Path(d).glob("*.jpg")) if all(Path(d).is_dir() for d in PHOTO_DIRS) else []
+    files = sorted(Path(folder).glob("*.jpg")) if Path(folder).is_dir() else []
     if files:
-        return [np.asarray(Image.open(f).convert("RGB")) for f in files], f"{len(files)} photographs of {', '.join(PHOTO_DIRS)}"
+        return [np.asarray(Image.open(f).convert("RGB")) for f in files], f"{len(files)} photographs of {folder}"
     from skimage import data
 
     return [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()], "4 scikit-image photographs (mate-backgrounds not installed)"
 
 
-def imagenet_like(folder: Path, count: int, seed: int = 0) -> dict:
+def imagenet_like(folder: Path, count: int, seed: int = 0, photos_dir: str = PHOTOS) -> dict:
     """count JPEGs like ImageNet's: 500x375 or 375x500 crops (20-100% of a photograph's side) at quality 90."""
     from PIL import Image
 
-    photos, origin = source_photos()
+    photos, origin = source_photos(photos_dir)
     rng = np.random.default_rng(seed)
     (folder / "all").mkdir(parents=True, exist_ok=True)
     sizes = []
@@ -93,8 +93,10 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=8, help="batches timed per arm and repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--short-side", type=int, default=256, help="prepare_data.py's bound for the prepared arms")
-    p.add_argument("--builtins", nargs="*", default=["mnist5k", "clipart", "photos"], help="built-in sets to time too (full vs draft)")
+    p.add_argument("--builtins", nargs="*", default=["mnist5k", "clipart", "photos"], help="built-in sets to time too (pil vs cpu)")
     p.add_argument("--jpeg-dir", help="use this imagefolder of JPEGs instead of making ImageNet-like ones")
+    p.add_argument("--photos", default=PHOTOS, help="folder of photographs (.jpg) the ImageNet-like JPEGs are cut from "
+                   "(apt-get install mate-backgrounds; scikit-image's photographs when it is missing)")
     p.add_argument("--out", default=str(RESULTS / "bench_data"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # per core: one worker's view
@@ -104,7 +106,7 @@ def main(argv=None):
         if args.jpeg_dir or args.images:
             folder = Path(args.jpeg_dir) if args.jpeg_dir else Path(tmp) / "jpegs"
             if not args.jpeg_dir:
-                made = imagenet_like(folder, args.images)
+                made = imagenet_like(folder, args.images, photos_dir=args.photos)
             from mpp.prepare import prepare_dataset
 
             prepared = Path(tmp) / "prepared"

@@ -204,6 +204,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         total_steps=total_steps, warmup_steps=warmup, mixed_precision=accelerator.mixed_precision,
         device=str(accelerator.device), mpp_version=__version__, torch=torch.__version__,
         num_patches=accelerator.unwrap_model(model).num_patches,
+        loader_workers=default_workers(accelerator.device) if cfg.workers is None else cfg.workers,
     )
     start_logging(run, cfg.to_dict())
 

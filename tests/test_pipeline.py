@@ -204,3 +204,56 @@ def test_default_workers_scale_with_the_cores_per_process(monkeypatch):
     assert default_workers(torch.device("cuda")) == 7
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
     assert default_workers(torch.device("cpu")) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG); run by benchmarks/run_gpu.sh on one")
+def test_nvjpeg_gives_the_cpu_paths_crops():
+    """On a GPU: the batch decoded by nvJPEG and cropped on the device against the same code on the CPU
+    (libjpeg-turbo): the same boxes and flips, pixels a few levels apart at most (the IDCTs differ)."""
+    tf = CropFlip(64)
+    encoded = []
+    for seed in range(8):
+        data = jpeg_bytes(photo(seed, (500, 375)))
+        encoded.append((seed, EncodedCrop(data, seeded(lambda _: tf.sample(375, 500), None, seed), 64, f"{seed}.jpg")))
+    on_cpu, failed_cpu = decode_deferred(torch.zeros(8, 3, 64, 64, dtype=torch.uint8), encoded, 64)
+    on_gpu, failed_gpu = decode_deferred(torch.zeros(8, 3, 64, 64, dtype=torch.uint8, device="cuda"), encoded, 64)
+    diff = (on_cpu.float() - on_gpu.cpu().float()).abs()
+    print(f"nvJPEG vs libjpeg-turbo after crop+resize: mean {diff.mean():.3f}, max {diff.max():.0f} levels")
+    assert not failed_cpu and not failed_gpu and diff.mean() < 1.0 and diff.max() <= 16
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pretraining_with_deferred_decoding_runs_the_real_loop(jpeg_folder, tmp_path, monkeypatch, workers):
+    """--decode gpu through the real recipe loop, on the CPU (CUDA's check faked; the deferred JPEGs are
+    decoded on the batch's device, here the CPU): EncodedCrops cross worker processes and accelerate's
+    device placement, every step trains on decoded pixels, no image is lost."""
+    import mpp.train
+    from mpp.train import pretrain
+
+    def validate_as_on_a_gpu_machine(cfg):  # the refusal without CUDA is tested above; the loop runs on the CPU
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            validate(cfg)
+
+    validate = mpp.train.validate
+    monkeypatch.setattr(mpp.train, "validate", validate_as_on_a_gpu_machine)
+    seen = []
+    real = device_decoder
+
+    def watching(size, device):
+        prepare = real(size, device)
+
+        def run(batch):
+            seen.append(len(batch.get("encoded", [])))
+            out = prepare(batch)
+            assert out["pixels"].float().std() > 5  # decoded pictures, not the zeros they replace
+            return out
+        return run
+
+    monkeypatch.setattr("mpp.train.device_decoder", watching)
+    cfg = PretrainConfig(dataset=jpeg_folder, model="test_vit", img_size=32, patch_size=8, batch_size=8, max_steps=4, warmup_steps=0,
+                         workers=workers, decode="gpu", progress=False, output_dir=str(tmp_path / "run"), checkpoint_every=100)
+    result = pretrain(cfg)
+    assert result.steps == 4 and seen == [8, 8, 8, 8]
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert '"bad_images": 0' in summary
