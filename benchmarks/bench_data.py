@@ -30,7 +30,7 @@ import torch
 from results_io import provenance, provenance_lines, write_results
 
 from mpp.data import AugmentedImages, collate_images, find_image_column, load_images, train_transform
-from mpp.loader import EpochSampler
+from mpp.loader import EpochBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -77,11 +77,11 @@ def arm_rate(dataset: str, img_size: int, batch_size: int, batches: int, decode:
     ds = load_images(dataset)
     transform = train_transform(img_size, decode="pil" if decode == "pil" else "cpu")
     images = AugmentedImages(ds, find_image_column(ds), transform, seed, defer=decode == "gpu-worker")
-    order = [i for _, i in EpochSampler(len(images), seed)]
-    batches = min(batches, len(order) // batch_size)
+    epoch = iter(EpochBatches(len(images), batch_size, seed, span=False))  # the loop's batches of epoch 0
+    batches = min(batches, len(images) // batch_size)
     start = time.perf_counter()
-    for b in range(batches):
-        collate_images(images.__getitems__([(0, i) for i in order[b * batch_size:(b + 1) * batch_size]]))
+    for _ in range(batches):
+        collate_images(images.__getitems__(next(epoch)))
     return batches * batch_size / (time.perf_counter() - start)
 
 

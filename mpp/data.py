@@ -353,7 +353,7 @@ class AugmentedImages(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list):
-        """indices: ints (the epoch is self.epoch) or (epoch, index) pairs from loader.EpochSampler: worker
+        """indices: ints (the epoch is self.epoch) or (epoch, index) pairs from loader.EpochBatches: worker
         processes that live across epochs keep the dataset copy of the first, so the epoch travels with them."""
         epoch = indices[0][0] if isinstance(indices[0], tuple) else self.epoch
         indices = [i[1] if isinstance(i, tuple) else i for i in indices]

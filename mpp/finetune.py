@@ -195,7 +195,7 @@ def finetune(cfg) -> dict:
         return torch.utils.data.DataLoader(images, batch_size=max(cfg.batch_size, 256), collate_fn=collate_images, num_workers=workers,
                                            pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0)  # evaluated many times
 
-    train_loader = training_loader(train_images, cfg.batch_size, cfg.seed, workers, acc.device, collate_images)
+    train_loader = training_loader(train_images, cfg.batch_size, cfg.seed, workers, acc.device, collate_images, acc.num_processes)
     model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader, held_out_loader(data.eval))
     test_loader = acc.prepare(held_out_loader(data.test)) if data.test is not None else None
     total_steps = cfg.max_steps or optimizer_steps(cfg.epochs, len(train_loader), cfg.grad_accum)

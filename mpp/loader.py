@@ -1,10 +1,14 @@
-"""The DataLoader of a map-style training set: a seeded shuffle per epoch, workers that live across epochs.
+"""The DataLoader of a map-style training set: seeded full batches per epoch, one stream across epochs.
 
 Starting worker processes anew at every epoch cost a GPU run ~half its throughput for the first
 batches of each epoch (../shared/FACTS.md: 1,300 img/s against 3,000 on an H200). Persistent workers
-keep the copy of the dataset they were given at the first epoch, so the epoch cannot reach them
-through the dataset: EpochSampler sends it along with every index instead, and the augmentation
-seeds (data.sample_seed) follow it exactly as they did with fresh workers; a resume is unchanged.
+alone do not remove the dip: at every epoch the loader's iterator is reset and the first batch waits
+for one worker to build all of it (an H100 run with 20-step epochs still lost ~0.35 s at every epoch
+start, benchmarks/results/bench_loop_cuda.md). So EpochBatches runs on from one epoch into the next
+within one iteration, and the training loop takes each epoch's batches from that one stream: the
+workers are already building the next epoch's first batches while this epoch's last ones train.
+Each index carries its epoch, so the augmentation seeds (data.sample_seed) follow it exactly as with
+an iterator per epoch; a resume skips into the stream as before.
 """
 import os
 
@@ -12,36 +16,51 @@ import torch
 from accelerate import PartialState
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """(epoch, index) pairs in a seeded random order per epoch (the order depends on seed and epoch
-    only). accelerate's prepared loader calls set_epoch (DataLoaderShard.set_epoch finds it)."""
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of (epoch, index) pairs: each epoch a seeded random order (depending on seed and epoch
+    only) cut into full batches, the count rounded down to a multiple of `processes` so that
+    accelerate's round-robin dealing gives every process whole epochs. From set_epoch(e), one
+    iteration runs through epochs e, e+1, ... (span) or through epoch e alone (span False: the loop
+    needs an end per epoch when gradient accumulation does not divide it). len(): batches per epoch."""
 
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed, self.epoch = length, seed, 0
+    def __init__(self, length: int, batch_size: int, seed: int, processes: int = 1, span: bool = True):
+        self.length, self.batch_size, self.seed, self.processes, self.span = length, batch_size, seed, processes, span
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length
+        return self.length // self.batch_size // self.processes * self.processes
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
 
     def __iter__(self):
-        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
-        return ((self.epoch, i) for i in order.tolist())
+        epoch = self.epoch
+        while True:
+            order = self.epoch_order(epoch)
+            for b in range(len(self)):
+                yield [(epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+            if not self.span:
+                return
+            epoch += 1
 
 
-def training_loader(images, batch_size: int, seed: int, workers: int, device: torch.device, collate_fn) -> torch.utils.data.DataLoader:
+def training_loader(images, batch_size: int, seed: int, workers: int, device: torch.device, collate_fn,
+                    processes: int = 1) -> torch.utils.data.DataLoader:
     """Shuffled full batches (static shapes: every step sees a full batch) of a map-style dataset whose
-    __getitems__ takes (epoch, index) pairs (data.AugmentedImages)."""
+    __getitems__ takes (epoch, index) pairs (data.AugmentedImages); loader.batch_sampler is the EpochBatches."""
     return torch.utils.data.DataLoader(
         images,
-        batch_size=batch_size,
-        sampler=EpochSampler(len(images), seed),
-        drop_last=True,
+        batch_sampler=EpochBatches(len(images), batch_size, seed, processes),
         collate_fn=collate_fn,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,  # the epoch travels with the indices (EpochSampler)
+        persistent_workers=workers > 0,
+        # its own generator (for the workers' base seed), so that creating an iterator (e.g. on resume)
+        # never draws from the global RNG that the corruption draws from
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

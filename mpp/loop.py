@@ -2,6 +2,7 @@
 
 The recipes (pretraining, fine-tuning) differ only in their model, data and `step_fn`.
 """
+import itertools
 import json
 import math
 import os
@@ -319,12 +320,27 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
 
     # micro-batches per epoch on this process; a stream has no epoch end accelerate could see
     per_epoch = None if s.streaming else len(loader)
+    # one iterator across epochs (loader.EpochBatches): the workers build the next epoch's first batches
+    # while this epoch's last ones train. Not when an epoch ends in a short accumulation, which
+    # accelerate closes at the end of each loader pass.
+    sampler = None if s.streaming else epoch_batches_of(loader)
+    spanning = sampler is not None and per_epoch % acc.gradient_accumulation_steps == 0
+    if sampler is not None:
+        sampler.span = spanning
+    stream = None
     model.train()
     while step < s.total_steps:
         images.set_epoch(epoch)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        batches = acc.skip_first_batches(loader, batches_in_epoch) if batches_in_epoch and not s.streaming else loader
+        if stream is None:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)  # accelerate's set_epoch does not reach it through a multi-process shard
+            batches = acc.skip_first_batches(loader, batches_in_epoch) if batches_in_epoch and not s.streaming else loader
+            if spanning:
+                stream = iter(batches)
+        if spanning:
+            batches = itertools.islice(stream, per_epoch - batches_in_epoch)  # the rest of this epoch
         for batch in waiting.timed(batches):
             batches_in_epoch += 1
             if s.prepare_batch is not None:
@@ -406,6 +422,16 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
     all_examples = [b for part in gather_object([bad_examples]) for b in part]
     # every way out of the loop above passes the checkpoint step, where the guard was read last
     return LoopResult(step, bad_total + count_all(acc, bad_new), all_examples[:10], skipped_steps(), stopped_by)
+
+
+def epoch_batches_of(loader):
+    """The loader.EpochBatches inside a (prepared, possibly sharded) DataLoader, or None."""
+    from .loader import EpochBatches
+
+    found = getattr(loader, "batch_sampler", None)
+    while found is not None and not isinstance(found, EpochBatches):
+        found = getattr(found, "batch_sampler", None)
+    return found
 
 
 def write_summary(run: Run, result: LoopResult, extra: dict | None = None) -> None:

@@ -56,7 +56,8 @@ def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator,
         )
         return images, StreamLoader(loader, images.resume)
     images = AugmentedImages(ds, column, transform, cfg.seed, defer=defer)
-    return images, training_loader(images, cfg.batch_size, cfg.seed, workers, accelerator.device, collate_images)
+    return images, training_loader(images, cfg.batch_size, cfg.seed, workers, accelerator.device, collate_images,
+                                   accelerator.num_processes)
 
 
 def device_decoder(img_size: int, device: torch.device):

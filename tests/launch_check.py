@@ -19,7 +19,7 @@ getitems, forward = mpp.data.AugmentedImages.__getitems__, mpp.model.MPPModel.fo
 
 
 def recording_getitems(self, indices):
-    seen.extend(int(i) for i in indices)
+    seen.extend([int(i[0]), int(i[1])] for i in indices)  # (epoch, index) pairs: loader.EpochBatches
     return getitems(self, indices)
 
 

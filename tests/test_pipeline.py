@@ -15,7 +15,8 @@ from mpp.cli import parse_config
 from mpp.config import PretrainConfig
 from mpp.data import AugmentedImages, collate_images, load_images, seeded, train_transform
 from mpp.errors import UsageError
-from mpp.loader import EpochSampler, default_workers
+from mpp.loader import EpochBatches, default_workers
+from mpp.loop import epoch_batches_of
 from mpp.train import build_loader, device_decoder
 
 
@@ -96,14 +97,28 @@ def test_draft_never_decodes_below_the_output_resolution():
             assert min(box.height, box.width) * scale >= 200 - 1e-6
 
 
-def epochs_of(loader, images, epochs, skip: dict | None = None):
-    """The batches of each epoch as the training loop reads them (images.set_epoch, loader.set_epoch)."""
+def epochs_of(loader, images, epochs):
+    """The batches of each epoch, one loader pass per epoch (EpochBatches.span off)."""
     out = []
+    epoch_batches_of(loader).span = False
     for epoch in epochs:
         images.set_epoch(epoch)
         loader.set_epoch(epoch)
         out.append([b["pixels"].clone() for b in loader])
     return out
+
+
+def spanned(loader, epoch: int, count: int, skip: int = 0):
+    """`count` batches of one pass that starts in `epoch` (after `skip` batches), as the training loop reads them."""
+    import itertools
+
+    from accelerate.data_loader import skip_first_batches
+
+    epoch_batches_of(loader).span = True
+    loader.set_epoch(epoch)
+    epoch_batches_of(loader).set_epoch(epoch)
+    source = skip_first_batches(loader, skip) if skip else loader
+    return [b["pixels"].clone() for b in itertools.islice(iter(source), count)]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +136,8 @@ def loader_for(jpeg_folder, accelerator, workers: int, decode: str = "cpu", img_
 
 def test_persistent_workers_augment_each_epoch_as_fresh_ones_would(jpeg_folder, accelerator):
     """Workers that live across epochs (the dataset copy of epoch 0) still see each epoch's seeds: the
-    same batches as reading in the main process; epochs differ; a resume mid-epoch continues exactly."""
+    same batches as reading in the main process; epochs differ. One pass across epochs (the loop's
+    way: no reset, no wait at an epoch start) gives the same batches; a resume mid-epoch skips into it."""
     images, loader = loader_for(jpeg_folder, accelerator, workers=2)
     assert loader.base_dataloader.persistent_workers if hasattr(loader, "base_dataloader") else loader.persistent_workers
     with_workers = epochs_of(loader, images, [0, 1, 2])
@@ -130,24 +146,31 @@ def test_persistent_workers_augment_each_epoch_as_fresh_ones_would(jpeg_folder, 
     for a, b in zip(with_workers, in_process):
         assert len(a) == len(b) == 6 and all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(with_workers[0][0], with_workers[1][0])
-    # resume in epoch 1 after 2 batches, as the loop does: a fresh loader, skip_first_batches
+    flat = [x for epoch in with_workers for x in epoch]
+    one_pass = spanned(loader, 0, 18)
+    assert all(torch.equal(x, y) for x, y in zip(one_pass, flat)) and len(one_pass) == 18
+    # resume in epoch 1 after 2 batches, as the loop does: a fresh loader, skip_first_batches, on into epoch 2
     images_r, loader_r = loader_for(jpeg_folder, accelerator, workers=2)
-    images_r.set_epoch(1)
-    loader_r.set_epoch(1)
-    rest = [b["pixels"] for b in accelerator.skip_first_batches(loader_r, 2)]
-    assert all(torch.equal(x, y) for x, y in zip(rest, with_workers[1][2:])) and len(rest) == 4
+    rest = spanned(loader_r, 1, 10, skip=2)
+    assert all(torch.equal(x, y) for x, y in zip(rest, flat[8:])) and len(rest) == 10
 
 
-def test_epoch_sampler_orders_depend_on_seed_and_epoch_only():
-    s = EpochSampler(50, seed=1)
+def test_epoch_batches_are_whole_epochs_in_one_pass():
+    s = EpochBatches(50, 8, seed=1, span=False)
     first = list(s)
-    assert sorted(i for _, i in first) == list(range(50)) and {e for e, _ in first} == {0}
+    assert len(first) == len(s) == 6 and all(len(b) == 8 for b in first)  # full batches, the rest of 50 dropped
+    flat = [i for b in first for _, i in b]
+    assert len(set(flat)) == 48 and {e for b in first for e, _ in b} == {0}
     s.set_epoch(3)
     third = list(s)
-    assert {e for e, _ in third} == {3} and [i for _, i in third] != [i for _, i in first]
-    again = EpochSampler(50, seed=1)
+    assert {e for b in third for e, _ in b} == {3} and third != first
+    again = EpochBatches(50, 8, seed=1)  # spanning: epoch 3 then epoch 4, the same batches as one pass each
     again.set_epoch(3)
-    assert list(again) == third
+    stream = iter(again)
+    assert [next(stream) for _ in range(6)] == third
+    s.set_epoch(4)
+    assert [next(stream) for _ in range(6)] == list(s)
+    assert len(EpochBatches(50, 8, seed=1, processes=4)) == 4  # whole rounds of the processes' dealing
 
 
 @pytest.mark.parametrize("img_size", [32, 128])
@@ -257,3 +280,24 @@ def test_pretraining_with_deferred_decoding_runs_the_real_loop(jpeg_folder, tmp_
     assert result.steps == 4 and seen == [8, 8, 8, 8]
     summary = (tmp_path / "run" / "summary.json").read_text()
     assert '"bad_images": 0' in summary
+
+
+@pytest.mark.parametrize("grad_accum, passes", [(1, 1), (2, 3)])
+def test_the_loop_reads_one_pass_across_epochs(jpeg_folder, tmp_path, monkeypatch, grad_accum, passes):
+    """Pretraining over 3 epochs takes its batches from one loader pass (no reset, no wait at an epoch
+    start), except when gradient accumulation does not divide an epoch (3 batches here, grad_accum 2):
+    then one pass per epoch, so that accelerate closes each epoch's short accumulation."""
+    from mpp.train import pretrain
+
+    real_iter, starts = EpochBatches.__iter__, []
+
+    def counting_iter(self):
+        starts.append(self.epoch)
+        return real_iter(self)
+
+    monkeypatch.setattr(EpochBatches, "__iter__", counting_iter)
+    steps = 9 // grad_accum if grad_accum == 1 else 6  # 3 epochs: 3 steps each, or 2 (one short) with grad_accum 2
+    cfg = PretrainConfig(dataset=jpeg_folder, model="test_vit", img_size=32, patch_size=8, batch_size=8, max_steps=steps, warmup_steps=0,
+                         workers=0, grad_accum=grad_accum, progress=False, output_dir=str(tmp_path / "run"), checkpoint_every=100)
+    assert pretrain(cfg).steps == steps
+    assert starts == list(range(passes))
