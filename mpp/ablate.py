@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .experiment import (check_fresh_output_dir, check_seeds, finetune_at, finetune_over_grid, pm, provenance, provenance_lines, recipe,
+from .experiment import (check_fresh_output_dir, check_seeds, reusing, finetune_at, finetune_over_grid, pm, provenance, provenance_lines, recipe,
                          run_in_process, summary_over_seeds, table, write_json)
 from .stats import paired_difference, verdict
 
@@ -113,6 +113,7 @@ class AblateConfig:
     output_dir: str = "benchmarks/results"
     runs_dir: str = "runs/ablate"
     finetune: bool = True
+    resume: bool = False  # continue in runs_dir: finished stages are kept (experiment.reusing)
     settings: dict = field(default_factory=all_settings)
 
 
@@ -135,7 +136,8 @@ def validate(cfg: AblateConfig) -> None:
         raise UsageError(f"--steps must be at least 4 (the 25% setting needs a step), got {cfg.steps}")
     if cfg.lr_selection not in ("per-seed", "first-seed"):
         raise UsageError(f"--lr-selection must be per-seed or first-seed, got {cfg.lr_selection!r}")
-    check_fresh_output_dir(Path(cfg.runs_dir))  # the results files in --output-dir are replaced, the runs never mixed
+    if not cfg.resume:
+        check_fresh_output_dir(Path(cfg.runs_dir))  # the results files in --output-dir are replaced, the runs never mixed
 
 
 def materialise(cfg: AblateConfig, folder: Path) -> Path:
@@ -210,15 +212,18 @@ def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
     start = time.time()
     origin = provenance(SCRIPT, argv or [])  # the code as it was at the start: a commit made mid-run must not be recorded
     runs = Path(cfg.runs_dir)
-    per_seed, timings = {}, {}
-    images = materialise(cfg, runs / "pretrain_images")
+    per_seed, timings, reused = {}, {}, []
+    run = reusing(run_in_process, reused) if cfg.resume else run_in_process
+    images = runs / "pretrain_images"
+    if not (cfg.resume and (images / "state.json").is_file()):
+        materialise(cfg, images)
     for seed in cfg.seeds:
         data = load_probe_data(cfg, seed)
         per_seed[seed] = {}
         for name, setting in cfg.settings.items():
             out = runs / f"seed{seed}" / folder_of(name)
             print(f"[seed {seed}] pretrain {name} ...", flush=True)
-            timings[f"{seed}/{name}"] = run_in_process(pretrain_command(cfg, setting, seed, out, images), out.parent / "logs" / f"{out.name}.log")
+            timings[f"{seed}/{name}"] = run(pretrain_command(cfg, setting, seed, out, images), out.parent / "logs" / f"{out.name}.log")
             per_seed[seed][name] = probe(cfg, out / "model.safetensors", data, seed)
     metrics = list(next(iter(per_seed.values()))["default"]["test"])
     summary = {name: {split: summary_over_seeds([per_seed[s][name][split] for s in cfg.seeds]) for split in ("validation", "test")}
@@ -229,8 +234,8 @@ def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
               "verdicts_by_metric": {m: {k: v["verdict"] for k, v in judge(per_seed, m)["findings"].items()} for m in metrics},
               "pretrain_seconds": timings}
     if cfg.finetune:
-        report["finetune"] = finetune_rows(cfg, runs, best)
-    report.update(wall_time_s=time.time() - start, **origin)
+        report["finetune"] = finetune_rows(cfg, runs, best, run)
+    report.update(wall_time_s=time.time() - start, **origin, reused_stages=reused)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ablation.json", report)
@@ -239,7 +244,7 @@ def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
     return report
 
 
-def finetune_rows(cfg: AblateConfig, runs: Path, best: str) -> dict:
+def finetune_rows(cfg: AblateConfig, runs: Path, best: str, run=None) -> dict:
     """Fine-tune top-1 of the default and of the best setting (by validation), gap.py's rules."""
     arms = ["default"] + ([best] if best != "default" else [])
     per_seed, first = {arm: {} for arm in arms}, {}
@@ -250,10 +255,10 @@ def finetune_rows(cfg: AblateConfig, runs: Path, best: str) -> dict:
             logs, name = runs / f"seed{seed}" / "logs", f"finetune_{pretrained.name}"
             print(f"[seed {seed}] fine-tune {arm} ...", flush=True)
             if cfg.lr_selection == "per-seed" or i == 0:
-                per_seed[arm][seed] = finetune_over_grid(base, cfg.lr_grid, runs / f"seed{seed}", logs, name)
+                per_seed[arm][seed] = finetune_over_grid(base, cfg.lr_grid, runs / f"seed{seed}", logs, name, run)
                 first.setdefault(arm, per_seed[arm][seed]["chosen_lr"])
             else:
-                per_seed[arm][seed] = finetune_at(base, first[arm], runs / f"seed{seed}", logs, name)
+                per_seed[arm][seed] = finetune_at(base, first[arm], runs / f"seed{seed}", logs, name, run)
     summary = {arm: summary_over_seeds([{k: r[k] for k in ("test_top1", "best_val_top1")} for r in per_seed[arm].values()]) for arm in arms}
     rows = {"arms": arms, "per_seed": per_seed, "summary": summary}
     if len(arms) == 2:

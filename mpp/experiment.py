@@ -57,6 +57,31 @@ def run_in_process(cmd: list[str], log: Path) -> float:
     return time.time() - start
 
 
+def finished(out: Path) -> bool:
+    """A stage's run folder holds its final output: results.json (fine-tuning) or model.safetensors (pretraining)."""
+    return (out / "results.json").is_file() or ((out / "model.safetensors").is_file() and not (out / "best.safetensors").exists())
+
+
+def reusing(run=None, reused: list | None = None):
+    """A stage runner for a resumed experiment: a stage whose run folder is finished is kept (and listed
+    in `reused`), an unfinished one is removed and run again (a kill loses only the stage it stopped)."""
+    import shutil
+
+    run = run or run_in_process
+
+    def run_or_reuse(cmd: list[str], log: Path) -> float:
+        out = Path(option_value(cmd, "--output-dir"))
+        if finished(out):
+            if reused is not None:
+                reused.append(str(out))
+            return 0.0
+        if out.exists():
+            shutil.rmtree(out)
+        return run(cmd, log)
+
+    return run_or_reuse
+
+
 def check_fresh_output_dir(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--output-dir {out} is not empty; choose another folder")

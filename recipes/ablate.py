@@ -22,7 +22,7 @@ HELP = {
     "lr_selection": "per-seed (every seed's validation chooses) or first-seed (the first seed's, kept for the others)",
     "seeds": "one full repetition per seed",
     "output_dir": "folder for ablation.md, ablation.json and ablation.png",
-    "runs_dir": "folder for the runs and their logs (must be empty or new)",
+    "runs_dir": "folder for the runs and their logs (must be empty or new, unless --resume)",
 }
 
 
@@ -33,8 +33,9 @@ def build_parser() -> OneLineParser:
                       "fine-tune the default and the best setting, and judge the paper's findings by paired per-seed differences.")
     p.add_argument("--quick", action="store_true", help="every setting for a few steps, one seed (for tests)")
     p.add_argument("--no-finetune", dest="finetune", action="store_false", help="probes only: skip fine-tuning the default and best settings")
+    p.add_argument("--resume", action="store_true", help="continue a stopped ablation in --runs-dir: finished runs are kept, an unfinished one is run again")
     for name, value in vars(d).items():
-        if name in ("settings", "finetune"):
+        if name in ("settings", "finetune", "resume"):
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, tuple):

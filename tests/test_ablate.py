@@ -111,3 +111,28 @@ def test_ablate_quick(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     ours, fresh = load_tensors(runs / "seed0" / folder_of(last) / "model.safetensors"), load_tensors(tmp_path / "again" / "model.safetensors")
     assert ours.keys() == fresh.keys() and all(ours[k].equal(fresh[k]) for k in ours)
+
+
+def test_a_resumed_experiment_keeps_finished_stages_and_reruns_the_rest(tmp_path):
+    """--resume: a finished pretraining (model.safetensors) or fine-tuning (results.json) is kept; a stage
+    stopped half-way (a fine-tuning with only best.safetensors) is removed and run again."""
+    from mpp.experiment import reusing
+
+    done_pretrain, done_finetune, half, fresh = (tmp_path / n for n in ("pre", "ft", "half", "new"))
+    for folder, files in [(done_pretrain, ["model.safetensors"]), (done_finetune, ["best.safetensors", "model.safetensors", "results.json"]),
+                          (half, ["best.safetensors", "model.safetensors"])]:
+        folder.mkdir()
+        for f in files:
+            (folder / f).write_text("x")
+    ran, reused = [], []
+
+    def fake_run(cmd, log):
+        out = Path(cmd[cmd.index("--output-dir") + 1])
+        assert not out.exists()  # a half-written run folder is gone before the stage runs again
+        ran.append(out.name)
+        return 1.0
+
+    run = reusing(fake_run, reused)
+    for out in (done_pretrain, done_finetune, half, fresh):
+        run(["python", "recipes/x.py", "--output-dir", str(out)], tmp_path / "log")
+    assert ran == ["half", "new"] and reused == [str(done_pretrain), str(done_finetune)]
