@@ -39,6 +39,9 @@ def add_run_flags(p: argparse.ArgumentParser, run: argparse._ArgumentGroup, d) -
     run.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (default: the cores / processes on this machine; "
                      "accelerate launch without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    run.add_argument("--config", default=None, help="YAML or JSON file of flag values (keys are the flags' names, e.g. img_size "
+                     "or img-size); flags on the command line win. A run's config.json replays that run (its 'derived' block is ignored). "
+                     "Examples: recipes/configs/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,10 +144,74 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     return p
 
 
+IGNORED_CONFIG_KEYS = ("derived", "config")  # what a saved run configuration holds besides flag values
+
+
+def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """p.parse_args(argv) as a dict, with --config FILE's values as the defaults (command-line flags win).
+    Values are checked as the flags' own: converted by their type, restricted to their choices."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config")
+    path = first.parse_known_args(argv)[0].config
+    if path:
+        actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+        values = {k.replace("-", "_"): v for k, v in read_config_file(path).items() if k.replace("-", "_") not in IGNORED_CONFIG_KEYS}
+        unknown = sorted(set(values) - set(actions))
+        if unknown:
+            raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)} (keys are the flags' names; see --help)")
+        p.set_defaults(**{k: flag_value(actions[k], v, path) for k, v in values.items()})
+    values = vars(p.parse_args(argv))
+    values.pop("config", None)
+    return values
+
+
+def read_config_file(path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        if file.suffix.lower() == ".json":
+            values = json.loads(file.read_text())
+        else:
+            import yaml
+
+            values = yaml.safe_load(file.read_text())
+    except Exception as e:  # a syntax error, with where it is
+        raise UsageError(f"--config {path}: not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'} "
+                         f"({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}")
+    return values
+
+
+def flag_value(action: argparse.Action, value, path: str):
+    """A config file's value for one flag, as the command line would have made it: strings through the
+    flag's type (YAML reads 2e-4 as a string), lists for nargs flags, one of its choices."""
+    name = "--" + action.dest.replace("_", "-")
+    try:
+        if action.nargs not in (None, 0, "?") and value is not None:
+            value = [action.type(v) if action.type and isinstance(v, str) else v for v in (value if isinstance(value, (list, tuple)) else [value])]
+            if isinstance(action.nargs, int) and len(value) != action.nargs:
+                raise ValueError(f"takes {action.nargs} values, got {len(value)}")
+        elif isinstance(value, str) and action.type is not None:
+            value = action.type(value)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--config {path}: {name} {value!r}: {e}") from None
+    if action.choices is not None and value is not None and value not in action.choices:
+        raise UsageError(f"--config {path}: {name} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
 def parse_finetune_config(argv: list[str] | None = None):
     from .finetune_config import FinetuneConfig, validate_finetune
 
-    values = vars(build_finetune_parser().parse_args(argv))
+    values = parse_with_config(build_finetune_parser(), argv)
     values["crop_scale"] = tuple(values["crop_scale"])
     cfg = FinetuneConfig(**values)
     validate_finetune(cfg)
@@ -152,8 +219,7 @@ def parse_finetune_config(argv: list[str] | None = None):
 
 
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:
-    args = build_parser().parse_args(argv)
-    values = vars(args)
+    values = parse_with_config(build_parser(), argv)
     for key in ("crop_scale", "mask_probs", "betas"):
         values[key] = tuple(values[key])
     cfg = PretrainConfig(**values)
