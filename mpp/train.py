@@ -86,6 +86,29 @@ def device_decoder(img_size: int, device: torch.device):
     return prepare
 
 
+def closing_summary(run_dir: Path) -> str:
+    """What the end of a run tells the user: steps, final loss and masked accuracy, wall time, images/s
+    (start-up included), where the files are, and the next commands."""
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = next((r for r in reversed(records) if "loss" in r), {})
+    rate = summary.get("images_per_sec")
+    lines = [f"MPP pretraining finished: {summary['steps']} steps ({summary.get('steps_this_run', summary['steps'])} in this run, "
+             f"{summary.get('wall_s', 0):.0f} s{f', {rate:.0f} images/s with start-up' if rate else ''})",
+             f"  final loss {last.get('loss', float('nan')):.4f}, masked-patch accuracy {last.get('masked_acc', float('nan')):.4f}"
+             + (f"; {summary['bad_images']} unreadable images skipped" if summary.get("bad_images") else ""),
+             f"  encoder weights  {run_dir / 'model.safetensors'}   (timm keys; MPP head: mpp_head.safetensors)",
+             f"  metrics          {run_dir / 'metrics.jsonl'}   (tensorboard --logdir {run_dir})",
+             "next:",
+             f"  accelerate launch recipes/finetune.py --init {run_dir / 'model.safetensors'} --dataset <labelled set>",
+             f"  python recipes/inspect_run.py {run_dir}",
+             f"  python -c \"from mpp.weights import load_backbone; m = load_backbone('{run_dir / 'model.safetensors'}')\"   "
+             "(or timm.create_model with its metadata: README, Using the weights downstream)"]
+    return "\n".join(lines)
+
+
 def build_optimizer(model: MPPModel, cfg: PretrainConfig, lr: float, device: torch.device):
     """AdamW through timm: no decay on biases, norms and embeddings (MPPModel.no_weight_decay)."""
     return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
@@ -164,6 +187,9 @@ def load_monitor_data(cfg: PretrainConfig):
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Runs (or resumes) one pretraining run. Every process calls this."""
+    import time
+
+    started = time.perf_counter()
     validate(cfg)
     dist = init_processes(cfg.threads)
     # Everything that can be wrong with the invocation is found before the run folder is made.
@@ -224,6 +250,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     result = fit(run, model, optimizer, loader, images, mpp_step, settings, on_step=lambda step: [c(step) for c in callbacks])
     if accelerator.is_main_process and not result.stopped_by:  # weights only for a finished run
         export_weights(accelerator.unwrap_model(model), cfg, run.run_dir, result.step)
-    write_summary(run, result)
+    trained = result.step - run.state["step"]  # this invocation's steps (a resumed run did the rest before)
+    wall = time.perf_counter() - started
+    write_summary(run, result, {"wall_s": wall, "steps_this_run": trained,
+                                "images_per_sec": trained * global_batch / wall if wall > 0 else None})
     finish(run)
     return PretrainResult(run.run_dir, accelerator.unwrap_model(model), result.step, result.stopped_by)

@@ -2,7 +2,7 @@
 from accelerate.state import PartialState
 
 from mpp.cli import EXIT_STOPPED, exit_cleanly, parse_config, run_cli
-from mpp.train import pretrain
+from mpp.train import closing_summary, pretrain
 
 
 def main(argv=None):
@@ -11,7 +11,7 @@ def main(argv=None):
     if result.stopped_by:
         return EXIT_STOPPED
     if PartialState().is_main_process:
-        print(f"MPP pretraining finished: {result.run_dir}/model.safetensors")
+        print(closing_summary(result.run_dir))
     return 0
 
 
