@@ -1,60 +1,7 @@
 """MPP's design choices (ViT paper App. B.1.2) in miniature, with verdicts.  python recipes/ablate.py --help"""
-import sys
-
-from mpp.ablate import AblateConfig, quick, run_ablation
-from mpp.cli import OneLineParser, run_cli
-
-HELP = {
-    "pretrain_dataset": "unlabelled pretraining set",
-    "downstream": "labelled set (train / validation / test) the frozen encoders are probed and fine-tuned on",
-    "model": "timm ViT",
-    "img_size": "resolution of pretraining, probes and fine-tuning",
-    "patch_size": "patch size",
-    "steps": "pretraining steps of the default setting (the length axis takes 25/50/100/200%% of it)",
-    "batch": "pretraining batch",
-    "lr": "peak AdamW lr of every pretraining",
-    "metric": "probe metric that decides the verdicts and (on validation) the best setting",
-    "shots": "few-shot linear probes: examples per class",
-    "finetune_epochs": "most fine-tuning epochs; the best validation epoch is kept",
-    "finetune_batch": "fine-tuning batch",
-    "eval_every": "epochs between validation evaluations while fine-tuning",
-    "lr_grid": "fine-tuning learning rates; validation chooses one per fine-tuned setting",
-    "lr_selection": "per-seed (every seed's validation chooses) or first-seed (the first seed's, kept for the others)",
-    "seeds": "one full repetition per seed",
-    "output_dir": "folder for ablation.md, ablation.json and ablation.png",
-    "runs_dir": "folder for the runs and their logs (must be empty or new, unless --resume)",
-}
-
-
-def build_parser() -> OneLineParser:
-    d = AblateConfig()
-    p = OneLineParser(prog="ablate.py", description="Pretrain with MPP once per setting and seed (the default, then one axis changed at a "
-                      "time: target, corruption rate, mix, where the corruption happens, length), probe the frozen encoders, "
-                      "fine-tune the default and the best setting, and judge the paper's findings by paired per-seed differences.")
-    p.add_argument("--quick", action="store_true", help="every setting for a few steps, one seed (for tests)")
-    p.add_argument("--no-finetune", dest="finetune", action="store_false", help="probes only: skip fine-tuning the default and best settings")
-    p.add_argument("--resume", action="store_true", help="continue a stopped ablation in --runs-dir: finished runs are kept, an unfinished one is run again")
-    for name, value in vars(d).items():
-        if name in ("settings", "finetune", "resume"):
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, tuple):
-            p.add_argument(flag, type=float if name == "lr_grid" else int, nargs="+", default=list(value), help=HELP[name] + f" (default {list(value)})")
-        else:
-            p.add_argument(flag, type=type(value), default=value, help=HELP[name] + f" (default {value})".replace("%", "%%"))
-    return p
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = vars(build_parser().parse_args(argv))
-    is_quick = args.pop("quick")
-    cfg = AblateConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    if is_quick:
-        cfg = quick(cfg)
-    report = run_ablation(cfg, argv)
-    print(f"wrote {cfg.output_dir}/ablation.md, ablation.json and ablation.png ({report['wall_time_s']:.0f} s)")
-
+# The recipe lives in the package (mpp/commands/ablate.py), so that an installed package runs it too: python -m mpp ablate
+from mpp.commands.ablate import *  # noqa: F401,F403 (main, build_parser, ... for code that imports this script)
+from mpp.commands.ablate import cli
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -1,19 +1,7 @@
 """Masked patch prediction pretraining.  accelerate launch recipes/pretrain_mpp.py --help"""
-from accelerate.state import PartialState
-
-from mpp.cli import EXIT_STOPPED, exit_cleanly, parse_config, run_cli
-from mpp.train import closing_summary, pretrain
-
-
-def main(argv=None):
-    cfg = parse_config(argv)  # every flag checked before anything heavy
-    result = pretrain(cfg)
-    if result.stopped_by:
-        return EXIT_STOPPED
-    if PartialState().is_main_process:
-        print(closing_summary(result.run_dir))
-    return 0
-
+# The recipe lives in the package (mpp/commands/pretrain.py), so that an installed package runs it too: python -m mpp pretrain
+from mpp.commands.pretrain import *  # noqa: F401,F403 (main, build_parser, ... for code that imports this script)
+from mpp.commands.pretrain import cli
 
 if __name__ == "__main__":
-    exit_cleanly(run_cli(main))
+    cli()
