@@ -1,12 +1,7 @@
 """Fine-tune a timm ViT: from scratch, MPP weights or supervised weights.  accelerate launch recipes/finetune.py --help"""
-from mpp.cli import EXIT_STOPPED, exit_cleanly, parse_finetune_config, run_cli
-from mpp.finetune import finetune
-
-
-def main(argv=None):
-    results = finetune(parse_finetune_config(argv))  # every flag checked before anything heavy
-    return EXIT_STOPPED if results.get("stopped_by") else 0
-
+# The recipe lives in the package (mpp/commands/finetune.py), so that an installed package runs it too: python -m mpp finetune
+from mpp.commands.finetune import *  # noqa: F401,F403 (main, ... for code that imports this script)
+from mpp.commands.finetune import cli
 
 if __name__ == "__main__":
-    exit_cleanly(run_cli(main))
+    cli()
