@@ -17,7 +17,6 @@ a seeded sample gets the same box and flip whichever way it is decoded (--decode
 
 Other images (PNG, CMYK, EXIF-rotated JPEGs, arrays) take the `pil` path in every mode.
 """
-import io
 import math
 from dataclasses import dataclass
 
@@ -177,24 +176,3 @@ def decode_deferred(pixels: torch.Tensor, encoded: list[tuple[int, EncodedCrop]]
             continue
         pixels[slot] = crop_tensor(image, e.box, size)
     return pixels, failed
-
-
-def read_bytes(value) -> bytes | None:
-    """The encoded file behind an Image(decode=False) value, or None."""
-    if not isinstance(value, dict):
-        return None
-    if value.get("bytes"):
-        return value["bytes"]
-    if value.get("path"):
-        with open(value["path"], "rb") as f:
-            return f.read()
-    return None
-
-
-def open_encoded(value) -> PILImage.Image | None:
-    """An Image(decode=False) value opened but not decoded (the header read), or None for other values."""
-    if not isinstance(value, dict):
-        return None
-    data = value.get("bytes")
-    source = io.BytesIO(data) if data else value.get("path")
-    return None if source is None else PILImage.open(source)

@@ -238,10 +238,10 @@ def open_image(value) -> tuple[PILImage.Image | torch.Tensor | None, str]:
     """
     try:
         if isinstance(value, dict):  # Image(decode=False): {"bytes": ..., "path": ...}
-            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-            if source is None:
+            opened = open_encoded(value)
+            if opened is None:
                 return None, "empty image entry"
-            with PILImage.open(source) as img:
+            with opened as img:
                 img.load()
                 return pil_to_rgb(img), ""
         if isinstance(value, PILImage.Image):
@@ -253,6 +253,27 @@ def open_image(value) -> tuple[PILImage.Image | torch.Tensor | None, str]:
         return None, why(e)
 
 
+def read_bytes(value) -> bytes | None:
+    """The encoded file behind an Image(decode=False) value, or None."""
+    if not isinstance(value, dict):
+        return None
+    if value.get("bytes"):
+        return value["bytes"]
+    if value.get("path"):
+        with open(value["path"], "rb") as f:
+            return f.read()
+    return None
+
+
+def open_encoded(value) -> PILImage.Image | None:
+    """An Image(decode=False) value opened but not decoded (the header read), or None for other values."""
+    if not isinstance(value, dict):
+        return None
+    data = value.get("bytes")
+    source = io.BytesIO(data) if data else value.get("path")
+    return None if source is None else PILImage.open(source)
+
+
 def why(e: Exception) -> str:
     """One line, at most 200 characters: what went wrong reading an image."""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
@@ -262,7 +283,7 @@ def augment_value(value, transform, name: str, defer: bool = False):
     """One stored image -> its augmented (3, S, S) uint8 tensor, or (defer: --decode gpu) an EncodedCrop
     for the training process to decode, or a BadImage saying why not. A transform that opens images
     itself (augment.CropFlip) gets encoded files undecoded, so that it decodes only what its crop needs."""
-    from .augment import defer_or_apply, open_encoded, read_bytes
+    from .augment import defer_or_apply
 
     if getattr(transform, "opens_images", False) and isinstance(value, dict):
         try:
