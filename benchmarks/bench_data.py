@@ -13,7 +13,7 @@ the photographs in Debian's mate-backgrounds, or scikit-image's when that is not
 - pil: Pillow decodes the whole JPEG, torchvision crops and resizes the PIL image (--decode pil: the
   pipeline before issue 16);
 - cpu: the default --decode cpu (DCT-domain downscaling when the crop is at least twice the output,
-  else libjpeg-turbo through torchvision and torch's resize: mpp/augment.py);
+  else libjpeg-turbo through torchvision and torch's resize: mpp/data/augment.py);
 - gpu-worker: what a worker does under --decode gpu (header, crop box, bytes); decoding moves to the GPU;
 - prepared+pil / prepared+cpu: the same after recipes/prepare_data.py (shorter side --short-side).
 """
@@ -29,8 +29,8 @@ import torch
 
 from results_io import provenance, provenance_lines, write_results
 
-from mpp.data import AugmentedImages, collate_images, find_image_column, load_images, train_transform
-from mpp.loader import EpochBatches
+from mpp.data.dataset import AugmentedImages, collate_images, find_image_column, load_images, train_transform
+from mpp.data.loader import EpochBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -107,7 +107,7 @@ def main(argv=None):
             folder = Path(args.jpeg_dir) if args.jpeg_dir else Path(tmp) / "jpegs"
             if not args.jpeg_dir:
                 made = imagenet_like(folder, args.images, photos_dir=args.photos)
-            from mpp.prepare import prepare_dataset
+            from mpp.data.prepare import prepare_dataset
 
             prepared = Path(tmp) / "prepared"
             start = time.perf_counter()

@@ -28,9 +28,9 @@ import torch
 
 from results_io import provenance, provenance_lines, write_results
 
-from mpp.config import PretrainConfig
-from mpp.loop import fused_optimizer_kwargs
-from mpp.model import create_encoder
+from mpp.training.pretrain_config import PretrainConfig
+from mpp.training.loop import fused_optimizer_kwargs
+from mpp.models.model import create_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

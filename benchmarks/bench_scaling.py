@@ -27,8 +27,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def measure(model_name: str, img_size: int, patch: int, batch: int, grad_ckpt: bool, steps: int, device: str) -> dict:
     """In this process: images/s and memory of the MPP training step (see the module docstring for the two columns)."""
-    from mpp.loop import fused_optimizer_kwargs
-    from mpp.model import MPPModel, create_encoder
+    from mpp.training.loop import fused_optimizer_kwargs
+    from mpp.models.model import MPPModel, create_encoder
 
     torch.manual_seed(0)
     encoder = create_encoder(model_name, img_size, patch)

@@ -30,9 +30,9 @@ import torch
 from peaks import gemm_round, model_gemm_shapes, spec_peak, sync
 from results_io import load_average, package_versions, provenance, provenance_lines, write_results
 
-from mpp.loop import fused_optimizer_kwargs
-from mpp.model import MPPModel, create_encoder
-from mpp.stats import paired_difference
+from mpp.training.loop import fused_optimizer_kwargs
+from mpp.models.model import MPPModel, create_encoder
+from mpp.evaluation.stats import paired_difference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

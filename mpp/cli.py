@@ -2,10 +2,10 @@
 import argparse
 import sys
 
-from .config import DEFAULT_LR, PAPER_REF_BATCH, PretrainConfig, validate
-from .errors import UsageError
-from .families import SUPPORTED
-from .targets import TARGETS
+from mpp.training.pretrain_config import DEFAULT_LR, PAPER_REF_BATCH, PretrainConfig, validate
+from mpp.errors import UsageError
+from mpp.models.families import SUPPORTED
+from mpp.models.targets import TARGETS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_finetune_parser() -> argparse.ArgumentParser:
-    from .finetune_config import PRESETS, FinetuneConfig
+    from mpp.training.finetune_config import PRESETS, FinetuneConfig
 
     d = FinetuneConfig()
     p = OneLineParser(
@@ -209,7 +209,7 @@ def flag_value(action: argparse.Action, value, path: str):
 
 
 def parse_finetune_config(argv: list[str] | None = None):
-    from .finetune_config import FinetuneConfig, validate_finetune
+    from mpp.training.finetune_config import FinetuneConfig, validate_finetune
 
     values = parse_with_config(build_finetune_parser(), argv)
     values["crop_scale"] = tuple(values["crop_scale"])
@@ -234,7 +234,7 @@ EXIT_STOPPED = 75
 
 def run_cli(main, argv: list[str] | None = None):
     """Call main(argv); a UsageError becomes one line on stderr and exit code 2, a RunError exit code 1."""
-    from .loop import RunError
+    from mpp.training.loop import RunError
 
     try:
         return main(argv)

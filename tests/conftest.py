@@ -33,9 +33,9 @@ def _seed():
 def exported(tmp_path_factory):
     """A tiny MPP model (test_vit, 28 px, patch 7) with non-default weights, exported the way
     pretraining exports it: (run folder, model)."""
-    from mpp.config import PretrainConfig
-    from mpp.model import MPPModel, create_encoder
-    from mpp.train import export_weights
+    from mpp.training.pretrain_config import PretrainConfig
+    from mpp.models.model import MPPModel, create_encoder
+    from mpp.training.pretrain import export_weights
 
     run_dir = tmp_path_factory.mktemp("run")
     torch.manual_seed(1)

@@ -9,13 +9,13 @@ import sys
 import torch
 from accelerate.state import PartialState
 
-import mpp.data
-import mpp.model
+import mpp.data.dataset
+import mpp.models.model
 from mpp.cli import exit_cleanly, parse_config
-from mpp.train import pretrain
+from mpp.training.pretrain import pretrain
 
 seen, initial = [], []
-getitems, forward = mpp.data.AugmentedImages.__getitems__, mpp.model.MPPModel.forward
+getitems, forward = mpp.data.dataset.AugmentedImages.__getitems__, mpp.models.model.MPPModel.forward
 
 
 def recording_getitems(self, indices):
@@ -32,8 +32,8 @@ def watched_forward(self, *args, **kwargs):
     return forward(self, *args, **kwargs)
 
 
-mpp.data.AugmentedImages.__getitems__ = recording_getitems
-mpp.model.MPPModel.forward = watched_forward
+mpp.data.dataset.AugmentedImages.__getitems__ = recording_getitems
+mpp.models.model.MPPModel.forward = watched_forward
 result = pretrain(parse_config(sys.argv[1:]))
 state = PartialState()
 params = torch.cat([p.detach().flatten().cpu() for p in result.model.parameters()])

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mpp.ablate import AXES, DEFAULT, FINDINGS, AblateConfig, all_settings, folder_of, judge, pretrain_command, quick, setting_name
+from mpp.experiments.ablate import AXES, DEFAULT, FINDINGS, AblateConfig, all_settings, folder_of, judge, pretrain_command, quick, setting_name
 from mpp.cli import parse_config
-from mpp.clipart import OPENCLIPART_DIR
+from mpp.data.clipart import OPENCLIPART_DIR
 
 ROOT = Path(__file__).parents[1]
 
@@ -102,7 +102,7 @@ def test_ablate_quick(tmp_path):
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the pretrainings ran in one process, one after another: the last one's weights must equal those
     # of the same command in a fresh process (state leaking from run to run would show)
-    from mpp.weights import load_tensors
+    from mpp.models.weights import load_tensors
 
     last = setting_name("length", 2.0)
     assert list(all_settings())[-1] == last
@@ -116,7 +116,7 @@ def test_ablate_quick(tmp_path):
 def test_a_resumed_experiment_keeps_finished_stages_and_reruns_the_rest(tmp_path):
     """--resume: a finished pretraining (model.safetensors) or fine-tuning (results.json) is kept; a stage
     stopped half-way (a fine-tuning with only best.safetensors) is removed and run again."""
-    from mpp.experiment import reusing
+    from mpp.experiments.harness import reusing
 
     done_pretrain, done_finetune, half, fresh = (tmp_path / n for n in ("pre", "ft", "half", "new"))
     for folder, files in [(done_pretrain, ["model.safetensors"]), (done_finetune, ["best.safetensors", "model.safetensors", "results.json"]),

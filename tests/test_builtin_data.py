@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from mpp import builtin_data
-from mpp import clipart as clipart_module
-from mpp.builtin_data import (CLIPART_DOWNSTREAM, CLIPART_UPSTREAM, FASHION_MNIST_DIR, clipart, colour_mix,
+from mpp.data import builtin as builtin_data
+from mpp.data import clipart as clipart_module
+from mpp.data.builtin import (CLIPART_DOWNSTREAM, CLIPART_UPSTREAM, FASHION_MNIST_DIR, clipart, colour_mix,
                               fashion_mnist_downstream, fashion_mnist_upstream)
-from mpp.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, is_placeholder, load_clipart, path_split, to_square
-from mpp.data import load_images
+from mpp.data.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, is_placeholder, load_clipart, path_split, to_square
+from mpp.data.dataset import load_images
 from mpp.errors import UsageError
 
 FAKE_CLASSES = ["animals/birds", "food/fruit"]

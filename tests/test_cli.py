@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from mpp.cli import parse_config, run_cli
-from mpp.config import PretrainConfig, lr_at, resolve_lr
-from mpp.train import pretrain
+from mpp.training.pretrain_config import PretrainConfig, lr_at, resolve_lr
+from mpp.training.pretrain import pretrain
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "pretrain_mpp.py"
 

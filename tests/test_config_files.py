@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mpp.cli import parse_config, parse_finetune_config
-from mpp.config import PretrainConfig
+from mpp.training.pretrain_config import PretrainConfig
 from mpp.errors import UsageError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "recipes" / "configs").glob("*.yaml"))

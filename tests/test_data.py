@@ -10,11 +10,11 @@ import torch
 from datasets import Array3D, Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
-from mpp.builtin_data import FASHION_MNIST_DIR, mnist5k, photos, read_idx
-from mpp.data import (AugmentedImages, BadImage, as_tensor, collate_images, decode_image, find_image_column, labelled_images, load_images,
+from mpp.data.builtin import FASHION_MNIST_DIR, mnist5k, photos, read_idx
+from mpp.data.dataset import (AugmentedImages, BadImage, as_tensor, collate_images, decode_image, find_image_column, labelled_images, load_images,
                       open_image, seeded, train_transform)
 from mpp.errors import UsageError
-from mpp.targets import Mean3Bit
+from mpp.models.targets import Mean3Bit
 
 
 def png_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:

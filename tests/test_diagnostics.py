@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpp import diagnostics as dg
-from mpp.config import PretrainConfig
-from mpp.masking import Corruption
-from mpp.model import MPPModel, create_encoder
-from mpp.train import export_weights
+from mpp.evaluation import diagnostics as dg
+from mpp.training.pretrain_config import PretrainConfig
+from mpp.models.masking import Corruption
+from mpp.models.model import MPPModel, create_encoder
+from mpp.training.pretrain import export_weights
 
 P = 7  # test_vit at 28 px: a 4x4 grid of 7x7 patches, one class token, 6 blocks of 2 heads
 
@@ -204,7 +204,7 @@ def test_load_mpp_model_without_head(run_dir, tmp_path):
 
 
 def test_load_mpp_model_rejects_a_foreign_head(run_dir, tmp_path):
-    from mpp.weights import save_weights
+    from mpp.models.weights import save_weights
 
     d, _ = run_dir
     (tmp_path / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
@@ -224,7 +224,7 @@ def test_model_with_registers_and_no_class_token(images):
 
 
 def test_unpatchify_inverts_patchify():
-    from mpp.targets import patchify
+    from mpp.models.targets import patchify
 
     x = torch.rand(2, 3, 14, 21)
     assert torch.equal(dg.unpatchify(patchify(x, P), (2, 3)), x)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mpp.errors import UsageError
-from mpp.evaluate import few_shot_accuracy, fit_least_squares, knn_accuracy, predict_least_squares
+from mpp.evaluation.probes import few_shot_accuracy, fit_least_squares, knn_accuracy, predict_least_squares
 
 
 def test_least_squares_matches_numpy_lstsq():

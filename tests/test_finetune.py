@@ -11,10 +11,10 @@ from timm.layers import resample_abs_pos_embed
 
 from mpp import load_backbone
 from mpp.errors import UsageError
-from mpp.finetune import build_classifier, low_label_subset
-from mpp.finetune_config import FinetuneConfig
-from mpp.model import create_encoder
-from mpp.weights import load_encoder_weights
+from mpp.training.finetune import build_classifier, low_label_subset
+from mpp.training.finetune_config import FinetuneConfig
+from mpp.models.model import create_encoder
+from mpp.models.weights import load_encoder_weights
 
 ROOT = Path(__file__).parents[1]
 
@@ -136,7 +136,7 @@ BAD = [
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_finetune_invocations(args, message, refused):
     from mpp.cli import parse_finetune_config
-    from mpp.finetune import finetune
+    from mpp.training.finetune import finetune
 
     assert message in refused(lambda a: finetune(parse_finetune_config(a)), ["--dataset", "mnist5k", "--eval-split", "train", *args])
 

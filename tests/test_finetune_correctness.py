@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mpp import load_backbone
-from mpp.data import BadImage, collate_images
-from mpp.finetune import eval_history, save_classifier, top1
-from mpp.model import create_encoder
-from mpp.weights import load_encoder_weights
+from mpp.data.dataset import BadImage, collate_images
+from mpp.training.finetune import eval_history, save_classifier, top1
+from mpp.models.model import create_encoder
+from mpp.models.weights import load_encoder_weights
 
 ROOT = Path(__file__).parents[1]
 
@@ -89,7 +89,7 @@ def three_splits(tmp_path_factory):
     """train 48 / validation 24 / test 24 MNIST digits of 4 classes, saved with save_to_disk."""
     from datasets import DatasetDict
 
-    from mpp.builtin_data import mnist5k
+    from mpp.data.builtin import mnist5k
 
     ds = mnist5k().shuffle(seed=0)
     ds = ds.filter(lambda y: y < 4, input_columns="label").select(range(96))
@@ -109,7 +109,7 @@ def test_accuracy(weights: Path, data: Path, split: str) -> float:
     """Top-1 of a weight file on a split, computed here from timm's own model and the stored pixels."""
     from datasets import load_from_disk
 
-    from mpp.weights import read_metadata
+    from mpp.models.weights import read_metadata
 
     meta = read_metadata(weights)
     model = load_backbone(weights, num_classes=meta["num_classes"]).eval()  # its own head (10 digit classes, 4 of them used)
@@ -139,7 +139,7 @@ def test_selection_on_validation_scores_test_once_and_survives_a_resume(tmp_path
     assert done["best_val_top1"] == max(candidates) and done["best_epoch"] == candidates.index(max(candidates))
     assert json.loads((full / "config.json").read_text())["test_split"] == "test"
     best = load_file(full / "best.safetensors")
-    from mpp.weights import read_metadata
+    from mpp.models.weights import read_metadata
 
     assert read_metadata(full / "best.safetensors")["epoch"] == str(done["best_epoch"])
     assert done["test_top1"] == pytest.approx(test_accuracy(full / "best.safetensors", three_splits, "test"))

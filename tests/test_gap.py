@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mpp import experiment
-from mpp.builtin_data import FASHION_MNIST_DIR
+from mpp.experiments import harness as experiment
+from mpp.data.builtin import FASHION_MNIST_DIR
 from mpp.cli import parse_config, parse_finetune_config, run_cli
-from mpp.clipart import OPENCLIPART_DIR
-from mpp.gap import INITS, SETTINGS, finetune_command, make_config, pretrain_commands, quick, summarise
+from mpp.data.clipart import OPENCLIPART_DIR
+from mpp.experiments.gap import INITS, SETTINGS, finetune_command, make_config, pretrain_commands, quick, summarise
 
 ROOT = Path(__file__).parents[1]
 DATA = {"colour": OPENCLIPART_DIR, "grey": FASHION_MNIST_DIR}
@@ -109,7 +109,7 @@ def test_differences_pair_the_seeds():
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_label_spaces_are_disjoint(setting):
-    from mpp.gap import label_spaces
+    from mpp.experiments.gap import label_spaces
 
     if not DATA[setting].exists():
         pytest.skip(f"{DATA[setting]} not installed")
@@ -133,12 +133,12 @@ def gap_main(monkeypatch):
     (["--seeds", "1", "1"], "--seeds must be distinct"),
 ])
 def test_gap_refuses_bad_invocations_before_any_run(argv, message, gap_main, tmp_path, capsys, monkeypatch):
-    import mpp.gap
+    import mpp.experiments.gap
 
     def heavy(*args):
         raise AssertionError("got past the checks to the first data load")
 
-    monkeypatch.setattr(mpp.gap, "label_spaces", heavy)
+    monkeypatch.setattr(mpp.experiments.gap, "label_spaces", heavy)
     out = tmp_path / "gap"
     with pytest.raises(SystemExit) as exit_info:
         run_cli(gap_main, [*argv, "--output-dir", str(out)])
@@ -191,7 +191,7 @@ def test_gap_quick(tmp_path):
         assert (out / "seed0" / arm / "model.safetensors").is_file(), arm
     # the stages ran one after another in one process: the last one's weights must equal those of
     # the same command in a fresh process (state leaking from stage to stage would show)
-    from mpp.weights import load_tensors
+    from mpp.models.weights import load_tensors
 
     cmd = finetune_command(quick(make_config()), 0, str(out / "seed0" / "supervised" / "model.safetensors"))
     again = subprocess.run(cmd + ["--lr", "0.1", "--output-dir", str(tmp_path / "again")], capture_output=True, text=True, timeout=300,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mpp.config import PretrainConfig
-from mpp.model import MPPModel, create_encoder
-from mpp.train import export_weights
+from mpp.training.pretrain_config import PretrainConfig
+from mpp.models.model import MPPModel, create_encoder
+from mpp.training.pretrain import export_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "inspect_run.py"
@@ -105,7 +105,7 @@ def test_no_recipe_shadows_a_standard_module():
 
 
 def test_report_for_a_model_without_class_token(tmp_path):
-    from mpp.report import inspect_model
+    from mpp.evaluation.report import inspect_model
 
     enc = create_encoder("test_vit", 28, 7, reg_tokens=2, class_token=False, global_pool="avg")
     images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)

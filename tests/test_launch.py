@@ -71,7 +71,7 @@ def test_two_processes_agree_on_a_stop(two_ranks):
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     """96 MNIST digits saved with save_to_disk: 3 steps of 32 per epoch."""
-    from mpp.builtin_data import mnist5k
+    from mpp.data.builtin import mnist5k
 
     path = tmp_path_factory.mktemp("data") / "digits96"
     mnist5k().shuffle(seed=0).select(range(96)).save_to_disk(str(path))

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpp import train
-from mpp.config import PretrainConfig
-from mpp.model import MPPModel, create_encoder
+from mpp.training import pretrain as train
+from mpp.training.pretrain_config import PretrainConfig
+from mpp.models.model import MPPModel, create_encoder
 
 
 def tiny_images(path, n: int, size: int = 28):
@@ -69,7 +69,7 @@ def test_pretraining_builds_its_optimiser_without_decay_on_embeddings(tmp_path, 
 
 
 def test_optimiser_steps_count_each_epochs_short_last_accumulation():
-    from mpp.config import optimizer_steps
+    from mpp.training.pretrain_config import optimizer_steps
 
     assert optimizer_steps(3, 6, 4) == 6  # 2 steps an epoch: 4 micro-batches, then the epoch's last 2
     assert optimizer_steps(30, 6, 4) == 60
@@ -102,8 +102,8 @@ def test_each_optimiser_step_is_the_mean_gradient_of_its_own_micro_batches(tmp_p
     the gradient of the mean loss of its micro-batches (plain SGD, checked against torch by hand)."""
     from accelerate import Accelerator
 
-    from mpp.config import optimizer_steps
-    from mpp.loop import FRESH_STATE, LoopSettings, Run, fit
+    from mpp.training.pretrain_config import optimizer_steps
+    from mpp.training.loop import FRESH_STATE, LoopSettings, Run, fit
 
     torch.manual_seed(0)
     x, y = torch.randn(12, 3), torch.randn(12, 2)
@@ -156,7 +156,7 @@ def test_pretraining_with_grad_accum_runs_the_epochs_asked_for(tmp_path):
 
 def test_a_loader_shorter_than_one_accumulation_is_refused(tmp_path, refused, capsys):
     from mpp.cli import parse_config, parse_finetune_config
-    from mpp.finetune import finetune
+    from mpp.training.finetune import finetune
 
     data = str(tiny_images(tmp_path / "data", 16))
     capsys.readouterr()  # the dataset's progress bar
@@ -179,8 +179,8 @@ def test_randaugment_depends_only_on_the_batch_seed():
 
     from PIL import Image as PILImage
 
-    from mpp.data import seeded, timm_transform
-    from mpp.finetune_config import PRESETS
+    from mpp.data.dataset import seeded, timm_transform
+    from mpp.training.finetune_config import PRESETS
 
     tf = timm_transform(28, True, auto_augment=PRESETS["modern"]["auto_augment"])
     image = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8))
@@ -220,7 +220,7 @@ def stream_loader(data: str, workers: int, run_state: dict | None = None):
     """The streaming (images, loader) pair exactly as pretrain() builds it, on one process."""
     from types import SimpleNamespace
 
-    from mpp.data import find_image_column, load_images
+    from mpp.data.dataset import find_image_column, load_images
 
     cfg = PretrainConfig(dataset=data, streaming=True, max_steps=100, batch_size=8, workers=workers, img_size=28, seed=3)
     ds = load_images(cfg.dataset, cfg.split, streaming=True)

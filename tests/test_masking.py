@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mpp.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, apply_corruption, corrupted_mask, num_corrupted, sample_corruption
+from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, apply_corruption, corrupted_mask, num_corrupted, sample_corruption
 
 
 @pytest.mark.parametrize("N,ratio,expected", [(196, 0.5, 98), (16, 0.5, 8), (49, 0.5, 24), (49, 0.75, 37), (4, 0.01, 1)])

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from mpp.masking import UNCHANGED, sample_corruption
-from mpp.model import MPPModel, create_encoder
+from mpp.models.masking import UNCHANGED, sample_corruption
+from mpp.models.model import MPPModel, create_encoder
 
 # small timm ViTs: class token, register tokens + class token, no class token (avg pool, fc_norm)
 ENCODERS = {

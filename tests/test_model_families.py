@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mpp import load_backbone
-from mpp.config import PretrainConfig
-from mpp.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, apply_pixel_corruption, corrupted_mask, sample_corruption
-from mpp.model import MPPModel, create_encoder
-from mpp.targets import get_target, patchify
+from mpp.training.pretrain_config import PretrainConfig
+from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, apply_pixel_corruption, corrupted_mask, sample_corruption
+from mpp.models.model import MPPModel, create_encoder
+from mpp.models.targets import get_target, patchify
 
 # small members of each family (depth cut to 1-2 so that each builds and runs in well under a second)
 FAMILIES = {
@@ -169,7 +169,7 @@ print("OK")
 
 
 def exported(kind: str, folder):
-    from mpp.train import export_weights
+    from mpp.training.pretrain import export_weights
 
     spec = dict(FAMILIES[kind])
     name, img, patch = spec.pop("model_name"), spec.pop("img_size"), spec.pop("patch_size")
@@ -205,7 +205,7 @@ def test_export_loads_strictly_in_plain_timm(tmp_path):
 
 @pytest.mark.parametrize("kind", ["eva02_rope", "hybrid"])
 def test_load_backbone_and_finetune_init(kind, tmp_path):
-    from mpp.weights import load_encoder_weights, load_tensors
+    from mpp.models.weights import load_encoder_weights, load_tensors
 
     model, arch = exported(kind, tmp_path)
     path = tmp_path / "model.safetensors"
@@ -221,7 +221,7 @@ def test_load_backbone_and_finetune_init(kind, tmp_path):
 
 def test_load_backbone_with_classes_is_strict(exported, tmp_path):
     """issue 13 #8: timm loads non-strictly when the class count differs; a missing encoder key must still raise."""
-    from mpp.weights import read_metadata
+    from mpp.models.weights import read_metadata
 
     run_dir, _ = exported
     tensors = load_file(run_dir / "model.safetensors")
@@ -240,7 +240,7 @@ def test_eva_recipe_through_accelerate_loads_in_plain_timm(tmp_path):
     import json
     from pathlib import Path
 
-    from mpp.builtin_data import mnist5k
+    from mpp.data.builtin import mnist5k
 
     root = Path(__file__).parents[1]
     data = tmp_path / "digits"

@@ -10,14 +10,14 @@ from accelerate import Accelerator
 from PIL import Image
 from torchvision.transforms import v2
 
-from mpp.augment import CropFlip, EncodedCrop, decode_deferred, draft_jpeg
+from mpp.data.augment import CropFlip, EncodedCrop, decode_deferred, draft_jpeg
 from mpp.cli import parse_config
-from mpp.config import PretrainConfig
-from mpp.data import AugmentedImages, collate_images, load_images, seeded, train_transform
+from mpp.training.pretrain_config import PretrainConfig
+from mpp.data.dataset import AugmentedImages, collate_images, load_images, seeded, train_transform
 from mpp.errors import UsageError
-from mpp.loader import EpochBatches, default_workers
-from mpp.loop import epoch_batches_of
-from mpp.train import build_loader, device_decoder
+from mpp.data.loader import EpochBatches, default_workers
+from mpp.training.loop import epoch_batches_of
+from mpp.training.pretrain import build_loader, device_decoder
 
 
 def photo(seed: int, size=(320, 240)) -> Image.Image:
@@ -250,16 +250,16 @@ def test_pretraining_with_deferred_decoding_runs_the_real_loop(jpeg_folder, tmp_
     """--decode gpu through the real recipe loop, on the CPU (CUDA's check faked; the deferred JPEGs are
     decoded on the batch's device, here the CPU): EncodedCrops cross worker processes and accelerate's
     device placement, every step trains on decoded pixels, no image is lost."""
-    import mpp.train
-    from mpp.train import pretrain
+    import mpp.training.pretrain
+    from mpp.training.pretrain import pretrain
 
     def validate_as_on_a_gpu_machine(cfg):  # the refusal without CUDA is tested above; the loop runs on the CPU
         with pytest.MonkeyPatch.context() as m:
             m.setattr(torch.cuda, "is_available", lambda: True)
             validate(cfg)
 
-    validate = mpp.train.validate
-    monkeypatch.setattr(mpp.train, "validate", validate_as_on_a_gpu_machine)
+    validate = mpp.training.pretrain.validate
+    monkeypatch.setattr(mpp.training.pretrain, "validate", validate_as_on_a_gpu_machine)
     seen = []
     real = device_decoder
 
@@ -273,7 +273,7 @@ def test_pretraining_with_deferred_decoding_runs_the_real_loop(jpeg_folder, tmp_
             return out
         return run
 
-    monkeypatch.setattr("mpp.train.device_decoder", watching)
+    monkeypatch.setattr("mpp.training.pretrain.device_decoder", watching)
     cfg = PretrainConfig(dataset=jpeg_folder, model="test_vit", img_size=32, patch_size=8, batch_size=8, max_steps=4, warmup_steps=0,
                          workers=workers, decode="gpu", progress=False, output_dir=str(tmp_path / "run"), checkpoint_every=100)
     result = pretrain(cfg)
@@ -287,7 +287,7 @@ def test_the_loop_reads_one_pass_across_epochs(jpeg_folder, tmp_path, monkeypatc
     """Pretraining over 3 epochs takes its batches from one loader pass (no reset, no wait at an epoch
     start), except when gradient accumulation does not divide an epoch (3 batches here, grad_accum 2):
     then one pass per epoch, so that accelerate closes each epoch's short accumulation."""
-    from mpp.train import pretrain
+    from mpp.training.pretrain import pretrain
 
     real_iter, starts = EpochBatches.__iter__, []
 

@@ -1,4 +1,4 @@
-"""recipes/prepare_data.py and mpp.prepare: a dataset re-encoded once into small-JPEG parquet shards that
+"""recipes/prepare_data.py and mpp.data.prepare: a dataset re-encoded once into small-JPEG parquet shards that
 --dataset reads split by split, with its labels and class names, unreadable images counted and left out."""
 import importlib.util
 import io
@@ -11,9 +11,9 @@ import pytest
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
-from mpp import prepare
+from mpp.data import prepare
 from mpp.cli import run_cli
-from mpp.data import load_images
+from mpp.data.dataset import load_images
 from mpp.errors import UsageError
 
 ROOT = Path(__file__).parents[1]

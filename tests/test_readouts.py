@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from mpp.evaluate import describe_readouts, extract_features, frozen_feature_report
+from mpp.evaluation.probes import describe_readouts, extract_features, frozen_feature_report
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 

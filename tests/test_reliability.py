@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mpp.loop import LoopSettings, NonFiniteError, NonFiniteGuard, fit, init_processes, open_run
+from mpp.training.loop import LoopSettings, NonFiniteError, NonFiniteGuard, fit, init_processes, open_run
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -21,7 +21,7 @@ TINY = ["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch
 
 @pytest.fixture(scope="module")
 def digits96(tmp_path_factory):
-    from mpp.builtin_data import mnist5k
+    from mpp.data.builtin import mnist5k
 
     path = tmp_path_factory.mktemp("data") / "digits96"
     mnist5k().shuffle(seed=0).select(range(96)).save_to_disk(str(path))
@@ -293,7 +293,7 @@ def test_fp16_on_cpu_keeps_the_nonfinite_guard(tmp_path, fresh_accelerate_state)
     between a NaN gradient and the weights, so it must stay on."""
     from accelerate import Accelerator
 
-    from mpp.loop import FRESH_STATE, Run
+    from mpp.training.loop import FRESH_STATE, Run
 
     acc = Accelerator(mixed_precision="fp16", cpu=True)
     assert acc.mixed_precision == "fp16" and acc.scaler is None
@@ -312,7 +312,7 @@ def test_fp16_with_a_grad_scaler_leaves_nonfinite_steps_to_it(tmp_path, fresh_ac
     step) nor stops. Not tested on CPU: fp16 autocast kernels and accelerate's own choice of scaler."""
     from accelerate import Accelerator
 
-    from mpp.loop import FRESH_STATE, Run
+    from mpp.training.loop import FRESH_STATE, Run
 
     acc = Accelerator(mixed_precision="fp16", cpu=True)
     acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**8)  # what accelerate does on a GPU

@@ -1,11 +1,11 @@
-"""mpp.stats against hand computations (a t-table value) and scipy's paired t-test."""
+"""mpp.evaluation.stats against hand computations (a t-table value) and scipy's paired t-test."""
 import math
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from mpp.stats import mean_std, paired_difference, verdict
+from mpp.evaluation.stats import mean_std, paired_difference, verdict
 
 T_975_2DF = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (printed tables: 4.303)
 

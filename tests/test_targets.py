@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpp.targets import Mean3Bit, Mean3Bit4x4, PixelsL2, class_colour, colour_class, patchify
+from mpp.models.targets import Mean3Bit, Mean3Bit4x4, PixelsL2, class_colour, colour_class, patchify
 
 
 def solid(colour, size=8):

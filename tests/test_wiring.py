@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from mpp import finetune as finetune_module
-from mpp import train
+from mpp.training import finetune as finetune_module
+from mpp.training import pretrain as train
 from mpp.cli import parse_config, parse_finetune_config, run_cli
-from mpp.config import lr_at
-from mpp.masking import RANDOM_PATCH
+from mpp.training.pretrain_config import lr_at
+from mpp.models.masking import RANDOM_PATCH
 
 TINY = ["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "8", "--workers", "0", "--no-progress"]
 
@@ -128,7 +128,7 @@ def test_keep_checkpoints_reaches_the_run(pretrained):
 def test_nonfinite_gradients_exit_1_through_the_recipe(images, tmp_path, monkeypatch, capsys):
     """A loss that is always NaN: the recipe's run_cli stops the run with one line and exit code 1,
     leaving no weights and no checkpoint."""
-    from mpp.model import MPPModel
+    from mpp.models.model import MPPModel
 
     forward = MPPModel.forward
 
@@ -159,7 +159,7 @@ def test_nonfinite_gradients_exit_1_through_the_recipe(images, tmp_path, monkeyp
 def test_resume_auto_picks_the_newest_run_with_a_complete_checkpoint(tmp_path, monkeypatch):
     """Without --output-dir, --resume auto continues the newest run under runs/ that has a complete
     checkpoint, from its newest complete checkpoint; a newer run with only a half-written one is passed over."""
-    from mpp.loop import init_processes, open_run
+    from mpp.training.loop import init_processes, open_run
 
     monkeypatch.chdir(tmp_path)
     runs = {"20250101-000000": ["step_000002"], "20250102-000000": ["step_000002", "step_000004", ".tmp-step_000006"],
@@ -244,7 +244,7 @@ def test_train_fraction_draws_a_seeded_subset(images):
     for the same --subset-seed and another for another seed."""
     from accelerate import PartialState
 
-    from mpp.finetune_config import FinetuneConfig
+    from mpp.training.finetune_config import FinetuneConfig
 
     def rows(fraction, seed):
         data = finetune_module.open_labelled_data(

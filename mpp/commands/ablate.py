@@ -1,7 +1,7 @@
 """MPP's design choices (ViT paper App. B.1.2) in miniature, with verdicts.  python recipes/ablate.py --help"""
 import sys
 
-from mpp.ablate import AblateConfig, quick, run_ablation
+from mpp.experiments.ablate import AblateConfig, quick, run_ablation
 from mpp.cli import OneLineParser, run_cli
 
 HELP = {

@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from mpp.cli import OneLineParser, run_cli
-from mpp.gap import LR_SELECTIONS, SETTINGS, GapConfig, make_config, quick, run_gap
+from mpp.experiments.gap import LR_SELECTIONS, SETTINGS, GapConfig, make_config, quick, run_gap
 
 HELP = {
     "upstream": "pretraining set (its labels used only by the supervised arm)",

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from mpp.cli import OneLineParser, run_cli
-from mpp.data import sample_images
-from mpp.diagnostics import load_mpp_model
+from mpp.data.dataset import sample_images
+from mpp.evaluation.diagnostics import load_mpp_model
 from mpp.errors import UsageError
-from mpp.report import inspect_model
-from mpp.weights import read_metadata
+from mpp.evaluation.report import inspect_model
+from mpp.models.weights import read_metadata
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 import argparse
 
 from mpp.cli import OneLineParser, run_cli
-from mpp.prepare import default_num_proc, prepare_dataset
+from mpp.data.prepare import default_num_proc, prepare_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:

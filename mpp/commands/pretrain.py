@@ -2,7 +2,7 @@
 from accelerate.state import PartialState
 
 from mpp.cli import EXIT_STOPPED, exit_cleanly, parse_config, run_cli
-from mpp.train import closing_summary, pretrain
+from mpp.training.pretrain import closing_summary, pretrain
 
 
 def main(argv=None):

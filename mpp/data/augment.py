@@ -74,7 +74,7 @@ class CropFlip:
     def __call__(self, image, read=None) -> torch.Tensor:
         """image: PIL (decoded, or opened only) or (3, H, W) uint8; read(): the encoded file's bytes, for the
         libjpeg-turbo path of an opened JPEG (without it that path is not taken)."""
-        from .data import as_tensor, pil_to_rgb
+        from mpp.data.dataset import as_tensor, pil_to_rgb
 
         if isinstance(image, torch.Tensor):  # (3, H, W) uint8
             box = self.sample(*image.shape[-2:])

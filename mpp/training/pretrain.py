@@ -7,15 +7,15 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 
-from . import __version__
-from .config import PretrainConfig, check_batch_fits, lr_at, optimizer_steps, resolve_lr, validate
-from .data import AugmentedImages, AugmentedStream, StreamLoader, StreamPosition, collate_images, find_image_column, load_images, train_transform
-from .loader import default_workers, training_loader
-from .errors import UsageError
-from .loop import (LoopSettings, capped_warmup, fit, finish, fused_optimizer_kwargs, init_processes, open_run,
+from mpp import __version__
+from mpp.training.pretrain_config import PretrainConfig, check_batch_fits, lr_at, optimizer_steps, resolve_lr, validate
+from mpp.data.dataset import AugmentedImages, AugmentedStream, StreamLoader, StreamPosition, collate_images, find_image_column, load_images, train_transform
+from mpp.data.loader import default_workers, training_loader
+from mpp.errors import UsageError
+from mpp.training.loop import (LoopSettings, capped_warmup, fit, finish, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
-from .model import MPPModel, create_encoder
-from .weights import save_weights
+from mpp.models.model import MPPModel, create_encoder
+from mpp.models.weights import save_weights
 
 
 @dataclass
@@ -63,7 +63,7 @@ def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator,
 def device_decoder(img_size: int, device: torch.device):
     """LoopSettings.prepare_batch for --decode gpu: decodes a batch's deferred JPEGs on the device into
     their slots; one that fails is counted as unreadable and its slot filled with a readable image."""
-    from .augment import decode_deferred
+    from mpp.data.augment import decode_deferred
 
     def prepare(batch: dict) -> dict:
         encoded = batch.pop("encoded", None)
@@ -104,7 +104,7 @@ def closing_summary(run_dir: Path) -> str:
              "next:",
              f"  accelerate launch recipes/finetune.py --init {run_dir / 'model.safetensors'} --dataset <labelled set>",
              f"  python recipes/inspect_run.py {run_dir}",
-             f"  python -c \"from mpp.weights import load_backbone; m = load_backbone('{run_dir / 'model.safetensors'}')\"   "
+             f"  python -c \"from mpp.models.weights import load_backbone; m = load_backbone('{run_dir / 'model.safetensors'}')\"   "
              "(or timm.create_model with its metadata: README, Using the weights downstream)"]
     return "\n".join(lines)
 
@@ -138,8 +138,8 @@ def picture_logger(cfg: PretrainConfig, accelerator, model):
     """on_step callback: every --log-images-every steps, a grid of MPP predictions on 8 fixed images."""
     if not cfg.log_images_every or cfg.streaming or not accelerator.is_main_process:
         return None
-    from .data import sample_images
-    from .diagnostics import prediction_grid
+    from mpp.data.dataset import sample_images
+    from mpp.evaluation.diagnostics import prediction_grid
 
     images = sample_images(cfg.dataset, cfg.split, cfg.dataset_config, cfg.image_column, 8, cfg.seed, cfg.img_size)
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)  # a SummaryWriter
@@ -157,8 +157,8 @@ def feature_monitor(cfg: PretrainConfig, run, model, labelled):
     encoder on --eval-dataset, logged as eval_knn20_{cls,mean} / eval_linear_10shot_{cls,mean} (watching an unlabelled run)."""
     if labelled is None or not run.accelerator.is_main_process:
         return None
-    from .evaluate import frozen_feature_report
-    from .loop import write_record
+    from mpp.evaluation.probes import frozen_feature_report
+    from mpp.training.loop import write_record
 
     def evaluate(step: int) -> None:
         if step % cfg.eval_every_steps == 0:
@@ -175,7 +175,7 @@ def load_monitor_data(cfg: PretrainConfig):
     its train split, the first 2,000 of its test split."""
     if not cfg.eval_dataset:
         return None
-    from .data import labelled_images
+    from mpp.data.dataset import labelled_images
 
     try:
         train = labelled_images(cfg.eval_dataset, "train", cfg.img_size, per_class=50, seed=cfg.seed)

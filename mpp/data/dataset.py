@@ -19,8 +19,8 @@ from datasets import Array2D, Array3D, ClassLabel, Dataset, DatasetDict, Image, 
 from PIL import Image as PILImage
 from PIL import ImageOps
 
-from .builtin_data import BUILTIN_DATASETS
-from .errors import UsageError
+from mpp.data.builtin import BUILTIN_DATASETS
+from mpp.errors import UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -283,7 +283,7 @@ def augment_value(value, transform, name: str, defer: bool = False):
     """One stored image -> its augmented (3, S, S) uint8 tensor, or (defer: --decode gpu) an EncodedCrop
     for the training process to decode, or a BadImage saying why not. A transform that opens images
     itself (augment.CropFlip) gets encoded files undecoded, so that it decodes only what its crop needs."""
-    from .augment import defer_or_apply
+    from mpp.data.augment import defer_or_apply
 
     if getattr(transform, "opens_images", False) and isinstance(value, dict):
         try:
@@ -550,7 +550,7 @@ def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0)
     draws; decode 'cpu': JPEGs decoded the cheapest way that keeps the crop's resolution, 'pil': as
     before, by Pillow in full), on RGB PIL images, opened JPEGs or (3, H, W) uint8 tensors, returning
     (3, img_size, img_size) uint8."""
-    from .augment import CropFlip
+    from mpp.data.augment import CropFlip
 
     return CropFlip(img_size, crop_scale, hflip=hflip, fast=decode != "pil")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Array3D, ClassLabel, Dataset, Features
 
-from .clipart import CLIPART_CLASSES, OPENCLIPART_DIR, class_of, load_clipart, path_split
+from mpp.data.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, class_of, load_clipart, path_split
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -148,7 +148,7 @@ CLIPART_DOWNSTREAM = ["food/fruit", "recreation/music", "people/clothing", "comp
 
 def clipart(split: str = "train", root: Path = OPENCLIPART_DIR, classes: list[str] = CLIPART_CLASSES,
             subset: list[str] | None = None, name: str = "clipart") -> Dataset:
-    """Clip art of the class folders (mpp/clipart.py), 64x64 colour; label = index in `subset`
+    """Clip art of the class folders (mpp/data/clipart.py), 64x64 colour; label = index in `subset`
     (default: all `classes`). Splits 'train', 'validation', 'test' (about 70/15/15 by path hash)."""
     if split not in CLIPART_SPLITS:
         raise ValueError(f"{name} has splits 'train', 'validation' and 'test', not {split!r}")

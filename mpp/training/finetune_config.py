@@ -2,8 +2,8 @@
 import math
 from dataclasses import asdict, dataclass, field
 
-from .config import validate_run
-from .errors import UsageError
+from mpp.training.pretrain_config import validate_run
+from mpp.errors import UsageError
 
 # ViT paper §4 / App. B.1.1: SGD momentum 0.9, no weight decay, clip at global norm 1, cosine with
 # warmup, zero-initialised head. `modern`: MAE / DeiT-style fine-tuning from timm's own parts.

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .errors import UsageError
-from .stats import mean_std
+from mpp import __version__
+from mpp.errors import UsageError
+from mpp.evaluation.stats import mean_std
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # mpp/experiments/harness.py -> the checkout
 RECIPES = REPO / "recipes"
 
 

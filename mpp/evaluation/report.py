@@ -1,4 +1,4 @@
-"""PNG figures of mpp.diagnostics arrays, and a report.md that embeds them (recipes/inspect_run.py).
+"""PNG figures of mpp.evaluation.diagnostics arrays, and a report.md that embeds them (recipes/inspect_run.py).
 
 Figures are bare matplotlib.figure.Figure objects, rendered by Agg on savefig: no pyplot state,
 no display needed, nothing to close.
@@ -11,10 +11,10 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from . import diagnostics as dg
-from .families import token_region
-from .masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED
-from .model import MPPModel
+from mpp.evaluation import diagnostics as dg
+from mpp.models.families import token_region
+from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED
+from mpp.models.model import MPPModel
 
 KIND_NAMES = {MASK_TOKEN: "[mask] token", RANDOM_PATCH: "random patch", UNCHANGED: "unchanged"}
 

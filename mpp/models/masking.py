@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .targets import patchify, unpatchify
+from mpp.models.targets import patchify, unpatchify
 
 # Codes in Corruption.kind.
 MASK_TOKEN, RANDOM_PATCH, UNCHANGED = 0, 1, 2

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .experiment import (check_fresh_output_dir, check_seeds, reusing, finetune_at, finetune_over_grid, pm, provenance, provenance_lines, recipe,
+from mpp.errors import UsageError
+from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, reusing, finetune_at, finetune_over_grid, pm, provenance, provenance_lines, recipe,
                          run_in_process, summary_over_seeds, table, write_json)
-from .stats import paired_difference, verdict
+from mpp.evaluation.stats import paired_difference, verdict
 
 # The paper's setting (App. B.1.2): 50% of patches, 80% [mask] / 10% random patch / 10% unchanged,
 # 3-bit mean colour, corruption of the patch embeddings.
@@ -144,7 +144,7 @@ def materialise(cfg: AblateConfig, folder: Path) -> Path:
     """The pretraining images saved once (save_to_disk), so that each of the many pretraining
     processes memory-maps them instead of rebuilding the built-in set (colour-mix makes its photo
     crops anew on every load)."""
-    from .data import load_images
+    from mpp.data.dataset import load_images
 
     load_images(cfg.pretrain_dataset, "train").save_to_disk(str(folder))
     return folder
@@ -167,7 +167,7 @@ def finetune_command(cfg: AblateConfig, seed: int, init: Path) -> list[str]:
 
 
 def load_probe_data(cfg: AblateConfig, seed: int) -> dict:
-    from .data import labelled_images
+    from mpp.data.dataset import labelled_images
 
     train = labelled_images(cfg.downstream, "train", cfg.img_size, seed=seed)
     return {split: (*train, *labelled_images(cfg.downstream, split, cfg.img_size, seed=seed)) for split in ("validation", "test")}
@@ -175,8 +175,8 @@ def load_probe_data(cfg: AblateConfig, seed: int) -> dict:
 
 def probe(cfg: AblateConfig, weights: Path, data: dict, seed: int) -> dict:
     """{split: frozen-feature report} of the encoder in `weights`."""
-    from .evaluate import frozen_feature_report
-    from .weights import load_backbone
+    from mpp.evaluation.probes import frozen_feature_report
+    from mpp.models.weights import load_backbone
 
     encoder = load_backbone(weights)
     mean, std = encoder.pretrained_cfg["mean"], encoder.pretrained_cfg["std"]

@@ -85,8 +85,8 @@ def load_encoder_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor
     own timm checkpoint_filter_fn (vision_transformer, eva, ...) resamples the position embeddings
     to the model's grid. Raises UsageError naming every missing, unexpected or mis-shaped key.
     """
-    from .errors import UsageError
-    from .families import checkpoint_filter
+    from mpp.errors import UsageError
+    from mpp.models.families import checkpoint_filter
 
     checkpoint_filter_fn = checkpoint_filter(model)
 

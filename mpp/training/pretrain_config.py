@@ -4,9 +4,9 @@ from dataclasses import asdict, dataclass, field
 
 import timm
 
-from .augment import DECODE_MODES
-from .errors import UsageError
-from .targets import TARGETS
+from mpp.data.augment import DECODE_MODES
+from mpp.errors import UsageError
+from mpp.models.targets import TARGETS
 
 # Reference batch of the paper's learning rate (Appendix B.1.2: Adam, 2e-4 at batch 4096).
 PAPER_BASE_LR, PAPER_REF_BATCH = 2e-4, 4096

@@ -12,14 +12,14 @@ from safetensors import SafetensorError
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 
-from . import __version__
-from .config import check_batch_fits, lr_at, optimizer_steps
-from .data import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
-from .errors import UsageError
-from .loader import default_workers, training_loader
-from .loop import (LoopSettings, RunError, capped_warmup, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
+from mpp import __version__
+from mpp.training.pretrain_config import check_batch_fits, lr_at, optimizer_steps
+from mpp.data.dataset import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
+from mpp.errors import UsageError
+from mpp.data.loader import default_workers, training_loader
+from mpp.training.loop import (LoopSettings, RunError, capped_warmup, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
-from .weights import load_encoder_weights, load_tensors, read_metadata, save_weights
+from mpp.models.weights import load_encoder_weights, load_tensors, read_metadata, save_weights
 
 
 @dataclass
@@ -168,7 +168,7 @@ def score_best_on_test(acc, model, test_loader, best_file: Path, history: list[d
 
 def finetune(cfg) -> dict:
     """Runs (or resumes) one fine-tuning run; returns results.json's content. Every process calls this."""
-    from .finetune_config import validate_finetune
+    from mpp.training.finetune_config import validate_finetune
 
     validate_finetune(cfg)
     dist = init_processes(cfg.threads)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .experiment import (check_fresh_output_dir, check_seeds, finetune_at, finetune_over_grid, pm, provenance, provenance_lines, recipe,
+from mpp.errors import UsageError
+from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, finetune_at, finetune_over_grid, pm, provenance, provenance_lines, recipe,
                          run_in_process, summary_over_seeds, table, write_json)
-from .stats import paired_difference
+from mpp.evaluation.stats import paired_difference
 
 INITS = ("scratch", "mpp", "supervised")
 COMPARISONS = {"MPP − scratch": ("mpp", "scratch"), "supervised − MPP": ("supervised", "mpp")}
@@ -124,9 +124,9 @@ def finetune_command(cfg: GapConfig, seed: int, init: str) -> list[str]:
 
 def probe_encoders(cfg: GapConfig, seed: int, root: Path, data) -> dict[str, dict]:
     """Few-shot linear and k-NN accuracy of each arm's frozen encoder (scratch: the seed's random init)."""
-    from .evaluate import describe_readouts, frozen_feature_report
-    from .model import create_encoder
-    from .weights import load_backbone
+    from mpp.evaluation.probes import describe_readouts, frozen_feature_report
+    from mpp.models.model import create_encoder
+    from mpp.models.weights import load_backbone
 
     torch.manual_seed(seed)
     encoders = {"scratch": create_encoder(cfg.model, cfg.img_size, cfg.patch_size),
@@ -141,7 +141,7 @@ def probe_encoders(cfg: GapConfig, seed: int, root: Path, data) -> dict[str, dic
 
 
 def probe_data(cfg: GapConfig, seed: int):
-    from .data import labelled_images
+    from mpp.data.dataset import labelled_images
 
     train = labelled_images(cfg.downstream, "train", cfg.img_size, per_class=cfg.train_per_class, seed=seed)
     test = labelled_images(cfg.downstream, "test", cfg.img_size, limit=cfg.eval_limit, seed=seed)
@@ -149,7 +149,7 @@ def probe_data(cfg: GapConfig, seed: int):
 
 
 def label_spaces(cfg: GapConfig) -> dict:
-    from .data import class_names_of, find_label_column, load_images
+    from mpp.data.dataset import class_names_of, find_label_column, load_images
 
     names = {}
     for side in ("upstream", "downstream"):

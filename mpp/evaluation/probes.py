@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from mpp.errors import UsageError
 
 
 READOUTS = ("cls", "mean")

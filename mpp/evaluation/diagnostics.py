@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, sample_corruption
-from .model import MPPModel
-from .targets import NUM_COLOURS, class_colour, patchify, unpatchify
-from .weights import load_backbone, load_tensors, read_metadata
+from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, sample_corruption
+from mpp.models.model import MPPModel
+from mpp.models.targets import NUM_COLOURS, class_colour, patchify, unpatchify
+from mpp.models.weights import load_backbone, load_tensors, read_metadata
 
 HEAD_FILE = "mpp_head.safetensors"
 # outline colour of a corrupted patch, by how it was corrupted

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .families import SUPPORTED, create_encoder, resolve_corrupt_at, run_encoder, token_grid, token_region  # noqa: F401
-from .masking import Corruption, apply_corruption, apply_pixel_corruption, sample_corruption
-from .targets import get_target
+from mpp.models.families import SUPPORTED, create_encoder, resolve_corrupt_at, run_encoder, token_grid, token_region  # noqa: F401
+from mpp.models.masking import Corruption, apply_corruption, apply_pixel_corruption, sample_corruption
+from mpp.models.targets import get_target
 
 
 @dataclass

@@ -19,8 +19,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from .checkpoint import STATE_FILE, complete_checkpoints, latest_checkpoint, read_trainer_state, save_checkpoint
-from .errors import UsageError
+from mpp.training.checkpoint import STATE_FILE, complete_checkpoints, latest_checkpoint, read_trainer_state, save_checkpoint
+from mpp.errors import UsageError
 
 FRESH_STATE = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_images": 0}
 
@@ -426,7 +426,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
 
 def epoch_batches_of(loader):
     """The loader.EpochBatches inside a (prepared, possibly sharded) DataLoader, or None."""
-    from .loader import EpochBatches
+    from mpp.data.loader import EpochBatches
 
     found = getattr(loader, "batch_sampler", None)
     while found is not None and not isinstance(found, EpochBatches):

@@ -1,0 +1,1 @@
+"""Experiments over many runs: the transfer gap (scratch vs MPP vs supervised) and the ablation."""
