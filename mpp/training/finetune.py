@@ -16,6 +16,7 @@ from mpp import __version__
 from mpp.training.pretrain_config import check_batch_fits, lr_at, optimizer_steps
 from mpp.data.dataset import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
 from mpp.errors import UsageError
+from mpp.training.xla import sync_free_on_xla
 from mpp.data.loader import default_workers, training_loader
 from mpp.training.loop import (LoopSettings, RunError, capped_warmup, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
@@ -171,7 +172,7 @@ def finetune(cfg) -> dict:
     from mpp.training.finetune_config import validate_finetune
 
     validate_finetune(cfg)
-    dist = init_processes(cfg.threads)
+    dist = init_processes(cfg.threads, cfg.compile)
     set_seed(cfg.seed)
     data = open_labelled_data(cfg, dist)
     model, arch = build_classifier(cfg, len(data.class_names))
@@ -185,6 +186,7 @@ def finetune(cfg) -> dict:
     opt_kwargs = {"momentum": 0.9} if cfg.resolved("opt") in ("momentum", "sgd") else fused_optimizer_kwargs(cfg.resolved("opt"), acc.device)
     optimizer = create_optimizer_v2(model, opt=cfg.resolved("opt"), lr=peak_lr, weight_decay=cfg.resolved("weight_decay"),
                                     layer_decay=cfg.resolved("layer_decay"), **opt_kwargs)
+    optimizer = sync_free_on_xla(optimizer, acc.device)
     workers = default_workers(acc.device) if cfg.workers is None else cfg.workers
     train_images = AugmentedImages(data.train, data.image_column,
                                    timm_transform(arch["img_size"], True, cfg.crop_scale, cfg.hflip, cfg.resolved("auto_augment")),
@@ -259,7 +261,7 @@ def finetune(cfg) -> dict:
         total_steps=total_steps, lr_at=lambda step: lr_at(step, peak_lr, warmup, total_steps, cfg.min_lr),
         clip_grad=cfg.resolved("clip_grad"), log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints, batch_size=cfg.batch_size, progress=cfg.progress, desc="finetune", metric="train_acc",
-        max_nonfinite=cfg.max_nonfinite_steps, strict_data=cfg.strict_data,
+        max_nonfinite=cfg.max_nonfinite_steps, strict_data=cfg.strict_data, seed=cfg.seed,
     )
     result = fit(run, model, optimizer, train_loader, train_images, classify_step, settings, on_epoch_end=evaluate)
     if result.stopped_by:

@@ -21,17 +21,20 @@ from tqdm.auto import tqdm
 
 from mpp.training.checkpoint import STATE_FILE, complete_checkpoints, latest_checkpoint, read_trainer_state, save_checkpoint
 from mpp.errors import UsageError
+from mpp.training.xla import is_xla, load_models_through_cpu, make_loader_checkpointable, refuse_compile_on_xla, seed_micro_batch
 
 FRESH_STATE = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_images": 0}
 
 
-def init_processes(threads: int | None) -> PartialState:
-    """Start the process group and give each CPU process its share of the cores.
+def init_processes(threads: int | None, compile: bool = False) -> PartialState:
+    """Start the process group and give each CPU process its share of the cores; refuse what the
+    device cannot do (--compile on XLA) before any heavy work.
 
     AcceleratorState honours ACCELERATE_USE_CPU, a bare PartialState does not. accelerate launch
     without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run.
     """
     dist = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    refuse_compile_on_xla(compile, dist.device)
     if dist.device.type == "cpu" or threads:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.num_processes))
         torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
@@ -102,6 +105,9 @@ def open_run(dist: PartialState, output_dir: str | None, resume: str | None, gra
         # accelerate compiles in prepare() and unwraps for saving; `accelerate launch --dynamo_backend` works too
         **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor")} if compile else {}),
     )
+    if is_xla(accelerator.device):
+        make_loader_checkpointable()
+        accelerator.register_load_state_pre_hook(load_models_through_cpu)
     return Run(accelerator, run_dir, resume_from, state)
 
 
@@ -129,6 +135,17 @@ def count_all(accelerator: Accelerator, count: int) -> int:
     return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum").item())
 
 
+def gather_lists(accelerator: Accelerator, items: list) -> list:
+    """Every process's list, joined in process order. accelerate's gather_object refuses XLA
+    (NotImplementedError); torch_xla's mesh_reduce does the same job there."""
+    if accelerator.num_processes == 1:
+        return list(items)
+    if is_xla(accelerator.device):
+        import torch_xla.core.xla_model as xm
+        return xm.mesh_reduce("mpp.gather_lists", items, lambda parts: [x for part in parts for x in part])
+    return [x for part in gather_object([items]) for x in part]
+
+
 def write_record(run: Run, record: dict) -> None:
     run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
     if run.accelerator.is_main_process:
@@ -153,6 +170,7 @@ class LoopSettings:
     strict_data: bool = False  # an unreadable image stops the run instead of being skipped
     clock: Callable[[], float] = time.perf_counter  # seconds; tests pass a deterministic one
     prepare_batch: Callable[[dict], dict] | None = None  # e.g. decoding on the device (--decode gpu), before the batch is counted
+    seed: int = 0  # on XLA, each micro-batch's device RNG seed derives from it (xla.seed_micro_batch)
 
 
 @dataclass
@@ -351,6 +369,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                     raise BadDataError(f"--strict-data: {name}: {reason} (in epoch {epoch}, before step {step + 1})")
                 bad_new += len(batch["bad"])
                 bad_examples = (bad_examples + batch["bad"])[:10]
+            seed_micro_batch(acc.device, s.seed, acc.process_index, epoch, batches_in_epoch)
             with acc.accumulate(model):
                 loss, metric = step_fn(model, batch)
                 scale = short_accumulation_scale(batches_in_epoch, per_epoch, acc.gradient_accumulation_steps)
@@ -419,7 +438,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
             continue
         break  # stopped early
     progress.close()
-    all_examples = [b for part in gather_object([bad_examples]) for b in part]
+    all_examples = gather_lists(acc, bad_examples)
     # every way out of the loop above passes the checkpoint step, where the guard was read last
     return LoopResult(step, bad_total + count_all(acc, bad_new), all_examples[:10], skipped_steps(), stopped_by)
 

@@ -12,6 +12,7 @@ from mpp.training.pretrain_config import PretrainConfig, check_batch_fits, lr_at
 from mpp.data.dataset import AugmentedImages, AugmentedStream, StreamLoader, StreamPosition, collate_images, find_image_column, load_images, train_transform
 from mpp.data.loader import default_workers, training_loader
 from mpp.errors import UsageError
+from mpp.training.xla import sync_free_on_xla
 from mpp.training.loop import (LoopSettings, capped_warmup, fit, finish, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
 from mpp.models.model import MPPModel, create_encoder
@@ -111,8 +112,9 @@ def closing_summary(run_dir: Path) -> str:
 
 def build_optimizer(model: MPPModel, cfg: PretrainConfig, lr: float, device: torch.device):
     """AdamW through timm: no decay on biases, norms and embeddings (MPPModel.no_weight_decay)."""
-    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
-                               **fused_optimizer_kwargs("adamw", device))
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                                    **fused_optimizer_kwargs("adamw", device))
+    return sync_free_on_xla(optimizer, device)
 
 
 def export_weights(model: MPPModel, cfg: PretrainConfig, run_dir: Path, step: int) -> None:
@@ -191,7 +193,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
     started = time.perf_counter()
     validate(cfg)
-    dist = init_processes(cfg.threads)
+    dist = init_processes(cfg.threads, cfg.compile)
     # Everything that can be wrong with the invocation is found before the run folder is made.
     set_seed(cfg.seed)  # identical initialisation on every process
     try:
@@ -243,7 +245,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         total_steps=total_steps, lr_at=lambda step: lr_at(step, peak_lr, warmup, total_steps, cfg.min_lr),
         clip_grad=cfg.clip_grad, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints, batch_size=cfg.batch_size, streaming=cfg.streaming,
-        progress=cfg.progress, desc="mpp", metric="masked_acc", max_nonfinite=cfg.max_nonfinite_steps, strict_data=cfg.strict_data,
+        progress=cfg.progress, desc="mpp", metric="masked_acc", max_nonfinite=cfg.max_nonfinite_steps, strict_data=cfg.strict_data, seed=cfg.seed,
         prepare_batch=device_decoder(cfg.img_size, accelerator.device) if cfg.decode == "gpu" else None,
     )
     callbacks = [c for c in (picture_logger(cfg, accelerator, model), feature_monitor(cfg, run, model, labelled)) if c]
