@@ -91,7 +91,7 @@ def loop_run(dataset: str, steps: int, window: int, extra: list[str], device: st
         if proc.returncode:
             raise RuntimeError(f"recipe failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        config = json.loads((out / "config.json").read_text())
+        config = json.loads((out / "run_config.json").read_text())
     windows = [r for r in records if "images_per_sec" in r]
     steady = windows[1:] or windows
     rates = [r["images_per_sec"] for r in steady]

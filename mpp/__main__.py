@@ -14,6 +14,7 @@ COMMANDS = {  # command: (module, what it does)
     "ablate": ("mpp.commands.ablate", "Appendix B.1.2 in miniature, with verdicts (recipes/ablate.py)"),
     "inspect": ("mpp.commands.inspect", "figures and a report of what a run learned (recipes/inspect_run.py)"),
     "prepare": ("mpp.commands.prepare", "re-encode a dataset once into small-JPEG parquet shards (recipes/prepare_data.py)"),
+    "push": ("mpp.commands.push", "upload a finished run folder to the Hugging Face Hub (recipes/push_to_hub.py)"),
 }
 
 

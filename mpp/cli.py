@@ -39,8 +39,15 @@ def add_run_flags(p: argparse.ArgumentParser, run: argparse._ArgumentGroup, d) -
     run.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (default: the cores / processes on this machine; "
                      "accelerate launch without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    run.add_argument("--report-to", default=d.report_to, choices=("tensorboard", "wandb", "mlflow", "all", "none"),
+                     help="where metrics go besides metrics.jsonl, through accelerate's trackers (wandb: pip install 'vit-mpp[wandb]', "
+                     "mlflow: 'vit-mpp[mlflow]'; 'all': every one installed)")
+    run.add_argument("--push-to-hub", default=d.push_to_hub, metavar="REPO_ID",
+                     help="upload the finished run folder (a timm hub folder, checkpoints left out) to this Hugging Face model repo; "
+                     "needs a token (hf auth login) and the network, checked before training")
+    run.add_argument("--hub-private", action="store_true", help="with --push-to-hub: create the repo private")
     run.add_argument("--config", default=None, help="YAML or JSON file of flag values (keys are the flags' names, e.g. img_size "
-                     "or img-size); flags on the command line win. A run's config.json replays that run (its 'derived' block is ignored). "
+                     "or img-size); flags on the command line win. A run's run_config.json replays that run (its 'derived' block is ignored). "
                      "Examples: recipes/configs/")
 
 

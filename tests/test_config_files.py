@@ -17,12 +17,12 @@ def flags_of(cfg) -> dict:
 
 
 def test_a_saved_run_configuration_replays_the_run(tmp_path):
-    """config.json as a run writes it (PretrainConfig.to_dict, with its derived block) gives back the same
+    """run_config.json as a run writes it (PretrainConfig.to_dict, with its derived block) gives back the same
     configuration; a flag on the command line still wins."""
     argv = ["--model", "test_vit", "--img-size", "32", "--patch-size", "8", "--mask-probs", "1", "0", "0", "--lr", "3e-4",
             "--betas", "0.8", "0.95", "--grad-checkpointing", "--no-progress", "--target", "pixels_l2", "--decode", "pil"]
     original = parse_config(argv)
-    saved = tmp_path / "config.json"
+    saved = tmp_path / "run_config.json"
     saved.write_text(json.dumps({**original.to_dict(), "derived": {"run_dir": "runs/x", "global_batch": 128}}))
     replayed = parse_config(["--config", str(saved)])
     assert flags_of(replayed) == flags_of(original) != flags_of(PretrainConfig())

@@ -137,7 +137,7 @@ def test_selection_on_validation_scores_test_once_and_survives_a_resume(tmp_path
     assert done["steps"] == 24 and [h["epoch"] for h in done["history"]] == [0, 1, 2]  # epoch 3 is the final evaluation
     candidates = [h["top1"] for h in done["history"]] + [done["final_top1"]]
     assert done["best_val_top1"] == max(candidates) and done["best_epoch"] == candidates.index(max(candidates))
-    assert json.loads((full / "config.json").read_text())["test_split"] == "test"
+    assert json.loads((full / "run_config.json").read_text())["test_split"] == "test"
     best = load_file(full / "best.safetensors")
     from mpp.models.weights import read_metadata
 

@@ -54,7 +54,7 @@ def test_two_cpu_processes_train_identical_replicas(two_ranks):
     first = [[i for epoch, i in rank["seen"] if epoch == 0] for rank in ranks]
     assert len(first[0]) == len(first[1]) == 48  # 3 steps of 16, each example once
     assert not set(first[0]) & set(first[1]) and set(first[0]) | set(first[1]) == set(range(96))
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "run_config.json").read_text())
     assert config["derived"]["num_processes"] == 2 and config["derived"]["global_batch"] == 32
 
 
@@ -141,7 +141,7 @@ def test_main_job_files(tmp_path):
     out = tmp_path / "run"
     proc = run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--max-steps", "4", "--log-images-every", "2", "--output-dir", str(out)])
     assert "model.safetensors" in proc.stdout
-    for name in ["model.safetensors", "mpp_head.safetensors", "metrics.jsonl", "config.json", "summary.json"]:
+    for name in ["model.safetensors", "mpp_head.safetensors", "metrics.jsonl", "run_config.json", "config.json", "README.md", "summary.json"]:
         assert (out / name).is_file(), name
     events = list((out / "tensorboard").rglob("events.out.tfevents*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -152,7 +152,7 @@ def test_main_job_files(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 4]
     assert all(r["loss"] > 0 and 0 <= r["masked_acc"] <= 1 and r["images_per_sec"] > 0 and 0 <= r["data_wait_share"] < 1 for r in records)
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "run_config.json").read_text())
     assert config["model"] == "test_vit" and config["mask_probs"] == [0.8, 0.1, 0.1]
     # the end of the run speaks: steps, the last logged loss and accuracy, where the files are, what next
     assert "finished: 4 steps" in proc.stdout and f"final loss {records[-1]['loss']:.4f}" in proc.stdout
@@ -173,7 +173,7 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path, small_dataset):
          "--grad-accum", "2", "--max-steps", "4", "--log-every", "2", "--output-dir", str(out)])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "run_config.json").read_text())
     assert config["derived"]["global_batch"] == 32
     # 96 images / 16 per micro-batch = 6 micro-batches = 3 optimiser steps per epoch: step 4 is in epoch 1
     assert records[-1]["epoch"] == 1

@@ -108,7 +108,7 @@ def test_warmup_and_cosine_reach_the_optimiser_and_a_cut_warmup_is_said(pretrain
     lr_at(step) of that warmup: 1/3, 2/3 and all of the peak, then the cosine towards --min-lr."""
     result, spy, printed = pretrained
     assert "--warmup-steps 10 is more than half of the 6 steps: warming up over 3 steps" in printed
-    config = json.loads((result.run_dir / "config.json").read_text())
+    config = json.loads((result.run_dir / "run_config.json").read_text())
     assert config["derived"]["warmup_steps"] == 3
     expected = [lr_at(step, 1e-3, 3, 6, 1e-5) for step in range(6)]
     assert expected[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])

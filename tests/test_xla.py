@@ -67,7 +67,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_runs_on_the_xla_device(uninterrupted):
     run, _ = uninterrupted
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "run_config.json").read_text())
     assert config["derived"]["device"].startswith("xla")
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == STEPS // LOG_EVERY and all(np.isfinite(losses)) and losses[-1] < losses[0]
@@ -122,7 +122,7 @@ def test_bf16_as_accelerate_offers_it(tmp_path, monkeypatch, fresh_accelerator_s
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     run = tmp_path / "bf16"
     rows = pretrain_counting([*TINY, "--max-steps", "12", "--log-every", "4", "--checkpoint-every", "4", "--output-dir", str(run)], monkeypatch)
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "run_config.json").read_text())
     assert config["derived"]["mixed_precision"] == "bf16"
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     assert all(np.isfinite(losses))

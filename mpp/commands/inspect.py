@@ -3,7 +3,6 @@
     python recipes/inspect_run.py runs/RUN [--dataset photos] [--output-dir runs/RUN/inspect]
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -14,13 +13,14 @@ from mpp.data.dataset import sample_images
 from mpp.evaluation.diagnostics import load_mpp_model
 from mpp.errors import UsageError
 from mpp.evaluation.report import inspect_model
+from mpp.models.hub_folder import read_run_config
 from mpp.models.weights import read_metadata
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="inspect_run.py", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS", help="a run folder or its model.safetensors (mpp_head.safetensors beside it is used when present)")
-    p.add_argument("--dataset", default=None, help="images to show (default: the run's config.json dataset, else mnist5k)")
+    p.add_argument("--dataset", default=None, help="images to show (default: the run's run_config.json dataset, else mnist5k)")
     p.add_argument("--dataset-config", default=None, help="the Hub dataset's configuration name")
     p.add_argument("--split", default=None, help="dataset split (default: the run's, else train)")
     p.add_argument("--image-column", default=None, help="image column (detected when there is only one)")
@@ -41,8 +41,7 @@ def main(argv=None):
     if not weights.is_file():
         raise UsageError(f"RUN_DIR_OR_WEIGHTS {args.weights}: no {weights.name} there")
     run_dir = weights.parent
-    config_file = run_dir / "config.json"
-    cfg = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    cfg = read_run_config(run_dir)
     dataset = args.dataset or cfg.get("dataset") or "mnist5k"
     split = args.split or (cfg.get("split", "train") if not args.dataset else "train")
     config = args.dataset_config or (cfg.get("dataset_config") if not args.dataset else None)

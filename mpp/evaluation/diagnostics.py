@@ -7,7 +7,6 @@
 - mpp_predictions / prediction_grid: what the MPP head predicts for corrupted patches
 Images are (B, 3, H, W), uint8 or float in [0, 1], as MPPModel takes them.
 """
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, sample_corruption
 from mpp.models.model import MPPModel
 from mpp.models.targets import NUM_COLOURS, class_colour, patchify, unpatchify
+from mpp.models.hub_folder import read_run_config
 from mpp.models.weights import load_backbone, load_tensors, read_metadata
 
 HEAD_FILE = "mpp_head.safetensors"
@@ -36,8 +36,7 @@ def load_mpp_model(path: str | Path) -> tuple[MPPModel, bool]:
     weights = path / "model.safetensors" if path.is_dir() else path
     meta = read_metadata(weights) if weights.is_file() else {}
     encoder = load_backbone(weights)  # FileNotFoundError / ValueError for anything else
-    config_file = weights.parent / "config.json"
-    cfg = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    cfg = read_run_config(weights.parent)
     model = MPPModel(
         encoder,
         target=meta.get("mpp_target", "mean3bit"),

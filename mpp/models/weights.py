@@ -1,6 +1,7 @@
 """Weight files: the encoder under its timm model's own keys (VisionTransformer, Eva, ...), the MPP head beside it.
 
-model.safetensors loads strictly into plain timm (no mpp import needed):
+model.safetensors loads strictly into plain timm (no mpp import needed); its run folder, a timm hub
+folder (hub_folder.py), loads as timm.create_model("local-dir:RUN", pretrained=True). The file alone:
     timm.create_model(meta["timm_model"], pretrained=True, num_classes=0,
                       img_size=..., patch_size=...,
                       pretrained_cfg_overlay=dict(file=path, num_classes=0, custom_load=False, mean=..., std=...))

@@ -20,6 +20,8 @@ from mpp.training.xla import sync_free_on_xla
 from mpp.data.loader import default_workers, training_loader
 from mpp.training.loop import (LoopSettings, RunError, capped_warmup, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
+from mpp.models.publish import publish
+from mpp.models.hub_folder import hub_dataset_ids, write_model_card, write_timm_config
 from mpp.models.weights import load_encoder_weights, load_tensors, read_metadata, save_weights
 
 
@@ -126,6 +128,21 @@ def save_classifier(path: Path, model, metadata: dict) -> None:
     save_weights(path, plain_model(model).state_dict(), metadata)
 
 
+def write_finetuning_card(run_dir: Path, cfg, arch: dict, results: dict, num_classes: int) -> None:
+    """README.md of a fine-tuned run (with timm's config.json and model.safetensors: a timm hub folder)."""
+    metrics = {f"top-1 on {cfg.eval_split} (final)": results["final_top1"], f"top-1 on {cfg.eval_split} (best epoch)": results["best_top1"]}
+    if "test_top1" in results:
+        metrics[f"top-1 on {cfg.test_split} (best validation epoch's weights)"] = results["test_top1"]
+    write_model_card(
+        run_dir, title=f"{arch['timm_model']}, fine-tuned on {Path(cfg.dataset).name}",
+        summary=f"A timm `{arch['timm_model']}` classifier fine-tuned on `{cfg.dataset}` from `{cfg.init}`.",
+        facts={"timm model": f"`{arch['timm_model']}`", "image size / patch": f"{arch['img_size']} / {arch['patch_size']}",
+               "initialised from": f"`{cfg.init}`", "steps": results["steps"], "training images": results["train_images"],
+               "preset": cfg.preset, "data": f"`{cfg.dataset}` (train: {cfg.train_split}, evaluated: {cfg.eval_split})"},
+        metrics=metrics, tags=["timm", "image-classification", "vision-transformer"],
+        datasets=hub_dataset_ids(cfg.dataset), num_classes=num_classes)
+
+
 def eval_history(metrics_files: list[Path], last_step: int) -> list[dict]:
     """The held-out evaluations logged in metrics.jsonl files up to last_step, one per epoch (the last
     logged wins: a run resumed at an epoch's end evaluates that epoch again), oldest first. A resumed
@@ -178,7 +195,7 @@ def finetune(cfg) -> dict:
     model, arch = build_classifier(cfg, len(data.class_names))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile)
+    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to)
     acc = run.accelerator
 
     global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
@@ -283,10 +300,14 @@ def finetune(cfg) -> dict:
         results["test_images"] = len(data.test)
     if acc.is_main_process:
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_timm_config(run.run_dir, plain_model(model), weights_meta, label_names=[str(c) for c in data.class_names])
+        write_finetuning_card(run.run_dir, cfg, arch, results, len(data.class_names))
         acc.print(f"top-1 on {cfg.eval_split}: final {final:.4f}, best {results['best_top1']:.4f}"
                   + (f" ({left_out} unreadable images left out)" if left_out else "")
                   + (f"; on {cfg.test_split} with the best epoch's weights ({results['best_epoch']}): {results['test_top1']:.4f}"
                      if cfg.test_split else ""))
     write_summary(run, result, {"final_top1": final})
     finish(run)
+    if cfg.push_to_hub and acc.is_main_process:
+        publish(run.run_dir, cfg.push_to_hub, cfg.hub_private)
     return results

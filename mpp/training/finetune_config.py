@@ -71,6 +71,9 @@ class FinetuneConfig:
     threads: int | None = None
     progress: bool = True
     compile: bool = False
+    report_to: str = "tensorboard"  # accelerate trackers: tensorboard, wandb, mlflow, all, none
+    push_to_hub: str | None = None  # Hub repo id the finished run folder is uploaded to
+    hub_private: bool = False
     max_nonfinite_steps: int = 5
     derived: dict = field(default_factory=dict)
 

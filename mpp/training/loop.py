@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from mpp.training.checkpoint import STATE_FILE, complete_checkpoints, latest_checkpoint, read_trainer_state, save_checkpoint
 from mpp.errors import UsageError
+from mpp.models.hub_folder import RUN_CONFIG
+from mpp.training.trackers import PROJECT, build_trackers
 from mpp.training.xla import is_xla, load_models_through_cpu, make_loader_checkpointable, refuse_compile_on_xla, seed_micro_batch
 
 FRESH_STATE = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_images": 0}
@@ -85,7 +87,8 @@ class Run:
     state: dict  # step, epoch, batches_in_epoch, bad_images at the start
 
 
-def open_run(dist: PartialState, output_dir: str | None, resume: str | None, grad_accum: int, compile: bool = False) -> Run:
+def open_run(dist: PartialState, output_dir: str | None, resume: str | None, grad_accum: int, compile: bool = False,
+             report_to: str = "tensorboard") -> Run:
     """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator."""
     resume_from = check_resume_path(resume)
     # named on the main process (its clock) and shared before accelerate's trackers need it
@@ -98,7 +101,7 @@ def open_run(dist: PartialState, output_dir: str | None, resume: str | None, gra
     state = read_trainer_state(resume_from) if resume_from else dict(FRESH_STATE)
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum,
-        log_with="tensorboard",
+        log_with=build_trackers(report_to, run_dir),  # --report-to
         project_dir=str(run_dir),
         # non_blocking: batches from pinned memory are copied while the previous step still runs (GPU)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
@@ -119,13 +122,13 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 
 def start_logging(run: Run, config: dict) -> None:
-    """config.json, metrics.jsonl trimmed to the resume step, TensorBoard through accelerate."""
+    """run_config.json, metrics.jsonl trimmed to the resume step, the --report-to trackers through accelerate."""
     if run.accelerator.is_main_process:
-        (run.run_dir / "config.json").write_text(json.dumps(config, indent=2))
+        (run.run_dir / RUN_CONFIG).write_text(json.dumps(config, indent=2))
         trim_metrics(run.run_dir / "metrics.jsonl", run.state["step"])
     # TensorBoard hparams take scalars and strings only
     flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items() if k != "derived"}
-    run.accelerator.init_trackers("tensorboard", config=flat)
+    run.accelerator.init_trackers(PROJECT, config=flat)
     if run.resume_from:
         run.accelerator.print(f"resumed from {run.resume_from} at step {run.state['step']}")
 

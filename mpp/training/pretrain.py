@@ -1,4 +1,5 @@
 """The MPP pretraining loop under Hugging Face Accelerate (one CPU, GPUs, nodes or TPU alike)."""
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +13,13 @@ from mpp.training.pretrain_config import PretrainConfig, check_batch_fits, lr_at
 from mpp.data.dataset import AugmentedImages, AugmentedStream, StreamLoader, StreamPosition, collate_images, find_image_column, load_images, train_transform
 from mpp.data.loader import default_workers, training_loader
 from mpp.errors import UsageError
+from mpp.training.trackers import tracker_names
 from mpp.training.xla import sync_free_on_xla
 from mpp.training.loop import (LoopSettings, capped_warmup, fit, finish, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
 from mpp.models.model import MPPModel, create_encoder
+from mpp.models.publish import publish
+from mpp.models.hub_folder import hub_dataset_ids, write_model_card, write_timm_config
 from mpp.models.weights import save_weights
 
 
@@ -90,8 +94,6 @@ def device_decoder(img_size: int, device: torch.device):
 def closing_summary(run_dir: Path) -> str:
     """What the end of a run tells the user: steps, final loss and masked accuracy, wall time, images/s
     (start-up included), where the files are, and the next commands."""
-    import json
-
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = next((r for r in reversed(records) if "loss" in r), {})
@@ -100,13 +102,13 @@ def closing_summary(run_dir: Path) -> str:
              f"{summary.get('wall_s', 0):.0f} s{f', {rate:.0f} images/s with start-up' if rate else ''})",
              f"  final loss {last.get('loss', float('nan')):.4f}, masked-patch accuracy {last.get('masked_acc', float('nan')):.4f}"
              + (f"; {summary['bad_images']} unreadable images skipped" if summary.get("bad_images") else ""),
-             f"  encoder weights  {run_dir / 'model.safetensors'}   (timm keys; MPP head: mpp_head.safetensors)",
+             f"  encoder weights  {run_dir / 'model.safetensors'}   (timm keys, timm's config.json beside it; MPP head: mpp_head.safetensors)",
              f"  metrics          {run_dir / 'metrics.jsonl'}   (tensorboard --logdir {run_dir})",
              "next:",
              f"  accelerate launch recipes/finetune.py --init {run_dir / 'model.safetensors'} --dataset <labelled set>",
              f"  python recipes/inspect_run.py {run_dir}",
-             f"  python -c \"from mpp.models.weights import load_backbone; m = load_backbone('{run_dir / 'model.safetensors'}')\"   "
-             "(or timm.create_model with its metadata: README, Using the weights downstream)"]
+             f"  python -c \"import timm; m = timm.create_model('local-dir:{run_dir}', pretrained=True)\"   "
+             "(timm alone: the folder is a timm hub folder; model card README.md)"]
     return "\n".join(lines)
 
 
@@ -134,11 +136,37 @@ def export_weights(model: MPPModel, cfg: PretrainConfig, run_dir: Path, step: in
     mask = {k: v for k, v in model.named_parameters() if k in ("mask_token", "mask_colour")}  # the one in use
     save_weights(run_dir / "mpp_head.safetensors", {**mask, **{f"head.{k}": v for k, v in model.head.state_dict().items()}}, meta)
     save_weights(run_dir / "model.safetensors", enc.state_dict(), meta)
+    write_timm_config(run_dir, enc, meta)  # with model.safetensors: a folder timm loads as "local-dir:RUN"
+    write_pretraining_card(run_dir, cfg, meta)
+
+
+def write_pretraining_card(run_dir: Path, cfg: PretrainConfig, meta: dict) -> None:
+    derived = cfg.derived or {}
+    metrics_file = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if metrics_file.is_file() else []
+    last = next((r for r in reversed(records) if "loss" in r), {})
+    evals = next((r for r in reversed(records) if any(k.startswith("eval_") for k in r)), {})
+    write_model_card(
+        run_dir, title=f"{cfg.model}, pretrained by masked patch prediction",
+        summary=(f"A timm `{cfg.model}` encoder pretrained without labels on `{cfg.dataset}` by masked patch prediction "
+                 "(ViT paper §4.6): a share of the patch embeddings is corrupted and the model predicts, from each "
+                 "corrupted patch's output, a target computed from its pixels."),
+        facts={"timm model": f"`{cfg.model}`", "image size / patch": f"{cfg.img_size} / {cfg.patch_size}",
+               "target": cfg.target, "corrupted": f"{cfg.mask_ratio:.0%} of patches, {'/'.join(f'{p:.0%}' for p in cfg.mask_probs)} mask/random/kept",
+               "steps": meta["steps"], "global batch": derived.get("global_batch", "?"), "peak lr": derived.get("peak_lr", "?"),
+               "data": f"`{cfg.dataset}`" + (f" ({cfg.split})" if cfg.split else "")},
+        metrics={k: v for k, v in {"loss": last.get("loss"), "masked-patch accuracy": last.get("masked_acc"),
+                                    **{k: v for k, v in evals.items() if k.startswith("eval_")}}.items() if v is not None},
+        tags=["timm", "image-feature-extraction", "vision-transformer", "masked-patch-prediction", "self-supervised"],
+        datasets=hub_dataset_ids(cfg.dataset), num_classes=0)
 
 
 def picture_logger(cfg: PretrainConfig, accelerator, model):
     """on_step callback: every --log-images-every steps, a grid of MPP predictions on 8 fixed images."""
     if not cfg.log_images_every or cfg.streaming or not accelerator.is_main_process:
+        return None
+    if "tensorboard" not in tracker_names(cfg.report_to):
+        accelerator.print(f"--log-images-every: the pictures go to TensorBoard, which --report-to {cfg.report_to} leaves out; not logged")
         return None
     from mpp.data.dataset import sample_images
     from mpp.evaluation.diagnostics import prediction_grid
@@ -208,7 +236,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         raise UsageError(f"--model {cfg.model} at --img-size {cfg.img_size}: {e}") from None
     ds, column = open_dataset(cfg, dist)
     labelled = load_monitor_data(cfg) if dist.is_main_process else None
-    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile)
+    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to)
     accelerator = run.accelerator
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
@@ -257,4 +285,6 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     write_summary(run, result, {"wall_s": wall, "steps_this_run": trained,
                                 "images_per_sec": trained * global_batch / wall if wall > 0 else None})
     finish(run)
+    if cfg.push_to_hub and accelerator.is_main_process and not result.stopped_by:
+        publish(run.run_dir, cfg.push_to_hub, cfg.hub_private)
     return PretrainResult(run.run_dir, accelerator.unwrap_model(model), result.step, result.stopped_by)

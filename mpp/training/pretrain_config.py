@@ -7,6 +7,7 @@ import timm
 from mpp.data.augment import DECODE_MODES
 from mpp.errors import UsageError
 from mpp.models.targets import TARGETS
+from mpp.training.trackers import check_trackers
 
 # Reference batch of the paper's learning rate (Appendix B.1.2: Adam, 2e-4 at batch 4096).
 PAPER_BASE_LR, PAPER_REF_BATCH = 2e-4, 4096
@@ -62,6 +63,9 @@ class PretrainConfig:
     progress: bool = True
     threads: int | None = None  # CPU threads per process; None: the machine's cores / processes on it
     compile: bool = False
+    report_to: str = "tensorboard"  # accelerate trackers: tensorboard, wandb, mlflow, all, none
+    push_to_hub: str | None = None  # Hub repo id the finished run folder is uploaded to
+    hub_private: bool = False
     max_nonfinite_steps: int = 5  # 0: no finiteness check (and no host-device sync per step)
     # filled in by resolve()
     derived: dict = field(default_factory=dict)
@@ -134,6 +138,11 @@ def validate_run(cfg) -> None:
         raise UsageError(f"--epochs must be positive, got {cfg.epochs}")
     if (cfg.workers or 0) < 0 or (cfg.threads or 0) < 0 or cfg.max_nonfinite_steps < 0:
         raise UsageError("--workers, --threads and --max-nonfinite-steps must not be negative")
+    check_trackers(cfg.report_to)
+    if cfg.push_to_hub:
+        from mpp.models.publish import check_can_push
+
+        check_can_push(cfg.push_to_hub)  # network and token: before any heavy work, not after hours of training
     lo, hi = cfg.crop_scale
     if not 0 < lo <= hi <= 1:
         raise UsageError(f"--crop-scale needs 0 < min <= max <= 1, got {lo} {hi}")

@@ -1,0 +1,84 @@
+"""Run folders as timm hub folders: timm's config.json and a model card beside model.safetensors.
+
+    RUN/model.safetensors   the weights under the timm model's own keys (metadata kept, weights.py)
+    RUN/config.json         timm's: architecture, model_args (img_size, patch_size), pretrained_cfg
+                            (mean, std, input size), num_classes and, fine-tuned, label_names
+    RUN/README.md           a model card (YAML front matter for the Hub, how to load it)
+    RUN/run_config.json     the run's own configuration (flags + derived), --config replays it
+
+So `timm.create_model("local-dir:RUN", pretrained=True)` builds and loads the model with nothing of
+mpp, and the same folder on the Hub loads as "hf-hub:USER/NAME".
+"""
+import json
+from pathlib import Path
+
+import torch
+
+RUN_CONFIG = "run_config.json"
+TIMM_CONFIG = "config.json"
+MODEL_CARD = "README.md"
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The run's own configuration; folders written before run_config.json kept it in config.json."""
+    run_dir = Path(run_dir)
+    for name in (RUN_CONFIG, TIMM_CONFIG):
+        path = run_dir / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            if "architecture" not in config:  # not timm's config.json
+                return config
+    return {}
+
+
+def write_timm_config(run_dir: str | Path, model: torch.nn.Module, meta: dict, label_names: list[str] | None = None) -> None:
+    """timm's own config.json (timm.models._hub.save_config_for_hf, what timm's push_to_hf_hub writes)."""
+    from timm.models._hub import save_config_for_hf
+
+    size = meta["img_size"]
+    model_config = {"pretrained_cfg": {"mean": tuple(meta["mean"]), "std": tuple(meta["std"]), "input_size": (3, size, size)}}
+    if label_names:
+        model_config["label_names"] = list(label_names)
+    save_config_for_hf(model, str(Path(run_dir) / TIMM_CONFIG), model_config=model_config,
+                       model_args={"img_size": size, "patch_size": meta["patch_size"]})
+
+
+def hub_dataset_ids(*datasets: str | None) -> list[str]:
+    """The datasets that are Hub ids (user/name or a bare Hub name), not local folders or built-in sets."""
+    from mpp.data.builtin import BUILTIN_DATASETS
+
+    return [d for d in datasets if d and d not in BUILTIN_DATASETS and not Path(d).expanduser().exists()]
+
+
+def write_model_card(run_dir: str | Path, *, title: str, summary: str, facts: dict, metrics: dict, tags: list[str],
+                     datasets: list[str], num_classes: int) -> None:
+    """README.md: YAML front matter (library_name, tags, license, datasets), what was trained, final metrics, how to load it."""
+    run_dir = Path(run_dir)
+    front = ["---", "library_name: timm", "license: other  # the weights follow the license of the data they were trained on",
+             "tags:", *[f"- {t}" for t in tags]]
+    if datasets:
+        front += ["datasets:", *[f"- {d}" for d in datasets]]
+    front.append("---")
+    body = [
+        f"# {title}", "", summary, "",
+        "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts.items()], "",
+        "## Final metrics", "", "| metric | value |", "|---|---|",
+        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()], "",
+        "## How to load it", "",
+        "With timm alone (no mpp needed), from this folder or, once pushed, from the Hub:", "",
+        "```python",
+        "import timm",
+        f'model = timm.create_model("local-dir:{run_dir}", pretrained=True)',
+        '# model = timm.create_model("hf-hub:USER/NAME", pretrained=True)',
+        "config = timm.data.resolve_data_config({}, model=model)  # input size, mean, std of training",
+        "transform = timm.data.create_transform(**config)",
+        "```", "",
+        ("The classifier of the label names in `config.json`; `num_classes=0` gives features only, "
+         "`num_classes=N` a fresh head for another task." if num_classes else
+         "The encoder without a head: `model(x)` gives pooled features; `num_classes=N` adds a fresh head to fine-tune."),
+        "",
+        "Trained with mpp (masked patch prediction pretraining of timm ViTs; Dosovitskiy et al., ICLR 2021, §4.6). "
+        f"The run's full configuration is in `{RUN_CONFIG}`; `--config {RUN_CONFIG}` replays it.",
+        "",
+    ]
+    (run_dir / MODEL_CARD).write_text("\n".join(front + [""] + body))
