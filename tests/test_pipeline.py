@@ -301,3 +301,26 @@ def test_the_loop_reads_one_pass_across_epochs(jpeg_folder, tmp_path, monkeypatc
                          workers=0, grad_accum=grad_accum, progress=False, output_dir=str(tmp_path / "run"), checkpoint_every=100)
     assert pretrain(cfg).steps == steps
     assert starts == list(range(passes))
+
+
+def test_seeded_transforms_in_two_threads_draw_what_they_draw_alone():
+    """torch_xla's loader thread augments training images while the main thread augments a held-out
+    set: each seeded() call must draw from its own seed, not from a seed the other thread just set."""
+    import random
+    import threading
+    import time
+
+    def slow_transform(_):
+        first = (random.random(), torch.rand(()).item(), np.random.rand())
+        time.sleep(0.05)  # the other thread reseeds here when the global RNGs are not guarded
+        return first + (random.random(), torch.rand(()).item(), np.random.rand())
+
+    alone = {seed: seeded(slow_transform, None, seed) for seed in (1, 2)}
+    together = {}
+    threads = [threading.Thread(target=lambda s=seed: together.__setitem__(s, seeded(slow_transform, None, s))) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert together == alone

@@ -10,6 +10,7 @@ import itertools
 import os
 import random
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,19 +334,26 @@ def _missing(label) -> bool:
     return label is None or (isinstance(label, (float, np.floating)) and np.isnan(label))
 
 
+# seeded() borrows the process's global RNGs; threads that augment at once must take turns. On XLA
+# with no worker processes, torch_xla's loader thread augments the next training batches while the
+# main thread augments a held-out set for an evaluation: without the lock each reseeds the other's draws.
+_GLOBAL_RNGS = threading.Lock()
+
+
 def seeded(transform, image, seed: int):
     """transform(image) with torch's, Python's and numpy's global RNGs seeded (timm's RandAugment
     draws from the last two), leaving all three as they were."""
-    state, np_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return transform(image)
-    finally:
-        random.setstate(state)
-        np.random.set_state(np_state)
+    with _GLOBAL_RNGS:
+        state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return transform(image)
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
 
 
 class AugmentedImages(torch.utils.data.Dataset):

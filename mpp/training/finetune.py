@@ -211,8 +211,11 @@ def finetune(cfg) -> dict:
 
     def held_out_loader(ds):
         images = AugmentedImages(ds, data.image_column, timm_transform(arch["img_size"], False), cfg.seed, data.label_column)
+        # its own generator: each pass draws a base seed, and from the global RNG that draw would land inside
+        # a training image's seeded augmentation running in torch_xla's loader thread (data.dataset.seeded)
         return torch.utils.data.DataLoader(images, batch_size=max(cfg.batch_size, 256), collate_fn=collate_images, num_workers=workers,
-                                           pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0)  # evaluated many times
+                                           pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0,  # evaluated many times
+                                           generator=torch.Generator().manual_seed(cfg.seed))
 
     train_loader = training_loader(train_images, cfg.batch_size, cfg.seed, workers, acc.device, collate_images, acc.num_processes)
     model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader, held_out_loader(data.eval))
