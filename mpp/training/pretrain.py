@@ -91,12 +91,18 @@ def device_decoder(img_size: int, device: torch.device):
     return prepare
 
 
+def last_record(run_dir: Path, has) -> dict:
+    """The newest metrics.jsonl record for which has(record) holds; {} when none (or no file yet)."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return next((r for r in reversed(records) if has(r)), {})
+
+
 def closing_summary(run_dir: Path) -> str:
     """What the end of a run tells the user: steps, final loss and masked accuracy, wall time, images/s
     (start-up included), where the files are, and the next commands."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = next((r for r in reversed(records) if "loss" in r), {})
+    last = last_record(run_dir, lambda r: "loss" in r)
     rate = summary.get("images_per_sec")
     lines = [f"MPP pretraining finished: {summary['steps']} steps ({summary.get('steps_this_run', summary['steps'])} in this run, "
              f"{summary.get('wall_s', 0):.0f} s{f', {rate:.0f} images/s with start-up' if rate else ''})",
@@ -142,10 +148,8 @@ def export_weights(model: MPPModel, cfg: PretrainConfig, run_dir: Path, step: in
 
 def write_pretraining_card(run_dir: Path, cfg: PretrainConfig, meta: dict) -> None:
     derived = cfg.derived or {}
-    metrics_file = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if metrics_file.is_file() else []
-    last = next((r for r in reversed(records) if "loss" in r), {})
-    evals = next((r for r in reversed(records) if any(k.startswith("eval_") for k in r)), {})
+    last = last_record(run_dir, lambda r: "loss" in r)
+    evals = last_record(run_dir, lambda r: any(k.startswith("eval_") for k in r))
     write_model_card(
         run_dir, title=f"{cfg.model}, pretrained by masked patch prediction",
         summary=(f"A timm `{cfg.model}` encoder pretrained without labels on `{cfg.dataset}` by masked patch prediction "
