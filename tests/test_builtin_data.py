@@ -7,25 +7,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from mpp.data import builtin as builtin_data
 from mpp.data import clipart as clipart_module
 from mpp.data.builtin import (CLIPART_DOWNSTREAM, CLIPART_UPSTREAM, FASHION_MNIST_DIR, clipart, colour_mix,
                               fashion_mnist_downstream, fashion_mnist_upstream)
-from mpp.data.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, is_placeholder, load_clipart, path_split, to_square
+from mpp.data.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, SPLIT_FRACTIONS, group_splits, is_placeholder, load_clipart, to_square
+from mpp.data.near_duplicates import connected_groups, name_stem
 from mpp.data.dataset import load_images
 from mpp.errors import UsageError
 
 FAKE_CLASSES = ["animals/birds", "food/fruit"]
 REAL_CACHE = os.environ.get("MPP_CACHE")
 # per class of CLIPART_CLASSES, from Debian openclipart-png 1:0.18+dfsg-19: a change here means the
-# decoding, the cleaning or the split changed
+# decoding, the cleaning, the grouping or the split changed
 REAL_SPLIT_SIZES = {
-    "train": [31, 38, 81, 27, 37, 38, 48, 61, 40, 29, 49, 37, 49, 41],
-    "validation": [7, 7, 17, 5, 9, 8, 11, 8, 9, 8, 9, 11, 6, 8],
-    "test": [9, 4, 17, 6, 8, 7, 8, 15, 11, 9, 14, 8, 15, 4],
+    "train": [33, 33, 79, 33, 38, 37, 41, 60, 42, 32, 50, 40, 49, 37],
+    "validation": [7, 9, 15, 3, 8, 8, 16, 12, 9, 7, 11, 8, 11, 8],
+    "test": [7, 7, 21, 2, 8, 8, 10, 12, 9, 7, 11, 8, 10, 8],
 }
+# near-duplicates of the package that a split by file put on both sides of a split
+REAL_SAME_DRAWINGS = [
+    ("food/fruit/pear_simple_bw.png", "food/fruit/pear_simple.png"), ("food/fruit/lemon_simple_bw.png", "food/fruit/lemon_simple.png"),
+    ("food/fruit/peach_simple_bw.png", "food/fruit/peach_simple.png"), ("food/fruit/watermelon_simple_bw.png", "food/fruit/watermelon_simple.png"),
+    ("recreation/music/trumpet_b_flat__ganson.png", "recreation/music/trumpet_b_flat_colour_ganso.png"),
+    ("transportation/vehicles/bus2_bw_jarno_vasamaa_01.png", "transportation/vehicles/bus2_jarno_vasamaa_01.png"),
+    ("people/clothing/t-shirt_03.png", "people/clothing/t-shirt_02.png"), ("animals/bugs/bee1_mimooh_01.png", "animals/bugs/bee2_mimooh_01.png"),
+    ("food/fruit/rondelle_orange_01.png", "food/fruit/rondelle_d_orange_01.png"),
+    ("transportation/vehicles/hummer_01.png", "transportation/vehicles/hummers/hummer_01.png"),
+    ("transportation/vehicles/hummer_05.png", "transportation/vehicles/hummers/hummer_05.png"),
+    ("transportation/vehicles/hummer_07.png", "transportation/vehicles/hummers/hummer_07.png"),
+]
 REAL_DROPPED = {"placeholder": 17, "blank": 125, "too large": 3, "unreadable": 0,
                 "duplicate (full_resolution)": 1171, "duplicate (resized)": 1}
 
@@ -63,6 +76,11 @@ def drawing(seed: int) -> Image.Image:
     return im
 
 
+def name(i: int) -> str:
+    """A distinct file-name stem per index (letters: stems ignore digits)."""
+    return "img_" + chr(97 + i // 26) + chr(97 + i % 26)
+
+
 def fake_openclipart(root: Path, per_class: int = 30) -> dict:
     """A tree shaped like /usr/share/openclipart/png: two class folders (one with a sub-folder), a
     folder outside the classes, plus one placeholder, one blank image and duplicates. Returns what it planted."""
@@ -71,14 +89,14 @@ def fake_openclipart(root: Path, per_class: int = 30) -> dict:
         for i in range(per_class if folder in FAKE_CLASSES else 10):
             sub = "sub/" if folder == "animals/birds" and i % 3 == 0 else ""
             (root / folder / sub).mkdir(parents=True, exist_ok=True)
-            drawing(seed).save(root / folder / f"{sub}img_{i:02d}.png")
+            drawing(seed).save(root / folder / f"{sub}{name(seed)}.png")
             seed += 1
     placeholder(120, 90).save(root / "food/fruit/missing_link.png")
     Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(root / "food/fruit/blank.png")
     # same pixels as a class image, different file bytes, outside the classes: the class copy stays
     (root / "abstract").mkdir()  # sorts before animals/: the kept copy must still be the class's
     drawing(0).save(root / "abstract/copy_of_bird.png", compress_level=0)
-    drawing(30).convert("RGBA").save(root / "food/fruit/twin.png", compress_level=1)  # same pixels as food/fruit/img_00
+    drawing(30).convert("RGBA").save(root / "food/fruit/twin.png", compress_level=1)  # same pixels as food/fruit/img_be
     return {"placeholders": 1, "blank": 1, "duplicates": 2}
 
 
@@ -114,8 +132,8 @@ def test_clipart_drops_placeholders_blanks_and_duplicates(tmp_path):
     data = load_clipart(tmp_path / "png", FAKE_CLASSES)
     paths = set(data["paths"].tolist())
     assert "food/fruit/missing_link.png" not in paths and "food/fruit/blank.png" not in paths
-    assert "animals/birds/sub/img_00.png" in paths and "abstract/copy_of_bird.png" not in paths  # class copy kept
-    assert "food/fruit/img_00.png" in paths and "food/fruit/twin.png" not in paths
+    assert "animals/birds/sub/img_aa.png" in paths and "abstract/copy_of_bird.png" not in paths  # class copy kept
+    assert "food/fruit/img_be.png" in paths and "food/fruit/twin.png" not in paths
     assert data["dropped"]["placeholder"] == planted["placeholders"] and data["dropped"]["blank"] == planted["blank"]
     assert data["dropped"]["duplicate (full_resolution)"] + data["dropped"]["duplicate (resized)"] == planted["duplicates"]
     assert len(paths) == 2 * 30 + 10  # every planted drawing, the non-class folder included
@@ -123,7 +141,7 @@ def test_clipart_drops_placeholders_blanks_and_duplicates(tmp_path):
     assert len(np.unique(flat, axis=0)) == len(paths)
 
 
-def test_clipart_splits_are_disjoint_deterministic_and_stable_when_files_are_added(tmp_path):
+def test_clipart_splits_are_disjoint_and_deterministic(tmp_path):
     root = tmp_path / "png"
     fake_openclipart(root)
     splits = {s: clipart(s, root, FAKE_CLASSES) for s in ("train", "validation", "test")}
@@ -132,22 +150,113 @@ def test_clipart_splits_are_disjoint_deterministic_and_stable_when_files_are_add
     images = {s: {d["image"].tobytes() for d in ds.with_format("numpy")} for s, ds in splits.items()}
     assert not (images["train"] & images["validation"]) and not (images["train"] & images["test"])
     assert not (images["validation"] & images["test"])
-    labels = np.asarray(splits["train"]["label"])
-    assert set(labels) == {0, 1} and len(splits["train"]) > len(splits["test"])
+    for ds in splits.values():  # every class in every split: groups are dealt class by class
+        assert set(np.asarray(ds["label"])) == {0, 1}
     clipart_module._decoded.clear()
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
-    again = clipart("train", root, FAKE_CLASSES)  # from the cache file this time
+    clipart_module._grouped.clear()
+    assert len(list((tmp_path / "cache").glob("clipart-v*.npz"))) == 1 and len(list((tmp_path / "cache").glob("clipart-groups-*.npy"))) == 1
+    again = clipart("train", root, FAKE_CLASSES)  # from the cache files this time
     assert list(map(bytes, again.with_format("numpy")[:]["image"])) == list(map(bytes, splits["train"].with_format("numpy")[:]["image"]))
-    drawing(999).save(root / "food/fruit/new.png")  # a new file must not move anyone else
-    grown = {d["image"].tobytes() for d in clipart("train", root, FAKE_CLASSES).with_format("numpy")}
-    assert images["train"] <= grown and len(grown) - len(images["train"]) == (path_split("food/fruit/new.png") == "train")
 
 
-def test_path_split_fractions():
-    counts = {s: 0 for s in ("train", "validation", "test")}
-    for i in range(6000):
-        counts[path_split(f"x/y/{i}.png")] += 1
-    assert abs(counts["train"] / 6000 - 0.70) < 0.02 and abs(counts["validation"] / 6000 - 0.15) < 0.02
+def test_groups_are_dealt_whole_and_each_class_keeps_its_shares():
+    """Hand-made groups: a group never spans two splits, and each class gets its 70/15/15 within the
+    size of its largest group, however the groups' sizes differ."""
+    rng = np.random.default_rng(0)
+    paths, groups = [], []
+    for cls in ("animals/birds", "food/fruit", "shapes/stars"):
+        for g in range(60):
+            first = len(paths)
+            for k in range(int(rng.choice([1, 1, 1, 2, 3, 6]))):
+                paths.append(f"{cls}/g{g:02d}_{k}.png")
+                groups.append(first)
+    splits = group_splits(paths, np.array(groups), CLIPART_CLASSES)
+    for g in set(groups):
+        assert len({splits[i] for i in range(len(paths)) if groups[i] == g}) == 1
+    for cls in ("animals/birds", "food/fruit", "shapes/stars"):
+        mine = np.array([p.startswith(cls) for p in paths])
+        for split, share in SPLIT_FRACTIONS.items():
+            assert abs((splits[mine] == split).sum() - share * mine.sum()) <= 6  # the largest group
+
+
+def test_file_name_stems_and_connected_groups():
+    assert name_stem("food/fruit/pear_simple_bw.png") == name_stem("food/fruit/pear_simple.png")
+    assert name_stem("animals/bugs/bee1_mimooh_01.png") == name_stem("animals/bugs/bee2_mimooh_01.png")
+    assert name_stem("recreation/music/trumpet_b_flat__ganson.png") == name_stem("recreation/music/trumpet_b_flat_colour_ganso.png")
+    assert name_stem("food/fruit/rondelle_orange_01.png") == name_stem("food/fruit/rondelle_d_orange_01.png")
+    assert name_stem("food/fruit/pear_simple.png") != name_stem("food/fruit/peach_simple.png")
+    # links 0-3, 3-5 and 1-2 make {0, 3, 5}, {1, 2}, {4}; each group is named by its first member
+    assert connected_groups(6, np.array([[3, 5], [0, 3], [2, 1]])).tolist() == [0, 1, 1, 0, 4, 0]
+
+
+def recoloured(im: Image.Image) -> Image.Image:
+    """Hue turned by a third of the circle, alpha kept."""
+    rgba = im.convert("RGBA")
+    h, s, v = rgba.convert("RGB").convert("HSV").split()
+    out = Image.merge("HSV", (h.point(lambda x: (x + 85) % 256), s, v)).convert("RGBA")
+    out.putalpha(rgba.getchannel("A"))
+    return out
+
+
+def black_and_white(im: Image.Image) -> Image.Image:
+    rgba = im.convert("RGBA")
+    out = ImageOps.grayscale(rgba.convert("RGB")).convert("RGBA")
+    out.putalpha(rgba.getchannel("A"))
+    return out
+
+
+def rescaled(im: Image.Image) -> Image.Image:
+    """A third of the size, on a page with wide uneven margins."""
+    small = im.convert("RGBA").resize((max(1, im.width // 3), max(1, im.height // 3)), Image.LANCZOS)
+    page = Image.new("RGBA", (small.width + 40, small.height + 10), (0, 0, 0, 0))
+    page.paste(small, (30, 3))
+    return page
+
+
+# asymmetric drawings of the real package, from different classes (a mirrored copy must be found by mirroring)
+ORIGINALS = ["recreation/music/trumpet_b_flat_colour_ganso.png", "transportation/vehicles/bus2_jarno_vasamaa_01.png",
+             "computer/hardware/joystick_black_red_petri_01.png", "animals/bugs/bee1_mimooh_01.png", "food/fruit/pear_simple.png",
+             "people/clothing/t-shirt_02.png", "buildings/homes/home3.png"]
+VARIANTS = {"recoloured": recoloured, "black-and-white": black_and_white, "mirrored": ImageOps.mirror, "rescaled": rescaled}
+# the package's own line-art versions of coloured drawings (white fills, outlines kept): planted under other names
+LINE_ART = {"food/fruit/pear_simple_bw.png": "food/fruit/pear_simple.png", "food/fruit/lemon_simple_bw.png": "food/fruit/lemon_simple.png",
+            "food/fruit/peach_simple_bw.png": "food/fruit/peach_simple.png",
+            "transportation/vehicles/bus2_bw_jarno_vasamaa_01.png": "transportation/vehicles/bus2_jarno_vasamaa_01.png"}
+
+
+@pytest.mark.skipif(not OPENCLIPART_DIR.exists(), reason="the real clip art needs 'apt-get install openclipart-png'")
+def test_recoloured_black_and_white_mirrored_and_rescaled_copies_land_with_their_original(tmp_path):
+    """Real drawings, each planted four times under unrelated names in other folders, plus the package's
+    line-art versions of four drawings under unrelated names, among other real drawings: every copy is in
+    its original's group and split, and the originals stay apart."""
+    root = tmp_path / "png"
+    others = sorted(p for c in CLIPART_CLASSES for p in (OPENCLIPART_DIR / c).glob("*.png"))[::25]
+    originals = ORIGINALS + [o for o in LINE_ART.values() if o not in ORIGINALS]
+    for path in others + [OPENCLIPART_DIR / o for o in originals]:
+        relative = path.relative_to(OPENCLIPART_DIR)
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(path.read_bytes())
+    planted = {}
+    for i, original in enumerate(ORIGINALS):
+        with Image.open(OPENCLIPART_DIR / original) as im:
+            for j, (kind, make) in enumerate(VARIANTS.items()):
+                folder = CLIPART_CLASSES[(i + j + 3) % len(CLIPART_CLASSES)]  # another class's folder
+                copy = f"{folder}/planted_{name(10 * i + j)}.png"
+                (root / copy).parent.mkdir(parents=True, exist_ok=True)
+                make(im.convert("RGBA")).save(root / copy)
+                planted[copy] = (original, kind)
+    for k, (line_art, original) in enumerate(LINE_ART.items()):
+        copy = f"animals/birds/planted_{name(100 + k)}.png"
+        (root / copy).write_bytes((OPENCLIPART_DIR / line_art).read_bytes())
+        planted[copy] = (original, "line art")
+    data = load_clipart(root)
+    index = {p: k for k, p in enumerate(data["paths"].tolist())}
+    groups, splits = data["groups"], data["splits"]
+    missed = [(copy, kind) for copy, (original, kind) in planted.items() if groups[index[copy]] != groups[index[original]]]
+    assert not missed
+    assert all(splits[index[copy]] == splits[index[original]] for copy, (original, _) in planted.items())
+    assert len({groups[index[o]] for o in originals}) == len(originals)
+    assert len(set(groups.tolist())) >= len(others) // 2  # the other drawings are not lumped together
 
 
 def test_missing_package_is_a_one_line_usage_error(tmp_path, monkeypatch):
@@ -170,7 +279,7 @@ def test_colour_mix_is_unlabelled_and_keeps_held_out_clipart_out_of_train(tmp_pa
     held = {d["image"].tobytes() for s in ("validation", "test") for d in clipart(s, root, FAKE_CLASSES).with_format("numpy")}
     train = {bytes(a) for a in mix.with_format("numpy")[:]["image"]}
     assert held and not (held & train)
-    n_train_art = sum(path_split(p) == "train" for p in load_clipart(root, FAKE_CLASSES)["paths"])
+    n_train_art = int((load_clipart(root, FAKE_CLASSES)["splits"] == "train").sum())
     assert len(mix) == n_train_art + 5
 
 
@@ -203,4 +312,9 @@ def test_real_clipart_classes_split_sizes_and_drops(monkeypatch):
     down = load_images("clipart-downstream", "train")
     assert down.features["label"].names == CLIPART_DOWNSTREAM and min(np.bincount(down["label"])) >= 10  # 10-shot draws
     assert len(load_images("clipart-upstream", "train")) + len(down) == len(splits["train"])
-    assert load_clipart()["dropped"] == REAL_DROPPED
+    data = load_clipart()
+    assert data["dropped"] == REAL_DROPPED
+    index = {p: k for k, p in enumerate(data["paths"].tolist())}
+    for a, b in REAL_SAME_DRAWINGS:
+        assert data["groups"][index[a]] == data["groups"][index[b]], (a, b)
+    assert len(set(data["groups"].tolist())) == 3347  # of 6,804 kept images

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Array3D, ClassLabel, Dataset, Features
 
-from mpp.data.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, class_of, load_clipart, path_split
+from mpp.data.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, class_of, load_clipart
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -149,13 +149,14 @@ CLIPART_DOWNSTREAM = ["food/fruit", "recreation/music", "people/clothing", "comp
 def clipart(split: str = "train", root: Path = OPENCLIPART_DIR, classes: list[str] = CLIPART_CLASSES,
             subset: list[str] | None = None, name: str = "clipart") -> Dataset:
     """Clip art of the class folders (mpp/data/clipart.py), 64x64 colour; label = index in `subset`
-    (default: all `classes`). Splits 'train', 'validation', 'test' (about 70/15/15 by path hash)."""
+    (default: all `classes`). Splits 'train', 'validation', 'test' (about 70/15/15 of each class, drawn
+    by groups of the same drawing: no drawing is in two splits)."""
     if split not in CLIPART_SPLITS:
         raise ValueError(f"{name} has splits 'train', 'validation' and 'test', not {split!r}")
     data = load_clipart(root, classes)
     subset = classes if subset is None else subset
     labels = np.array([class_of(p, subset) for p in data["paths"]], dtype=np.int64)
-    keep = (labels >= 0) & np.array([path_split(p) == split for p in data["paths"]], dtype=bool)
+    keep = (labels >= 0) & (data["splits"] == split)
     return _array_dataset(data["images"][keep], labels[keep], list(subset))
 
 
@@ -169,12 +170,13 @@ def clipart_downstream(split: str = "train", root: Path = OPENCLIPART_DIR) -> Da
 
 def colour_mix(split: str = "train", root: Path = OPENCLIPART_DIR, photo_crops: int | None = None) -> Dataset:
     """Unlabelled colour images for pretraining: every kept clip-art image (any folder, labels dropped)
-    of this split by path hash, so no clipart validation or test image is in 'train', followed by
+    whose drawing's group is in this split, so no drawing with a copy in a clipart validation or test
+    split (any of its sets) is in 'train', followed by
     `photos` crops (4,000 for 'train', 800 for 'validation' and 'test', each split its own crops)."""
     if split not in CLIPART_SPLITS:
         raise ValueError(f"colour-mix has splits 'train', 'validation' and 'test', not {split!r}")
     data = load_clipart(root)
-    keep = np.array([path_split(p) == split for p in data["paths"]], dtype=bool)
+    keep = data["splits"] == split
     crops_seed = {"train": 0, "test": 0, "validation": 1}[split]  # photos offsets non-train seeds by 1
     if photo_crops is None:
         photo_crops = 4000 if split == "train" else 800

@@ -3,8 +3,9 @@
 Every PNG under /usr/share/openclipart/png/<category>/<sub-category>/... is composited onto white
 (the page clip art is drawn for), fitted into a square keeping its aspect, and resized to 64x64.
 Dropped: "Linked Image Not Found" placeholders, images blank after compositing, and exact duplicates
-(identical decoded RGBA pixels at full resolution, or identical 64x64 results). Each file's split is a
-hash of its path, so adding files never moves others.
+(identical decoded RGBA pixels at full resolution, or identical 64x64 results). Images that are the same
+drawing (recoloured, black and white, mirrored, rescaled, renamed: mpp/data/near_duplicates.py) form a
+group, and splits are drawn by group, so no drawing sits in two splits.
 """
 import hashlib
 import os
@@ -15,8 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mpp.data.near_duplicates import DESCRIPTOR, SOURCE_SIZE, drawing_descriptors, drawing_groups
+
 OPENCLIPART_DIR = Path("/usr/share/openclipart/png")
-CACHE_VERSION = "clipart-v1"  # bump when the decoding or cleaning below changes
+CACHE_VERSION = "clipart-v2"  # bump when the decoding, the cleaning or the drawings' descriptors change
+GROUPS_VERSION = "groups-v1"  # bump when the grouping (near_duplicates) or the split of the groups changes
 SIZE = 64
 BACKGROUND = (255, 255, 255)
 SPLIT_FRACTIONS = {"train": 0.70, "validation": 0.15, "test": 0.15}
@@ -39,15 +43,37 @@ def missing_package_error(root: Path) -> FileNotFoundError:
     return FileNotFoundError(f"openclipart PNGs not found under {root}: install them with 'apt-get install openclipart-png'")
 
 
-def path_split(relpath: str) -> str:
-    """'train', 'validation' or 'test' from a hash of the path: stable when other files come or go."""
-    u = int.from_bytes(hashlib.sha1(relpath.encode()).digest()[:8], "big") / 2**64
-    edge = 0.0
-    for split, fraction in SPLIT_FRACTIONS.items():
-        edge += fraction
-        if u < edge:
-            return split
-    return "test"
+def path_hash(relpath: str) -> int:
+    return int.from_bytes(hashlib.sha1(relpath.encode()).digest()[:8], "big")
+
+
+def group_splits(paths: list[str], groups: np.ndarray, classes: list[str]) -> np.ndarray:
+    """(M,) 'train' / 'validation' / 'test' per image, the same for every image of a group.
+
+    Groups are dealt out class by class (a group counts for the class most of its images belong to,
+    images outside the class folders forming one more class), in the order of a hash of their first
+    path, each to the split furthest below its share of that class's images (SPLIT_FRACTIONS): the
+    classes keep about 70/15/15 although groups differ in size, and the deal depends on the files only.
+    """
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(int(g), []).append(i)
+    owner = {}  # group -> (class index, images of that class)
+    for g, idx in members.items():
+        found = np.array([class_of(paths[i], classes) for i in idx])
+        labelled = found[found >= 0]
+        cls = int(np.bincount(labelled).argmax()) if labelled.size else -1
+        owner[g] = (cls, int((found == cls).sum()))
+    split_of_group = {}
+    for cls in sorted({c for c, _ in owner.values()}):
+        own = sorted((g for g in owner if owner[g][0] == cls), key=lambda g: path_hash(paths[members[g][0]]))
+        total = sum(owner[g][1] for g in own)
+        filled = dict.fromkeys(SPLIT_FRACTIONS, 0)
+        for g in own:
+            split = max(SPLIT_FRACTIONS, key=lambda s: SPLIT_FRACTIONS[s] * total - filled[s])  # first of equals: train
+            filled[split] += owner[g][1]
+            split_of_group[g] = split
+    return np.array([split_of_group[int(g)] for g in groups])
 
 
 def to_square(rgba: Image.Image, size: int = SIZE, background=BACKGROUND) -> np.ndarray:
@@ -87,6 +113,8 @@ class Decoded:
     image: np.ndarray | None  # (SIZE, SIZE, 3) uint8; None when dropped
     pixels_sha1: str  # of the full-resolution RGBA pixels and size
     dropped: str  # '' or why: 'placeholder', 'blank', 'too large', 'unreadable'
+    grey: np.ndarray | None = None  # (DESCRIPTOR, DESCRIPTOR) float16 descriptors of the drawing (near_duplicates)
+    edges: np.ndarray | None = None
 
 
 def decode(file: Path, root: Path) -> Decoded:
@@ -108,7 +136,8 @@ def decode(file: Path, root: Path) -> Decoded:
     image = to_square(rgba)
     if (image == image[0, 0]).all():
         return Decoded(path, None, digest, "blank")
-    return Decoded(path, image, digest, "")
+    grey, edges = drawing_descriptors(to_square(rgba, SOURCE_SIZE))
+    return Decoded(path, image, digest, "", grey.astype(np.float16), edges.astype(np.float16))  # as the cache keeps them
 
 
 def class_of(path: str, classes: list[str]) -> int:
@@ -145,6 +174,11 @@ def _cache_file(root: Path, files: list[Path]) -> Path:
 
 
 _decoded: dict[Path, list[Decoded]] = {}  # per process, by cache file: splits share one read
+_grouped: dict[Path, np.ndarray] = {}
+
+
+def _stack(arrays: list, shape: tuple, dtype) -> np.ndarray:
+    return np.stack(arrays).astype(dtype) if arrays else np.zeros((0, *shape), dtype)
 
 
 def decode_all(root: Path) -> list[Decoded]:
@@ -158,15 +192,20 @@ def decode_all(root: Path) -> list[Decoded]:
         return _decoded[cache]
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
-            images = iter(z["images"])
-            decoded = [Decoded(p, None if r else next(images), h, r) for p, h, r in zip(z["paths"].tolist(), z["sha1"].tolist(), z["dropped"].tolist())]
+            kept = zip(z["images"], z["grey"], z["edges"])
+            decoded = []
+            for p, h, r in zip(z["paths"].tolist(), z["sha1"].tolist(), z["dropped"].tolist()):
+                image, grey, edges = (None, None, None) if r else next(kept)
+                decoded.append(Decoded(p, image, h, r, grey, edges))
         _decoded[cache] = decoded
         return decoded
     decoded = [decode(f, root) for f in files]
-    kept = [d.image for d in decoded if not d.dropped]
+    kept = [d for d in decoded if not d.dropped]
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, images=np.stack(kept) if kept else np.zeros((0, SIZE, SIZE, 3), np.uint8),
+    np.savez(tmp, images=_stack([d.image for d in kept], (SIZE, SIZE, 3), np.uint8),
+             grey=_stack([d.grey for d in kept], (DESCRIPTOR, DESCRIPTOR), np.float16),
+             edges=_stack([d.edges for d in kept], (DESCRIPTOR, DESCRIPTOR), np.float16),
              paths=np.array([d.path for d in decoded]), sha1=np.array([d.pixels_sha1 for d in decoded]),
              dropped=np.array([d.dropped for d in decoded]))
     os.replace(tmp, cache)  # atomic: concurrent builders write the same content
@@ -174,15 +213,38 @@ def decode_all(root: Path) -> list[Decoded]:
     return decoded
 
 
+def drawing_groups_cached(root: Path, kept: list[Decoded]) -> np.ndarray:
+    """near_duplicates.drawing_groups of the kept images (seconds for the whole package), cached beside the
+    decoded images under a key of the kept images and GROUPS_VERSION."""
+    paths = [d.path for d in kept]
+    grey, edges = (np.stack([getattr(d, k) for d in kept]).astype(np.float32) for k in ("grey", "edges"))
+    key = hashlib.sha1(repr((GROUPS_VERSION, str(root))).encode() + "\0".join(paths).encode() + grey.tobytes() + edges.tobytes())
+    cache = Path(os.environ.get("MPP_CACHE") or Path.home() / ".cache" / "mpp") / f"clipart-{GROUPS_VERSION}-{key.hexdigest()[:16]}.npy"
+    if cache not in _grouped:
+        if cache.exists():
+            _grouped[cache] = np.load(cache, allow_pickle=False)
+        else:
+            groups = drawing_groups(grey, edges, paths)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, groups)
+            os.replace(tmp, cache)
+            _grouped[cache] = groups
+    return _grouped[cache]
+
+
 def load_clipart(root: Path = OPENCLIPART_DIR, classes: list[str] = CLIPART_CLASSES) -> dict:
     """Every kept image of the package: {'images': (M, SIZE, SIZE, 3) uint8, 'paths': (M,) str sorted,
+    'groups': (M,) the index of the first image of the same drawing, 'splits': (M,) its group's split,
     'dropped': {reason: count}}."""
     decoded = decode_all(Path(root))
     kept, duplicates = drop_duplicates(decoded, classes)
     dropped = {r: sum(d.dropped == r for d in decoded) for r in ("placeholder", "blank", "too large", "unreadable")}
     dropped.update({f"duplicate ({k})": v for k, v in duplicates.items()})
-    return {
-        "images": np.stack([d.image for d in kept]) if kept else np.zeros((0, SIZE, SIZE, 3), np.uint8),
-        "paths": np.array([d.path for d in kept]),
-        "dropped": dropped,
-    }
+    images = np.stack([d.image for d in kept]) if kept else np.zeros((0, SIZE, SIZE, 3), np.uint8)
+    paths = [d.path for d in kept]
+    groups = drawing_groups_cached(Path(root), kept) if kept else np.zeros(0, np.int64)
+    # the standard classes balance the deal whatever `classes` is asked, so every set built from the
+    # package (clipart, its halves, colour-mix) sees the same split of each drawing
+    return {"images": images, "paths": np.array(paths), "groups": groups, "splits": group_splits(paths, groups, CLIPART_CLASSES),
+            "dropped": dropped}
