@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from mpp.cli import OneLineParser, run_cli
-from mpp.experiments.gap import LR_SELECTIONS, SETTINGS, GapConfig, make_config, quick, run_gap
+from mpp.experiments.gap import SETTINGS, GapConfig, make_config, quick, run_gap
 
 HELP = {
     "upstream": "pretraining set (its labels used only by the supervised arm)",
@@ -13,14 +13,17 @@ HELP = {
     "pretrain_steps": "optimiser steps of both pretrainings",
     "pretrain_batch": "batch of both pretrainings",
     "pretrain_lr": "peak AdamW lr of both pretrainings",
-    "finetune_epochs": "most epochs of fine-tuning; the best validation epoch is kept",
+    "finetune_epochs": "starting fine-tuning budget in epochs (doubled while a chosen run has not converged); the best validation epoch is kept",
     "finetune_batch": "fine-tuning batch",
     "eval_every": "epochs between validation evaluations while fine-tuning",
-    "preset": "fine-tuning preset (paper or modern), identical for the three arms",
-    "lr_grid": "fine-tuning learning rates tried for every arm; validation chooses one per arm",
-    "lr_selection": f"whose validation chooses the lr: {' or '.join(LR_SELECTIONS)} (first-seed: the first seed's, kept for the others)",
+    "presets": "fine-tuning presets every arm is tuned over (paper, modern)",
+    "paper_lr_grid": "learning rates of the paper preset (SGD momentum)",
+    "modern_lr_grid": "learning rates of the modern preset (AdamW)",
+    "grid_extensions": "lr grid steps added on a side while an arm's best lr in the grid is on that edge",
+    "budget_doublings": "times the fine-tuning budget may double while a chosen run has not converged",
     "shots": "few-shot linear probes: examples per class",
-    "seeds": "one full repetition per seed",
+    "seeds": "one full repetition per seed; the first one chooses every arm's fine-tuning recipe on validation",
+    "bootstrap": "resamples of the two-level bootstrap (seeds x test images) of the primary comparison",
     "output_dir": "folder for every run, results.md, results.json and gap.png",
 }
 FLOATS = ("pretrain_lr", "finetune_epochs")
@@ -32,17 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
                       "images; fine-tune from scratch / MPP / supervised on a disjoint downstream task with the lr chosen on "
                       "validation per arm; probe the frozen encoders; repeat per seed. Defaults depend on --setting: "
                       + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in s.items()) for name, s in SETTINGS.items()))
-    p.add_argument("--setting", default="colour", help=f"data setting: {' or '.join(SETTINGS)} (colour is the headline)")
+    p.add_argument("--setting", default="grey", help=f"data setting: {' or '.join(SETTINGS)} (grey is the headline, colour an illustration)")
     p.add_argument("--quick", action="store_true", help="a few steps of everything, one seed (for tests)")
     for name, value in vars(d).items():
         if name in ("setting", "eval_limit"):
             continue
         flag, help_text = "--" + name.replace("_", "-"), HELP.get(name, name.replace("_", " "))
         if isinstance(value, tuple):
-            p.add_argument(flag, type=float if name == "lr_grid" else int, nargs="+", default=None, help=f"{help_text} (default {list(value)})")
+            p.add_argument(flag, type=type(value[0]), nargs="+", default=None, help=f"{help_text} (default {list(value)})")
         else:
             kind = float if name in FLOATS else int if name == "train_per_class" else type(value)
-            shown = "" if name in SETTINGS["colour"] else f" (default {value})"
+            shown = "" if name in SETTINGS["grey"] else f" (default {value})"
             p.add_argument(flag, type=kind, default=None, help=help_text + shown)
     return p
 

@@ -103,11 +103,13 @@ def build_classifier(cfg, num_classes: int):
 
 
 @torch.no_grad()
-def top1(accelerator, model, loader, mean: torch.Tensor, std: torch.Tensor) -> tuple[float, int]:
+def top1(accelerator, model, loader, mean: torch.Tensor, std: torch.Tensor, predictions: dict | None = None) -> tuple[float, int]:
     """(top-1 over the readable images, how many unreadable ones were left out). An unreadable image's
-    slot holds a copy of another image (collate_images) and must not be scored twice."""
+    slot holds a copy of another image (collate_images) and must not be scored twice. Given a dict,
+    `predictions` gets each image's 'predictions', 'labels' and 'scored' (readable) in the split's order."""
     model.eval()
     correct = total = left_out = 0
+    kept = []
     for batch in loader:
         x = (batch["pixels"].float() / 255 - mean) / std
         pred = model(x).argmax(1)
@@ -115,6 +117,11 @@ def top1(accelerator, model, loader, mean: torch.Tensor, std: torch.Tensor) -> t
         correct += ((pred == labels) & valid).sum().item()
         total += valid.sum().item()
         left_out += (~valid).sum().item()
+        if predictions is not None:
+            kept.append((pred.cpu(), labels.cpu(), valid.cpu()))
+    if predictions is not None:
+        for key, column in zip(("predictions", "labels", "scored"), zip(*kept)):
+            predictions[key] = torch.cat(column).tolist()
     return correct / max(1, total), left_out
 
 
@@ -179,9 +186,10 @@ def score_best_on_test(acc, model, test_loader, best_file: Path, history: list[d
         raise RunError(f"{best_file} holds step {saved.get('steps')}, but the best validation top-1 was at step {best['step']} "
                        "(a resume that did not repeat the run exactly?); no test score without the selected weights")
     plain_model(model).load_state_dict(load_tensors(best_file))
-    test, left_out = top1(acc, model, test_loader, mean, std)
+    predictions = {}
+    test, left_out = top1(acc, model, test_loader, mean, std, predictions)
     return {"best_val_top1": best["top1"], "best_epoch": best["epoch"], "best_step": best["step"], "test_top1": test,
-            "test_unreadable": left_out}
+            "test_unreadable": left_out, "test_predictions": predictions}
 
 
 def finetune(cfg) -> dict:
@@ -301,6 +309,10 @@ def finetune(cfg) -> dict:
         results.update(score_best_on_test(acc, model, test_loader, best_file, history, final, last_epoch, result.step,
                                           keep_if_best, mean, std))
         results["test_images"] = len(data.test)
+        if acc.is_main_process:  # per image, for intervals over test images as well as seeds
+            (run.run_dir / "test_predictions.json").write_text(json.dumps(results.pop("test_predictions")))
+        else:
+            results.pop("test_predictions")
     if acc.is_main_process:
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         write_timm_config(run.run_dir, plain_model(model), weights_meta, label_names=[str(c) for c in data.class_names])
