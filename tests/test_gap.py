@@ -55,13 +55,15 @@ def test_finetuning_arms_differ_only_in_init_and_lr(setting, tmp_path):
     for arm in INITS:
         init = "scratch" if arm == "scratch" else str(tmp_path / arm / "model.safetensors")
         cmd = finetune_command(cfg, seed=2, init=init)
-        configs[arm] = parse_finetune_config(args_of(cmd) + ["--lr", "0.03", "--output-dir", str(tmp_path / arm)]).to_dict()
+        configs[arm] = parse_finetune_config(args_of(cmd) + ["--preset", "modern", "--lr", "0.03", "--epochs", "7",
+                                                             "--output-dir", str(tmp_path / arm)]).to_dict()
     for arm in ("mpp", "supervised"):
         differing = {k for k in configs[arm] if configs[arm][k] != configs["scratch"][k]}
         assert differing == {"init", "output_dir"}, differing
     c = configs["scratch"]
     assert (c["dataset"], c["train_split"], c["eval_split"], c["test_split"]) == (cfg.downstream, "train", "validation", "test")
-    assert (c["epochs"], c["eval_every"], c["seed"], c["subset_seed"], c["train_per_class"]) == (cfg.finetune_epochs, cfg.eval_every, 2, 2, cfg.train_per_class)
+    assert (c["epochs"], c["eval_every"], c["seed"], c["subset_seed"], c["train_per_class"]) == (7, cfg.eval_every, 2, 2, cfg.train_per_class)
+    assert c["preset"] == "modern" and c["opt"] == "adamw"
 
 
 def fake_finetune(scores: dict):
@@ -127,9 +129,11 @@ def gap_main(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--setting", "grey", "--shots", "50", "--train-per-class", "20"], "--shots 50 is more than the 20 labelled images per class"),
-    (["--setting", "sepia"], "--setting 'sepia' is not one of: colour, grey"),
-    (["--lr-selection", "best-on-test"], "--lr-selection 'best-on-test' is not one of"),
-    (["--lr-grid", "0.1", "0.1"], "--lr-grid needs distinct positive learning rates"),
+    (["--setting", "sepia"], "--setting 'sepia' is not one of: grey, colour"),
+    (["--presets", "paper", "fancy"], "--presets must be distinct names among paper, modern"),
+    (["--paper-lr-grid", "0.1", "0.1"], "--paper-lr-grid needs distinct positive learning rates"),
+    (["--modern-lr-grid", "0", "0.1"], "--modern-lr-grid needs distinct positive learning rates"),
+    (["--grid-extensions", "-1"], "--grid-extensions and --budget-doublings must not be negative"),
     (["--seeds", "1", "1"], "--seeds must be distinct"),
 ])
 def test_gap_refuses_bad_invocations_before_any_run(argv, message, gap_main, tmp_path, capsys, monkeypatch):
@@ -166,20 +170,26 @@ def numbers(tree):
 @pytest.mark.skipif(not OPENCLIPART_DIR.exists(), reason="apt-get install openclipart-png")
 def test_gap_quick(tmp_path):
     out = tmp_path / "gap"
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "gap.py"), "--quick", "--output-dir", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "gap.py"), "--setting", "colour", "--quick", "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     assert report["config"]["setting"] == "colour" and report["label_spaces"]["disjoint"]
-    assert set(report["summary"]) == set(INITS) and set(report["differences"]) == {"MPP − scratch", "supervised − MPP"}
+    assert set(report["summary"]) == set(INITS) and {"MPP − scratch", "supervised − MPP"} <= set(report["differences"])
+    assert report["primary"]["comparison"] == "MPP − scratch" and report["primary"]["bootstrap"]["low"] <= report["primary"]["bootstrap"]["high"]
+    assert set(report["floors"]) >= {"majority", "pixels_knn1", "pixels_knn20", "pixels_linear_5shot"}
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["primary"].startswith("MPP − scratch") and protocol["fine_tuning"]["presets"] == ["paper", "modern"]
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions["per_seed"]["0"]["mpp"]) == len(predictions["labels"]) == report["per_seed"]["0"]["hygiene"]["test_images"]
     for arm in INITS:
         values = report["per_seed"]["0"][arm]
-        assert set(values) >= {"test_top1", "best_val_top1", "chosen_lr", "knn20_cls", "knn20_mean", "linear_5shot_cls", "linear_5shot_mean"}
-        assert values["chosen_lr"] in (0.01, 0.1)
+        assert set(values) >= {"test_top1", "best_val_top1", "preset", "lr", "knn20_cls", "knn20_mean", "linear_5shot_cls", "linear_5shot_mean"}
+        assert (values["preset"], values["lr"]) in (("paper", 0.01), ("paper", 0.1), ("modern", 0.001))
         assert all(math.isfinite(v) and 0 <= v <= 1 for k, v in values.items() if k.startswith(("test", "best_val", "knn", "linear")))
-        for lr in ("0.01", "0.1"):  # every arm tried the whole grid
-            assert (out / "seed0" / f"finetune_{arm}_lr{lr}" / "best.safetensors").is_file()
+        for run in ("paper_lr0.01", "paper_lr0.1", "modern_lr0.001"):  # every arm tried every preset and lr
+            assert (out / "seed0" / f"finetune_{arm}_{run}_e2" / "best.safetensors").is_file()
     assert len(report["git"]["commit"]) == 40 and isinstance(report["git"]["dirty"], bool)
     assert report["command"].startswith("python recipes/gap.py --quick") and report["date"] and report["machine"]
     assert set(report["versions"]) >= {"torch", "timm", "mpp"}
@@ -193,10 +203,10 @@ def test_gap_quick(tmp_path):
     # the same command in a fresh process (state leaking from stage to stage would show)
     from mpp.models.weights import load_tensors
 
-    cmd = finetune_command(quick(make_config()), 0, str(out / "seed0" / "supervised" / "model.safetensors"))
-    again = subprocess.run(cmd + ["--lr", "0.1", "--output-dir", str(tmp_path / "again")], capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    cmd = finetune_command(quick(make_config("colour")), 0, str(out / "seed0" / "supervised" / "model.safetensors"))
+    again = subprocess.run(cmd + ["--preset", "modern", "--lr", "0.001", "--epochs", "2", "--output-dir", str(tmp_path / "again")],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert again.returncode == 0, again.stderr[-2000:]
-    ours = load_tensors(out / "seed0" / "finetune_supervised_lr0.1" / "model.safetensors")
+    ours = load_tensors(out / "seed0" / "finetune_supervised_modern_lr0.001_e2" / "model.safetensors")
     fresh = load_tensors(tmp_path / "again" / "model.safetensors")
     assert ours.keys() == fresh.keys() and all(ours[k].equal(fresh[k]) for k in ours)
