@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mpp.experiments.ablate import AXES, DEFAULT, FINDINGS, AblateConfig, all_settings, folder_of, judge, pretrain_command, quick, setting_name
+from mpp.experiments.ablate import (AXES, DEFAULT, FINDINGS, RANDOM, AblateConfig, all_settings, folder_of, gate_check, judge, pretrain_command,
+                                   quick, setting_name)
 from mpp.cli import parse_config
 from mpp.data.clipart import OPENCLIPART_DIR
 
@@ -77,6 +78,29 @@ def test_verdicts_from_paired_per_seed_differences():
     assert {f.key for f in FINDINGS} == {"a1", "a2", "b", "c", "d"}
 
 
+def test_no_verdict_unless_the_default_beats_a_random_encoder():
+    """The gate: the default must beat the random-init encoder with a paired interval above 0 (on the
+    split asked); otherwise every finding is 'not judged', whatever its own interval says."""
+    names = list(all_settings())
+    values = {n: [0.50, 0.60, 0.55] for n in names}
+    values["default"] = [0.52, 0.62, 0.57]  # a1 below would agree: default beats the 4x4 target every seed
+    values[setting_name("target", "mean3bit_4x4")] = [0.50, 0.605, 0.555]
+    values[RANDOM] = [0.51, 0.63, 0.55]  # default - random: +0.01, -0.01, +0.02: covers 0
+    per_seed = synthetic(values)
+    for seed in per_seed:  # the gate reads validation
+        for name in per_seed[seed]:
+            per_seed[seed][name]["validation"] = per_seed[seed][name]["test"]
+    closed = gate_check(per_seed, "linear_10shot_mean")
+    assert not closed["passed"] and closed["difference"]["covers_zero"]
+    verdicts = {k: f["verdict"] for k, f in judge(per_seed, "linear_10shot_mean", gate=closed)["findings"].items()}
+    assert set(verdicts.values()) == {"not judged"}
+    for seed, v in zip(per_seed, [0.40, 0.50, 0.45]):  # the random encoder 0.12 below the default every seed
+        per_seed[seed][RANDOM]["validation"] = {"linear_10shot_mean": v}
+    opened = gate_check(per_seed, "linear_10shot_mean")
+    assert opened["passed"] and opened["difference"]["mean"] == pytest.approx(0.12)
+    assert judge(per_seed, "linear_10shot_mean", gate=opened)["findings"]["a1"]["verdict"] == "agrees"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not OPENCLIPART_DIR.exists(), reason="apt-get install openclipart-png")
 def test_ablate_quick(tmp_path):
@@ -92,13 +116,17 @@ def test_ablate_quick(tmp_path):
         for split in ("validation", "test"):
             assert all(math.isfinite(v["mean"]) and 0 <= v["mean"] <= 1 for v in splits[split].values()), name
     assert set(report["findings"]) == {"a1", "a2", "b", "c", "d"}
-    assert all(f["verdict"] == "inconclusive" for f in report["findings"].values())  # one seed decides nothing
+    assert not report["gate"]["passed"]  # one seed gives no interval: the gate cannot pass
+    assert all(f["verdict"] == "not judged" for f in report["findings"].values())
+    assert {"majority", "pixels_knn20", "pixels_linear_10shot"} <= set(report["floors"]["test"]) and RANDOM in report["summary"]
+    assert json.loads((out / "ablation_protocol.json").read_text())["metric"] == "linear_10shot_mean"
     ft = report["finetune"]
-    assert ft["arms"][0] == "default" and report["best_setting"] in report["summary"]
+    assert ft["arms"][0] == "default" and ft["arms"][-1] == "scratch" and report["best_setting"] in report["summary"]
     assert all(0 <= r["test_top1"] <= 1 for arm in ft["per_seed"].values() for r in arm.values())
     assert len(report["git"]["commit"]) == 40 and report["versions"]["torch"] and report["command"].startswith("python recipes/ablate.py --quick")
     md = (out / "ablation.md").read_text()
-    assert "| a1 |" in md and "**inconclusive**" in md and "ablation.png" in md and "## Fine-tuning" in md
+    assert "| a1 |" in md and "**not judged**" in md and "Gate NOT passed" in md and "ablation.png" in md and "## Fine-tuning" in md
+    assert "(best)" not in md and "length 100% → 200%" in md
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the pretrainings ran in one process, one after another: the last one's weights must equal those
     # of the same command in a fresh process (state leaking from run to run would show)
@@ -109,7 +137,8 @@ def test_ablate_quick(tmp_path):
     cmd = pretrain_command(quick(AblateConfig()), all_settings()[last], 0, tmp_path / "again", runs / "pretrain_images")
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert again.returncode == 0, again.stderr[-2000:]
-    ours, fresh = load_tensors(runs / "seed0" / folder_of(last) / "model.safetensors"), load_tensors(tmp_path / "again" / "model.safetensors")
+    ours = load_tensors(runs / "seed0" / f"{folder_of(last)}_s4" / "model.safetensors")
+    fresh = load_tensors(tmp_path / "again" / "model.safetensors")
     assert ours.keys() == fresh.keys() and all(ours[k].equal(fresh[k]) for k in ours)
 
 

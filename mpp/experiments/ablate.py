@@ -1,13 +1,19 @@
 """Appendix B.1.2 in miniature: MPP's design choices, one axis at a time, judged by frozen features.
 
 Every setting is the default with one axis changed, so the default is pretrained once per seed and
-shared by all axes. Each pretraining is the real recipe's main() called in this process (a process
-per run would spend ~5 s of every short run importing torch); the frozen encoder is
-probed (few-shot linear 5/10-shot, k-NN; cls and mean readouts) on the colour downstream set's
-validation split (which chooses the best setting) and test split (which is reported). The default
-and the best setting are then fine-tuned under gap.py's rules (lr from one grid chosen on validation,
-test scored once). Each paper finding gets a verdict from paired per-seed differences.
+shared by all axes. Each pretraining is the real recipe's main() called in this process; the frozen
+encoder is probed (few-shot linear 5/10-shot, k-NN; cls and mean readouts) on the colour downstream
+set's validation split (which chooses the budget and the best setting) and test split (which is
+reported), beside the floors: the random-init encoder, the majority class and the raw pixels.
+
+A gate comes before any verdict: a metric on which the default cannot beat a random encoder cannot
+tell two settings apart either. The default is pretrained for every seed and must beat the random-init
+encoder on the verdict metric, on validation, with a paired interval above 0; while it does not, the
+budget doubles (up to --gate-doublings times). Without a passed gate, every finding is 'not judged'.
+The default, the best setting and scratch are then fine-tuned with experiments/tuning.py's rules. The
+protocol is written before the first run.
 """
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,9 +22,10 @@ import numpy as np
 import torch
 
 from mpp.errors import UsageError
-from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, reusing, finetune_at, finetune_over_grid, pm, provenance, provenance_lines, recipe,
-                         run_in_process, summary_over_seeds, table, write_json)
 from mpp.evaluation.stats import paired_difference, verdict
+from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, recipe,
+                                     reusing, run_in_process, summarise_finetune, summary_over_seeds, table, write_json)
+from mpp.experiments.tuning import TuningRules, finetune_runner, tune
 
 # The paper's setting (App. B.1.2): 50% of patches, 80% [mask] / 10% random patch / 10% unchanged,
 # 3-bit mean colour, corruption of the patch embeddings.
@@ -30,6 +37,7 @@ AXES = {
     "corrupt at": [("corrupt_at", "pixels")],
     "pretraining length": [("length", 0.25), ("length", 0.5), ("length", 2.0)],
 }
+RANDOM = "random-init encoder"
 
 
 def folder_of(name: str) -> str:
@@ -81,11 +89,13 @@ FINDINGS = [
             "App. B.1.2: 'diminishing returns on downstream performance after 100k pretraining steps'",
             [(1, setting_name("length", 0.5)), (-1, setting_name("length", 0.25))], [(1, setting_name("length", 2.0)), (-1, "default")]),
 ]
-# compared and reported, without a paper finding to judge
+# compared and reported, without a paper finding to judge; each doubling of the length with its own sign
 OBSERVATIONS = [
     ("75% corruption vs 50%", [(1, setting_name("mask_ratio", 0.75))], [(1, "default")]),
     ("pixel-space vs embedding-space corruption", [(1, setting_name("corrupt_at", "pixels"))], [(1, "default")]),
-    ("200% vs 100% of the steps", [(1, setting_name("length", 2.0))], [(1, "default")]),
+    ("length 25% → 50%", [(1, setting_name("length", 0.5))], [(1, setting_name("length", 0.25))]),
+    ("length 50% → 100%", [(1, "default")], [(1, setting_name("length", 0.5))]),
+    ("length 100% → 200%", [(1, setting_name("length", 2.0))], [(1, "default")]),
 ]
 
 
@@ -96,20 +106,19 @@ class AblateConfig:
     model: str = "test_vit"
     img_size: int = 32
     patch_size: int = 8  # 16 patches: 15% corrupts 2 of them, 75% 12; a 4x4 target cell is 2x2 pixels
-    # the default length; the length axis scales it. Measured on 2 cores: ~0.21 s a step of 128 at 32 px /
-    # patch 8 (about 600-750 img/s, 45% of it waiting for the per-image crops), so the 3 x 9.75 default
-    # lengths of pretraining take ~40 min and the whole grid ~50 min
-    steps: int = 400
+    steps: int = 400  # the default length before the gate; the length axis scales the budget the gate settles on
     batch: int = 128
     lr: float = 1e-3
-    metric: str = "linear_10shot_mean"  # decides the verdicts and the best setting (on validation)
+    metric: str = "linear_10shot_mean"  # decides the gate, the verdicts and (on validation) the best setting
+    gate_doublings: int = 1  # times the budget may double while the default does not beat a random encoder
     shots: tuple[int, ...] = (5, 10)
-    finetune_epochs: float = 100  # 400 steps of 64 on the 293 training images
+    finetune_epochs: float = 100  # the starting budget (tuning.py may double it)
     finetune_batch: int = 64
     eval_every: int = 5
-    lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1)
-    lr_selection: str = "first-seed"  # per-seed would add 8 fine-tunings (~6 min) to the 60-minute budget
-    seeds: tuple[int, ...] = (0, 1, 2)
+    lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1)  # the paper preset's; grown at an edge (tuning.py)
+    grid_extensions: int = 1  # fine-tuning lr grid steps added a side while an arm's best lr is on that edge
+    budget_doublings: int = 1  # of the fine-tuning budget while a chosen run has not converged
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     output_dir: str = "benchmarks/results"
     runs_dir: str = "runs/ablate"
     finetune: bool = True
@@ -118,9 +127,10 @@ class AblateConfig:
 
 
 def quick(cfg: AblateConfig) -> AblateConfig:
-    """Every setting for a few steps, one seed, one fine-tuning lr (tests: under 2 minutes). The
-    pretraining images are the clip art alone (colour-mix's photo crops take ~10 s to make)."""
-    cfg.steps, cfg.batch, cfg.seeds, cfg.finetune_epochs, cfg.eval_every, cfg.lr_grid = 4, 32, (0,), 1, 1, (0.1,)
+    """Every setting for a few steps, one seed, one fine-tuning lr (tests: a few minutes). The pretraining
+    images are the clip art alone (colour-mix's photo crops take ~10 s to make)."""
+    cfg.steps, cfg.batch, cfg.seeds, cfg.finetune_epochs, cfg.eval_every, cfg.lr_grid, cfg.gate_doublings = 4, 32, (0,), 1, 1, (0.1,), 0
+    cfg.grid_extensions, cfg.budget_doublings = 0, 0
     if cfg.pretrain_dataset == AblateConfig.pretrain_dataset:
         cfg.pretrain_dataset = "clipart"
     return cfg
@@ -134,8 +144,10 @@ def validate(cfg: AblateConfig) -> None:
         raise UsageError(f"--metric {cfg.metric!r} is not one of: {', '.join(metrics)}")
     if cfg.steps < 4:
         raise UsageError(f"--steps must be at least 4 (the 25% setting needs a step), got {cfg.steps}")
-    if cfg.lr_selection not in ("per-seed", "first-seed"):
-        raise UsageError(f"--lr-selection must be per-seed or first-seed, got {cfg.lr_selection!r}")
+    if cfg.gate_doublings < 0:
+        raise UsageError(f"--gate-doublings must not be negative, got {cfg.gate_doublings}")
+    if not cfg.lr_grid or any(not lr > 0 for lr in cfg.lr_grid) or len(set(cfg.lr_grid)) != len(cfg.lr_grid):
+        raise UsageError(f"--lr-grid needs distinct positive learning rates, got {list(cfg.lr_grid)}")
     if not cfg.resume:
         check_fresh_output_dir(Path(cfg.runs_dir))  # the results files in --output-dir are replaced, the runs never mixed
 
@@ -150,8 +162,9 @@ def materialise(cfg: AblateConfig, folder: Path) -> Path:
     return folder
 
 
-def pretrain_command(cfg: AblateConfig, setting: dict, seed: int, out: Path, dataset: str | Path | None = None) -> list[str]:
-    steps = max(1, round(cfg.steps * setting["length"]))
+def pretrain_command(cfg: AblateConfig, setting: dict, seed: int, out: Path, dataset: str | Path | None = None,
+                     steps: int | None = None) -> list[str]:
+    steps = max(1, round((steps or cfg.steps) * setting["length"]))
     return recipe("pretrain_mpp.py", "--dataset", dataset or cfg.pretrain_dataset, "--split", "train", "--model", cfg.model,
                   "--img-size", cfg.img_size, "--patch-size", cfg.patch_size, "--target", setting["target"],
                   "--mask-ratio", setting["mask_ratio"], "--mask-probs", *setting["mask_probs"], "--corrupt-at", setting["corrupt_at"],
@@ -159,11 +172,13 @@ def pretrain_command(cfg: AblateConfig, setting: dict, seed: int, out: Path, dat
                   "--log-every", max(1, steps // 20), "--checkpoint-every", steps, "--seed", seed, "--no-progress", "--output-dir", out)
 
 
-def finetune_command(cfg: AblateConfig, seed: int, init: Path) -> list[str]:
+def finetune_command(cfg: AblateConfig, seed: int, init: Path | str) -> list[str]:
+    """Without --preset, --lr, --epochs and --output-dir (tuning.py adds them); a scratch init takes the
+    pretrainings' architecture."""
+    arch = ["--model", cfg.model, "--patch-size", cfg.patch_size] if str(init) == "scratch" else []
     return recipe("finetune.py", "--dataset", cfg.downstream, "--train-split", "train", "--eval-split", "validation", "--test-split", "test",
-                  "--init", init, "--img-size", cfg.img_size, "--preset", "paper", "--epochs", cfg.finetune_epochs,
-                  "--batch-size", cfg.finetune_batch, "--eval-every", cfg.eval_every, "--log-every", 10, "--checkpoint-every", 1_000_000,
-                  "--seed", seed, "--no-progress")
+                  "--init", init, *arch, "--img-size", cfg.img_size, "--batch-size", cfg.finetune_batch, "--eval-every", cfg.eval_every,
+                  "--log-every", 10, "--checkpoint-every", 1_000_000, "--seed", seed, "--no-progress")
 
 
 def load_probe_data(cfg: AblateConfig, seed: int) -> dict:
@@ -173,35 +188,80 @@ def load_probe_data(cfg: AblateConfig, seed: int) -> dict:
     return {split: (*train, *labelled_images(cfg.downstream, split, cfg.img_size, seed=seed)) for split in ("validation", "test")}
 
 
-def probe(cfg: AblateConfig, weights: Path, data: dict, seed: int) -> dict:
-    """{split: frozen-feature report} of the encoder in `weights`."""
+def probe_encoder(cfg: AblateConfig, encoder, data: dict, seed: int) -> dict:
+    """{split: frozen-feature report} of an encoder."""
     from mpp.evaluation.probes import frozen_feature_report
-    from mpp.models.weights import load_backbone
 
-    encoder = load_backbone(weights)
     mean, std = encoder.pretrained_cfg["mean"], encoder.pretrained_cfg["std"]
     return {split: {k: v for k, v in frozen_feature_report(encoder, *d, mean, std, cfg.shots, draws=5, seed=seed).items()
                     if not k.endswith("_std")} for split, d in data.items()}
+
+
+def probe(cfg: AblateConfig, weights: Path, data: dict, seed: int) -> dict:
+    from mpp.models.weights import load_backbone
+
+    return probe_encoder(cfg, load_backbone(weights), data, seed)
+
+
+def probe_random_init(cfg: AblateConfig, data: dict, seed: int) -> dict:
+    """The seed's random-init encoder (what scratch fine-tuning starts from), probed like the others."""
+    from mpp.models.model import create_encoder
+
+    torch.manual_seed(seed)
+    return probe_encoder(cfg, create_encoder(cfg.model, cfg.img_size, cfg.patch_size), data, seed)
 
 
 def combine(terms: list, values: dict, metric: str) -> float:
     return sum(coef * values[name][metric] for coef, name in terms)
 
 
-def judge(per_seed: dict, metric: str, split: str = "test") -> dict:
-    """Each finding's paired per-seed difference (better − worse) and verdict; observations likewise, unjudged."""
+def paired(per_seed: dict, better: list, worse: list, metric: str, split: str):
     seeds = list(per_seed)
+    return paired_difference([combine(better, {n: per_seed[s][n][split] for n in per_seed[s]}, metric) for s in seeds],
+                             [combine(worse, {n: per_seed[s][n][split] for n in per_seed[s]}, metric) for s in seeds])
 
-    def diff(better, worse):
-        return paired_difference([combine(better, {n: per_seed[s][n][split] for n in per_seed[s]}, metric) for s in seeds],
-                                 [combine(worse, {n: per_seed[s][n][split] for n in per_seed[s]}, metric) for s in seeds])
 
+def gate_check(per_seed: dict, metric: str, split: str = "validation") -> dict:
+    """Does the default beat the random-init encoder on `metric`? Passed when the paired interval lies above 0."""
+    d = paired(per_seed, [(1, "default")], [(1, RANDOM)], metric, split)
+    return {"split": split, "difference": d.to_dict(), "passed": d.low is not None and d.low > 0}
+
+
+def judge(per_seed: dict, metric: str, split: str = "test", gate: dict | None = None) -> dict:
+    """Each finding's paired per-seed difference (better − worse) and verdict, or 'not judged' when a gate is
+    given and did not pass; observations likewise, never judged."""
     findings = {}
     for f in FINDINGS:
-        d = diff(f.better, f.worse)
-        findings[f.key] = {"claim": f.claim, "source": f.source, "difference": d.to_dict(), "verdict": verdict(d)}
-    observations = {name: diff(b, w).to_dict() for name, b, w in OBSERVATIONS}
+        d = paired(per_seed, f.better, f.worse, metric, split)
+        judged = gate is None or gate["passed"]
+        findings[f.key] = {"claim": f.claim, "source": f.source, "difference": d.to_dict(), "verdict": verdict(d) if judged else "not judged"}
+    observations = {name: paired(per_seed, b, w, metric, split).to_dict() for name, b, w in OBSERVATIONS}
     return {"findings": findings, "observations": observations}
+
+
+def floors(cfg: AblateConfig, data: dict, seed: int) -> dict:
+    """{split: majority class, raw-pixel k-NN and few-shot linear} on the probes' own images."""
+    from mpp.experiments.baselines import pixel_baselines
+
+    return {split: pixel_baselines(*d, shots=cfg.shots, seed=seed) for split, d in data.items()}
+
+
+def protocol(cfg: AblateConfig, test_images: int, classes: int) -> dict:
+    return {
+        "pretraining": f"{cfg.pretrain_dataset}, {cfg.model} at {cfg.img_size} px / patch {cfg.patch_size}, batch {cfg.batch}, AdamW lr "
+                       f"{cfg.lr:g}, {cfg.steps} steps at the default length before the gate",
+        "settings": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()} for name, s in cfg.settings.items()},
+        "seeds": list(cfg.seeds), "metric": cfg.metric, "downstream": cfg.downstream, "classes": classes,
+        "gate": (f"the default must beat the {RANDOM} on {cfg.metric} on the validation split with a paired 95% t-interval above 0; "
+                 f"else the budget doubles (up to {cfg.gate_doublings} times); without a passed gate no finding is judged"),
+        "verdicts": "on the test split: agrees when the paired interval lies above 0, disagrees when below, inconclusive when it covers 0",
+        "best_setting": f"the highest mean {cfg.metric} on the validation split",
+        "fine_tuning": (f"default, the best setting and scratch; paper preset, lr grid {list(cfg.lr_grid)} grown at an edge up to "
+                        f"{cfg.grid_extensions} times a side, {cfg.finetune_epochs:g} epochs doubled up to {cfg.budget_doublings} times while a "
+                        f"chosen run has not converged, chosen on seed {cfg.seeds[0]}'s validation split"),
+        "floors": ["chance (1 / classes)", "majority class", "raw-pixel k-NN and few-shot linear", RANDOM],
+        "power": power_table(len(cfg.seeds), test_images),
+    }
 
 
 SCRIPT = "recipes/ablate.py"
@@ -212,121 +272,190 @@ def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
     start = time.time()
     origin = provenance(SCRIPT, argv or [])  # the code as it was at the start: a commit made mid-run must not be recorded
     runs = Path(cfg.runs_dir)
-    per_seed, timings, reused = {}, {}, []
-    run = reusing(run_in_process, reused) if cfg.resume else run_in_process
+    run = reusing(run_in_process, reused := []) if cfg.resume else run_in_process
+    data = {seed: load_probe_data(cfg, seed) for seed in cfg.seeds}
+    first_test = data[cfg.seeds[0]]["test"]
+    plan = protocol(cfg, len(first_test[2]), int(first_test[1].max()) + 1)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "ablation_protocol.json", {**plan, **origin})  # before the first run
     images = runs / "pretrain_images"
     if not (cfg.resume and (images / "state.json").is_file()):
         materialise(cfg, images)
-    for seed in cfg.seeds:
-        data = load_probe_data(cfg, seed)
-        per_seed[seed] = {}
-        for name, setting in cfg.settings.items():
-            out = runs / f"seed{seed}" / folder_of(name)
-            print(f"[seed {seed}] pretrain {name} ...", flush=True)
-            timings[f"{seed}/{name}"] = run(pretrain_command(cfg, setting, seed, out, images), out.parent / "logs" / f"{out.name}.log")
-            per_seed[seed][name] = probe(cfg, out / "model.safetensors", data, seed)
-    metrics = list(next(iter(per_seed.values()))["default"]["test"])
+    per_seed = {seed: {RANDOM: probe_random_init(cfg, data[seed], seed)} for seed in cfg.seeds}
+    timings: dict[str, float] = {}
+
+    def pretrain_and_probe(name: str, steps: int) -> None:
+        for seed in cfg.seeds:
+            folder = runs / f"seed{seed}" / f"{folder_of(name)}_s{steps}"
+            print(f"[seed {seed}] pretrain {name} ({steps} steps at 100%) ...", flush=True)
+            timings[f"{seed}/{name}/{steps}"] = run(pretrain_command(cfg, cfg.settings[name], seed, folder, images, steps),
+                                                     folder.parent / "logs" / f"{folder.name}.log")
+            per_seed[seed][name] = probe(cfg, folder / "model.safetensors", data[seed], seed)
+
+    steps, gates = cfg.steps, []
+    for attempt in range(cfg.gate_doublings + 1):
+        pretrain_and_probe("default", steps)
+        gates.append({"steps": steps, **gate_check(per_seed, cfg.metric)})
+        if gates[-1]["passed"] or attempt == cfg.gate_doublings:
+            break
+        steps *= 2
+    gate = {"passed": gates[-1]["passed"], "steps": steps, "trials": gates, "on_test": gate_check(per_seed, cfg.metric, "test")}
+    for name in cfg.settings:
+        if name != "default":
+            pretrain_and_probe(name, steps)
+    names = [*cfg.settings, RANDOM]
+    metrics = list(per_seed[cfg.seeds[0]]["default"]["test"])
     summary = {name: {split: summary_over_seeds([per_seed[s][name][split] for s in cfg.seeds]) for split in ("validation", "test")}
-               for name in cfg.settings}
+               for name in names}
     best = max(cfg.settings, key=lambda n: summary[n]["validation"][cfg.metric]["mean"])
-    report = {"config": {**asdict(cfg), "settings": cfg.settings}, "metrics": metrics, "per_seed": per_seed, "summary": summary,
-              "best_setting": best, **judge(per_seed, cfg.metric),
-              "verdicts_by_metric": {m: {k: v["verdict"] for k, v in judge(per_seed, m)["findings"].items()} for m in metrics},
+    floor_values = {seed: floors(cfg, data[seed], seed) for seed in cfg.seeds}
+    floor_summary = {split: summary_over_seeds([floor_values[s][split] for s in cfg.seeds]) for split in ("validation", "test")}
+    report = {"protocol": plan, "config": {**asdict(cfg), "settings": cfg.settings}, "metrics": metrics, "per_seed": per_seed,
+              "summary": summary, "floors": floor_summary, "chance": 1 / plan["classes"], "gate": gate, "budget_steps": steps,
+              "best_setting": best, **judge(per_seed, cfg.metric, gate=gate),
+              "verdicts_by_metric": {m: {k: v["verdict"] for k, v in judge(per_seed, m, gate=gate)["findings"].items()} for m in metrics},
+              "versus_default": {n: paired(per_seed, [(1, n)], [(1, "default")], cfg.metric, "test").to_dict() for n in names if n != "default"},
               "pretrain_seconds": timings}
     if cfg.finetune:
-        report["finetune"] = finetune_rows(cfg, runs, best, run)
-    report.update(wall_time_s=time.time() - start, **origin, reused_stages=reused)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        report["finetune"] = finetune_rows(cfg, runs, best, steps, run)
+    report.update(wall_time_s=time.time() - start, **origin, reused_stages=reused if cfg.resume else [])
     write_json(out / "ablation.json", report)
     (out / "ablation.md").write_text(markdown(report))
     figure(report, out / "ablation.png")
     return report
 
 
-def finetune_rows(cfg: AblateConfig, runs: Path, best: str, run=None) -> dict:
-    """Fine-tune top-1 of the default and of the best setting (by validation), gap.py's rules."""
-    arms = ["default"] + ([best] if best != "default" else [])
-    per_seed, first = {arm: {} for arm in arms}, {}
-    for i, seed in enumerate(cfg.seeds):
+def finetune_rows(cfg: AblateConfig, runs: Path, best: str, steps: int, run=None) -> dict:
+    """Fine-tune top-1 of the default, the best setting (by validation) and scratch, tuned as in the gap
+    experiment: the first seed chooses each arm's lr (the paper preset) on validation."""
+    arms = ["default"] + ([best] if best != "default" else []) + ["scratch"]
+    per_seed, tuned = {arm: {} for arm in arms}, None
+    for seed in cfg.seeds:
+        root, logs = runs / f"seed{seed}", runs / f"seed{seed}" / "logs"
+        inits = {arm: "scratch" if arm == "scratch" else root / f"{folder_of(arm)}_s{steps}" / "model.safetensors" for arm in arms}
+        runner = finetune_runner({arm: finetune_command(cfg, seed, inits[arm]) for arm in arms}, root, logs, run or run_in_process,
+                                 summarise_finetune)
+        named = {arm: folder_of(arm) for arm in arms}
+        if tuned is None:
+            print(f"[seed {seed}] tune the fine-tuning of {', '.join(arms)} ...", flush=True)
+            rules = TuningRules(("paper",), {"paper": cfg.lr_grid}, cfg.finetune_epochs, cfg.grid_extensions, cfg.budget_doublings)
+            tuned = tune([named[a] for a in arms], runner_for(runner, named), rules)
+            results = {arm: tuned.chosen[named[arm]] for arm in arms}
+        else:
+            print(f"[seed {seed}] fine-tune {', '.join(arms)} ...", flush=True)
+            results = {arm: {"preset": "paper", "lr": tuned.chosen[named[arm]]["lr"],
+                             **runner_for(runner, named)(named[arm], "paper", tuned.chosen[named[arm]]["lr"], tuned.epochs)} for arm in arms}
         for arm in arms:
-            pretrained = runs / f"seed{seed}" / folder_of(arm)
-            base = finetune_command(cfg, seed, pretrained / "model.safetensors")
-            logs, name = runs / f"seed{seed}" / "logs", f"finetune_{pretrained.name}"
-            print(f"[seed {seed}] fine-tune {arm} ...", flush=True)
-            if cfg.lr_selection == "per-seed" or i == 0:
-                per_seed[arm][seed] = finetune_over_grid(base, cfg.lr_grid, runs / f"seed{seed}", logs, name, run)
-                first.setdefault(arm, per_seed[arm][seed]["chosen_lr"])
-            else:
-                per_seed[arm][seed] = finetune_at(base, first[arm], runs / f"seed{seed}", logs, name, run)
+            per_seed[arm][seed] = {k: results[arm][k] for k in ("test_top1", "best_val_top1", "lr", "best_epoch", "train_acc_last")}
     summary = {arm: summary_over_seeds([{k: r[k] for k in ("test_top1", "best_val_top1")} for r in per_seed[arm].values()]) for arm in arms}
-    rows = {"arms": arms, "per_seed": per_seed, "summary": summary}
-    if len(arms) == 2:
-        seeds = list(cfg.seeds)
-        rows["best_minus_default"] = paired_difference([per_seed[best][s]["test_top1"] for s in seeds],
-                                                       [per_seed["default"][s]["test_top1"] for s in seeds]).to_dict()
-    return rows
+    seeds = list(cfg.seeds)
+    differences = {f"{arm} − scratch": paired_difference([per_seed[arm][s]["test_top1"] for s in seeds],
+                                                         [per_seed["scratch"][s]["test_top1"] for s in seeds]).to_dict()
+                   for arm in arms if arm != "scratch"}
+    if best != "default":
+        differences[f"{best} − default"] = paired_difference([per_seed[best][s]["test_top1"] for s in seeds],
+                                                             [per_seed["default"][s]["test_top1"] for s in seeds]).to_dict()
+    return {"arms": arms, "per_seed": per_seed, "summary": summary, "differences": differences, "epochs": tuned.epochs,
+            "convergence": tuned.convergence, "grid": tuned.grids["paper"]}
+
+
+def runner_for(runner, named: dict):
+    """tune() passes run folder names (no spaces); the runner's commands are keyed by arm."""
+    arm_of = {v: k for k, v in named.items()}
+    return lambda name, preset, lr, epochs: runner(arm_of[name], preset, lr, epochs)
 
 
 def markdown(report: dict) -> str:
-    cfg, summary, metrics = report["config"], report["summary"], report["metrics"]
+    cfg, summary, metrics, floors_ = report["config"], report["summary"], report["metrics"], report["floors"]
     primary = cfg["metric"]
     default = cfg["settings"]["default"]
+    gate = report["gate"]
+    g = gate["trials"][-1]["difference"]
+    pixel_floor = lambda m: "pixels_knn20" if m.startswith("knn20") else f"pixels_{'_'.join(m.split('_')[:2])}"  # noqa: E731
+    rows = [[name, *(pm(summary[name]["test"][m]) for m in metrics)] for name in [*cfg["settings"], RANDOM]]
+    rows += [["majority class", *(pm(floors_["test"]["majority"]) for _ in metrics)],
+             ["raw pixels", *(pm(floors_["test"][pixel_floor(m)]) for m in metrics)],
+             ["chance", *(f"{report['chance']:.3f}" for _ in metrics)]]
+    gate_line = (f"**Gate {'passed' if gate['passed'] else 'NOT passed'}** at {gate['steps']} steps: default − {RANDOM} on `{primary}` "
+                 f"(validation) {g['phrase']}" + "".join(f"; at {t['steps']} steps {t['difference']['phrase']}" for t in gate["trials"][:-1])
+                 + f". On the test split: {gate['on_test']['difference']['phrase']}.")
+    if not gate["passed"]:
+        gate_line += (" The verdict metric could not show that pretraining beats a random encoder at the largest budget allowed, so it "
+                      "cannot tell two pretrainings apart either: no finding is judged.")
     lines = [
         "# MPP ablations in miniature (ViT paper, Appendix B.1.2)", "", *provenance_lines(report), "",
+        "## Protocol (written to ablation_protocol.json before the first run)", "",
         f"Pretraining: `{cfg['pretrain_dataset']}` (train split, no labels), {cfg['model']} at {cfg['img_size']} px / patch "
-        f"{cfg['patch_size']}, {cfg['steps']} steps of batch {cfg['batch']} at the default length, AdamW lr {cfg['lr']:g}. "
-        f"Default: target {default['target']}, {round(100 * default['mask_ratio'])}% of patches corrupted, mix "
+        f"{cfg['patch_size']}, batch {cfg['batch']}, AdamW lr {cfg['lr']:g}; {report['budget_steps']} steps at the default length (the gate "
+        f"settled on it). Default: target {default['target']}, {round(100 * default['mask_ratio'])}% of patches corrupted, mix "
         f"{'/'.join(str(round(100 * p)) for p in default['mask_probs'])} ([mask]/random/unchanged), at the {default['corrupt_at']}; "
         "every other row changes one thing.", "",
-        f"Probes of the frozen encoder on `{cfg['downstream']}` (fit on its train split, scored on its test split): few-shot "
+        f"Probes of the frozen encoder on `{cfg['downstream']}` (fit on its train split, scored on validation and test): few-shot "
         f"linear (closed form, mean of 5 draws) and k-NN (k=20); `cls` = class-token readout, `mean` = mean of the patch tokens. "
-        f"Seeds {list(cfg['seeds'])}; mean ± sample std (ddof=1). Verdicts use `{primary}`; the best setting is chosen on the "
-        "validation split by the same metric.", "",
-        *table(["setting", *metrics], [[name + (" (best)" if name == report["best_setting"] else ""),
-                                        *(pm(summary[name]["test"][m]) for m in metrics)] for name in cfg["settings"]]), "",
+        f"Seeds {list(cfg['seeds'])}; mean ± sample std (ddof=1). {report['protocol']['gate'][0].upper() + report['protocol']['gate'][1:]}. "
+        f"Verdicts: {report['protocol']['verdicts']}. Power: with {len(cfg['seeds'])} seeds a paired t-test detects with 80% power "
+        + ", ".join(f"{v:.3f} at a per-seed spread of {k}" for k, v in report["protocol"]["power"]["detectable_by_spread"].items() if v)
+        + f"; the {report['protocol']['power']['test_images']} test images alone spread a per-seed difference by about "
+        f"{report['protocol']['power']['test_image_spread_by_disagreement']['0.2']:.3f} (20% of images disagreeing).", "",
+        "## The gate", "", gate_line, "",
+        "## Test split", "",
+        f"The setting with the best validation `{primary}`: {report['best_setting']}.", "",
+        *table(["setting", *metrics], rows), "",
+        f"Each setting − the default on `{primary}` (test), paired per seed:", "",
+        *table(["setting", "difference"], [[n, d["phrase"]] for n, d in report["versus_default"].items()]), "",
         "## The paper's findings", "",
-        f"Paired per-seed difference of `{primary}` (better − worse as the paper has it), 95% t-interval: agrees when the "
-        "interval lies above 0, disagrees when below, inconclusive when it covers 0.", "",
+        f"Paired per-seed difference of `{primary}` on the test split (better − worse as the paper has it), 95% t-interval.", "",
         *table(["", "finding", "difference", "verdict", "source"],
                [[k, f["claim"], f["difference"]["phrase"], f"**{f['verdict']}**", f["source"]] for k, f in report["findings"].items()]), "",
-        "The same verdicts under every probe metric (a = agrees, d = disagrees, i = inconclusive):", "",
+        "The same verdicts under every probe metric (a = agrees, d = disagrees, i = inconclusive, n = not judged):", "",
         *table(["metric", *report["findings"]], [[m, *(report["verdicts_by_metric"][m][k][0] for k in report["findings"])] for m in metrics]), "",
-        "Compared without a paper finding to judge:", "",
+        "Compared without a paper finding to judge (each doubling of the length with its own sign):", "",
         *table(["comparison", "difference"], [[n, d["phrase"]] for n, d in report["observations"].items()]), "",
     ]
     if "finetune" in report:
         ft = report["finetune"]
         lines += ["## Fine-tuning", "",
-                  f"`{cfg['downstream']}`, preset paper, at most {cfg['finetune_epochs']:g} epochs, validation every {cfg['eval_every']}; "
-                  f"lr from {list(cfg['lr_grid'])} chosen on validation ({cfg['lr_selection']}); the test split scored once with the best "
+                  f"`{cfg['downstream']}`, preset paper, lr from {[float(f'{x:.3g}') for x in ft['grid']]} chosen on seed {cfg['seeds'][0]}'s "
+                  f"validation split, {ft['epochs']:g} epochs (validation every {cfg['eval_every']}); the test split scored once with the best "
                   "validation epoch's weights.", "",
-                  *table(["setting", "test top-1", "best validation top-1", "chosen lr per seed"],
+                  *table(["init", "test top-1", "best validation top-1", "lr"],
                          [[arm, pm(ft["summary"][arm]["test_top1"]), pm(ft["summary"][arm]["best_val_top1"]),
-                           ", ".join(f"{r['chosen_lr']:g}" for r in ft["per_seed"][arm].values())] for arm in ft["arms"]]), ""]
-        if "best_minus_default" in ft:
-            lines += [f"Best − default, test top-1: {ft['best_minus_default']['phrase']}.", ""]
-        else:
-            lines += ["The default is the best setting on validation, so it is fine-tuned alone.", ""]
+                           f"{next(iter(ft['per_seed'][arm].values()))['lr']:.3g}"] for arm in ft["arms"]]), "",
+                  *table(["comparison (test top-1)", "difference"], [[n, d["phrase"]] for n, d in ft["differences"].items()]), ""]
     lines += [f"Wall time {report['wall_time_s'] / 60:.1f} min.", "", "![ablation](ablation.png)", ""]
     return "\n".join(lines)
 
 
 def figure(report: dict, path: Path) -> None:
-    """One panel per axis: the primary metric (test split) of each of its settings, default included."""
+    """One panel per axis: the verdict metric (test) of each setting, with the 95% paired interval of its
+    difference to the default drawn around it; lines for chance, the majority class, the random-init
+    encoder and the raw pixels."""
     from matplotlib.figure import Figure
 
     cfg, summary, metric = report["config"], report["summary"], report["config"]["metric"]
-    fig = Figure(figsize=(3 * len(AXES), 3.2), layout="constrained")
+    floors_ = report["floors"]["test"]
+    pixel = "pixels_knn20" if metric.startswith("knn20") else f"pixels_{'_'.join(metric.split('_')[:2])}"
+    fig = Figure(figsize=(3 * len(AXES), 3.4), layout="constrained")
     axes = fig.subplots(1, len(AXES), sharey=True)
     for ax, (axis, changes) in zip(axes, AXES.items()):
         names = ["default"] + [setting_name(k, v) for k, v in changes]
         if axis == "pretraining length":
             names = sorted(names, key=lambda n: cfg["settings"][n]["length"])
         means = [summary[n]["test"][metric]["mean"] for n in names]
-        stds = [summary[n]["test"][metric]["std"] or 0 for n in names]
-        ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=["C1" if n == "default" else "C0" for n in names])
-        ax.set_xticks(range(len(names)), [n.replace("default", "default") for n in names], rotation=30, ha="right", fontsize=7)
+        errors = np.zeros((2, len(names)))
+        for i, n in enumerate(names):
+            d = report["versus_default"].get(n)
+            if d and d["low"] is not None:  # the paired interval of (setting − default), placed on the setting's bar
+                errors[:, i] = [d["mean"] - d["low"], d["high"] - d["mean"]]
+        ax.bar(range(len(names)), means, yerr=errors, capsize=3, color=["C1" if n == "default" else "C0" for n in names])
+        for value, style, label in ((report["chance"], "k:", "chance"), (floors_["majority"]["mean"], "k-.", "majority class"),
+                                    (summary[RANDOM]["test"][metric]["mean"], "g--", RANDOM), (floors_[pixel]["mean"], "r--", "raw pixels")):
+            ax.axhline(value, linestyle=style[1:], color=style[0], lw=1, label=label)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(axis, fontsize=9)
     axes[0].set_ylabel(f"{metric} (test)")
+    axes[-1].legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"bars: mean over seeds; error bars: 95% paired interval of setting − default; {'gate passed' if report['gate']['passed'] else 'gate NOT passed: not judged'}",
+                 fontsize=8)
     fig.savefig(path, dpi=120)

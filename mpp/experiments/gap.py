@@ -20,8 +20,8 @@ import torch
 
 from mpp.errors import UsageError
 from mpp.evaluation.stats import detectable_difference, paired_difference, two_level_bootstrap
-from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, provenance, provenance_lines, recipe, run_in_process,
-                                     summarise_finetune, summary_over_seeds, table, write_json)
+from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, recipe,
+                                     run_in_process, summarise_finetune, summary_over_seeds, table, write_json)
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
 
 INITS = ("scratch", "mpp", "supervised")
@@ -198,16 +198,6 @@ def check_shots(cfg: GapConfig, train_labels: torch.Tensor) -> None:
     smallest = int(torch.bincount(train_labels.long()).min())
     if max(cfg.shots) > smallest:
         raise UsageError(f"--shots {max(cfg.shots)} is more than the {smallest} training images of the smallest downstream class")
-
-
-def power_table(seeds: int, test_images: int) -> dict:
-    """What the design can detect, before any result: the smallest true MPP − scratch difference a paired
-    t-test over the seeds finds 80% of the time, for per-seed differences of a given spread; and the
-    spread that the test images alone put into a per-seed difference (sqrt(share of disagreeing images / N))."""
-    spreads = (0.005, 0.01, 0.02, 0.03)
-    return {"seeds": seeds, "test_images": test_images, "power": 0.8, "alpha": 0.05,
-            "detectable_by_spread": {f"{s:g}": detectable_difference(s, seeds) for s in spreads},
-            "test_image_spread_by_disagreement": {f"{d:g}": float(np.sqrt(d / test_images)) for d in (0.1, 0.2, 0.3)}}
 
 
 def protocol(cfg: GapConfig, spaces: dict, test_images: int) -> dict:

@@ -15,7 +15,7 @@ import torch
 
 from mpp import __version__
 from mpp.errors import UsageError
-from mpp.evaluation.stats import mean_std
+from mpp.evaluation.stats import detectable_difference, mean_std
 
 REPO = Path(__file__).resolve().parents[2]  # mpp/experiments/harness.py -> the checkout
 RECIPES = REPO / "recipes"
@@ -136,6 +136,16 @@ def summarise_finetune(run_dir: Path) -> dict:
     return {"best_val_top1": results["best_val_top1"], "best_epoch": results["best_epoch"], "test_top1": results["test_top1"],
             "epochs": results["config"]["epochs"], "train_acc_last": train_acc[-1] if train_acc else None,
             "val_curve": [[h["epoch"], h["top1"]] for h in results.get("history", [])]}
+
+
+def power_table(seeds: int, test_images: int) -> dict:
+    """What a design can detect, before any result: the smallest true difference a paired t-test over the
+    seeds finds 80% of the time, for per-seed differences of a given spread; and the spread that the test
+    images alone put into a per-seed difference of accuracies (sqrt(share of disagreeing images / N))."""
+    spreads = (0.005, 0.01, 0.02, 0.03)
+    return {"seeds": seeds, "test_images": test_images, "power": 0.8, "alpha": 0.05,
+            "detectable_by_spread": {f"{s:g}": detectable_difference(s, seeds) for s in spreads},
+            "test_image_spread_by_disagreement": {f"{d:g}": math.sqrt(d / test_images) for d in (0.1, 0.2, 0.3)}}
 
 
 # --- provenance ---------------------------------------------------------------------------------
