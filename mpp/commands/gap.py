@@ -37,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                       + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in s.items()) for name, s in SETTINGS.items()))
     p.add_argument("--setting", default="grey", help=f"data setting: {' or '.join(SETTINGS)} (grey is the headline, colour an illustration)")
     p.add_argument("--quick", action="store_true", help="a few steps of everything, one seed (for tests)")
+    p.add_argument("--resume", action="store_true", help="continue in --output-dir: finished runs are kept and only missing ones run "
+                   "(also to widen a finished experiment's grid or budget; its earlier protocol is kept on record)")
+    p.add_argument("--protocol-note", default=None, help="with --resume, why the protocol changed (recorded in protocol.json and results.md)")
     for name, value in vars(d).items():
-        if name in ("setting", "eval_limit"):
+        if name in ("setting", "eval_limit", "resume", "protocol_note"):
             continue
         flag, help_text = "--" + name.replace("_", "-"), HELP.get(name, name.replace("_", " "))
         if isinstance(value, tuple):

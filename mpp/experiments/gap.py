@@ -20,7 +20,7 @@ import torch
 
 from mpp.errors import UsageError
 from mpp.evaluation.stats import detectable_difference, paired_difference, two_level_bootstrap
-from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, recipe,
+from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, recipe, reusing,
                                      run_in_process, summarise_finetune, summary_over_seeds, table, write_json)
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
 
@@ -66,6 +66,8 @@ class GapConfig:
     bootstrap: int = 10_000  # resamples of the two-level (seeds x test images) bootstrap
     output_dir: str = "runs/gap"
     eval_limit: int | None = None  # probes on a stratified part of the test split (quick mode)
+    resume: bool = False  # continue in output_dir: finished stages are kept (harness.reusing), the earlier protocol recorded
+    protocol_note: str | None = None  # why the protocol differs from the one already in output_dir (with resume)
 
     def grids(self) -> dict:
         return {p: getattr(self, f"{p}_lr_grid") for p in self.presets}
@@ -107,7 +109,10 @@ def validate(cfg: GapConfig) -> None:
         raise UsageError("--pretrain-steps, --finetune-epochs and --eval-every must be positive")
     if cfg.grid_extensions < 0 or cfg.budget_doublings < 0 or cfg.bootstrap < 100:
         raise UsageError("--grid-extensions and --budget-doublings must not be negative, --bootstrap at least 100")
-    check_fresh_output_dir(Path(cfg.output_dir))
+    if cfg.protocol_note and not cfg.resume:
+        raise UsageError("--protocol-note says why a resumed experiment's protocol changed: give it with --resume")
+    if not cfg.resume:
+        check_fresh_output_dir(Path(cfg.output_dir))
 
 
 def pretrain_commands(cfg: GapConfig, seed: int, root: Path) -> dict[str, list[str]]:
@@ -236,6 +241,12 @@ def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
 
     plan = protocol(cfg, spaces, len(load_images(cfg.downstream, "test")))  # the fine-tunings score the whole test split
     out.mkdir(parents=True, exist_ok=True)
+    reused: list[str] = []
+    run = reusing(run_in_process, reused) if cfg.resume else run_in_process
+    if cfg.resume and (out / "protocol.json").is_file():  # the earlier plan stays on record, with why it changed
+        earlier = json.loads((out / "protocol.json").read_text())
+        plan["earlier_protocols"] = [*earlier.pop("earlier_protocols", []), earlier]
+        plan["protocol_note"] = cfg.protocol_note
     write_json(out / "protocol.json", {**plan, **origin})  # before the first run
     per_seed, predictions, tuned = {}, {}, None
     for seed in cfg.seeds:
@@ -243,9 +254,8 @@ def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
         data = first if seed == cfg.seeds[0] else probe_data(cfg, seed)
         for name, cmd in pretrain_commands(cfg, seed, root).items():
             print(f"[seed {seed}] pretrain {name} ...", flush=True)
-            run_in_process(cmd, logs / f"pretrain_{name}.log")
-        runner = finetune_runner({arm: finetune_command(cfg, seed, init_of(arm, root)) for arm in INITS}, root, logs, run_in_process,
-                                 summarise_finetune)
+            run(cmd, logs / f"pretrain_{name}.log")
+        runner = finetune_runner({arm: finetune_command(cfg, seed, init_of(arm, root)) for arm in INITS}, root, logs, run, summarise_finetune)
         if tuned is None:
             print(f"[seed {seed}] tune every arm over {', '.join(cfg.presets)} ...", flush=True)
             rules = TuningRules(cfg.presets, cfg.grids(), cfg.finetune_epochs, cfg.grid_extensions, cfg.budget_doublings)
@@ -268,7 +278,7 @@ def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
               "tuning": {"chosen": {a: {k: c[k] for k in ("preset", "lr")} for a, c in tuned.chosen.items()}, "epochs": tuned.epochs,
                          "grids": tuned.grids, "convergence": tuned.convergence,
                          "trials": [{k: v for k, v in t.items() if k not in ("val_curve", "run_dir")} for t in tuned.trials]},
-              **summarise(per_seed, predictions, cfg.bootstrap), "wall_time_s": time.time() - start, **origin}
+              **summarise(per_seed, predictions, cfg.bootstrap), "wall_time_s": time.time() - start, "reused_stages": len(reused), **origin}
     write_json(out / "results.json", report)
     write_json(out / "predictions.json", {"labels": next(iter(predictions.values()))["mpp"]["labels"],
                                           "per_seed": {s: {a: p["predictions"] for a, p in v.items()} for s, v in predictions.items()}})
@@ -360,6 +370,7 @@ def markdown(report: dict) -> str:
         f"downstream {', '.join(spaces['downstream'])}.", "",
         f"Downstream `{cfg['downstream']}` with {subset}: model {cfg['model']} at {cfg['img_size']} px / patch {cfg['patch_size']}, "
         f"batch {cfg['finetune_batch']}, validation top-1 every {cfg['eval_every']} epochs. {plan['selection']}", "",
+        *protocol_changes(plan),
         f"Primary comparison: **{plan['primary']}**. Exploratory (no correction for multiple comparisons; read as leads, not "
         f"findings): {'; '.join(plan['exploratory'])}. Seeds {list(cfg['seeds'])}.", "",
         f"Power, computed before the run: with {power['seeds']} seeds, a paired t-test detects with 80% power a true difference of "
@@ -410,6 +421,16 @@ def markdown(report: dict) -> str:
         f"Wall time {report['wall_time_s'] / 60:.1f} min.", "", "![gap](gap.png)", "",
     ]
     return "\n".join(lines)
+
+
+def protocol_changes(plan: dict) -> list[str]:
+    """The protocols this one replaced, with the reason given, for the record."""
+    if not plan.get("earlier_protocols"):
+        return []
+    lines = [f"**The protocol changed after results were seen**: {plan.get('protocol_note') or '(no reason given)'}. Earlier:"]
+    for old in plan["earlier_protocols"]:
+        lines.append(f"{old.get('date', '?')[:16]}: {old['selection']}")
+    return [" ".join(lines), ""]
 
 
 def tuning_rows(trials: list[dict]) -> list[list]:
