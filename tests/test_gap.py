@@ -210,3 +210,14 @@ def test_gap_quick(tmp_path):
     ours = load_tensors(out / "seed0" / "finetune_supervised_modern_lr0.001_e2" / "model.safetensors")
     fresh = load_tensors(tmp_path / "again" / "model.safetensors")
     assert ours.keys() == fresh.keys() and all(ours[k].equal(fresh[k]) for k in ours)
+
+
+def test_a_relaunch_under_the_same_plan_is_not_a_protocol_change():
+    from mpp.experiments.gap import same_plan
+
+    plan = {"selection": "caps 3 and 2", "seeds": [0, 1]}
+    recorded = {**plan, "command": "python recipes/gap.py", "date": "2026-12-06", "git": "abc", "machine": "m", "versions": {},
+                "earlier_protocols": [{"selection": "caps 1 and 1"}], "protocol_note": "why"}
+    assert same_plan(recorded, {**plan, "command": "python recipes/gap.py --resume"})
+    assert not same_plan(recorded, {**plan, "selection": "caps 1 and 1"})
+    assert not same_plan(recorded, {**plan, "seeds": [0, 1, 2]})

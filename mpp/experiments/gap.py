@@ -205,6 +205,15 @@ def check_shots(cfg: GapConfig, train_labels: torch.Tensor) -> None:
         raise UsageError(f"--shots {max(cfg.shots)} is more than the {smallest} training images of the smallest downstream class")
 
 
+PROVENANCE_KEYS = ("command", "date", "machine", "versions", "git")
+
+
+def same_plan(earlier: dict, plan: dict) -> bool:
+    """Whether a resumed experiment's plan is the one already on record (only where and when it ran differ)."""
+    skip = {*PROVENANCE_KEYS, "earlier_protocols", "protocol_note", "relaunches"}
+    return {k: v for k, v in earlier.items() if k not in skip} == {k: v for k, v in plan.items() if k not in skip}
+
+
 def protocol(cfg: GapConfig, spaces: dict, test_images: int) -> dict:
     """The plan, fixed before the first run."""
     return {
@@ -245,9 +254,14 @@ def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
     run = reusing(run_in_process, reused) if cfg.resume else run_in_process
     if cfg.resume and (out / "protocol.json").is_file():  # the earlier plan stays on record, with why it changed
         earlier = json.loads((out / "protocol.json").read_text())
-        plan["earlier_protocols"] = [*earlier.pop("earlier_protocols", []), earlier]
-        plan["protocol_note"] = cfg.protocol_note
-    write_json(out / "protocol.json", {**plan, **origin})  # before the first run
+        if same_plan(earlier, plan):  # restarted after a stop: the plan stands, the relaunch is recorded
+            relaunches = [*earlier.get("relaunches", []), {k: origin[k] for k in ("command", "date", "git")}]
+            plan = {k: v for k, v in earlier.items() if k not in PROVENANCE_KEYS}
+            plan.update({k: earlier[k] for k in PROVENANCE_KEYS}, relaunches=relaunches)
+        else:
+            plan["earlier_protocols"] = [*earlier.pop("earlier_protocols", []), earlier]
+            plan["protocol_note"] = cfg.protocol_note
+    write_json(out / "protocol.json", {**origin, **plan})  # before the first run
     per_seed, predictions, tuned = {}, {}, None
     for seed in cfg.seeds:
         root, logs = out / f"seed{seed}", out / f"seed{seed}" / "logs"
