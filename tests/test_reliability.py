@@ -227,44 +227,84 @@ def test_keep_checkpoints_keeps_exactly_the_newest(tmp_path):
     assert sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()) == ["step_000004", "step_000005"]
 
 
-def test_a_second_signal_interrupts_at_once(tmp_path):
-    """The first SIGINT asks for a stop after the step (checkpoint, stopped_by); a second one reaches the
-    handler that was there before the loop (Python's KeyboardInterrupt; here a recognisable exception)."""
+class Interrupted(Exception):
+    pass
 
-    class Interrupted(Exception):
-        pass
 
-    def previous_handler(signum, frame):
-        raise Interrupted
+def interrupting(signum, frame):
+    raise Interrupted
 
-    dist = init_processes(threads=None)
+
+@pytest.fixture()
+def recognisable_handlers():
+    """SIGINT and SIGTERM raise Interrupted before the loop (instead of KeyboardInterrupt or death)."""
+    originals = {sig: signal.signal(sig, interrupting) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in originals.items():
+        signal.signal(sig, handler)
+
+
+def signalling_fit(run, send):
+    """fit() over 6 batches of a linear model; send() runs in the second step. (result or None, steps begun)"""
+    calls = []
+
+    def step_fn(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            send()
+        return square_loss(model, batch)
+
     settings = LoopSettings(total_steps=6, lr_at=lambda step: 0.1, clip_grad=0, log_every=100, checkpoint_every=100,
                             keep_checkpoints=3, batch_size=4, progress=False)
     model = torch.nn.Linear(3, 1)
-    original = signal.signal(signal.SIGINT, previous_handler)
-    try:
-        for signals in (1, 2):
-            run = open_run(dist, str(tmp_path / f"run{signals}"), None, grad_accum=1)
-            calls = []
+    return fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), step_fn, settings), calls
 
-            def step_fn(model, batch):
-                calls.append(1)
-                if len(calls) == 2:
-                    for _ in range(signals):
-                        os.kill(os.getpid(), signal.SIGINT)
-                return square_loss(model, batch)
 
-            if signals == 1:
-                result = fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), step_fn, settings)
-                assert result.stopped_by == "SIGINT" and result.step == 2 and len(calls) == 2
-                assert [p.name for p in (run.run_dir / "checkpoints").iterdir()] == ["step_000002"]
-            else:
-                with pytest.raises(Interrupted):
-                    fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), step_fn, settings)
-                assert len(calls) == 2 and not (run.run_dir / "checkpoints").exists()  # no step finished, nothing saved
-            assert signal.getsignal(signal.SIGINT) is previous_handler  # the loop left the handlers as it found them
-    finally:
-        signal.signal(signal.SIGINT, original)
+def test_a_second_signal_interrupts_at_once(tmp_path, recognisable_handlers, monkeypatch):
+    """The first SIGINT asks for a stop after the step (checkpoint, stopped_by); one more after the grace
+    period reaches the handler that was there before the loop (Python's KeyboardInterrupt; here a
+    recognisable exception)."""
+    from mpp.training.loop import StopSignals
+
+    monkeypatch.setattr(StopSignals, "grace", 0.2)
+    dist = init_processes(threads=None)
+    run = open_run(dist, str(tmp_path / "once"), None, grad_accum=1)
+    result, calls = signalling_fit(run, lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert result.stopped_by == "SIGINT" and result.step == 2 and len(calls) == 2
+    assert [p.name for p in (run.run_dir / "checkpoints").iterdir()] == ["step_000002"]
+    assert signal.getsignal(signal.SIGINT) is interrupting  # the loop left the handlers as it found them
+
+    def twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    run = open_run(dist, str(tmp_path / "twice"), None, grad_accum=1)
+    with pytest.raises(Interrupted):
+        signalling_fit(run, twice)
+    assert not (run.run_dir / "checkpoints").exists()  # no step finished, nothing saved
+    assert signal.getsignal(signal.SIGINT) is interrupting
+
+
+def test_a_launchers_forwarded_signal_is_the_same_request(tmp_path, recognisable_handlers, monkeypatch):
+    """Ctrl-C under accelerate's launcher: the terminal's SIGINT and the launcher's SIGTERM arrive together.
+    They are one request: the step finishes, a checkpoint is written, stopped_by names the first; and no
+    signal is lost to a handler swapped under it (Python's "Signal 15 ignored due to race condition")."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def both_at_once():  # both pending before Python runs either handler
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    run = open_run(init_processes(threads=None), str(tmp_path / "run"), None, grad_accum=1)
+    result, calls = signalling_fit(run, both_at_once)
+    assert result.stopped_by == "SIGINT" and result.step == 2 and len(calls) == 2
+    assert [p.name for p in (run.run_dir / "checkpoints").iterdir()] == ["step_000002"]
+    assert unraisable == []
+    assert signal.getsignal(signal.SIGTERM) is interrupting
 
 
 @pytest.fixture()

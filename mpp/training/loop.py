@@ -200,12 +200,20 @@ class BadDataError(RunError):
 class StopSignals:
     """SIGTERM / SIGINT (pre-emption, Ctrl-C) ask the loop to stop after the current step.
 
-    The first signal only sets a flag; the previous handlers come back, so a second signal
-    interrupts at once.
+    Signals within `grace` seconds of the first are the same request: accelerate's launcher answers a
+    terminal's Ctrl-C with a SIGTERM of its own a moment later, and a scheduler may signal both the
+    launcher (which forwards it) and the training process. A signal after that interrupts at once,
+    through the handler that was there before the loop. This handler stays installed until the loop
+    ends, and the loop does not end within the grace period: a handler swapped while a signal is on
+    its way loses that signal ("OSError: Signal 15 ignored due to race condition"), and with it the
+    exit code 75.
     """
+
+    grace = 1.0  # seconds
 
     def __init__(self):
         self.received: str | None = None
+        self._first_at = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -215,10 +223,21 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        self.__exit__()
+        if self.received is None:
+            self.received, self._first_at = signal.Signals(signum).name, time.monotonic()
+            return
+        if time.monotonic() - self._first_at < self.grace:
+            return  # the same request, delivered twice
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):  # e.g. Python's KeyboardInterrupt for SIGINT
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # end the way the signal would have ended the process
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def __exit__(self, *exc):
+        if self.received is not None:  # a duplicate still on its way is absorbed here, not by the default handler
+            time.sleep(max(0.0, self._first_at + self.grace - time.monotonic()))
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -458,7 +477,8 @@ def epoch_batches_of(loader):
 
 def write_summary(run: Run, result: LoopResult, extra: dict | None = None) -> None:
     if run.accelerator.is_main_process:
-        summary = {"steps": result.step, "bad_images": result.bad_images, "bad_examples": result.bad_examples, **(extra or {})}
+        summary = {"steps": result.step, "bad_images": result.bad_images, "bad_examples": result.bad_examples,
+                   **({"stopped_by": result.stopped_by} if result.stopped_by else {}), **(extra or {})}
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if result.bad_images:
             shown = "; ".join(f"{n}: {r}" for n, r in result.bad_examples[:3])
