@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -87,6 +88,72 @@ def test_sigterm_checkpoints_and_says_how_to_resume(digits96, uninterrupted, tmp
     done = subprocess.run(recipe(args + ["--resume", "auto"]), capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_weights(out / "model.safetensors", uninterrupted / "model.safetensors")
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_workers_checkpoints_and_resumes_exactly(digits96, uninterrupted, tmp_path):
+    """SIGTERM to the run's whole process group (a scheduler's pre-emption, a terminal's signal),
+    DataLoader workers included: the run stops at a step with a checkpoint and exit code 75, no worker
+    error, and its resume ends bit-identical to the uninterrupted run (which had no workers: the
+    augmentation does not depend on them)."""
+    out = tmp_path / "run"
+    args = ["--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "1000", "--workers", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen(recipe(args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: logged_steps(out) >= 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "stopped by SIGTERM" in stdout and "DataLoader worker" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
+    done = subprocess.run(recipe(args + ["--resume", "auto"]), capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert same_weights(out / "model.safetensors", uninterrupted / "model.safetensors")
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 17))
+
+
+LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+
+
+def launch_2(args):
+    return LAUNCH_2 + [str(ROOT / "recipes" / "pretrain_mpp.py"), *TINY, "--batch-size", "16", *args]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_launch_with_workers_checkpoints_and_resumes_exactly(digits96, tmp_path):
+    """2 gloo processes with a DataLoader worker each; SIGTERM to every process group of the launch at
+    once (the launcher's and each rank's, as a scheduler signals every process; the launcher forwards it
+    to the ranks once more): both ranks stop at one step with one checkpoint, no worker error, and the
+    resume ends bit-identical to the uninterrupted 2-process run."""
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    args = ["--dataset", str(digits96), "--max-steps", "12", "--checkpoint-every", "1000", "--workers", "1", "--log-every", "2"]
+    full = tmp_path / "full"
+    done = subprocess.run(launch_2(args + ["--output-dir", str(full)]), capture_output=True, text=True, env=env, timeout=400)
+    assert (full / "model.safetensors").is_file(), done.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(launch_2(args + ["--output-dir", str(out)]), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    wait_for(lambda: logged_steps(out) >= 2, proc)
+    groups = {os.getpgid(p.pid) for p in psutil.Process(proc.pid).children(recursive=True)} | {proc.pid}
+    for group in groups:
+        os.killpg(group, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "stopped by SIGTERM" in stdout and "DataLoader worker" not in stderr, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] < 12
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
+    assert not (out / "model.safetensors").exists()
+    resumed = subprocess.run(launch_2(args + ["--output-dir", str(out), "--resume", "auto"]), capture_output=True, text=True,
+                             env=env, timeout=400)
+    assert (out / "model.safetensors").is_file(), resumed.stderr[-3000:]
+    assert same_weights(out / "model.safetensors", full / "model.safetensors")
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(2, 13, 2))
 
 
 class Images:

@@ -1,0 +1,68 @@
+"""Stopping on a signal, in process: DataLoader workers leave SIGTERM/SIGINT to the training process."""
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+
+
+def tiny_labelled(n: int = 24):
+    """n 28x28 RGB images with labels, as a datasets.Dataset; image i is filled with grey level i."""
+    from datasets import Dataset, Image
+    from PIL import Image as PILImage
+
+    images = [PILImage.new("RGB", (28, 28), (i % 256, i % 256, i % 256)) for i in range(n)]
+    return Dataset.from_dict({"image": images, "label": [i % 3 for i in range(n)]}).cast_column("image", Image())
+
+
+def training(tmp_path):
+    from mpp.data.dataset import AugmentedImages, collate_images, train_transform
+    from mpp.data.loader import training_loader
+
+    images = AugmentedImages(tiny_labelled(), "image", train_transform(28, (0.35, 1.0), 0.5), seed=0)
+    return training_loader(images, 4, 0, 1, torch.device("cpu"), collate_images)
+
+
+def held_out(tmp_path):
+    from mpp.training.finetune import LabelledData, held_out_loader
+    from mpp.training.finetune_config import FinetuneConfig
+
+    ds = tiny_labelled(600)  # batches of 256: this one's at least
+    data = LabelledData(ds, ds, "image", "label", ["a", "b", "c"])
+    return held_out_loader(ds, data, 28, FinetuneConfig(batch_size=4), 1, torch.device("cpu"))
+
+
+def streaming(tmp_path):
+    from mpp.data.dataset import find_image_column, load_images
+    from mpp.training.pretrain import build_loader
+    from mpp.training.pretrain_config import PretrainConfig
+
+    tiny_labelled(64).to_parquet(str(tmp_path / "images.parquet"))
+    cfg = PretrainConfig(dataset=str(tmp_path / "images.parquet"), streaming=True, max_steps=100, batch_size=4, workers=1, img_size=28)
+    ds = load_images(cfg.dataset, cfg.split, streaming=True)
+    fake = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
+    return build_loader(cfg, ds, find_image_column(ds), fake)[1]
+
+
+@pytest.mark.parametrize("make", [training, held_out, streaming], ids=["training", "held-out", "streaming"])
+def test_loader_workers_leave_stop_signals_to_the_training_process(make, tmp_path, monkeypatch):
+    """SIGTERM and SIGINT sent to a worker (as torchrun's killpg and a terminal's Ctrl-C do) leave it
+    running: the training process reads on, and acting on the signal stays its own business."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # 5 s at the end of a parquet stream
+    loader = make(tmp_path)
+    before = {p.pid for p in psutil.Process().children()}
+    batches = iter(loader)
+    next(batches)
+    workers = [p for p in psutil.Process().children() if p.pid not in before]
+    assert len(workers) == 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        os.kill(workers[0].pid, sig)
+    time.sleep(0.5)  # a killed worker is seen by torch's SIGCHLD handler, which raises here
+    assert workers[0].is_running() and workers[0].status() != psutil.STATUS_ZOMBIE
+    assert len([next(batches) for _ in range(2)]) == 2
+    del batches
