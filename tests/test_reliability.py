@@ -117,6 +117,29 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_and_resumes_exact
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 17))
 
 
+@pytest.mark.slow
+def test_sigint_with_output_to_a_closed_pipe_still_checkpoints_and_exits_75(digits96, uninterrupted, tmp_path):
+    """`... | tee log` and Ctrl-C: the terminal's SIGINT ends tee too, so every later print of the run (the
+    progress bar on each step, the stop message) meets a pipe without a reader. The run still finishes
+    its step, checkpoints, exits 75, and its resume ends bit-identical to the uninterrupted run."""
+    out = tmp_path / "run"
+    args = [a for a in recipe(["--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "1000",
+                               "--output-dir", str(out)]) if a != "--no-progress"]  # the progress bar writes at every step
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(args, env=ENV, stdout=write_end, stderr=write_end, start_new_session=True)
+    os.close(write_end)
+    wait_for(lambda: logged_steps(out) >= 2, proc)
+    os.close(read_end)  # tee is gone
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 75
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGINT" and [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
+    done = subprocess.run(recipe(["--dataset", str(digits96), "--max-steps", "16", "--output-dir", str(out), "--resume", "auto"]),
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert same_weights(out / "model.safetensors", uninterrupted / "model.safetensors")
+
+
 LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
 

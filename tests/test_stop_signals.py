@@ -66,3 +66,35 @@ def test_loader_workers_leave_stop_signals_to_the_training_process(make, tmp_pat
     assert workers[0].is_running() and workers[0].status() != psutil.STATUS_ZOMBIE
     assert len([next(batches) for _ in range(2)]) == 2
     del batches
+
+
+def test_a_stream_outlives_its_reader():
+    """Writing to a pipe whose reader has gone: no BrokenPipeError, the output is discarded from then on
+    (the descriptor now points at /dev/null, for every holder of it); other errors still raise."""
+    import errno
+    import io
+
+    from mpp.console import SurvivingStream
+
+    read_end, write_end = os.pipe()
+    raw = io.TextIOWrapper(io.FileIO(write_end, "w"), line_buffering=True)
+    stream = SurvivingStream(raw)
+    stream.write("seen\n")
+    assert os.read(read_end, 100) == b"seen\n" and not stream.reader_gone
+    os.close(read_end)
+    with pytest.raises(BrokenPipeError):
+        raw.write("unguarded\n")  # what killed runs
+    stream.write("after the reader left\n")
+    stream.flush()
+    assert stream.reader_gone
+    raw.write("the original stream object works again\n")
+    raw.flush()
+    assert os.readlink(f"/proc/self/fd/{write_end}") == os.devnull
+
+    class Failing(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.EIO, "input/output error")
+
+    with pytest.raises(OSError, match="input/output error"):
+        SurvivingStream(Failing()).write("x")
+    raw.close()
