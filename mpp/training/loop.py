@@ -10,7 +10,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -19,9 +18,10 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from mpp.training.checkpoint import STATE_FILE, complete_checkpoints, latest_checkpoint, read_trainer_state, save_checkpoint
+from mpp.training.checkpoint import STATE_FILE, latest_checkpoint, read_trainer_state, save_checkpoint
 from mpp.errors import UsageError
 from mpp.models.hub_folder import RUN_CONFIG
+from mpp.training.run_dir import claim_run_dir
 from mpp.training.trackers import PROJECT, build_trackers
 from mpp.training.xla import is_xla, load_models_through_cpu, make_loader_checkpointable, refuse_compile_on_xla, seed_micro_batch
 
@@ -53,32 +53,6 @@ def check_resume_path(resume: str | None) -> Path | None:
     return path
 
 
-def default_run_dir(output_dir: str | None, resume: str | None, runs_root: str = "runs") -> Path:
-    """--output-dir, else with --resume auto the newest run under runs/ that has a checkpoint, else runs/<date-time>."""
-    if output_dir:
-        return Path(output_dir)
-    if resume == "auto":
-        runs = sorted((p for p in Path(runs_root).glob("*") if complete_checkpoints(p)), key=lambda p: p.stat().st_mtime)
-        if runs:
-            return runs[-1]
-    return Path(runs_root) / datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def check_run_dir(run_dir: Path, resume: str | None) -> None:
-    """Refuse to overwrite a finished or started run unless resuming; make sure we can write there."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--output-dir {run_dir} exists and is not a folder")
-    if resume is None and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise UsageError(f"--output-dir {run_dir} is not empty; pass --resume auto to continue that run, or choose another folder")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--output-dir {run_dir} is not writable ({e.strerror})") from None
-
-
 @dataclass
 class Run:
     accelerator: Accelerator
@@ -91,11 +65,17 @@ def open_run(dist: PartialState, output_dir: str | None, resume: str | None, gra
              report_to: str = "tensorboard") -> Run:
     """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator."""
     resume_from = check_resume_path(resume)
-    # named on the main process (its clock) and shared before accelerate's trackers need it
-    run_dir = Path(broadcast_object_list([str(default_run_dir(output_dir, resume))])[0])
+    # made and held by the main process, shared before accelerate's trackers need it; a refusal reaches every process
+    claimed = [None, None]
     if dist.is_main_process:
-        check_run_dir(run_dir, resume)
-    dist.wait_for_everyone()
+        try:
+            claimed[0] = str(claim_run_dir(output_dir, resume))
+        except UsageError as e:
+            claimed[1] = str(e)
+    run_dir, refused = broadcast_object_list(claimed)
+    if refused:
+        raise UsageError(refused)
+    run_dir = Path(run_dir)
     if resume == "auto":
         resume_from = latest_checkpoint(run_dir)
     state = read_trainer_state(resume_from) if resume_from else dict(FRESH_STATE)
