@@ -140,6 +140,31 @@ def test_sigint_with_output_to_a_closed_pipe_still_checkpoints_and_exits_75(digi
     assert same_weights(out / "model.safetensors", uninterrupted / "model.safetensors")
 
 
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_passed_over_and_the_resume_is_exact(uninterrupted, digits96, tmp_path):
+    """A run killed before its last checkpoint, whose newest checkpoint then had a byte flipped in its
+    weights: --resume auto names it in one line, resumes from the one before and ends bit-identical to
+    the uninterrupted run, each step logged once. (Truncated and missing files: test_checkpoint_integrity.py.)"""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / "checkpoints" / "step_000016")
+    (out / "model.safetensors").unlink()
+    weights = out / "checkpoints" / "step_000014" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # in the last tensor's values
+    weights.write_bytes(bytes(data))
+    args = ["--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "2", "--output-dir", str(out), "--resume", "auto"]
+    done = subprocess.run(recipe(args), capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    damaged = [line for line in done.stdout.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1 and "step_000014 is damaged (model.safetensors does not match its checksum)" in damaged[0]
+    assert "resuming from step_000012" in damaged[0]
+    assert same_weights(out / "model.safetensors", uninterrupted / "model.safetensors")
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 17))
+
+
 LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
 

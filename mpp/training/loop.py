@@ -18,7 +18,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from mpp.training.checkpoint import STATE_FILE, latest_checkpoint, read_trainer_state, save_checkpoint
+from mpp.training.checkpoint import (STATE_FILE, check_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint,
+                                     usable_checkpoint)
 from mpp.errors import UsageError
 from mpp.models.hub_folder import RUN_CONFIG
 from mpp.training.run_dir import claim_run_dir
@@ -65,19 +66,23 @@ def open_run(dist: PartialState, output_dir: str | None, resume: str | None, gra
              report_to: str = "tensorboard") -> Run:
     """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator."""
     resume_from = check_resume_path(resume)
-    # made and held by the main process, shared before accelerate's trackers need it; a refusal reaches every process
-    claimed = [None, None]
+    # The main process makes and holds the run folder and checks the checkpoint's files against its
+    # manifest; every process takes its answers (a refusal too) before accelerate's trackers need them.
+    claimed = [None, None, None]  # run folder, checkpoint, refusal
     if dist.is_main_process:
         try:
-            claimed[0] = str(claim_run_dir(output_dir, resume))
+            run_dir = claim_run_dir(output_dir, resume)
+            if resume == "auto":
+                resume_from = usable_checkpoint(run_dir, lambda line: print(line, flush=True))
+            elif resume_from is not None:
+                check_checkpoint(resume_from, "--resume")
+            claimed = [str(run_dir), str(resume_from) if resume_from else None, None]
         except UsageError as e:
-            claimed[1] = str(e)
-    run_dir, refused = broadcast_object_list(claimed)
+            claimed[2] = str(e)
+    run_dir, resume_from, refused = broadcast_object_list(claimed)
     if refused:
         raise UsageError(refused)
-    run_dir = Path(run_dir)
-    if resume == "auto":
-        resume_from = latest_checkpoint(run_dir)
+    run_dir, resume_from = Path(run_dir), Path(resume_from) if resume_from else None
     state = read_trainer_state(resume_from) if resume_from else dict(FRESH_STATE)
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum,
