@@ -178,7 +178,7 @@ def test_sigterm_to_a_two_process_launch_with_workers_checkpoints_and_resumes_ex
     """2 gloo processes with a DataLoader worker each; SIGTERM to every process group of the launch at
     once (the launcher's and each rank's, as a scheduler signals every process; the launcher forwards it
     to the ranks once more): both ranks stop at one step with one checkpoint, no worker error, and the
-    resume ends bit-identical to the uninterrupted 2-process run."""
+    resume ends bit-identical to the uninterrupted 2-process run. A resume by 1 process is refused."""
     env = {**ENV, "ACCELERATE_USE_CPU": "1"}
     args = ["--dataset", str(digits96), "--max-steps", "12", "--checkpoint-every", "1000", "--workers", "1", "--log-every", "2"]
     full = tmp_path / "full"
@@ -197,6 +197,11 @@ def test_sigterm_to_a_two_process_launch_with_workers_checkpoints_and_resumes_ex
     assert summary["stopped_by"] == "SIGTERM" and summary["steps"] < 12
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
     assert not (out / "model.safetensors").exists()
+    # resumed by one process, the checkpoint's data position and step total would mean something else: refused
+    one = subprocess.run(recipe(args + ["--batch-size", "16", "--output-dir", str(out), "--resume", "auto"]), capture_output=True,
+                         text=True, env=ENV, timeout=300)
+    assert one.returncode == 2 and one.stderr.strip().splitlines()[-1].startswith("error: --resume: ")
+    assert "was made with 2 processes, this launch has 1 process" in one.stderr and len(one.stderr.strip().splitlines()) == 1
     resumed = subprocess.run(launch_2(args + ["--output-dir", str(out), "--resume", "auto"]), capture_output=True, text=True,
                              env=env, timeout=400)
     assert (out / "model.safetensors").is_file(), resumed.stderr[-3000:]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from mpp.training.checkpoint import (STATE_FILE, check_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint,
                                      usable_checkpoint)
 from mpp.errors import UsageError
-from mpp.models.hub_folder import RUN_CONFIG
+from mpp.training.launches import check_resume, launch_record, record_launch
 from mpp.training.run_dir import claim_run_dir
 from mpp.training.trackers import PROJECT, build_trackers
 from mpp.training.xla import is_xla, load_models_through_cpu, make_loader_checkpointable, refuse_compile_on_xla, seed_micro_batch
@@ -60,11 +60,13 @@ class Run:
     run_dir: Path
     resume_from: Path | None
     state: dict  # step, epoch, batches_in_epoch, bad_images at the start
+    launch: dict = field(default_factory=dict)  # what each checkpoint records and a resume must keep (launches.py)
 
 
 def open_run(dist: PartialState, output_dir: str | None, resume: str | None, grad_accum: int, compile: bool = False,
-             report_to: str = "tensorboard") -> Run:
-    """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator."""
+             report_to: str = "tensorboard", settings: dict | None = None) -> Run:
+    """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator.
+    settings: the run's configuration; a resume that changes what it trains is refused (launches.py)."""
     resume_from = check_resume_path(resume)
     # The main process makes and holds the run folder and checks the checkpoint's files against its
     # manifest; every process takes its answers (a refusal too) before accelerate's trackers need them.
@@ -93,10 +95,13 @@ def open_run(dist: PartialState, output_dir: str | None, resume: str | None, gra
         # accelerate compiles in prepare() and unwraps for saving; `accelerate launch --dynamo_backend` works too
         **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor")} if compile else {}),
     )
+    launch = launch_record(settings, accelerator.num_processes, accelerator.mixed_precision) if settings is not None else {}
+    if resume_from:
+        check_resume(state.get("launch"), launch, resume_from)
     if is_xla(accelerator.device):
         make_loader_checkpointable()
         accelerator.register_load_state_pre_hook(load_models_through_cpu)
-    return Run(accelerator, run_dir, resume_from, state)
+    return Run(accelerator, run_dir, resume_from, state, launch)
 
 
 def trim_metrics(path: Path, last_step: int) -> None:
@@ -107,9 +112,10 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 
 def start_logging(run: Run, config: dict) -> None:
-    """run_config.json, metrics.jsonl trimmed to the resume step, the --report-to trackers through accelerate."""
+    """This launch's configuration (launches.record_launch), metrics.jsonl trimmed to the resume step, the
+    --report-to trackers through accelerate."""
     if run.accelerator.is_main_process:
-        (run.run_dir / RUN_CONFIG).write_text(json.dumps(config, indent=2))
+        record_launch(run.run_dir, config, run.resume_from)
         trim_metrics(run.run_dir / "metrics.jsonl", run.state["step"])
     # TensorBoard hparams take scalars and strings only
     flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items() if k != "derived"}
@@ -425,7 +431,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 if guard:  # never checkpoint a run that is about to stop for non-finite gradients
                     guard.check(step, run.run_dir, acc.print)
                 trainer_state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total,
-                                 "skipped_steps": skipped_steps(),
+                                 "skipped_steps": skipped_steps(), "launch": run.launch,
                                  **(loader.position() if hasattr(loader, "position") else {})}  # a stream's per-worker place
                 saved = save_checkpoint(acc, run.run_dir, trainer_state, s.keep_checkpoints)
             if stop_now:

@@ -240,7 +240,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         raise UsageError(f"--model {cfg.model} at --img-size {cfg.img_size}: {e}") from None
     ds, column = open_dataset(cfg, dist)
     labelled = load_monitor_data(cfg) if dist.is_main_process else None
-    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to)
+    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to, settings=cfg.to_dict())
     accelerator = run.accelerator
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum

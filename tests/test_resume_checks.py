@@ -1,0 +1,94 @@
+"""A resume keeps what the run was launched with: changes that alter what is trained are refused, every
+launch is recorded, and the first launch's configuration is kept."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpp.errors import UsageError
+from mpp.training.manifest import write_manifest
+from mpp.training.loop import LoopSettings, fit, init_processes, open_run, start_logging
+from mpp.training.pretrain_config import PretrainConfig
+
+SETTINGS = PretrainConfig(model="test_vit", batch_size=16, max_steps=4, output_dir="x").to_dict()
+
+
+class Images:
+    def set_epoch(self, epoch):
+        pass
+
+
+def launch(folder: Path, settings: dict, resume: str | None = None, steps: int = 4, train: bool = True):
+    """open_run + start_logging (+ fit of a linear model, a checkpoint every 2 steps), as the recipes do."""
+    run = open_run(init_processes(threads=None), str(folder), resume, grad_accum=1, settings=settings)
+    start_logging(run, {**settings, "derived": {"launched": len(list((folder / "launches").glob("*")))}})
+    if not train:
+        return run
+    model = run.accelerator.prepare(torch.nn.Linear(3, 1))
+    optimizer = run.accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    loop = LoopSettings(total_steps=steps, lr_at=lambda step: 0.1, clip_grad=0, log_every=2, checkpoint_every=2,
+                        keep_checkpoints=3, batch_size=4, progress=False)
+    batches = [{"pixels": torch.randn(4, 3), "bad": []} for _ in range(steps)]
+    fit(run, model, optimizer, batches, Images(), lambda m, b: (m(b["pixels"]).pow(2).mean(), torch.zeros(())), loop)
+    return run
+
+
+CHANGES = [
+    ({"batch_size": 32}, "was made with --batch-size 16, this launch has --batch-size 32"),
+    ({"grad_accum": 2}, "was made with --grad-accum 1, this launch has --grad-accum 2"),
+    ({"dataset": "fashion-mnist"}, "was made with --dataset mnist5k, this launch has --dataset fashion-mnist"),
+    ({"model": "vit_tiny_patch16_224"}, "was made with --model test_vit, this launch has --model vit_tiny_patch16_224"),
+    ({"target": "pixels_l2"}, "was made with --target mean3bit, this launch has --target pixels_l2"),
+    ({"mask_probs": (1.0, 0.0, 0.0)}, "was made with --mask-probs 0.8 0.1 0.1, this launch has --mask-probs 1.0 0.0 0.0"),
+    ({"seed": 1}, "was made with --seed 0, this launch has --seed 1"),
+    ({"max_steps": 8}, "was made with --max-steps 4, this launch has --max-steps 8"),
+    ({"batch_size": 32, "seed": 1}, "--batch-size 16, this launch has --batch-size 32"),  # the first of several is named
+]
+
+
+@pytest.mark.parametrize("change,message", CHANGES, ids=[" ".join(c) for c, _ in CHANGES])
+def test_a_resume_that_changes_what_is_trained_is_refused_in_one_line(tmp_path, change, message):
+    launch(tmp_path / "run", SETTINGS)
+    with pytest.raises(UsageError) as refused:
+        open_run(init_processes(threads=None), str(tmp_path / "run"), "auto", grad_accum=1, settings={**SETTINGS, **change})
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert "step_000004" in str(refused.value)
+
+
+def test_a_resume_with_another_process_count_is_refused(tmp_path):
+    """A checkpoint of 2 processes resumed by 1 (recorded as a 2-process launch records it)."""
+    launch(tmp_path / "run", SETTINGS)
+    state_file = tmp_path / "run" / "checkpoints" / "step_000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["launch"]["processes"] == 1 and state["launch"]["batch_size"] == 16
+    state["launch"]["processes"] = 2
+    state_file.write_text(json.dumps(state))
+    write_manifest(state_file.parent)  # else the edited file fails its checksum and the checkpoint is set aside
+    with pytest.raises(UsageError, match="was made with 2 processes, this launch has 1 process;"):
+        open_run(init_processes(threads=None), str(tmp_path / "run"), "auto", grad_accum=1, settings=SETTINGS)
+
+
+def test_settings_that_do_not_change_what_is_trained_may_change(tmp_path):
+    launch(tmp_path / "run", SETTINGS)
+    harmless = {"log_every": 1, "checkpoint_every": 7, "keep_checkpoints": 1, "workers": 2, "threads": 1, "progress": False,
+                "report_to": "none", "strict_data": True}
+    run = open_run(init_processes(threads=None), str(tmp_path / "run"), "auto", grad_accum=1, settings={**SETTINGS, **harmless})
+    assert run.state["step"] == 4
+    with pytest.raises(UsageError, match="--workers 0, this launch has --workers 2"):  # a stream's shards follow its workers
+        streaming = {**SETTINGS, "streaming": True, "workers": 0}
+        launch(tmp_path / "stream", streaming)
+        open_run(init_processes(threads=None), str(tmp_path / "stream"), "auto", grad_accum=1, settings={**streaming, "workers": 2})
+
+
+def test_each_launch_is_recorded_and_the_first_configuration_kept(tmp_path):
+    folder = tmp_path / "run"
+    launch(folder, SETTINGS, steps=2)
+    first = json.loads((folder / "run_config.json").read_text())
+    launch(folder, {**SETTINGS, "log_every": 1}, resume="auto", train=False)
+    assert json.loads((folder / "run_config.json").read_text()) == first  # not rewritten by the resume
+    launches = sorted((folder / "launches").iterdir())
+    assert [p.name for p in launches] == ["launch-001.json", "launch-002.json"]
+    records = [json.loads(p.read_text()) for p in launches]
+    assert records[0]["resumed_from"] is None and records[0]["config"] == first
+    assert records[1]["resumed_from"].endswith("step_000002") and records[1]["config"]["log_every"] == 1
