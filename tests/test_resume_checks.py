@@ -92,3 +92,79 @@ def test_each_launch_is_recorded_and_the_first_configuration_kept(tmp_path):
     records = [json.loads(p.read_text()) for p in launches]
     assert records[0]["resumed_from"] is None and records[0]["config"] == first
     assert records[1]["resumed_from"].endswith("step_000002") and records[1]["config"]["log_every"] == 1
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.x = torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+class Crash(Exception):
+    pass
+
+
+def epochs_with_evaluation(folder: Path, resume: str | None = None, crash_at: int | None = None):
+    """8 steps of a linear model over 2 epochs of 4 batches, evaluated at epoch 0's end (the run ends at
+    epoch 1's), a checkpoint every 4 steps, every step logged; crash_at: the process dies after that step."""
+    run = open_run(init_processes(threads=None), str(folder), resume, grad_accum=1, settings=SETTINGS)
+    start_logging(run, SETTINGS)
+    torch.manual_seed(0)
+    collate = lambda rows: {"pixels": torch.stack(rows), "bad": []}  # noqa: E731
+    loader = torch.utils.data.DataLoader(Rows(8), batch_size=2, collate_fn=collate)
+    model, loader = run.accelerator.prepare(torch.nn.Linear(3, 1), loader)
+    optimizer = run.accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    if run.resume_from:
+        run.accelerator.load_state(str(run.resume_from))
+
+    def evaluate(epoch, step):
+        return {"eval_score": float(model.weight.detach().sum())}
+
+    def on_step(step):
+        if step == crash_at:
+            raise Crash
+
+    loop = LoopSettings(total_steps=8, lr_at=lambda step: 0.1, clip_grad=0, log_every=1, checkpoint_every=4,
+                        keep_checkpoints=3, batch_size=2, progress=False)
+    return fit(run, model, optimizer, loader, Rows(8), lambda m, b: (m(b["pixels"]).pow(2).mean(), torch.zeros(())), loop,
+               on_epoch_end=evaluate, on_step=on_step)
+
+
+def test_a_resume_at_an_evaluated_epoch_end_logs_each_record_once(tmp_path):
+    """Killed after epoch 0's evaluation was logged (it follows the step-4 checkpoint) and resumed from that
+    checkpoint: the evaluation runs again but is not logged twice, in metrics.jsonl or in TensorBoard,
+    and the steps the killed launch logged after the checkpoint are not shown twice either."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    epochs_with_evaluation(tmp_path / "full")
+    with pytest.raises(Crash):
+        epochs_with_evaluation(tmp_path / "run", crash_at=6)
+    epochs_with_evaluation(tmp_path / "run", resume="auto")
+
+    def shape(folder):  # what was logged, without the timings
+        return [(r["step"], r["epoch"], sorted(r)) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+    assert shape(tmp_path / "run") == shape(tmp_path / "full")
+    assert [s for s, _, keys in shape(tmp_path / "run") if "eval_score" in keys] == [4]
+    events = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval_score")] == [4]
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    with pytest.raises(Crash):
+        epochs_with_evaluation(tmp_path / "run", crash_at=5)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "epoch": 1, "lo')  # the kill came in mid-write
+    epochs_with_evaluation(tmp_path / "run", resume="auto")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # each training step once, epoch 0's evaluation once

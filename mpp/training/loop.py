@@ -61,6 +61,7 @@ class Run:
     resume_from: Path | None
     state: dict  # step, epoch, batches_in_epoch, bad_images at the start
     launch: dict = field(default_factory=dict)  # what each checkpoint records and a resume must keep (launches.py)
+    records: int = 0  # metrics.jsonl records so far (main process); each checkpoint stores the count
 
 
 def open_run(dist: PartialState, output_dir: str | None, resume: str | None, grad_accum: int, compile: bool = False,
@@ -88,7 +89,7 @@ def open_run(dist: PartialState, output_dir: str | None, resume: str | None, gra
     state = read_trainer_state(resume_from) if resume_from else dict(FRESH_STATE)
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum,
-        log_with=build_trackers(report_to, run_dir),  # --report-to
+        log_with=build_trackers(report_to, run_dir, resumed_at=state["step"] if resume_from else None),  # --report-to
         project_dir=str(run_dir),
         # non_blocking: batches from pinned memory are copied while the previous step still runs (GPU)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
@@ -104,19 +105,45 @@ def open_run(dist: PartialState, output_dir: str | None, resume: str | None, gra
     return Run(accelerator, run_dir, resume_from, state, launch)
 
 
-def trim_metrics(path: Path, last_step: int) -> None:
-    """Keep the records up to the step the run starts from; later ones are logged again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a last line cut short by a kill in mid-write is left out."""
+    records = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+    return records
+
+
+def trim_metrics(path: Path, state: dict, own_checkpoint: bool) -> bool:
+    """Keep the records written up to the checkpoint the run resumes from; later ones are logged again.
+    The checkpoint says how many records metrics.jsonl held when it was written. Records at its step written
+    after it are the evaluation at the end of its epoch: they are kept, and True tells the loop that this
+    evaluation is logged already (it runs again on resume, but is not written twice). A checkpoint of
+    another folder, or one written before these counts: the records up to its step are kept."""
+    if not path.is_file():
+        return False
+    records, step, count = read_records(path), state["step"], state.get("metrics_records")
+    if own_checkpoint and count is not None and count <= len(records):
+        after = list(itertools.takewhile(lambda r: r["step"] == step, records[count:]))
+        kept, logged = records[:count] + after, bool(after)
+    else:
+        kept, logged = [r for r in records if r["step"] <= step], False
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return logged
 
 
 def start_logging(run: Run, config: dict) -> None:
-    """This launch's configuration (launches.record_launch), metrics.jsonl trimmed to the resume step, the
+    """This launch's configuration (launches.record_launch), metrics.jsonl trimmed to the checkpoint, the
     --report-to trackers through accelerate."""
     if run.accelerator.is_main_process:
         record_launch(run.run_dir, config, run.resume_from)
-        trim_metrics(run.run_dir / "metrics.jsonl", run.state["step"])
+        own = run.resume_from is not None and run.resume_from.resolve().parent.parent == run.run_dir.resolve()
+        run.state["epoch_end_logged"] = trim_metrics(run.run_dir / "metrics.jsonl", run.state, own)
+        run.records = len(read_records(run.run_dir / "metrics.jsonl"))
     # TensorBoard hparams take scalars and strings only
     flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items() if k != "derived"}
     run.accelerator.init_trackers(PROJECT, config=flat)
@@ -145,6 +172,7 @@ def write_record(run: Run, record: dict) -> None:
     if run.accelerator.is_main_process:
         with open(run.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        run.records += 1
 
 
 @dataclass
@@ -348,6 +376,8 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
         return guard.skipped if guard else run.state.get("skipped_steps", 0)
 
     stopped_by = None
+    # resumed at an epoch's end whose evaluation was logged after the checkpoint: evaluated again, not logged twice
+    epoch_end_logged = run.state.get("epoch_end_logged", False)
 
     # micro-batches per epoch on this process; a stream has no epoch end accelerate could see
     per_epoch = None if s.streaming else len(loader)
@@ -431,7 +461,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 if guard:  # never checkpoint a run that is about to stop for non-finite gradients
                     guard.check(step, run.run_dir, acc.print)
                 trainer_state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total,
-                                 "skipped_steps": skipped_steps(), "launch": run.launch,
+                                 "skipped_steps": skipped_steps(), "launch": run.launch, "metrics_records": run.records,
                                  **(loader.position() if hasattr(loader, "position") else {})}  # a stream's per-worker place
                 saved = save_checkpoint(acc, run.run_dir, trainer_state, s.keep_checkpoints)
             if stop_now:
@@ -444,8 +474,9 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
         else:  # the epoch ran out
             if on_epoch_end is not None:
                 extra = on_epoch_end(epoch, step)
-                if extra:
+                if extra and not epoch_end_logged:
                     write_record(run, {"step": step, "epoch": epoch, **extra})
+                epoch_end_logged = False  # only a resume at this epoch's end can find it logged
                 model.train()
             epoch, batches_in_epoch = epoch + 1, 0
             continue
