@@ -168,3 +168,61 @@ def test_a_record_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     epochs_with_evaluation(tmp_path / "run", resume="auto")
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # each training step once, epoch 0's evaluation once
+
+
+class Pairs(torch.utils.data.Dataset):
+    """Rows addressed as the training loader addresses them, by (epoch, index) pairs (loader.EpochBatches)."""
+
+    def __init__(self, n: int):
+        self.x = torch.randn(n, 3, generator=torch.Generator().manual_seed(1))
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, pair):
+        return self.x[pair[1]], pair
+
+
+def collate_pairs(items):
+    return {"pixels": torch.stack([x for x, _ in items]), "ids": [tuple(p) for _, p in items], "bad": []}
+
+
+def training_with_the_real_loader(folder: Path, resume: str | None = None):
+    """9 steps of a linear model through the package's training loader (12 rows, batches of 2: 6 steps an
+    epoch), a checkpoint every 4 steps (in epoch 0 and in epoch 1). (the (epoch, index) pairs of each step, weights)"""
+    from mpp.data.loader import training_loader
+
+    run = open_run(init_processes(threads=None), str(folder), resume, grad_accum=1, settings=SETTINGS)
+    start_logging(run, SETTINGS)
+    torch.manual_seed(0)
+    loader = training_loader(Pairs(12), 2, 0, 0, torch.device("cpu"), collate_pairs)
+    model, loader = run.accelerator.prepare(torch.nn.Linear(3, 1), loader)
+    optimizer = run.accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    if run.resume_from:
+        run.accelerator.load_state(str(run.resume_from))
+    seen = []
+
+    def step_fn(model, batch):
+        seen.append(batch["ids"])
+        return model(batch["pixels"]).pow(2).mean(), torch.zeros(())
+
+    loop = LoopSettings(total_steps=9, lr_at=lambda step: 0.1, clip_grad=0, log_every=3, checkpoint_every=4,
+                        keep_checkpoints=3, batch_size=2, progress=False)
+    fit(run, model, optimizer, loader, Pairs(12), step_fn, loop)
+    return seen, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("checkpoint", ["step_000004", "step_000008"], ids=["in epoch 0", "in epoch 1"])
+def test_a_resume_mid_epoch_reads_exactly_the_batches_the_uninterrupted_run_reads_next(tmp_path, checkpoint):
+    """Through the package's own loader: resumed from a checkpoint mid-epoch, the run reads the rest of
+    that epoch and then the next, batch for batch what the uninterrupted run read after that step (no
+    batch skipped or read twice), and ends with the same weights."""
+    full_seen, full_weights = training_with_the_real_loader(tmp_path / "full")
+    assert len(full_seen) == 9 and len({p for batch in full_seen[:6] for p in batch}) == 12  # epoch 0: every row once
+    step = int(checkpoint.split("_")[1])
+    seen, weights = training_with_the_real_loader(tmp_path / "resumed", str(tmp_path / "full" / "checkpoints" / checkpoint))
+    assert seen == full_seen[step:]
+    assert torch.equal(weights, full_weights)
