@@ -165,6 +165,105 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_the_resume_is_exact(unin
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 17))
 
 
+def read_until_closed(fd: int, into: list) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the terminal's other side is closed
+            return
+        if not chunk:
+            return
+        into.append(chunk)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_piped_to_tee_checkpoints_however_long_it_takes(digits96, uninterrupted, tmp_path):
+    """`accelerate launch ... | tee log` in a terminal (a pseudo-terminal here), Ctrl-C during training, and a
+    stop checkpoint that takes 8 s, longer than the 5 s accelerate's launcher waits between its SIGTERM and
+    its SIGKILL: the Ctrl-C reaches the training process alone, which finishes its step, checkpoints and exits
+    75 (the launcher reports 'exit status 75', and exits 1); tee keeps logging to the end; the resume ends
+    bit-identical to the uninterrupted run."""
+    import fcntl
+    import shlex
+    import termios
+    import threading
+
+    out, log = tmp_path / "run", tmp_path / "log"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "tests" / "launch_slow_checkpoint.py"), *TINY,
+              "--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "1000", "--workers", "1", "--output-dir", str(out)]
+    terminal, child_end = os.openpty()
+    proc = subprocess.Popen(["bash", "-c", f"set -o pipefail; {shlex.join(launch)} 2>&1 | tee {shlex.quote(str(log))}"],
+                            stdin=child_end, stdout=child_end, stderr=child_end, env=ENV, cwd=ROOT, start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the terminal is the job's, as in a shell
+    os.close(child_end)
+    screen = []
+    threading.Thread(target=read_until_closed, args=(terminal, screen), daemon=True).start()  # a terminal nobody reads blocks its writers
+    start = time.time()
+    while logged_steps(out) < 3:
+        assert proc.poll() is None and time.time() - start < 240, b"".join(screen)[-3000:]
+        time.sleep(0.05)
+    os.write(terminal, b"\x03")  # Ctrl-C
+    assert proc.wait(timeout=240) == 1
+    text = log.read_text()
+    assert "stopped by SIGINT after step" in text and "exit status 75" in text, text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGINT" and [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
+    os.close(terminal)
+    done = subprocess.run(recipe(["--dataset", str(digits96), "--max-steps", "16", "--output-dir", str(out), "--resume", "auto"]),
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert same_weights(out / "model.safetensors", uninterrupted / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_ctrl_z_suspends_the_whole_job_and_ctrl_c_after_fg_still_checkpoints(digits96, tmp_path):
+    """In an interactive shell (job control on): Ctrl-Z while the training process holds the terminal stops the
+    whole job (the shell reports it stopped; no step is taken), `fg` continues it, and a Ctrl-C then still
+    reaches the training process (not one of its DataLoader workers), which stops with a checkpoint."""
+    import fcntl
+    import shlex
+    import termios
+    import threading
+
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "pretrain_mpp.py"), *TINY,
+              "--dataset", str(digits96), "--max-steps", "400", "--checkpoint-every", "1000", "--workers", "2", "--output-dir", str(out)]
+    terminal, child_end = os.openpty()
+    proc = subprocess.Popen(["bash", "--norc", "--noprofile", "-i"], stdin=child_end, stdout=child_end, stderr=child_end,
+                            env={**ENV, "PS1": "$ "}, cwd=ROOT, start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(child_end)
+    screen = []
+    threading.Thread(target=read_until_closed, args=(terminal, screen), daemon=True).start()
+    shown = lambda: b"".join(screen).decode(errors="replace")  # noqa: E731
+
+    def until(condition, what, timeout=240):
+        start = time.time()
+        while not condition():
+            assert time.time() - start < timeout, f"no {what}: {shown()[-3000:]}"
+            time.sleep(0.1)
+
+    os.write(terminal, (shlex.join(launch) + "\n").encode())
+    until(lambda: logged_steps(out) >= 3, "training")
+    os.write(terminal, b"\x1a")  # Ctrl-Z
+    until(lambda: "Stopped" in shown(), "job stopped")
+    stopped_at = logged_steps(out)
+    time.sleep(3)
+    assert logged_steps(out) == stopped_at  # the training process stopped with the job
+    os.write(terminal, b"fg\n")
+    until(lambda: logged_steps(out) > stopped_at, "step after fg")
+    os.write(terminal, b"\x03")  # Ctrl-C
+    until(lambda: (out / "summary.json").exists(), "stop")
+    until(lambda: "exit status 75" in shown(), "launcher's report")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGINT" and [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
+    os.write(terminal, b"exit\n")
+    proc.wait(timeout=60)
+    os.close(terminal)
+
+
 LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
 

@@ -98,3 +98,14 @@ def test_a_stream_outlives_its_reader():
     with pytest.raises(OSError, match="input/output error"):
         SurvivingStream(Failing()).write("x")
     raw.close()
+
+
+def test_accelerates_launcher_is_recognised_by_its_command_line():
+    from mpp.training.terminal import launched_by_accelerate
+
+    assert launched_by_accelerate(["/venv/bin/python", "/venv/bin/accelerate", "launch", "recipes/pretrain_mpp.py"])
+    assert launched_by_accelerate(["python", "-m", "accelerate.commands.launch", "--num_processes", "1", "train.py"])
+    assert launched_by_accelerate(["/venv/bin/python", "/venv/bin/accelerate-launch", "train.py"])
+    assert not launched_by_accelerate(["/venv/bin/python", "/venv/bin/accelerate", "config"])
+    assert not launched_by_accelerate(["bash", "-c", "accelerate launch train.py | tee log"])  # a shell, not the launcher
+    assert not launched_by_accelerate(["python", "recipes/pretrain_mpp.py", "--dataset", "launch"])

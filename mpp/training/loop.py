@@ -23,6 +23,7 @@ from mpp.training.checkpoint import (STATE_FILE, check_checkpoint, latest_checkp
 from mpp.errors import UsageError
 from mpp.training.launches import check_resume, launch_record, record_launch
 from mpp.training.run_dir import claim_run_dir
+from mpp.training.terminal import CtrlCForTheLoop
 from mpp.training.trackers import PROJECT, build_trackers
 from mpp.training.xla import is_xla, load_models_through_cpu, make_loader_checkpointable, refuse_compile_on_xla, seed_micro_batch
 
@@ -354,7 +355,7 @@ def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSe
     numbers to log (e.g. held-out accuracy), called on every process after each full epoch.
     on_step(step) runs on every process after each optimiser step (e.g. to log pictures).
     """
-    with StopSignals() as signals:
+    with CtrlCForTheLoop(), StopSignals() as signals:
         return _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_step, signals)
 
 
