@@ -157,6 +157,11 @@ def one_launch(cmd: list[str], out: Path, log: Path, plan: tuple[str, str] | Non
     return row
 
 
+def shown(cmd: list[str]) -> str:
+    """A command as it is typed in the repository's root."""
+    return " ".join("python" if part == sys.executable else part.replace(f"{ROOT}/", "") for part in cmd)
+
+
 def plans(kills: int, rng: random.Random) -> list[tuple[str, str]]:
     chosen = []
     while len(chosen) < kills:
@@ -231,7 +236,7 @@ def main(argv=None):
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     report = {**provenance("soak_resume.py", argv), "commit": commit, "ok": bool(ok), "kills": len(kills), "steps": steps, "epochs": args.epochs,
               "seed": args.seed, "wall_s": round(time.monotonic() - started, 1), "uninterrupted_s": ref_row["seconds"],
-              "run_command": " ".join(command(Path("DIGITS"), Path("RUN"), args.epochs, True)), "verdict": verdict,
+              "run_command": shown(command(Path("DIGITS"), Path("RUN"), args.epochs, True)), "verdict": verdict,
               "launches": launches}
     write_results(args.out, report, markdown(report))
     if ok and not args.workdir:
