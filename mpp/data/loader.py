@@ -11,6 +11,7 @@ Each index carries its epoch, so the augmentation seeds (data.sample_seed) follo
 an iterator per epoch; a resume skips into the stream as before.
 """
 import os
+import signal
 
 import torch
 from accelerate import PartialState
@@ -47,6 +48,17 @@ class EpochBatches(torch.utils.data.Sampler):
             epoch += 1
 
 
+def leave_stop_signals_to_main(worker_id: int) -> None:
+    """worker_init_fn of every DataLoader the package builds: SIGTERM and SIGINT are the training
+    process's to act on (it finishes its step, checkpoints and exits 75). A launcher or scheduler that
+    signals a whole process group (torchrun's os.killpg, SLURM, Ctrl-C in a terminal) reaches the
+    workers too; a worker killed by it makes torch's SIGCHLD handler raise in the training process
+    before the loop can checkpoint. The workers still end with the training process (torch's watchdog
+    sees it gone; SIGKILL still kills them). torch seeds a worker before this runs, and this draws nothing."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def training_loader(images, batch_size: int, seed: int, workers: int, device: torch.device, collate_fn,
                     processes: int = 1) -> torch.utils.data.DataLoader:
     """Shuffled full batches (static shapes: every step sees a full batch) of a map-style dataset whose
@@ -58,6 +70,7 @@ def training_loader(images, batch_size: int, seed: int, workers: int, device: to
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
+        worker_init_fn=leave_stop_signals_to_main,
         # its own generator (for the workers' base seed), so that creating an iterator (e.g. on resume)
         # never draws from the global RNG that the corruption draws from
         generator=torch.Generator().manual_seed(seed),

@@ -2,8 +2,10 @@
 
 RUN/checkpoints/step_000100/   complete (accelerate's files + trainer_state.json)
 RUN/checkpoints/.tmp-step_000150/   being written; never resumed from, removed on the next save
-A folder gets its final name only after every process has written its part, so a kill at any
-moment leaves the previous checkpoint as the newest complete one.
+RUN/checkpoints/.damaged-step_000200/   failed its manifest at a resume; set aside, never resumed from
+A folder gets its final name only after every process has written its part and the manifest (each
+file's size and checksum) is written, so a kill at any moment leaves the previous checkpoint as the
+newest complete one; a resume checks the manifest before it loads anything (usable_checkpoint).
 """
 import json
 import re
@@ -12,6 +14,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+
+from mpp.errors import UsageError
+from mpp.training.manifest import damage, write_manifest
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -67,13 +72,46 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, trainer_state: dict
         accelerator.wait_for_everyone()
         return None
     if accelerator.is_main_process:
-        if final.exists():  # the same step saved again (e.g. the final step after a resume)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            write_manifest(tmp)  # last, once every process's files are there (the reduce above): a folder with one is complete
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            accelerator.print(f"checkpoint at step {step} could not be written ({e.strerror or e}); "
+                              f"the newest valid checkpoint is still {latest_checkpoint(run_dir)}")
+            final = None
+        else:
+            if final.exists():  # the same step saved again (e.g. the final step after a resume)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in complete_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def usable_checkpoint(run_dir: Path, say) -> Path | None:
+    """The newest complete checkpoint whose files match its manifest. A damaged one is reported in one
+    line and set aside (.damaged-step_N: never resumed from, and not counted among the kept ones), and
+    the one before it is tried. Main process only (it reads every file)."""
+    for checkpoint in reversed(complete_checkpoints(run_dir)):
+        problem = damage(checkpoint)
+        if problem is None:
+            return checkpoint
+        aside = checkpoint.with_name(f".damaged-{checkpoint.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        checkpoint.rename(aside)
+        earlier = complete_checkpoints(run_dir)
+        say(f"checkpoint {checkpoint} is damaged ({problem}); set aside as {aside.name}, "
+            + (f"resuming from {earlier[-1].name}" if earlier else "and no earlier checkpoint is left: starting from step 0"))
+    return None
+
+
+def check_checkpoint(path: Path, flag: str) -> None:
+    """A checkpoint named on the command line is used as it is or refused, never replaced by another."""
+    problem = damage(path)
+    if problem:
+        raise UsageError(f"{flag} {path}: the checkpoint is damaged ({problem}); pass --resume auto for the newest "
+                         "undamaged checkpoint of the run, or another checkpoint")
 
 
 def read_trainer_state(checkpoint: Path) -> dict:

@@ -17,7 +17,7 @@ from mpp.training.pretrain_config import check_batch_fits, lr_at, optimizer_step
 from mpp.data.dataset import AugmentedImages, collate_images, find_image_column, find_label_column, class_names_of, load_images, low_label_subset, timm_transform
 from mpp.errors import UsageError
 from mpp.training.xla import sync_free_on_xla
-from mpp.data.loader import default_workers, training_loader
+from mpp.data.loader import default_workers, leave_stop_signals_to_main, training_loader
 from mpp.training.loop import (LoopSettings, RunError, capped_warmup, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
 from mpp.models.publish import publish
@@ -192,6 +192,16 @@ def score_best_on_test(acc, model, test_loader, best_file: Path, history: list[d
             "test_unreadable": left_out, "test_predictions": predictions}
 
 
+def held_out_loader(ds, data: LabelledData, img_size: int, cfg, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """A held-out split in order, un-augmented (resized and centre-cropped), its workers kept for the many evaluations."""
+    images = AugmentedImages(ds, data.image_column, timm_transform(img_size, False), cfg.seed, data.label_column)
+    # its own generator: each pass draws a base seed, and from the global RNG that draw would land inside
+    # a training image's seeded augmentation running in torch_xla's loader thread (data.dataset.seeded)
+    return torch.utils.data.DataLoader(images, batch_size=max(cfg.batch_size, 256), collate_fn=collate_images, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                       worker_init_fn=leave_stop_signals_to_main, generator=torch.Generator().manual_seed(cfg.seed))
+
+
 def finetune(cfg) -> dict:
     """Runs (or resumes) one fine-tuning run; returns results.json's content. Every process calls this."""
     from mpp.training.finetune_config import validate_finetune
@@ -203,7 +213,7 @@ def finetune(cfg) -> dict:
     model, arch = build_classifier(cfg, len(data.class_names))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to)
+    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to, settings=cfg.to_dict())
     acc = run.accelerator
 
     global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
@@ -217,17 +227,11 @@ def finetune(cfg) -> dict:
                                    timm_transform(arch["img_size"], True, cfg.crop_scale, cfg.hflip, cfg.resolved("auto_augment")),
                                    cfg.seed, data.label_column)
 
-    def held_out_loader(ds):
-        images = AugmentedImages(ds, data.image_column, timm_transform(arch["img_size"], False), cfg.seed, data.label_column)
-        # its own generator: each pass draws a base seed, and from the global RNG that draw would land inside
-        # a training image's seeded augmentation running in torch_xla's loader thread (data.dataset.seeded)
-        return torch.utils.data.DataLoader(images, batch_size=max(cfg.batch_size, 256), collate_fn=collate_images, num_workers=workers,
-                                           pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0,  # evaluated many times
-                                           generator=torch.Generator().manual_seed(cfg.seed))
-
     train_loader = training_loader(train_images, cfg.batch_size, cfg.seed, workers, acc.device, collate_images, acc.num_processes)
-    model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader, held_out_loader(data.eval))
-    test_loader = acc.prepare(held_out_loader(data.test)) if data.test is not None else None
+    model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader,
+                                                              held_out_loader(data.eval, data, arch["img_size"], cfg, workers, acc.device))
+    test_loader = (acc.prepare(held_out_loader(data.test, data, arch["img_size"], cfg, workers, acc.device))
+                   if data.test is not None else None)
     total_steps = cfg.max_steps or optimizer_steps(cfg.epochs, len(train_loader), cfg.grad_accum)
     warmup = capped_warmup(cfg.resolved("warmup_steps"), total_steps, acc.print)
     if run.resume_from:

@@ -10,7 +10,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -19,9 +18,12 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from mpp.training.checkpoint import STATE_FILE, complete_checkpoints, latest_checkpoint, read_trainer_state, save_checkpoint
+from mpp.training.checkpoint import (STATE_FILE, check_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint,
+                                     usable_checkpoint)
 from mpp.errors import UsageError
-from mpp.models.hub_folder import RUN_CONFIG
+from mpp.training.launches import check_resume, launch_record, record_launch
+from mpp.training.run_dir import claim_run_dir
+from mpp.training.terminal import CtrlCForTheLoop
 from mpp.training.trackers import PROJECT, build_trackers
 from mpp.training.xla import is_xla, load_models_through_cpu, make_loader_checkpointable, refuse_compile_on_xla, seed_micro_batch
 
@@ -53,79 +55,96 @@ def check_resume_path(resume: str | None) -> Path | None:
     return path
 
 
-def default_run_dir(output_dir: str | None, resume: str | None, runs_root: str = "runs") -> Path:
-    """--output-dir, else with --resume auto the newest run under runs/ that has a checkpoint, else runs/<date-time>."""
-    if output_dir:
-        return Path(output_dir)
-    if resume == "auto":
-        runs = sorted((p for p in Path(runs_root).glob("*") if complete_checkpoints(p)), key=lambda p: p.stat().st_mtime)
-        if runs:
-            return runs[-1]
-    return Path(runs_root) / datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def check_run_dir(run_dir: Path, resume: str | None) -> None:
-    """Refuse to overwrite a finished or started run unless resuming; make sure we can write there."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--output-dir {run_dir} exists and is not a folder")
-    if resume is None and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise UsageError(f"--output-dir {run_dir} is not empty; pass --resume auto to continue that run, or choose another folder")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--output-dir {run_dir} is not writable ({e.strerror})") from None
-
-
 @dataclass
 class Run:
     accelerator: Accelerator
     run_dir: Path
     resume_from: Path | None
     state: dict  # step, epoch, batches_in_epoch, bad_images at the start
+    launch: dict = field(default_factory=dict)  # what each checkpoint records and a resume must keep (launches.py)
+    records: int = 0  # metrics.jsonl records so far (main process); each checkpoint stores the count
 
 
 def open_run(dist: PartialState, output_dir: str | None, resume: str | None, grad_accum: int, compile: bool = False,
-             report_to: str = "tensorboard") -> Run:
-    """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator."""
+             report_to: str = "tensorboard", settings: dict | None = None) -> Run:
+    """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator.
+    settings: the run's configuration; a resume that changes what it trains is refused (launches.py)."""
     resume_from = check_resume_path(resume)
-    # named on the main process (its clock) and shared before accelerate's trackers need it
-    run_dir = Path(broadcast_object_list([str(default_run_dir(output_dir, resume))])[0])
+    # The main process makes and holds the run folder and checks the checkpoint's files against its
+    # manifest; every process takes its answers (a refusal too) before accelerate's trackers need them.
+    claimed = [None, None, None]  # run folder, checkpoint, refusal
     if dist.is_main_process:
-        check_run_dir(run_dir, resume)
-    dist.wait_for_everyone()
-    if resume == "auto":
-        resume_from = latest_checkpoint(run_dir)
+        try:
+            run_dir = claim_run_dir(output_dir, resume)
+            if resume == "auto":
+                resume_from = usable_checkpoint(run_dir, lambda line: print(line, flush=True))
+            elif resume_from is not None:
+                check_checkpoint(resume_from, "--resume")
+            claimed = [str(run_dir), str(resume_from) if resume_from else None, None]
+        except UsageError as e:
+            claimed[2] = str(e)
+    run_dir, resume_from, refused = broadcast_object_list(claimed)
+    if refused:
+        raise UsageError(refused)
+    run_dir, resume_from = Path(run_dir), Path(resume_from) if resume_from else None
     state = read_trainer_state(resume_from) if resume_from else dict(FRESH_STATE)
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum,
-        log_with=build_trackers(report_to, run_dir),  # --report-to
+        log_with=build_trackers(report_to, run_dir, resumed_at=state["step"] if resume_from else None),  # --report-to
         project_dir=str(run_dir),
         # non_blocking: batches from pinned memory are copied while the previous step still runs (GPU)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         # accelerate compiles in prepare() and unwraps for saving; `accelerate launch --dynamo_backend` works too
         **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor")} if compile else {}),
     )
+    launch = launch_record(settings, accelerator.num_processes, accelerator.mixed_precision) if settings is not None else {}
+    if resume_from:
+        check_resume(state.get("launch"), launch, resume_from)
     if is_xla(accelerator.device):
         make_loader_checkpointable()
         accelerator.register_load_state_pre_hook(load_models_through_cpu)
-    return Run(accelerator, run_dir, resume_from, state)
+    return Run(accelerator, run_dir, resume_from, state, launch)
 
 
-def trim_metrics(path: Path, last_step: int) -> None:
-    """Keep the records up to the step the run starts from; later ones are logged again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a last line cut short by a kill in mid-write is left out."""
+    records = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+    return records
+
+
+def trim_metrics(path: Path, state: dict, own_checkpoint: bool) -> bool:
+    """Keep the records written up to the checkpoint the run resumes from; later ones are logged again.
+    The checkpoint says how many records metrics.jsonl held when it was written. Records at its step written
+    after it are the evaluation at the end of its epoch: they are kept, and True tells the loop that this
+    evaluation is logged already (it runs again on resume, but is not written twice). A checkpoint of
+    another folder, or one written before these counts: the records up to its step are kept."""
+    if not path.is_file():
+        return False
+    records, step, count = read_records(path), state["step"], state.get("metrics_records")
+    if own_checkpoint and count is not None and count <= len(records):
+        after = list(itertools.takewhile(lambda r: r["step"] == step, records[count:]))
+        kept, logged = records[:count] + after, bool(after)
+    else:
+        kept, logged = [r for r in records if r["step"] <= step], False
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return logged
 
 
 def start_logging(run: Run, config: dict) -> None:
-    """run_config.json, metrics.jsonl trimmed to the resume step, the --report-to trackers through accelerate."""
+    """This launch's configuration (launches.record_launch), metrics.jsonl trimmed to the checkpoint, the
+    --report-to trackers through accelerate."""
     if run.accelerator.is_main_process:
-        (run.run_dir / RUN_CONFIG).write_text(json.dumps(config, indent=2))
-        trim_metrics(run.run_dir / "metrics.jsonl", run.state["step"])
+        record_launch(run.run_dir, config, run.resume_from)
+        own = run.resume_from is not None and run.resume_from.resolve().parent.parent == run.run_dir.resolve()
+        run.state["epoch_end_logged"] = trim_metrics(run.run_dir / "metrics.jsonl", run.state, own)
+        run.records = len(read_records(run.run_dir / "metrics.jsonl"))
     # TensorBoard hparams take scalars and strings only
     flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items() if k != "derived"}
     run.accelerator.init_trackers(PROJECT, config=flat)
@@ -154,6 +173,7 @@ def write_record(run: Run, record: dict) -> None:
     if run.accelerator.is_main_process:
         with open(run.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        run.records += 1
 
 
 @dataclass
@@ -200,12 +220,20 @@ class BadDataError(RunError):
 class StopSignals:
     """SIGTERM / SIGINT (pre-emption, Ctrl-C) ask the loop to stop after the current step.
 
-    The first signal only sets a flag; the previous handlers come back, so a second signal
-    interrupts at once.
+    Signals within `grace` seconds of the first are the same request: accelerate's launcher answers a
+    terminal's Ctrl-C with a SIGTERM of its own a moment later, and a scheduler may signal both the
+    launcher (which forwards it) and the training process. A signal after that interrupts at once,
+    through the handler that was there before the loop. This handler stays installed until the loop
+    ends, and the loop does not end within the grace period: a handler swapped while a signal is on
+    its way loses that signal ("OSError: Signal 15 ignored due to race condition"), and with it the
+    exit code 75.
     """
+
+    grace = 1.0  # seconds
 
     def __init__(self):
         self.received: str | None = None
+        self._first_at = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -215,10 +243,21 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        self.__exit__()
+        if self.received is None:
+            self.received, self._first_at = signal.Signals(signum).name, time.monotonic()
+            return
+        if time.monotonic() - self._first_at < self.grace:
+            return  # the same request, delivered twice
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):  # e.g. Python's KeyboardInterrupt for SIGINT
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # end the way the signal would have ended the process
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def __exit__(self, *exc):
+        if self.received is not None:  # a duplicate still on its way is absorbed here, not by the default handler
+            time.sleep(max(0.0, self._first_at + self.grace - time.monotonic()))
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -316,7 +355,7 @@ def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSe
     numbers to log (e.g. held-out accuracy), called on every process after each full epoch.
     on_step(step) runs on every process after each optimiser step (e.g. to log pictures).
     """
-    with StopSignals() as signals:
+    with CtrlCForTheLoop(), StopSignals() as signals:
         return _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_step, signals)
 
 
@@ -338,6 +377,8 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
         return guard.skipped if guard else run.state.get("skipped_steps", 0)
 
     stopped_by = None
+    # resumed at an epoch's end whose evaluation was logged after the checkpoint: evaluated again, not logged twice
+    epoch_end_logged = run.state.get("epoch_end_logged", False)
 
     # micro-batches per epoch on this process; a stream has no epoch end accelerate could see
     per_epoch = None if s.streaming else len(loader)
@@ -421,7 +462,7 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 if guard:  # never checkpoint a run that is about to stop for non-finite gradients
                     guard.check(step, run.run_dir, acc.print)
                 trainer_state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total,
-                                 "skipped_steps": skipped_steps(),
+                                 "skipped_steps": skipped_steps(), "launch": run.launch, "metrics_records": run.records,
                                  **(loader.position() if hasattr(loader, "position") else {})}  # a stream's per-worker place
                 saved = save_checkpoint(acc, run.run_dir, trainer_state, s.keep_checkpoints)
             if stop_now:
@@ -434,8 +475,9 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
         else:  # the epoch ran out
             if on_epoch_end is not None:
                 extra = on_epoch_end(epoch, step)
-                if extra:
+                if extra and not epoch_end_logged:
                     write_record(run, {"step": step, "epoch": epoch, **extra})
+                epoch_end_logged = False  # only a resume at this epoch's end can find it logged
                 model.train()
             epoch, batches_in_epoch = epoch + 1, 0
             continue
@@ -458,7 +500,8 @@ def epoch_batches_of(loader):
 
 def write_summary(run: Run, result: LoopResult, extra: dict | None = None) -> None:
     if run.accelerator.is_main_process:
-        summary = {"steps": result.step, "bad_images": result.bad_images, "bad_examples": result.bad_examples, **(extra or {})}
+        summary = {"steps": result.step, "bad_images": result.bad_images, "bad_examples": result.bad_examples,
+                   **({"stopped_by": result.stopped_by} if result.stopped_by else {}), **(extra or {})}
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if result.bad_images:
             shown = "; ".join(f"{n}: {r}" for n, r in result.bad_examples[:3])

@@ -11,7 +11,7 @@ from timm.optim import create_optimizer_v2
 from mpp import __version__
 from mpp.training.pretrain_config import PretrainConfig, check_batch_fits, lr_at, optimizer_steps, resolve_lr, validate
 from mpp.data.dataset import AugmentedImages, AugmentedStream, StreamLoader, StreamPosition, collate_images, find_image_column, load_images, train_transform
-from mpp.data.loader import default_workers, training_loader
+from mpp.data.loader import default_workers, leave_stop_signals_to_main, training_loader
 from mpp.errors import UsageError
 from mpp.training.trackers import tracker_names
 from mpp.training.xla import sync_free_on_xla
@@ -56,7 +56,7 @@ def build_loader(cfg: PretrainConfig, ds, column: str, accelerator: Accelerator,
         images = AugmentedStream(ds, column, transform, cfg.seed, accelerator.process_index, cfg.batch_size, position, defer)
         loader = torch.utils.data.DataLoader(
             images, batch_size=cfg.batch_size, collate_fn=AugmentedStream.collate, num_workers=workers,
-            pin_memory=accelerator.device.type == "cuda", drop_last=True,
+            pin_memory=accelerator.device.type == "cuda", drop_last=True, worker_init_fn=leave_stop_signals_to_main,
             generator=torch.Generator().manual_seed(cfg.seed),  # a resume's new iterator leaves the global RNG alone
         )
         return images, StreamLoader(loader, images.resume)
@@ -240,7 +240,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         raise UsageError(f"--model {cfg.model} at --img-size {cfg.img_size}: {e}") from None
     ds, column = open_dataset(cfg, dist)
     labelled = load_monitor_data(cfg) if dist.is_main_process else None
-    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to)
+    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to, settings=cfg.to_dict())
     accelerator = run.accelerator
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum

@@ -38,14 +38,17 @@ def tracker_names(report_to: str) -> list[str]:
     return [report_to]
 
 
-def build_trackers(report_to: str, run_dir: Path) -> list | None:
-    """accelerate GeneralTracker instances for Accelerator(log_with=...), started by init_trackers; None for none."""
+def build_trackers(report_to: str, run_dir: Path, resumed_at: int | None = None) -> list | None:
+    """accelerate GeneralTracker instances for Accelerator(log_with=...), started by init_trackers; None for none.
+    resumed_at: the step a resumed run continues from; TensorBoard hides what an earlier launch logged after it
+    (SummaryWriter's purge_step), since this launch logs those steps again."""
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
     trackers = []
     for name in tracker_names(report_to):
         if name == "tensorboard":
-            trackers.append(TensorBoardTracker("tensorboard", run_dir))  # RUN/tensorboard/
+            purge = {"purge_step": resumed_at + 1} if resumed_at is not None else {}
+            trackers.append(TensorBoardTracker("tensorboard", run_dir, **purge))  # RUN/tensorboard/
         elif name == "wandb":
             trackers.append(WandBTracker(PROJECT, name=run_dir.name, dir=str(run_dir)))  # offline too: WANDB_MODE=offline
         elif name == "mlflow":
