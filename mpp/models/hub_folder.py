@@ -31,16 +31,35 @@ def read_run_config(run_dir: str | Path) -> dict:
     return {}
 
 
-def write_timm_config(run_dir: str | Path, model: torch.nn.Module, meta: dict, label_names: list[str] | None = None) -> None:
-    """timm's own config.json (timm.models._hub.save_config_for_hf, what timm's push_to_hf_hub writes)."""
-    from timm.models._hub import save_config_for_hf
+# The pretrained_cfg keys that describe these weights: how to build, feed and read the model. The rest of
+# the architecture's default pretrained config (its tag, licence, source, paper) describes other weights.
+DESCRIBES_THESE_WEIGHTS = ("input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
+                           "num_classes", "pool_size", "first_conv", "classifier", "custom_load")
+
+
+def preprocessing(meta: dict) -> dict:
+    """The run's evaluation view as timm names it (resolve_data_config's keys): its size, resize, crop, mean and std."""
+    from mpp.data.dataset import EVAL_CROP_MODE, EVAL_CROP_PCT, EVAL_INTERPOLATION
 
     size = meta["img_size"]
-    model_config = {"pretrained_cfg": {"mean": tuple(meta["mean"]), "std": tuple(meta["std"]), "input_size": (3, size, size)}}
-    if label_names:
-        model_config["label_names"] = list(label_names)
-    save_config_for_hf(model, str(Path(run_dir) / TIMM_CONFIG), model_config=model_config,
-                       model_args={"img_size": size, "patch_size": meta["patch_size"]})
+    return {"input_size": (3, size, size), "interpolation": EVAL_INTERPOLATION, "crop_pct": EVAL_CROP_PCT,
+            "crop_mode": EVAL_CROP_MODE, "mean": tuple(meta["mean"]), "std": tuple(meta["std"])}
+
+
+def write_timm_config(run_dir: str | Path, model: torch.nn.Module, meta: dict, label_names: list[str] | None = None) -> None:
+    """timm's own config.json (timm.models._hub.save_config_for_hf, what timm's push_to_hf_hub writes), with the
+    run's preprocessing, so that timm.data.resolve_data_config + create_transform build the run's evaluation view,
+    and nothing of the architecture's default pretrained weights (tag, licence)."""
+    from timm.models._hub import save_config_for_hf
+
+    path = Path(run_dir) / TIMM_CONFIG
+    tmp = path.with_name(path.name + ".tmp")
+    save_config_for_hf(model, str(tmp), model_config={"label_names": list(label_names)} if label_names else None,
+                       model_args={"img_size": meta["img_size"], "patch_size": meta["patch_size"]}, data_config=preprocessing(meta))
+    config = json.loads(tmp.read_text())
+    config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k in DESCRIBES_THESE_WEIGHTS}
+    path.write_text(json.dumps(config, indent=2))
+    tmp.unlink()
 
 
 def hub_dataset_ids(*datasets: str | None) -> list[str]:
