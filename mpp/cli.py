@@ -122,9 +122,10 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default=d.dataset, help="labelled dataset: built-in (mnist5k, fashion-mnist[-upstream|-downstream], clipart[-upstream|-downstream]), local folder, parquet, Hub id")
     g.add_argument("--dataset-config", default=d.dataset_config, help="the Hub dataset's configuration name")
     g.add_argument("--train-split", default=d.train_split, help="split to train on")
-    g.add_argument("--eval-split", default=d.eval_split, help="held-out split for top-1 (the validation split when --test-split is given)")
+    g.add_argument("--eval-split", default=None, help="held-out split for top-1 (default: test; with --test-split it is the "
+                   "validation split, default: validation)")
     g.add_argument("--test-split", default=d.test_split, help="test split, scored once at the end with the weights of the best "
-                   "--eval-split top-1 (best.safetensors); never used to choose anything")
+                   "--eval-split top-1, which become model.safetensors (the last weights: last.safetensors); never used to choose anything")
     g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
     g.add_argument("--label-column", default=d.label_column, help="label column (detected: the only ClassLabel column)")
     g.add_argument("--train-per-class", type=int, default=d.train_per_class, help="low-label regime: N training images per class")

@@ -24,7 +24,7 @@ class FinetuneConfig:
     dataset: str = "fashion-mnist"
     dataset_config: str | None = None
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str | None = None  # default: "test", or "validation" when test_split is given
     test_split: str | None = None  # given: --eval-split selects the epoch, this split is scored once
     image_column: str | None = None
     label_column: str | None = None
@@ -76,6 +76,10 @@ class FinetuneConfig:
     hub_private: bool = False
     max_nonfinite_steps: int = 5
     derived: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.eval_split is None:  # with a test split, the held-out split that selects the epoch is the validation split
+            self.eval_split = "validation" if self.test_split else "test"
 
     def resolved(self, key: str):
         """The value of an optimisation knob: the flag when given, else the preset's."""
