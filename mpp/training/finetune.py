@@ -273,7 +273,7 @@ def finetune(cfg) -> dict:
             shutil.copyfile(earlier / "best.safetensors", run.run_dir / "best.safetensors")
     metrics_files = ([earlier / "metrics.jsonl"] if earlier else []) + [run.run_dir / "metrics.jsonl"]
     history = broadcast_object_list([eval_history(metrics_files, run.state["step"]) if acc.is_main_process else None])[0]
-    weights_meta = {**arch, "num_classes": len(data.class_names), "class_names": data.class_names, "init": cfg.init,
+    weights_meta = {**arch, "num_classes": len(data.class_names), "class_names": data.class_names, "init": public_path(cfg.init),
                     "mpp_version": __version__}
     best_file = run.run_dir / "best.safetensors"
 

@@ -142,7 +142,8 @@ def validate_run(cfg) -> None:
     if cfg.push_to_hub:
         from mpp.models.publish import check_can_push
 
-        check_can_push(cfg.push_to_hub)  # network and token: before any heavy work, not after hours of training
+        # network, token, write access, a private repo: before any heavy work, not after hours of training
+        check_can_push(cfg.push_to_hub, private=cfg.hub_private)
     lo, hi = cfg.crop_scale
     if not 0 < lo <= hi <= 1:
         raise UsageError(f"--crop-scale needs 0 < min <= max <= 1, got {lo} {hi}")
