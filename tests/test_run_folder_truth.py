@@ -254,3 +254,21 @@ def test_the_card_names_where_the_run_corrupted(tmp_path, corrupt_at, said, unsa
     export_weights(model, PretrainConfig(model="test_vit", img_size=28, patch_size=7, corrupt_at=corrupt_at), tmp_path, step=1)
     head = (tmp_path / "README.md").read_text().split("## Final metrics")[0]
     assert said in head and unsaid not in head and f"--corrupt-at {corrupt_at}" in head
+
+
+def test_a_replayed_fine_tuning_runs_the_preset_it_is_given(finetuned):
+    """run_config.json holds every knob as the run used it (paper preset, --lr and --warmup-steps given): replayed
+    as is, it is the same run; with --preset modern, every knob the run took from its preset is modern's, and the
+    two it was given stay, instead of paper's resolved values overriding modern's."""
+    from mpp.training.finetune_config import PRESET_KEYS, PRESETS
+
+    saved = json.loads((finetuned / "run_config.json").read_text())
+    assert saved["preset"] == "paper" and (saved["opt"], saved["lr"], saved["zero_head"]) == ("momentum", 0.1, True)
+    same = parse_finetune_config(["--config", str(finetuned / "run_config.json")])
+    assert {k: same.resolved(k) for k in PRESET_KEYS} == {k: saved[k] for k in PRESET_KEYS}
+    as_saved = json.loads(json.dumps(same.to_dict()))  # tuples as JSON lists
+    assert {k: v for k, v in as_saved.items() if k not in ("derived", "output_dir")} == \
+        {k: v for k, v in saved.items() if k not in ("derived", "output_dir")}
+    modern = parse_finetune_config(["--config", str(finetuned / "run_config.json"), "--preset", "modern"])
+    assert {k: modern.resolved(k) for k in PRESET_KEYS} == {**PRESETS["modern"], "lr": 0.1, "warmup_steps": 3}
+    assert (modern.dataset, modern.epochs, modern.test_split, modern.eval_split) == (saved["dataset"], 4, "test", "validation")

@@ -87,8 +87,11 @@ class FinetuneConfig:
         return PRESETS[self.preset][key] if value is None else value
 
     def to_dict(self) -> dict:
+        """Every value as the run used it, presets resolved; derived.from_preset lists the knobs that took the
+        preset's value, which a replay (--config) takes from the preset in effect rather than as given values."""
         d = asdict(self)
         d.update({k: self.resolved(k) for k in PRESET_KEYS})
+        d["derived"] = {**d["derived"], "from_preset": [k for k in PRESET_KEYS if getattr(self, k) is None]}
         return d
 
 
