@@ -101,6 +101,11 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if cfg.test_split is not None and cfg.test_split in (cfg.eval_split, cfg.train_split):
         which = "--eval-split" if cfg.test_split == cfg.eval_split else "--train-split"
         raise UsageError(f"--test-split {cfg.test_split} is also the {which}: the test split must be held out from training and model selection")
+    from mpp.data.builtin import check_split
+
+    for flag, split in [("--train-split", cfg.train_split), ("--eval-split", cfg.eval_split), ("--test-split", cfg.test_split)]:
+        if split is not None:
+            check_split(cfg.dataset, split, flag)
     if cfg.train_per_class is not None and cfg.train_fraction is not None:
         raise UsageError("give --train-per-class or --train-fraction, not both")
     if cfg.train_per_class is not None and cfg.train_per_class < 1:
