@@ -157,7 +157,8 @@ def build_finetune_parser() -> argparse.ArgumentParser:
 IGNORED_CONFIG_KEYS = ("derived", "config")  # what a saved run configuration holds besides flag values
 # Where a run goes, what it continues and where it is published belong to one invocation, not to the run's
 # settings: a configuration file (a replayed run_config.json above all) never sets them; the command line does.
-INVOCATION_KEYS = ("output_dir", "resume", "push_to_hub", "hub_private")
+# (hub_private is kept from a file: it only ever makes a push that the command line asks for private.)
+INVOCATION_KEYS = ("output_dir", "resume", "push_to_hub")
 
 
 def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> dict:

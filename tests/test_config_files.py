@@ -117,9 +117,9 @@ def test_replaying_a_run_configuration_reproduces_the_run_in_a_new_folder(hub, t
     first = tmp_path / "first"
     tiny = ["--dataset", "mnist5k", "--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "8",
             "--max-steps", "4", "--log-every", "2", "--checkpoint-every", "2", "--no-progress", "--workers", "0", "--report-to", "none"]
-    assert pretrain_main([*tiny, "--output-dir", str(first), "--resume", "auto", "--push-to-hub", "someone/mpp-test"]) == 0
+    assert pretrain_main([*tiny, "--output-dir", str(first), "--resume", "auto", "--push-to-hub", "someone/mpp-test", "--hub-private"]) == 0
     saved = json.loads((first / "run_config.json").read_text())
-    assert (saved["output_dir"], saved["resume"], saved["push_to_hub"]) == (str(first), "auto", "someone/mpp-test")
+    assert (saved["output_dir"], saved["resume"], saved["push_to_hub"], saved["hub_private"]) == (str(first), "auto", "someone/mpp-test", True)
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.iterdir() if p.is_file()}
     pushes = len(hub)
     capsys.readouterr()
@@ -135,8 +135,9 @@ def test_replaying_a_run_configuration_reproduces_the_run_in_a_new_folder(hub, t
     assert {k: v for k, v in replayed.items() if k not in INVOCATION} == {k: v for k, v in saved.items() if k not in INVOCATION}
     a, b = load_file(first / "model.safetensors"), load_file(replay / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same run again
-    # given on the command line, they count
-    assert parse_config(["--config", str(first / "run_config.json"), "--output-dir", "elsewhere"]).output_dir == "elsewhere"
+    # given on the command line, they count; a push then stays private as the run's was
+    again = parse_config(["--config", str(first / "run_config.json"), "--output-dir", "elsewhere", "--resume", "auto", "--push-to-hub", "someone/b"])
+    assert (again.output_dir, again.resume, again.push_to_hub, again.hub_private) == ("elsewhere", "auto", "someone/b", True)
 
 
-INVOCATION = ("output_dir", "resume", "push_to_hub", "hub_private", "derived")
+INVOCATION = ("output_dir", "resume", "push_to_hub", "derived")

@@ -43,9 +43,10 @@ def finetuned(three_splits, tmp_path_factory) -> Path:
     """A fine-tuning with --test-split alone (the validation split is then the default --eval-split), 4 epochs whose
     best validation epoch (1) is not the last: its card must describe the selected weights, not the last ones."""
     out = tmp_path_factory.mktemp("ft") / "run"
-    finetune(parse_finetune_config(["--dataset", str(three_splits), "--test-split", "test", "--init", "scratch", *ARCH,
+    results = finetune(parse_finetune_config(["--dataset", str(three_splits), "--test-split", "test", "--init", "scratch", *ARCH,
                                     "--batch-size", "16", "--epochs", "4", "--lr", "0.1", "--warmup-steps", "3", "--seed", "1",
                                     "--no-progress", "--workers", "0", "--report-to", "none", "--output-dir", str(out)]))
+    assert "stopped_by" not in results, results  # a signal would stop it before the folder is complete
     return out
 
 
