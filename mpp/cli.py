@@ -21,7 +21,7 @@ def add_run_flags(p: argparse.ArgumentParser, run: argparse._ArgumentGroup, d) -
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process, kept across epochs (default: 0 on CPU machines with <= 4 cores, else the cores per process but one)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"), help="RandomResizedCrop area range")
     g.add_argument("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
-    g.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image or missing label instead of skipping and counting it")
+    g.add_argument("--strict-data", action=argparse.BooleanOptionalAction, default=False, help="stop at the first unreadable image or missing label instead of skipping and counting it")
     g = p.add_argument_group("length")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per device per micro-batch")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
@@ -35,20 +35,22 @@ def add_run_flags(p: argparse.ArgumentParser, run: argparse._ArgumentGroup, d) -
     run.add_argument("--log-every", type=int, default=d.log_every, help="optimiser steps between metric records")
     run.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps,
                      help="stop after this many optimiser steps in a row with a non-finite gradient (each is skipped; checked at logging steps); 0: no check")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model (accelerate's dynamo plugin, inductor)")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model (accelerate's dynamo plugin, inductor)")
     run.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (default: the cores / processes on this machine; "
                      "accelerate launch without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run)")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar")
     run.add_argument("--report-to", default=d.report_to, choices=("tensorboard", "wandb", "mlflow", "all", "none"),
                      help="where metrics go besides metrics.jsonl, through accelerate's trackers (wandb: pip install 'vit-mpp[wandb]', "
                      "mlflow: 'vit-mpp[mlflow]'; 'all': every one installed)")
     run.add_argument("--push-to-hub", default=d.push_to_hub, metavar="REPO_ID",
                      help="upload the finished run folder (a timm hub folder, checkpoints left out) to this Hugging Face model repo; "
                      "needs a token (hf auth login) and the network, checked before training")
-    run.add_argument("--hub-private", action="store_true", help="with --push-to-hub: create the repo private")
+    run.add_argument("--hub-private", action=argparse.BooleanOptionalAction, default=False,
+                     help="with --push-to-hub: the repo must be private (created private; an existing public repo is refused before training)")
     run.add_argument("--config", default=None, help="YAML or JSON file of flag values (keys are the flags' names, e.g. img_size "
-                     "or img-size); flags on the command line win. A run's run_config.json replays that run (its 'derived' block is ignored). "
-                     "Examples: recipes/configs/")
+                     "or img-size; booleans as true/false, with --no-X on the command line to turn one off); flags on the command line win. "
+                     "A run's run_config.json replays that run in a new folder: where it went (output_dir), --resume and --push-to-hub "
+                     "are taken from the command line only, and its 'derived' block is ignored. Examples: recipes/configs/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset-config", default=d.dataset_config, help="the Hub dataset's configuration name")
     g.add_argument("--split", default=d.split, help="dataset split to pretrain on")
     g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
-    g.add_argument("--streaming", action="store_true", help="stream the dataset (iterable, sharded per process); needs --max-steps")
+    g.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=False, help="stream the dataset (iterable, sharded per process); needs --max-steps")
     g.add_argument("--decode", default=d.decode, choices=("cpu", "pil", "gpu"),
                    help="how JPEGs are decoded: cpu (at 1/2-1/8 scale in the DCT domain when the crop is at least twice the output, "
                    "else libjpeg-turbo through torchvision and torch's resize), pil (Pillow, the whole image, as before), "
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img-size", type=int, default=d.img_size, help="input resolution")
     g.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size (must divide --img-size); timm's argument, so for a "
                    "hybrid it is the patch on the CNN feature map (usually 1) and each token stands for img-size / grid pixels")
-    g.add_argument("--grad-checkpointing", action="store_true", help="timm's activation checkpointing (less memory, ~30%% slower)")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False, help="timm's activation checkpointing (less memory, ~30%% slower)")
 
     g = p.add_argument_group("objective")
     g.add_argument("--target", default=d.target, choices=list(TARGETS), help="what each corrupted patch predicts")
@@ -122,9 +124,10 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default=d.dataset, help="labelled dataset: built-in (mnist5k, fashion-mnist[-upstream|-downstream], clipart[-upstream|-downstream]), local folder, parquet, Hub id")
     g.add_argument("--dataset-config", default=d.dataset_config, help="the Hub dataset's configuration name")
     g.add_argument("--train-split", default=d.train_split, help="split to train on")
-    g.add_argument("--eval-split", default=d.eval_split, help="held-out split for top-1 (the validation split when --test-split is given)")
+    g.add_argument("--eval-split", default=None, help="held-out split for top-1 (default: test; with --test-split it is the "
+                   "validation split, default: validation)")
     g.add_argument("--test-split", default=d.test_split, help="test split, scored once at the end with the weights of the best "
-                   "--eval-split top-1 (best.safetensors); never used to choose anything")
+                   "--eval-split top-1, which become model.safetensors (the last weights: last.safetensors); never used to choose anything")
     g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
     g.add_argument("--label-column", default=d.label_column, help="label column (detected: the only ClassLabel column)")
     g.add_argument("--train-per-class", type=int, default=d.train_per_class, help="low-label regime: N training images per class")
@@ -135,7 +138,7 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=d.model, help="timm ViT for --init scratch (otherwise the weights' metadata decides)")
     g.add_argument("--img-size", type=int, default=d.img_size, help="resolution (default: the weights'; larger interpolates position embeddings)")
     g.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size for --init scratch (default 7)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="timm's activation checkpointing")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False, help="timm's activation checkpointing")
     g = p.add_argument_group("optimisation")
     g.add_argument("--preset", default=d.preset, choices=list(PRESETS), help="paper: SGD momentum, no wd, clip 1, zero head; modern: AdamW, layer decay, drop path, label smoothing, mixup/cutmix, RandAugment")
     for key, kind in [("opt", str), ("lr", float), ("weight_decay", float), ("layer_decay", float), ("drop_path", float),
@@ -152,11 +155,18 @@ def build_finetune_parser() -> argparse.ArgumentParser:
 
 
 IGNORED_CONFIG_KEYS = ("derived", "config")  # what a saved run configuration holds besides flag values
+# Where a run goes, what it continues and where it is published belong to one invocation, not to the run's
+# settings: a configuration file (a replayed run_config.json above all) never sets them; the command line does.
+# (hub_private is kept from a file: it only ever makes a push that the command line asks for private.)
+INVOCATION_KEYS = ("output_dir", "resume", "push_to_hub")
 
 
 def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> dict:
     """p.parse_args(argv) as a dict, with --config FILE's values as the defaults (command-line flags win).
-    Values are checked as the flags' own: converted by their type, restricted to their choices."""
+    Values are checked as the flags' own: converted by their type, restricted to their choices, booleans as
+    booleans. A saved run configuration lists in derived.from_preset the knobs that took its preset's value:
+    those come from the preset in effect (its own, or --preset on the command line), not from the file."""
+    import os
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
@@ -165,10 +175,16 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> dic
     path = first.parse_known_args(argv)[0].config
     if path:
         actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
-        values = {k.replace("-", "_"): v for k, v in read_config_file(path).items() if k.replace("-", "_") not in IGNORED_CONFIG_KEYS}
+        raw = {k.replace("-", "_"): v for k, v in read_config_file(path).items()}
+        from_preset = set((raw.get("derived") or {}).get("from_preset", [])) if isinstance(raw.get("derived"), dict) else set()
+        values = {k: v for k, v in raw.items() if k not in IGNORED_CONFIG_KEYS and k not in from_preset}
         unknown = sorted(set(values) - set(actions))
         if unknown:
             raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)} (keys are the flags' names; see --help)")
+        left = {k: values.pop(k) for k in INVOCATION_KEYS if k in values}
+        said = [f"{k}={v}" for k, v in left.items() if v not in (None, False)]
+        if said and os.environ.get("RANK", "0") == "0":
+            print(f"--config {path}: not taken from the file ({', '.join(said)}); give them on the command line", file=sys.stderr)
         p.set_defaults(**{k: flag_value(actions[k], v, path) for k, v in values.items()})
     values = vars(p.parse_args(argv))
     values.pop("config", None)
@@ -197,21 +213,41 @@ def read_config_file(path: str) -> dict:
     return values
 
 
+BOOLEAN_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+
+
 def flag_value(action: argparse.Action, value, path: str):
-    """A config file's value for one flag, as the command line would have made it: strings through the
-    flag's type (YAML reads 2e-4 as a string), lists for nargs flags, one of its choices."""
+    """A config file's value for one flag, as the command line would have made it, and as strictly: a boolean flag
+    takes true or false, a number flag a number (not a boolean), strings go through the flag's type (YAML reads 2e-4
+    as a string), lists for nargs flags, one of its choices; null only where the flag's default is null."""
     name = "--" + action.dest.replace("_", "-")
-    try:
-        if action.nargs not in (None, 0, "?") and value is not None:
-            value = [action.type(v) if action.type and isinstance(v, str) else v for v in (value if isinstance(value, (list, tuple)) else [value])]
-            if isinstance(action.nargs, int) and len(value) != action.nargs:
-                raise ValueError(f"takes {action.nargs} values, got {len(value)}")
-        elif isinstance(value, str) and action.type is not None:
-            value = action.type(value)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--config {path}: {name} {value!r}: {e}") from None
-    if action.choices is not None and value is not None and value not in action.choices:
-        raise UsageError(f"--config {path}: {name} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    if value is None:
+        if action.default is not None:
+            raise UsageError(f"--config {path}: {name} cannot be null (its default is {action.default!r})")
+        return None
+    if isinstance(action, BOOLEAN_ACTIONS):
+        if not isinstance(value, bool):
+            raise UsageError(f"--config {path}: {name} takes true or false (a YAML/JSON boolean), got {value!r}")
+        return value
+    kind = {int: "an integer", float: "a number"}.get(action.type, "a string")
+    multiple = action.nargs not in (None, "?")
+    items = list(value) if multiple and isinstance(value, (list, tuple)) else [value]
+    if not multiple and isinstance(value, (list, tuple, dict)):
+        raise UsageError(f"--config {path}: {name} takes one value, got {value!r}")
+    converted = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise UsageError(f"--config {path}: {name} takes {kind}, got {item!r}")
+        try:
+            converted.append(action.type(str(item)) if action.type is not None else str(item))
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--config {path}: {name} {item!r}: {e}") from None
+    if isinstance(action.nargs, int) and len(converted) != action.nargs:
+        raise UsageError(f"--config {path}: {name} {value!r}: takes {action.nargs} values, got {len(converted)}")
+    value = converted if multiple else converted[0]
+    for item in converted:
+        if action.choices is not None and item not in action.choices:
+            raise UsageError(f"--config {path}: {name} must be one of {', '.join(map(str, action.choices))}, got {item!r}")
     return value
 
 

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # Tests never reach a hub: fail fast instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,3 +88,45 @@ def make_digit_folder(tmp_path_factory):
         return root
 
     return make
+
+
+@pytest.fixture()
+def hub(monkeypatch):
+    """A Hub that answers: online, a token with write access, whoami works, the repo does not exist yet. create_repo
+    and create_commit are recorded, not sent: calls holds ("create_repo", repo_id, kwargs) and ("create_commit",
+    repo_id, {"files": {path_in_repo: the bytes that would be uploaded}, **kwargs}). hub.whoami / hub.repo can be
+    set to another whoami answer / an existing repo's info."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    calls = Recorded()
+    calls.whoami = {"name": "someone", "auth": {"accessToken": {"role": "write"}}}
+    calls.repo = None  # SimpleNamespace(private=...) for a repo that exists
+
+    def repo_info(self, repo_id, **k):
+        if calls.repo is None:
+            raise RepositoryNotFoundError(f"{repo_id} not found", response=SimpleNamespace(headers={}, status_code=404, request=None))
+        return calls.repo
+
+    def create_commit(self, repo_id, operations, **k):
+        files = {}
+        for op in operations:
+            content = op.path_or_fileobj
+            files[op.path_in_repo] = content if isinstance(content, bytes) else Path(content).read_bytes()
+        calls.append(("create_commit", repo_id, {**k, "files": files}))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: calls.whoami)
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: calls.append(("create_repo", repo_id, k)))
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda *a, **k: pytest.fail("upload_folder would upload the whole folder"))
+    return calls
+
+
+class Recorded(list):
+    """A list of recorded calls with attributes for the answers to give."""

@@ -59,7 +59,7 @@ BAD = [
     (["--epochs", "0"], "--epochs must be positive"),
     (["--img-size", "7", "--patch-size", "7"], "gives one patch"),
     (["--dataset", "mnist5k", "--batch-size", "6000"], "more than the 5000 images"),
-    (["--eval-dataset", "mnist5k"], "--eval-dataset needs a labelled set with train and test splits: --dataset mnist5k: mnist5k has only a 'train' split"),
+    (["--eval-dataset", "mnist5k"], "--eval-dataset needs a labelled set with train and test splits: mnist5k has the splits train"),
     (["--eval-every-steps", "0"], "--eval-every-steps must be at least 1"),
 ]
 

@@ -130,6 +130,7 @@ BAD = [
     (["--dataset", "./no/such/place"], "no such file or folder"),
     (["--opt", "rmsprop_tf_fancy"], "--opt 'rmsprop_tf_fancy'"),
     (["--test-split", "train"], "--test-split train is also the --eval-split"),
+    (["--eval-split", "test", "--test-split", "test"], "--test-split test is also the --eval-split"),
 ]
 
 

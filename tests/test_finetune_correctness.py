@@ -144,7 +144,9 @@ def test_selection_on_validation_scores_test_once_and_survives_a_resume(tmp_path
     assert read_metadata(full / "best.safetensors")["epoch"] == str(done["best_epoch"])
     assert done["test_top1"] == pytest.approx(test_accuracy(full / "best.safetensors", three_splits, "test"))
     assert done["best_val_top1"] == pytest.approx(test_accuracy(full / "best.safetensors", three_splits, "validation"))
-    assert done["final_top1"] == pytest.approx(test_accuracy(full / "model.safetensors", three_splits, "validation"))
+    assert done["final_top1"] == pytest.approx(test_accuracy(full / "last.safetensors", three_splits, "validation"))
+    model, selected = load_file(full / "model.safetensors"), load_file(full / "best.safetensors")  # the folder loads the selection
+    assert all(torch.equal(model[k], selected[k]) for k in selected)
     assert done["eval_unreadable"] == 0 and done["test_unreadable"] == 0 and done["test_images"] == 24
 
     # killed after the step-12 checkpoint (end of epoch 1): later checkpoints and the final files never written
@@ -154,6 +156,7 @@ def test_selection_on_validation_scores_test_once_and_survives_a_resume(tmp_path
         shutil.rmtree(killed / "checkpoints" / later)
     (killed / "results.json").unlink()
     (killed / "model.safetensors").unlink()
+    (killed / "last.safetensors").unlink()
     run_finetune(args + ["--output-dir", str(killed), "--resume", "auto"])
     resumed = json.loads((killed / "results.json").read_text())
     for key in ("history", "best_top1", "best_val_top1", "best_epoch", "best_step", "test_top1", "final_top1"):

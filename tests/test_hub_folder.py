@@ -58,7 +58,7 @@ def test_the_model_card_has_hub_front_matter_and_says_how_to_load(exported):
     assert card.startswith("---\n")
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "timm" and "masked-patch-prediction" in front["tags"] and front["license"]
-    assert f'timm.create_model("local-dir:{run}", pretrained=True)' in card
+    assert f'timm.create_model("local-dir:path/to/{run.name}", pretrained=True)' in card and str(run) not in card
     timm_config = json.loads((run / "config.json").read_text())
     args = timm_config["model_args"]
     assert timm_config["architecture"] == "test_vit" and args["patch_size"] == 7 and args["img_size"] in (28, [28, 28])
@@ -70,7 +70,7 @@ def digits(make_digit_folder):
     return make_digit_folder(["zero", "one", "two"], train=6, test=3)
 
 
-def test_a_fine_tuned_run_loads_in_timm_alone_with_its_labels(exported, digits, tmp_path):
+def test_a_fine_tuned_run_loads_in_timm_alone_with_its_labels(exported, digits, tmp_path, hub):
     run, _ = exported
     out_dir = tmp_path / "ft"
     finetune(parse_finetune_config(["--dataset", str(digits), "--init", str(run / "model.safetensors"), "--max-steps", "2",
@@ -88,6 +88,16 @@ def test_a_fine_tuned_run_loads_in_timm_alone_with_its_labels(exported, digits, 
     assert "image-classification" in yaml.safe_load(card.split("---\n")[1])["tags"]
     assert f"{results['final_top1']:.4f}" in card
     assert read_run_config(out_dir)["init"] == str(run / "model.safetensors")
+    # published: the allow-list, and no path of this machine in the card, the configuration or the weights' metadata
+    from mpp.commands.push import main as push_main
+
+    assert push_main([str(out_dir), "someone/ft"]) == 0
+    files = hub[-1][2]["files"]
+    assert set(files) == {"model.safetensors", "config.json", "README.md", "run_config.json", "metrics.jsonl", "summary.json"}
+    for name, content in files.items():
+        for local in (out_dir, run, digits):
+            assert str(local).encode() not in content, (name, local)
+    assert json.loads(files["run_config.json"])["init"] == f"<local>/{run.name}/model.safetensors"
 
 
 def test_the_run_config_is_its_own_file_and_old_folders_still_read(exported, tmp_path):

@@ -86,6 +86,35 @@ def test_draft_decoding_keeps_the_crop_and_loses_little():
     assert max(diffs) < 2.0 and np.mean(diffs) < 1.5, diffs  # mean absolute difference per pixel (measured 0.8-1.3)
 
 
+def ramp_jpeg(width: int, height: int) -> bytes:
+    """A JPEG whose red rises from 0 to 255 left to right and whose green rises top to bottom."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return jpeg_bytes(Image.fromarray(np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8)), quality=95)
+
+
+@pytest.mark.parametrize("width, height", [(333, 251), (517, 389), (255, 201)])
+def test_draft_decoding_keeps_the_crop_where_it_is_on_odd_sizes(width, height):
+    """libjpeg's image at 1/s scale is exactly 1/s of the full one (its pixel i averages full pixels [i s, (i + 1) s));
+    on sizes that are not multiples of s, mapping the box by reduced size / full size shifted every crop toward the
+    bottom right. On a ramp the mean difference to the pil path (the whole image decoded) is that shift times the
+    slope: measured here in full-size pixels (0.47-1.42 px with the old map, under 0.02 with the exact one)."""
+    data = ramp_jpeg(width, height)
+    full, drafted = CropFlip(32, hflip=0, fast=False), CropFlip(32, hflip=0, fast=True)  # no flip: a flip reverses the ramp
+    differences, reduced = [], 0
+    for seed in range(24):
+        a = seeded(full, Image.open(io.BytesIO(data)), seed).float()
+        b = seeded(drafted, Image.open(io.BytesIO(data)), seed).float()
+        box = seeded(lambda _: drafted.sample(height, width), None, seed)
+        reduced += bool(draft_jpeg(Image.open(io.BytesIO(data)), box, 32))
+        differences.append(b - a)  # (3, 32, 32)
+    d = torch.stack(differences)
+    shift_x, shift_y = d[:, 0].mean() / (255 / (width - 1)), d[:, 1].mean() / (255 / (height - 1))  # full-size pixels
+    assert reduced >= 20  # the draft path is the one measured
+    assert abs(shift_x) < 0.1 and abs(shift_y) < 0.1, (shift_x, shift_y)
+    assert d.abs().mean() < 1.0
+
+
 def test_draft_never_decodes_below_the_output_resolution():
     data = jpeg_bytes(photo(2, (640, 480)))
     tf = CropFlip(200, fast=True)

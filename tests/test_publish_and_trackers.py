@@ -1,9 +1,9 @@
 """--push-to-hub (everything up to huggingface_hub's upload call) and --report-to (accelerate's trackers, offline)."""
 import json
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import HfApi
-from huggingface_hub.utils import filter_repo_objects
 
 from mpp.commands.pretrain import main as pretrain_main
 from mpp.commands.push import main as push_main
@@ -13,33 +13,37 @@ TINY = ["--dataset", "mnist5k", "--model", "test_vit", "--img-size", "28", "--pa
         "--max-steps", "4", "--log-every", "2", "--checkpoint-every", "2", "--no-progress", "--workers", "0"]
 
 
-@pytest.fixture()
-def hub(monkeypatch):
-    """A Hub that answers: online, a token, whoami works; create_repo and upload_folder are recorded, not sent."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    calls = []
-    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "someone"})
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: calls.append(("create_repo", repo_id, k)))
-
-    def upload_folder(self, **k):
-        # what huggingface_hub would upload: the folder's files filtered by the same patterns
-        files = sorted(str(p.relative_to(k["folder_path"])) for p in __import__("pathlib").Path(k["folder_path"]).rglob("*") if p.is_file())
-        calls.append(("upload_folder", k["repo_id"], {**k, "files": list(filter_repo_objects(files, ignore_patterns=k["ignore_patterns"]))}))
-        return "https://huggingface.co/someone/mpp-test/commit/0"
-
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
+UPLOADED = {"model.safetensors", "config.json", "README.md", "run_config.json", "metrics.jsonl", "summary.json"}
 
 
-def test_a_finished_run_is_uploaded_as_a_hub_folder_without_checkpoints(hub, tmp_path, capsys):
+def test_a_finished_run_uploads_its_allow_list_without_local_paths(hub, tmp_path, capsys):
+    """The weights, timm's config, the card, run_config.json, metrics.jsonl and summary.json, nothing else (not the
+    checkpoints, not tensorboard/ whose event file names carry the host name), and no absolute path of this machine
+    in any of them, although the run folder and the data were given as absolute paths."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "images" / "all"
+    data.mkdir(parents=True)
+    for i in range(16):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    (data / "broken.png").write_bytes(b"not a png")  # named in summary.json by its path
     out = tmp_path / "run"
-    assert pretrain_main([*TINY, "--output-dir", str(out), "--push-to-hub", "someone/mpp-test", "--hub-private"]) == 0
-    (_, repo, create), (_, repo2, upload) = hub
+    argv = [*TINY, "--dataset", str(data.parent), "--batch-size", "4", "--output-dir", str(out), "--push-to-hub", "someone/mpp-test", "--hub-private"]
+    assert pretrain_main(argv) == 0
+    (_, repo, create), (_, repo2, commit) = hub
     assert repo == repo2 == "someone/mpp-test" and create["private"] is True and create["exist_ok"] is True
-    assert upload["folder_path"] == str(out) and upload["repo_type"] == "model"
-    assert {"model.safetensors", "config.json", "README.md", "run_config.json", "metrics.jsonl"} <= set(upload["files"])
-    assert (out / "checkpoints").is_dir() and not any(f.startswith("checkpoints") for f in upload["files"])
+    assert set(commit["files"]) == UPLOADED and commit["repo_type"] == "model"
+    assert (out / "checkpoints").is_dir() and (out / "tensorboard").is_dir()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bad_images"] >= 1 and str(tmp_path) in json.dumps(summary)  # the local file names a path ...
+    assert str(tmp_path) in (out / "run_config.json").read_text()
+    for name, content in commit["files"].items():
+        assert str(tmp_path).encode() not in content and b"/tmp/" not in content, name  # ... the uploaded copy does not
+    uploaded = json.loads(commit["files"]["run_config.json"])
+    assert uploaded["dataset"] == f"<local>/{tmp_path.name}/images"
+    assert uploaded["output_dir"] == f"<local>/{tmp_path.name}/run" and uploaded["model"] == "test_vit"
+    assert commit["files"]["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert 'hf-hub:someone/mpp-test' in capsys.readouterr().out
 
 
@@ -48,7 +52,8 @@ def test_the_push_command_uploads_an_existing_run(hub, tmp_path):
     assert pretrain_main([*TINY, "--output-dir", str(out)]) == 0
     assert hub == []  # no --push-to-hub: nothing sent
     assert push_main([str(out), "someone/later"]) == 0
-    assert [c[:2] for c in hub] == [("create_repo", "someone/later"), ("upload_folder", "someone/later")]
+    assert [c[:2] for c in hub] == [("create_repo", "someone/later"), ("create_commit", "someone/later")]
+    assert set(hub[1][2]["files"]) == UPLOADED
 
 
 @pytest.mark.parametrize("env, whoami_fails, expected", [
@@ -67,9 +72,44 @@ def test_a_push_that_cannot_happen_is_refused_before_training(refused, monkeypat
         return {"name": "someone"}
 
     monkeypatch.setattr(HfApi, "whoami", whoami)
-    monkeypatch.setattr(HfApi, "upload_folder", lambda *a, **k: pytest.fail("uploaded"))
+    monkeypatch.setattr(HfApi, "create_commit", lambda *a, **k: pytest.fail("uploaded"))
     line = refused(pretrain_main, [*TINY, "--push-to-hub", "someone/mpp-test"])
     assert line.startswith("error: --push-to-hub someone/mpp-test: ") and expected in line
+
+
+READ_ONLY = {"name": "someone", "auth": {"accessToken": {"role": "read"}}}
+
+
+def fine_grained(*permissions: str, entity: str = "someone") -> dict:
+    """whoami-v2's answer for a fine-grained token with these permissions on one user or organisation."""
+    scoped = [{"entity": {"type": "user", "name": entity}, "permissions": list(permissions)}]
+    return {"name": "someone", "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {"global": [], "scoped": scoped}}}}
+
+
+@pytest.mark.parametrize("whoami, repo, expected", [
+    (READ_ONLY, None, "someone/mpp-test: the token is read-only (role read)"),
+    (fine_grained("repo.content.read"), None, "the fine-grained token has no repo.write permission for someone"),
+    (fine_grained("repo.write", entity="another-org"), None, "no repo.write permission for someone"),
+    ({"name": "someone", "auth": {"accessToken": {"role": "write"}}}, SimpleNamespace(private=False),
+     "with --hub-private: the repo exists and is public"),
+])
+def test_a_push_the_hub_would_refuse_is_refused_before_training(hub, refused, whoami, repo, expected):
+    hub.whoami, hub.repo = whoami, repo
+    line = refused(pretrain_main, [*TINY, "--push-to-hub", "someone/mpp-test", "--hub-private"])
+    assert line.startswith("error: --push-to-hub someone/mpp-test") and expected in line
+    assert hub == []  # nothing created, nothing uploaded
+
+
+def test_tokens_and_repos_that_can_take_a_private_push_pass_the_check(hub):
+    from mpp.models.publish import check_can_push
+
+    for whoami, repo in [(fine_grained("repo.content.read", "repo.write"), SimpleNamespace(private=True)),
+                         (fine_grained("repo.write", entity="someone/mpp-test"), None),
+                         ({"name": "someone"}, None)]:  # a whoami without token details: nothing to judge by
+        hub.whoami, hub.repo = whoami, repo
+        check_can_push("someone/mpp-test", private=True)
+    hub.repo = SimpleNamespace(private=False)
+    check_can_push("someone/mpp-test", private=False)  # a public push into a public repo
 
 
 def test_a_bad_repo_id_and_a_folder_that_is_not_a_run_are_refused(refused, tmp_path, capsys):

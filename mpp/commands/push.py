@@ -10,13 +10,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="push_to_hub.py",
         description="Upload a finished pretraining or fine-tuning run folder (model.safetensors, timm's config.json, the model "
-        "card README.md, metrics; checkpoints left out) to a Hugging Face model repo, created if needed. "
+        "card README.md, run_config.json, metrics.jsonl and summary.json, absolute local paths replaced; nothing else) to a "
+        "Hugging Face model repo, created if needed. "
         "It then loads anywhere with timm.create_model('hf-hub:REPO_ID', pretrained=True).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     p.add_argument("repo_id", metavar="REPO_ID", help="USER/NAME or ORG/NAME")
-    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--private", action="store_true", help="the repo must be private: created private, an existing public repo refused")
     return p
 
 
@@ -24,7 +25,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     run_dir = Path(args.run_dir)
     check_hub_folder(run_dir)
-    check_can_push(args.repo_id, flag="REPO_ID")
+    check_can_push(args.repo_id, flag="REPO_ID", private=args.private)
     publish(run_dir, args.repo_id, args.private)
     return 0
 

@@ -81,11 +81,12 @@ class CropFlip:
             return crop_tensor(image, box, self.size)
         box = self.sample(*shown_size(image))
         if self.fast and deferrable(image):
-            reduced = draft_jpeg(image, box, self.size)
-            if reduced:  # decoded at 1/r scale: the box in the reduced image's coordinates, sub-pixel
+            scale = draft_jpeg(image, box, self.size)
+            if scale:  # decoded at 1/scale: the box in the reduced image's coordinates, sub-pixel
                 image = pil_to_rgb(image)
-                sx, sy = image.width / reduced[0], image.height / reduced[1]
-                area = (box.left * sx, box.top * sy, (box.left + box.width) * sx, (box.top + box.height) * sy)
+                # libjpeg's reduced pixel i averages full pixels [i * scale, (i + 1) * scale): the map is exactly
+                # 1/scale, not reduced size / full size, which ceil() makes larger (a shift to the bottom right)
+                area = (box.left / scale, box.top / scale, (box.left + box.width) / scale, (box.top + box.height) / scale)
                 return self.finish(as_tensor(image.resize((self.size, self.size), PILImage.BILINEAR, box=area)), box)
             if read is not None:
                 return crop_tensor(decode_jpeg_rgb(read()), box, self.size)
@@ -132,9 +133,10 @@ def deferrable(image: PILImage.Image) -> bool:
     return image.format == "JPEG" and image.mode in ("RGB", "L") and bool(getattr(image, "tile", None)) and orientation(image) == 1
 
 
-def draft_jpeg(image: PILImage.Image, box: CropBox, size: int) -> tuple[int, int] | None:
+def draft_jpeg(image: PILImage.Image, box: CropBox, size: int) -> int | None:
     """Ask libjpeg to decode at 1/r scale, the largest r in 8, 4, 2 that keeps the crop at least `size`
-    pixels on each side (so no resolution is lost); returns the full (width, height) when it did."""
+    pixels on each side (so no resolution is lost); returns the scale it decoded at (Pillow may take a
+    smaller one than asked), None when it decodes in full."""
     if not deferrable(image):
         return None
     room = min(box.height, box.width) / size  # how far the crop may shrink before it is smaller than the output
@@ -142,8 +144,10 @@ def draft_jpeg(image: PILImage.Image, box: CropBox, size: int) -> tuple[int, int
     if r == 1:
         return None
     full = image.size
-    image.draft("RGB" if image.mode == "RGB" else "L", (math.ceil(full[0] / r), math.ceil(full[1] / r)))
-    return full if image.size != full else None
+    drafted = image.draft("RGB" if image.mode == "RGB" else "L", (math.ceil(full[0] / r), math.ceil(full[1] / r)))
+    if drafted is None or image.size == full:
+        return None
+    return round(full[0] / drafted[1][2])  # draft's box is (0, 0, width / scale, height / scale)
 
 
 def defer_or_apply(image: PILImage.Image, data: bytes | None, transform: CropFlip, name: str = ""):

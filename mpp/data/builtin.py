@@ -112,16 +112,23 @@ def _photographs() -> list[np.ndarray]:
     return [p[..., :3] for p in photos]
 
 
+PHOTOS_SPLITS = ("train", "validation", "test")
+PHOTOS_SEED_OFFSETS = {"train": 0, "test": 1, "validation": 2}  # the crops of seed s: rng seed s + offset
+
+
 def photos(split: str = "train", num_crops: int = 4000, size: int = 64, seed: int = 0) -> Dataset:
     """Random square crops (side 1/8 to 1/2 of the photo's short side) resized to size x size.
 
     Each crop's colour channels are permuted and each channel inverted with probability 1/2:
     natural photographs alone reach fewer than 200 of the 512 3-bit colour classes, these crops
-    reach all of them. Unlabelled; 'train' and 'test' are different crops of the same photographs.
+    reach all of them. Unlabelled; 'train', 'validation' and 'test' are different crops of the same
+    photographs (random generators seeded seed, seed + 2 and seed + 1).
     """
     from PIL import Image
 
-    rng = np.random.default_rng(seed + (0 if split == "train" else 1))
+    if split not in PHOTOS_SPLITS:
+        raise ValueError(f"photos has splits 'train', 'validation' and 'test', not {split!r}")
+    rng = np.random.default_rng(seed + PHOTOS_SEED_OFFSETS[split])
     sources = [Image.fromarray(p) for p in _photographs()]
     crops = np.empty((num_crops, size, size, 3), dtype=np.uint8)
     for i in range(num_crops):
@@ -177,11 +184,27 @@ def colour_mix(split: str = "train", root: Path = OPENCLIPART_DIR, photo_crops: 
         raise ValueError(f"colour-mix has splits 'train', 'validation' and 'test', not {split!r}")
     data = load_clipart(root)
     keep = data["splits"] == split
-    crops_seed = {"train": 0, "test": 0, "validation": 1}[split]  # photos offsets non-train seeds by 1
     if photo_crops is None:
         photo_crops = 4000 if split == "train" else 800
-    crops = photos("train" if split == "train" else "test", photo_crops, seed=crops_seed)
+    crops = photos(split, photo_crops)
     return _array_dataset(np.concatenate([data["images"][keep], np.asarray(crops.with_format("numpy")["image"])]), None, None)
+
+
+# The splits of each built-in set, checked with the flags before anything is loaded (each function refuses
+# other names too, naming the same splits).
+BUILTIN_SPLITS = {
+    "mnist5k": ("train",), "fashion-mnist": ("train", "test"), "photos": PHOTOS_SPLITS,
+    "fashion-mnist-upstream": ("train", "validation", "test"), "fashion-mnist-downstream": ("train", "validation", "test"),
+    "clipart": CLIPART_SPLITS, "clipart-upstream": CLIPART_SPLITS, "clipart-downstream": CLIPART_SPLITS, "colour-mix": CLIPART_SPLITS,
+}
+
+
+def check_split(dataset: str, split: str, flag: str) -> None:
+    """Raises UsageError when `dataset` is a built-in set without `split`, naming its splits."""
+    from mpp.errors import UsageError
+
+    if dataset in BUILTIN_SPLITS and split not in BUILTIN_SPLITS[dataset]:
+        raise UsageError(f"{flag} {split}: {dataset} has the splits {', '.join(BUILTIN_SPLITS[dataset])}")
 
 
 BUILTIN_DATASETS = {

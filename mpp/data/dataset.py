@@ -538,6 +538,12 @@ def stack_images(images: list) -> torch.Tensor:
     return torch.stack([x if isinstance(x, torch.Tensor) else torch.zeros(3, size, size, dtype=torch.uint8) for x in images])
 
 
+# The evaluation view: the shorter side resized to the input size (bilinear), then the centre crop
+# (crop_pct 1.0). timm's config.json in a run folder names the same, so that timm.data.create_transform
+# builds this view from it (models/hub_folder.py).
+EVAL_INTERPOLATION, EVAL_CROP_PCT, EVAL_CROP_MODE = "bilinear", 1.0, "center"
+
+
 def timm_transform(img_size: int, training: bool, crop_scale=(0.35, 1.0), hflip: float = 0.5, auto_augment: str | None = None):
     """timm's own transforms (RandomResizedCrop, flip, RandAugment; or resize + centre crop for
     evaluation) on RGB PIL images or (3, H, W) uint8 tensors, returning uint8 tensors: normalisation
@@ -549,7 +555,8 @@ def timm_transform(img_size: int, training: bool, crop_scale=(0.35, 1.0), hflip:
         tf = create_transform(img_size, is_training=True, scale=tuple(crop_scale), hflip=hflip, auto_augment=auto_augment,
                               color_jitter=None, normalize=False)
     else:
-        tf = create_transform(img_size, is_training=False, crop_pct=1.0, normalize=False)
+        tf = create_transform(img_size, is_training=False, interpolation=EVAL_INTERPOLATION, crop_pct=EVAL_CROP_PCT,
+                              crop_mode=EVAL_CROP_MODE, normalize=False)
     return lambda image: tf(image if isinstance(image, PILImage.Image) else to_pil_image(image))
 
 

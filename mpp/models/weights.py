@@ -7,6 +7,7 @@ folder (hub_folder.py), loads as timm.create_model("local-dir:RUN", pretrained=T
                       pretrained_cfg_overlay=dict(file=path, num_classes=0, custom_load=False, mean=..., std=...))
 """
 import json
+import os
 from pathlib import Path
 
 import timm
@@ -24,7 +25,15 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     tmp = Path(str(path) + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", **meta})
+    os.chmod(tmp, default_file_mode())  # safetensors creates its files 0600; the run's other files follow the umask
     tmp.replace(path)  # atomic: a kill never leaves a half-written weight file under the real name
+
+
+def default_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process's umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -21,7 +21,7 @@ from mpp.data.loader import default_workers, leave_stop_signals_to_main, trainin
 from mpp.training.loop import (LoopSettings, RunError, capped_warmup, finish, fit, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
 from mpp.models.publish import publish
-from mpp.models.hub_folder import hub_dataset_ids, write_model_card, write_timm_config
+from mpp.models.hub_folder import hub_dataset_ids, public_path, write_model_card, write_timm_config
 from mpp.models.weights import load_encoder_weights, load_tensors, read_metadata, save_weights
 
 
@@ -135,19 +135,33 @@ def save_classifier(path: Path, model, metadata: dict) -> None:
     save_weights(path, plain_model(model).state_dict(), metadata)
 
 
-def write_finetuning_card(run_dir: Path, cfg, arch: dict, results: dict, num_classes: int) -> None:
-    """README.md of a fine-tuned run (with timm's config.json and model.safetensors: a timm hub folder)."""
-    metrics = {f"top-1 on {cfg.eval_split} (final)": results["final_top1"], f"top-1 on {cfg.eval_split} (best epoch)": results["best_top1"]}
+def card_metrics(cfg, results: dict) -> dict:
+    """The card's top-1 rows, each naming the weights it scores: model.safetensors is what the folder loads
+    (with --test-split the best validation epoch's weights, last.safetensors the last ones; without, the last)."""
     if "test_top1" in results:
-        metrics[f"top-1 on {cfg.test_split} (best validation epoch's weights)"] = results["test_top1"]
+        best = f"model.safetensors: the best {cfg.eval_split} epoch's weights (epoch {results['best_epoch']})"
+        return {f"top-1 on {cfg.test_split}, {best}": results["test_top1"],
+                f"top-1 on {cfg.eval_split}, {best}": results["best_val_top1"],
+                f"top-1 on {cfg.eval_split}, last.safetensors: the last weights": results["final_top1"]}
+    return {f"top-1 on {cfg.eval_split}, model.safetensors: the last weights": results["final_top1"],
+            f"top-1 on {cfg.eval_split}, the best evaluated epoch (its weights are not kept; --test-split keeps them)": results["best_top1"]}
+
+
+def write_finetuning_card(run_dir: Path, cfg, arch: dict, results: dict) -> None:
+    """README.md of a fine-tuned run (with timm's config.json and model.safetensors: a timm hub folder)."""
+    metrics = card_metrics(cfg, results)
     write_model_card(
         run_dir, title=f"{arch['timm_model']}, fine-tuned on {Path(cfg.dataset).name}",
-        summary=f"A timm `{arch['timm_model']}` classifier fine-tuned on `{cfg.dataset}` from `{cfg.init}`.",
+        summary=f"A timm `{arch['timm_model']}` classifier fine-tuned on `{public_path(cfg.dataset)}` from `{public_path(cfg.init)}`.",
         facts={"timm model": f"`{arch['timm_model']}`", "image size / patch": f"{arch['img_size']} / {arch['patch_size']}",
-               "initialised from": f"`{cfg.init}`", "steps": results["steps"], "training images": results["train_images"],
-               "preset": cfg.preset, "data": f"`{cfg.dataset}` (train: {cfg.train_split}, evaluated: {cfg.eval_split})"},
+               "initialised from": f"`{public_path(cfg.init)}`", "steps": results["steps"], "training images": results["train_images"],
+               "preset": cfg.preset, "data": f"`{public_path(cfg.dataset)}` (train: {cfg.train_split}, evaluated: {cfg.eval_split}"
+               + (f", test: {cfg.test_split})" if cfg.test_split else ")")},
         metrics=metrics, tags=["timm", "image-classification", "vision-transformer"],
-        datasets=hub_dataset_ids(cfg.dataset), num_classes=num_classes)
+        datasets=hub_dataset_ids(cfg.dataset),
+        use=['label = model.pretrained_cfg["label_names"][model(x).argmax(1).item()]  # the class names of config.json'],
+        note="The classifier of the label names in `config.json`, with the weights the metrics above name "
+             "(`model.safetensors`); `num_classes=0` gives features only, `num_classes=N` a fresh head for another task.")
 
 
 def eval_history(metrics_files: list[Path], last_step: int) -> list[dict]:
@@ -271,7 +285,7 @@ def finetune(cfg) -> dict:
             shutil.copyfile(earlier / "best.safetensors", run.run_dir / "best.safetensors")
     metrics_files = ([earlier / "metrics.jsonl"] if earlier else []) + [run.run_dir / "metrics.jsonl"]
     history = broadcast_object_list([eval_history(metrics_files, run.state["step"]) if acc.is_main_process else None])[0]
-    weights_meta = {**arch, "num_classes": len(data.class_names), "class_names": data.class_names, "init": cfg.init,
+    weights_meta = {**arch, "num_classes": len(data.class_names), "class_names": data.class_names, "init": public_path(cfg.init),
                     "mpp_version": __version__}
     best_file = run.run_dir / "best.safetensors"
 
@@ -306,25 +320,28 @@ def finetune(cfg) -> dict:
         "train_images": len(data.train), "eval_images": len(data.eval), "eval_unreadable": left_out, "history": history,
         "config": cfg.to_dict(),
     }
+    # the folder's model.safetensors is what the card's test top-1 describes: with --test-split the selected
+    # (best validation) weights, the last ones beside it in last.safetensors
     if acc.is_main_process:
-        save_classifier(run.run_dir / "model.safetensors", model, {**weights_meta, "steps": result.step})
+        save_classifier(run.run_dir / ("last.safetensors" if cfg.test_split else "model.safetensors"), model,
+                        {**weights_meta, "steps": result.step})
     if cfg.test_split:
         last_epoch = train_images.epoch if result.step > run.state["step"] else run.state["epoch"]  # no step: a finished run
         results.update(score_best_on_test(acc, model, test_loader, best_file, history, final, last_epoch, result.step,
                                           keep_if_best, mean, std))
         results["test_images"] = len(data.test)
+        predictions = results.pop("test_predictions")
         if acc.is_main_process:  # per image, for intervals over test images as well as seeds
-            (run.run_dir / "test_predictions.json").write_text(json.dumps(results.pop("test_predictions")))
-        else:
-            results.pop("test_predictions")
+            (run.run_dir / "test_predictions.json").write_text(json.dumps(predictions))
+            save_weights(run.run_dir / "model.safetensors", load_tensors(best_file), read_metadata(best_file))
     if acc.is_main_process:
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         write_timm_config(run.run_dir, plain_model(model), weights_meta, label_names=[str(c) for c in data.class_names])
-        write_finetuning_card(run.run_dir, cfg, arch, results, len(data.class_names))
+        write_finetuning_card(run.run_dir, cfg, arch, results)
         acc.print(f"top-1 on {cfg.eval_split}: final {final:.4f}, best {results['best_top1']:.4f}"
                   + (f" ({left_out} unreadable images left out)" if left_out else "")
-                  + (f"; on {cfg.test_split} with the best epoch's weights ({results['best_epoch']}): {results['test_top1']:.4f}"
-                     if cfg.test_split else ""))
+                  + (f"; on {cfg.test_split} with the best epoch's weights ({results['best_epoch']}, now model.safetensors; "
+                     f"the last weights are last.safetensors): {results['test_top1']:.4f}" if cfg.test_split else ""))
     write_summary(run, result, {"final_top1": final})
     finish(run)
     if cfg.push_to_hub and acc.is_main_process:

@@ -24,7 +24,7 @@ class FinetuneConfig:
     dataset: str = "fashion-mnist"
     dataset_config: str | None = None
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str | None = None  # default: "test", or "validation" when test_split is given
     test_split: str | None = None  # given: --eval-split selects the epoch, this split is scored once
     image_column: str | None = None
     label_column: str | None = None
@@ -77,14 +77,21 @@ class FinetuneConfig:
     max_nonfinite_steps: int = 5
     derived: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.eval_split is None:  # with a test split, the held-out split that selects the epoch is the validation split
+            self.eval_split = "validation" if self.test_split else "test"
+
     def resolved(self, key: str):
         """The value of an optimisation knob: the flag when given, else the preset's."""
         value = getattr(self, key)
         return PRESETS[self.preset][key] if value is None else value
 
     def to_dict(self) -> dict:
+        """Every value as the run used it, presets resolved; derived.from_preset lists the knobs that took the
+        preset's value, which a replay (--config) takes from the preset in effect rather than as given values."""
         d = asdict(self)
         d.update({k: self.resolved(k) for k in PRESET_KEYS})
+        d["derived"] = {**d["derived"], "from_preset": [k for k in PRESET_KEYS if getattr(self, k) is None]}
         return d
 
 
@@ -94,6 +101,11 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if cfg.test_split is not None and cfg.test_split in (cfg.eval_split, cfg.train_split):
         which = "--eval-split" if cfg.test_split == cfg.eval_split else "--train-split"
         raise UsageError(f"--test-split {cfg.test_split} is also the {which}: the test split must be held out from training and model selection")
+    from mpp.data.builtin import check_split
+
+    for flag, split in [("--train-split", cfg.train_split), ("--eval-split", cfg.eval_split), ("--test-split", cfg.test_split)]:
+        if split is not None:
+            check_split(cfg.dataset, split, flag)
     if cfg.train_per_class is not None and cfg.train_fraction is not None:
         raise UsageError("give --train-per-class or --train-fraction, not both")
     if cfg.train_per_class is not None and cfg.train_per_class < 1:

@@ -19,7 +19,7 @@ from mpp.training.loop import (LoopSettings, capped_warmup, fit, finish, fused_o
                    start_logging, write_summary)
 from mpp.models.model import MPPModel, create_encoder
 from mpp.models.publish import publish
-from mpp.models.hub_folder import hub_dataset_ids, write_model_card, write_timm_config
+from mpp.models.hub_folder import hub_dataset_ids, public_path, write_model_card, write_timm_config
 from mpp.models.weights import save_weights
 
 
@@ -91,22 +91,42 @@ def device_decoder(img_size: int, device: torch.device):
     return prepare
 
 
-def last_record(run_dir: Path, has) -> dict:
-    """The newest metrics.jsonl record for which has(record) holds; {} when none (or no file yet)."""
+FINAL_WINDOWS = 5  # the README's "final loss" is the mean of the last 5 logged windows
+
+
+def last_records(run_dir: Path, has, count: int) -> list[dict]:
+    """The newest `count` metrics.jsonl records for which has(record) holds, oldest first; [] when none (or no file yet)."""
     path = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return next((r for r in reversed(records) if has(r)), {})
+    return [r for r in records if has(r)][-count:]
+
+
+def last_record(run_dir: Path, has) -> dict:
+    """The newest metrics.jsonl record for which has(record) holds; {} when none."""
+    newest = last_records(run_dir, has, 1)
+    return newest[0] if newest else {}
+
+
+def final_training_metrics(run_dir: Path) -> tuple[dict, str]:
+    """(mean loss and masked-patch accuracy over the last FINAL_WINDOWS logged windows, what that mean covers):
+    one window is too noisy to judge a run by, and the README's tables use this mean."""
+    windows = last_records(run_dir, lambda r: "loss" in r, FINAL_WINDOWS)
+    if not windows:
+        return {}, "no logged window"
+    means = {k: sum(r[k] for r in windows) / len(windows) for k in ("loss", "masked_acc")}
+    steps = f"step {windows[0]['step']}" if len(windows) == 1 else f"steps {windows[0]['step']}-{windows[-1]['step']}"
+    return means, f"mean of the last {len(windows)} logged windows, records at {steps}"
 
 
 def closing_summary(run_dir: Path) -> str:
     """What the end of a run tells the user: steps, final loss and masked accuracy, wall time, images/s
     (start-up included), where the files are, and the next commands."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    last = last_record(run_dir, lambda r: "loss" in r)
+    final, covers = final_training_metrics(run_dir)
     rate = summary.get("images_per_sec")
     lines = [f"MPP pretraining finished: {summary['steps']} steps ({summary.get('steps_this_run', summary['steps'])} in this run, "
              f"{summary.get('wall_s', 0):.0f} s{f', {rate:.0f} images/s with start-up' if rate else ''})",
-             f"  final loss {last.get('loss', float('nan')):.4f}, masked-patch accuracy {last.get('masked_acc', float('nan')):.4f}"
+             f"  final loss {final.get('loss', float('nan')):.4f}, masked-patch accuracy {final.get('masked_acc', float('nan')):.4f} ({covers})"
              + (f"; {summary['bad_images']} unreadable images skipped" if summary.get("bad_images") else ""),
              f"  encoder weights  {run_dir / 'model.safetensors'}   (timm keys, timm's config.json beside it; MPP head: mpp_head.safetensors)",
              f"  metrics          {run_dir / 'metrics.jsonl'}   (tensorboard --logdir {run_dir})",
@@ -143,26 +163,50 @@ def export_weights(model: MPPModel, cfg: PretrainConfig, run_dir: Path, step: in
     save_weights(run_dir / "mpp_head.safetensors", {**mask, **{f"head.{k}": v for k, v in model.head.state_dict().items()}}, meta)
     save_weights(run_dir / "model.safetensors", enc.state_dict(), meta)
     write_timm_config(run_dir, enc, meta)  # with model.safetensors: a folder timm loads as "local-dir:RUN"
-    write_pretraining_card(run_dir, cfg, meta)
+    write_pretraining_card(run_dir, cfg, meta, enc)
 
 
-def write_pretraining_card(run_dir: Path, cfg: PretrainConfig, meta: dict) -> None:
+def write_pretraining_card(run_dir: Path, cfg: PretrainConfig, meta: dict, encoder: torch.nn.Module | None = None) -> None:
     derived = cfg.derived or {}
-    last = last_record(run_dir, lambda r: "loss" in r)
+    final, covers = final_training_metrics(run_dir)
     evals = last_record(run_dir, lambda r: any(k.startswith("eval_") for k in r))
+    where = meta.get("mpp_corrupt_at", cfg.corrupt_at)
+    corrupted = ("patch embeddings is corrupted after the patch projection" if where == "embedding" else
+                 "patches' pixel regions of the normalised image is corrupted before the patch embedding")
     write_model_card(
         run_dir, title=f"{cfg.model}, pretrained by masked patch prediction",
-        summary=(f"A timm `{cfg.model}` encoder pretrained without labels on `{cfg.dataset}` by masked patch prediction "
-                 "(ViT paper §4.6): a share of the patch embeddings is corrupted and the model predicts, from each "
-                 "corrupted patch's output, a target computed from its pixels."),
+        summary=(f"A timm `{cfg.model}` encoder pretrained without labels on `{public_path(cfg.dataset)}` by masked patch prediction "
+                 f"(ViT paper §4.6): a share of the {corrupted}, and the model predicts, from each "
+                 "corrupted patch's output token, a target computed from its pixels."),
         facts={"timm model": f"`{cfg.model}`", "image size / patch": f"{cfg.img_size} / {cfg.patch_size}",
-               "target": cfg.target, "corrupted": f"{cfg.mask_ratio:.0%} of patches, {'/'.join(f'{p:.0%}' for p in cfg.mask_probs)} mask/random/kept",
+               "target": cfg.target, "corrupted": f"{cfg.mask_ratio:.0%} of patches, {'/'.join(f'{p:.0%}' for p in cfg.mask_probs)} "
+               f"mask/random/kept, in the {'embeddings' if where == 'embedding' else 'pixels'} (--corrupt-at {where})",
                "steps": meta["steps"], "global batch": derived.get("global_batch", "?"), "peak lr": derived.get("peak_lr", "?"),
-               "data": f"`{cfg.dataset}`" + (f" ({cfg.split})" if cfg.split else "")},
-        metrics={k: v for k, v in {"loss": last.get("loss"), "masked-patch accuracy": last.get("masked_acc"),
-                                    **{k: v for k, v in evals.items() if k.startswith("eval_")}}.items() if v is not None},
+               "data": f"`{public_path(cfg.dataset)}`" + (f" ({cfg.split})" if cfg.split else "")},
+        metrics={k: v for k, v in {f"loss ({covers})": final.get("loss"), f"masked-patch accuracy ({covers})": final.get("masked_acc"),
+                                    **{f"{k} (step {evals['step']})": v for k, v in evals.items() if k.startswith("eval_")}}.items()
+                 if v is not None},
         tags=["timm", "image-feature-extraction", "vision-transformer", "masked-patch-prediction", "self-supervised"],
-        datasets=hub_dataset_ids(cfg.dataset), num_classes=0)
+        datasets=hub_dataset_ids(cfg.dataset), use=PATCH_TOKEN_FEATURES, note=features_note(encoder))
+
+
+# How to read features from an MPP encoder: MPP trains the patch tokens only, never a class token or an attention
+# pool, so the features are the mean of the patch tokens (forward_features, prefix tokens left out).
+PATCH_TOKEN_FEATURES = ["tokens = model.forward_features(x)  # (1, prefix + patch tokens, width)",
+                        "features = tokens[:, model.num_prefix_tokens:].mean(1)  # the mean of the patch tokens"]
+
+
+def features_note(encoder: torch.nn.Module | None) -> str:
+    """Why the card's features are the patch tokens' mean, and what model(x) gives instead for this encoder."""
+    pool = getattr(encoder, "global_pool", None)
+    if pool == "avg":
+        fc_norm = not isinstance(getattr(encoder, "fc_norm", None), (torch.nn.Identity, type(None)))
+        own = "`model(x)` gives the same mean" + (", then timm's `fc_norm`, which MPP leaves at its initial values" if fc_norm else "")
+    else:
+        own = (f"`model(x)` pools with timm's `{pool}` pooling (the class token or its like), which MPP never trains: "
+               "it is not a feature of this encoder")
+    return ("MPP trains the patch tokens only (each corrupted patch's output token predicts its target), so the features "
+            f"are the mean of the patch tokens; {own}. `num_classes=N` adds a fresh head to fine-tune.")
 
 
 def picture_logger(cfg: PretrainConfig, accelerator, model):

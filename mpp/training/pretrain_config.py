@@ -113,6 +113,12 @@ def validate(cfg: PretrainConfig) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError("--decode gpu needs a CUDA GPU (nvJPEG) and this machine has none; use --decode cpu (the default) or pil")
+    from mpp.data.builtin import BUILTIN_SPLITS, check_split
+
+    check_split(cfg.dataset, cfg.split, "--split")
+    if not {"train", "test"} <= set(BUILTIN_SPLITS.get(cfg.eval_dataset, ("train", "test"))):
+        raise UsageError(f"--eval-dataset needs a labelled set with train and test splits: {cfg.eval_dataset} has the splits "
+                         f"{', '.join(BUILTIN_SPLITS[cfg.eval_dataset])}")
     if cfg.streaming and cfg.max_steps is None:
         raise UsageError("--streaming needs --max-steps (a stream has no known length)")
     if cfg.lr is not None and cfg.base_lr is not None:
@@ -142,7 +148,8 @@ def validate_run(cfg) -> None:
     if cfg.push_to_hub:
         from mpp.models.publish import check_can_push
 
-        check_can_push(cfg.push_to_hub)  # network and token: before any heavy work, not after hours of training
+        # network, token, write access, a private repo: before any heavy work, not after hours of training
+        check_can_push(cfg.push_to_hub, private=cfg.hub_private)
     lo, hi = cfg.crop_scale
     if not 0 < lo <= hi <= 1:
         raise UsageError(f"--crop-scale needs 0 < min <= max <= 1, got {lo} {hi}")
