@@ -1,6 +1,12 @@
-"""mpp: masked patch prediction pretraining (ViT paper, §4.6) for timm Vision Transformers."""
+"""mpp: masked patch prediction pretraining (ViT paper, §4.6) for timm Vision Transformers.
+
+    from mpp import MPP                       # the objective, in any training loop
+    mpp = MPP("vit_tiny_patch16_224", img_size=28, patch_size=7)
+    out = mpp(images)                         # out.loss, out.accuracy, out.pred, out.target, out.corruption
+"""
 __version__ = "0.1.0"
 
+from mpp.models.model import MPP, MPPOutput  # noqa: E402
 from mpp.models.weights import load_backbone, read_metadata  # noqa: E402
 
-__all__ = ["load_backbone", "read_metadata", "__version__"]
+__all__ = ["MPP", "MPPOutput", "load_backbone", "read_metadata", "__version__"]
