@@ -3,6 +3,7 @@
     from mpp import MPP                       # the objective, in any training loop
     mpp = MPP("vit_tiny_patch16_224", img_size=28, patch_size=7)
     out = mpp(images)                         # out.loss, out.accuracy, out.pred, out.target, out.corruption
+    mpp.save_pretrained("out")                # a timm hub folder; MPP.from_pretrained("out") reads it back
 """
 __version__ = "0.1.0"
 

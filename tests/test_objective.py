@@ -1,14 +1,20 @@
 """The public objective, mpp.MPP: the caller's encoder left as it was, the input contract checked
-(against timm's own create_transform and targets computed here by hand), one name per setting."""
+(against timm's own create_transform and targets computed here by hand), one name per setting, and
+save_pretrained / from_pretrained as the same timm hub folder a pretraining run writes."""
+import json
+
 import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from mpp import MPP
 from mpp.models.masking import sample_corruption
 from mpp.models.model import create_encoder
+from mpp.models.weights import read_metadata, save_weights
 
 
 def vit_with_unused_parts(**kw):
@@ -206,3 +212,89 @@ def test_bad_settings_are_one_clear_error(settings, message):
 def test_timm_arguments_go_with_a_name_only():
     with pytest.raises(TypeError, match="those are for a model name"):
         MPP(create_encoder("test_vit", 28, 7), depth=2)
+
+
+# ---- save_pretrained / from_pretrained ----
+
+def perturbed(mpp: MPP) -> MPP:
+    with torch.no_grad():
+        for p in mpp.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # not timm's init: a load that silently re-initialises would show
+    return mpp
+
+
+def test_save_pretrained_writes_a_folder_timm_loads(tmp_path):
+    mpp = perturbed(MPP("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, reg_tokens=2, class_token=False, global_pool="avg"))
+    mpp.save_pretrained(tmp_path / "out")
+    encoder = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), mpp.encoder.eval()(x)) and torch.equal(encoder.forward_features(x), mpp.encoder.forward_features(x))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_args"]["depth"] == 2
+
+
+def test_from_pretrained_gives_back_the_whole_objective(tmp_path):
+    settings = dict(target="mean3bit_4x4", mask_ratio=0.4, mask_probs=(0.6, 0.3, 0.1), random_from="image")
+    mpp = perturbed(MPP("vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, global_pool="avg", **settings)).eval()
+    mpp.save_pretrained(tmp_path)
+    loaded = MPP.from_pretrained(tmp_path)
+    assert not loaded.training and loaded.settings == {**settings, "mask_probs": [0.6, 0.3, 0.1], "corrupt_at": "embedding"}
+    assert loaded.state_dict().keys() == mpp.state_dict().keys()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in mpp.state_dict().items())
+    c = sample_corruption(6, 16, 0.4, (0.6, 0.3, 0.1), "image")
+    with torch.no_grad():
+        assert torch.equal(loaded(digits_u8(), c).loss, mpp(digits_u8(), c).loss)
+    assert {n for n, p in loaded.named_parameters() if not p.requires_grad} == set(loaded.unused_parameter_names())
+    assert MPP.from_pretrained(tmp_path, inputs="normalised").inputs == "normalised"  # the caller's choices on top
+
+
+def test_a_run_export_and_save_pretrained_write_the_same_folder(tmp_path):
+    from mpp.training.pretrain import export_weights
+    from mpp.training.pretrain_config import PretrainConfig
+
+    mpp = perturbed(MPP(create_encoder("test_vit", 28, 7), mask_ratio=0.4, random_from="image"))
+    export_weights(mpp, PretrainConfig(model="test_vit", img_size=28, patch_size=7, mask_ratio=0.4, random_from="image"),
+                   tmp_path / "run", step=3)
+    mpp.save_pretrained(tmp_path / "library")
+    for name in ("model.safetensors", "mpp_head.safetensors"):
+        run, library = load_file(tmp_path / "run" / name), load_file(tmp_path / "library" / name)
+        assert run.keys() == library.keys() and all(torch.equal(run[k], library[k]) for k in run)
+        run_meta, library_meta = read_metadata(tmp_path / "run" / name), read_metadata(tmp_path / "library" / name)
+        assert run_meta.pop("steps") == 3 and run_meta == library_meta
+        assert library_meta["mpp_mask_ratio"] == 0.4 and library_meta["mpp_random_from"] == "image"
+    assert (tmp_path / "run" / "config.json").read_text() == (tmp_path / "library" / "config.json").read_text()
+
+
+def test_folders_from_before_read_their_settings_from_run_config(tmp_path):
+    """A run folder from before: no timm config.json, no objective settings in the metadata, run_config.json beside."""
+    mpp = perturbed(MPP(create_encoder("test_vit", 28, 7), mask_ratio=0.4, mask_probs=(0.6, 0.3, 0.1), random_from="image"))
+    mpp.save_pretrained(tmp_path)
+    for name in ("model.safetensors", "mpp_head.safetensors"):
+        with safe_open(str(tmp_path / name), framework="pt") as f:
+            old = {k: v for k, v in f.metadata().items() if k not in ("format", "mpp_mask_ratio", "mpp_mask_probs", "mpp_random_from")}
+        save_weights(tmp_path / name, load_file(tmp_path / name), old)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "run_config.json").write_text(json.dumps({"mask_ratio": 0.4, "mask_probs": [0.6, 0.3, 0.1], "random_from": "image"}))
+    loaded = MPP.from_pretrained(tmp_path)
+    assert (loaded.mask_ratio, loaded.mask_probs, loaded.random_from) == (0.4, (0.6, 0.3, 0.1), "image")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in mpp.state_dict().items())
+
+
+def test_from_pretrained_needs_the_head(tmp_path):
+    MPP(create_encoder("test_vit", 28, 7)).save_pretrained(tmp_path)
+    (tmp_path / "mpp_head.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no mpp_head.safetensors"):
+        MPP.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing: no such folder"):
+        MPP.from_pretrained(tmp_path / "missing")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors there"):
+        MPP.from_pretrained(tmp_path)
+
+
+def test_save_refuses_an_encoder_timm_would_rebuild_differently(tmp_path):
+    encoder = create_encoder("vit_tiny_patch16_224", 32, 8, depth=1)
+    del encoder._model_args  # as if built without timm recording its arguments: config.json would say depth 12
+    with pytest.raises(ValueError, match="timm would rebuild this encoder from config.json with other weights"):
+        MPP(encoder).save_pretrained(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -17,45 +17,16 @@ import torch.nn.functional as F
 
 from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, sample_corruption
 from mpp.models.model import MPP
+from mpp.models.mpp_folder import HEAD_FILE, load_objective  # noqa: F401
 from mpp.models.targets import NUM_COLOURS, class_colour, patchify, unpatchify
-from mpp.models.hub_folder import read_run_config
-from mpp.models.weights import load_backbone, load_tensors, read_metadata
-
-HEAD_FILE = "mpp_head.safetensors"
 # outline colour of a corrupted patch, by how it was corrupted
 KIND_RGB = {MASK_TOKEN: (1.0, 0.15, 0.15), RANDOM_PATCH: (1.0, 0.85, 0.0), UNCHANGED: (0.0, 0.9, 1.0)}
 
 
 def load_mpp_model(path: str | Path) -> tuple[MPP, bool]:
-    """(MPP in eval mode, head_loaded) from a run folder or its model.safetensors.
-
-    The encoder is loaded strictly by load_backbone; the mask token and head come from
-    mpp_head.safetensors beside it when that file exists (else they stay random: head_loaded False).
-    """
-    path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    meta = read_metadata(weights) if weights.is_file() else {}
-    encoder = load_backbone(weights)  # FileNotFoundError / ValueError for anything else
-    cfg = read_run_config(weights.parent)
-    model = MPP(
-        encoder,
-        target=meta.get("mpp_target", "mean3bit"),
-        mask_ratio=cfg.get("mask_ratio", 0.5),
-        mask_probs=tuple(cfg.get("mask_probs", (0.8, 0.1, 0.1))),
-        random_from=cfg.get("random_from", "batch"),
-        corrupt_at=meta.get("mpp_corrupt_at", "embedding"),  # files from before the option were embedding-corrupted
-    )
-    head_file = weights.parent / HEAD_FILE
-    if head_file.is_file():
-        try:
-            missing, unexpected = model.load_state_dict(load_tensors(head_file), strict=False)
-        except RuntimeError as e:  # shape mismatch: a head for another target or width
-            raise ValueError(f"{head_file} does not fit {meta.get('timm_model')} with target {model.target.name}: {str(e).splitlines()[-1].strip()}") from None
-        # only the encoder (loaded above) may be missing; anything else means a foreign file
-        wrong = [k for k in missing if not k.startswith("encoder.")] + list(unexpected)
-        if wrong:
-            raise ValueError(f"{head_file}: keys do not match the MPP head: {', '.join(wrong[:5])}")
-    return model.eval(), head_file.is_file()
+    """(MPP in eval mode, head_loaded) from a run folder or its model.safetensors (MPP.from_pretrained's
+    loader): without mpp_head.safetensors the [mask] and head stay random (head_loaded False)."""
+    return load_objective(MPP, Path(path), {}, head_required=False)
 
 
 def to_model_input(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:

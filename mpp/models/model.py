@@ -4,9 +4,11 @@ a linear head, and the loss on the corrupted patches.
     mpp = MPP("vit_small_patch16_224", img_size=96, patch_size=8)   # or MPP(encoder) for a timm ViT you made
     out = mpp(images)            # images (B, 3, H, W) uint8 or float in [0, 1]
     out.loss.backward()
+    mpp.save_pretrained("out")   # timm.create_model("local-dir:out", pretrained=True) loads the encoder
 """
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -213,3 +215,20 @@ class MPP(nn.Module):
         target = torch.gather(target, 1, ids.view(B, -1, *[1] * (target.dim() - 2)).expand(-1, -1, *target.shape[2:]))
         loss, accuracy = self.target.loss(pred, target)
         return MPPOutput(loss=loss, accuracy=accuracy, pred=pred, target=target, corruption=corruption)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Writes a timm hub folder, the same files a pretraining run writes (mpp_folder.py): model.safetensors
+        (the encoder under timm's keys), timm's config.json, mpp_head.safetensors ([mask] and head).
+        timm.create_model("local-dir:DIR", pretrained=True) loads the encoder, MPP.from_pretrained(DIR) all of it."""
+        from mpp.models.mpp_folder import save_objective
+
+        save_objective(self, Path(directory))
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **settings) -> "MPP":
+        """The MPP saved in a folder (by save_pretrained or a pretraining run, older runs included) or its
+        model.safetensors, in eval mode. settings override the saved ones (e.g. inputs='normalised')."""
+        from mpp.models.mpp_folder import load_objective
+
+        return load_objective(cls, Path(path), settings)[0]

@@ -19,8 +19,8 @@ from mpp.training.loop import (LoopSettings, capped_warmup, fit, finish, fused_o
                    start_logging, write_summary)
 from mpp.models.model import MPP, create_encoder
 from mpp.models.publish import publish
-from mpp.models.hub_folder import hub_dataset_ids, write_model_card, write_timm_config
-from mpp.models.weights import save_weights
+from mpp.models.hub_folder import hub_dataset_ids, write_model_card
+from mpp.models.mpp_folder import save_objective
 
 
 @dataclass
@@ -126,23 +126,9 @@ def build_optimizer(model: MPP, cfg: PretrainConfig, lr: float, device: torch.de
 
 
 def export_weights(model: MPP, cfg: PretrainConfig, run_dir: Path, step: int) -> None:
-    """model.safetensors (encoder, timm keys) and mpp_head.safetensors (mask token + head)."""
-    enc = model.encoder
-    meta = {
-        "timm_model": cfg.model,
-        "img_size": cfg.img_size,
-        "patch_size": cfg.patch_size,
-        "mean": list(enc.pretrained_cfg.get("mean", (0.5, 0.5, 0.5))),
-        "std": list(enc.pretrained_cfg.get("std", (0.5, 0.5, 0.5))),
-        "mpp_target": cfg.target,
-        "mpp_corrupt_at": model.corrupt_at,
-        "steps": step,
-        "mpp_version": __version__,
-    }
-    mask = {k: v for k, v in model.named_parameters() if k in ("mask_token", "mask_colour")}  # the one in use
-    save_weights(run_dir / "mpp_head.safetensors", {**mask, **{f"head.{k}": v for k, v in model.head.state_dict().items()}}, meta)
-    save_weights(run_dir / "model.safetensors", enc.state_dict(), meta)
-    write_timm_config(run_dir, enc, meta)  # with model.safetensors: a folder timm loads as "local-dir:RUN"
+    """model.safetensors (encoder, timm keys), timm's config.json and mpp_head.safetensors (mask token + head),
+    written as MPP.save_pretrained writes them, and the model card."""
+    meta = save_objective(model, run_dir, {"steps": step})  # with model.safetensors: a folder timm loads as "local-dir:RUN"
     write_pretraining_card(run_dir, cfg, meta)
 
 
