@@ -1,9 +1,9 @@
 """mpp: masked patch prediction pretraining (ViT paper, §4.6) for timm Vision Transformers.
 
     from mpp import MPP                       # the objective, in any training loop
-    mpp = MPP("vit_tiny_patch16_224", img_size=28, patch_size=7)
-    out = mpp(images)                         # out.loss, out.accuracy, out.pred, out.target, out.corruption
-    mpp.save_pretrained("out")                # a timm hub folder; MPP.from_pretrained("out") reads it back
+    objective = MPP("vit_tiny_patch16_224", img_size=28, patch_size=7)
+    out = objective(images)                   # out.loss, out.accuracy, out.pred, out.target, out.corruption
+    objective.save_pretrained("out")          # a timm hub folder; MPP.from_pretrained("out") reads it back
 
     import mpp
     run = mpp.pretrain(dataset="mnist5k", max_steps=100)   # the command line's settings, as keywords
