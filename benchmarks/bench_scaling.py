@@ -28,12 +28,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def measure(model_name: str, img_size: int, patch: int, batch: int, grad_ckpt: bool, steps: int, device: str) -> dict:
     """In this process: images/s and memory of the MPP training step (see the module docstring for the two columns)."""
     from mpp.training.loop import fused_optimizer_kwargs
-    from mpp.models.model import MPPModel, create_encoder
+    from mpp.models.model import MPP, create_encoder
 
     torch.manual_seed(0)
     encoder = create_encoder(model_name, img_size, patch)
     encoder.set_grad_checkpointing(grad_ckpt)
-    model = MPPModel(encoder).to(device)
+    model = MPP(encoder).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, **fused_optimizer_kwargs("adamw", torch.device(device)))
     images = torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8, device=device)
     model(images[:1]).loss.backward()  # optimizer state and allocator warm, then measure from here

@@ -31,7 +31,7 @@ from peaks import gemm_round, model_gemm_shapes, spec_peak, sync
 from results_io import load_average, package_versions, provenance, provenance_lines, write_results
 
 from mpp.training.loop import fused_optimizer_kwargs
-from mpp.models.model import MPPModel, create_encoder
+from mpp.models.model import MPP, create_encoder
 from mpp.evaluation.stats import paired_difference
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -223,7 +223,7 @@ def main(argv=None):
     args.dim, args.depth = encoder.embed_dim, len(encoder.blocks)
     hidden = next(m for m in encoder.blocks[0].mlp.modules() if isinstance(m, torch.nn.Linear)).out_features  # fc1, or SwiGLU's fc1_g
     args.heads, args.mlp_ratio = encoder.blocks[0].attn.num_heads, hidden / encoder.embed_dim
-    mpp = MPPModel(create_encoder(args.model, args.img_size, args.patch_size, **arch)).to(device)
+    mpp = MPP(create_encoder(args.model, args.img_size, args.patch_size, **arch)).to(device)
     opt_a = adamw(encoder.parameters(), device)
     opt_b = adamw([q for q in mpp.parameters() if q.requires_grad], device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)

@@ -35,12 +35,12 @@ def exported(tmp_path_factory):
     """A tiny MPP model (test_vit, 28 px, patch 7) with non-default weights, exported the way
     pretraining exports it: (run folder, model)."""
     from mpp.training.pretrain_config import PretrainConfig
-    from mpp.models.model import MPPModel, create_encoder
+    from mpp.models.model import MPP, create_encoder
     from mpp.training.pretrain import export_weights
 
     run_dir = tmp_path_factory.mktemp("run")
     torch.manual_seed(1)
-    model = MPPModel(create_encoder("test_vit", 28, 7))
+    model = MPP(create_encoder("test_vit", 28, 7))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # not timm's init: a load that silently re-inits would show

@@ -15,7 +15,7 @@ from mpp.cli import exit_cleanly, parse_config
 from mpp.training.pretrain import pretrain
 
 seen, initial = [], []
-getitems, forward = mpp.data.dataset.AugmentedImages.__getitems__, mpp.models.model.MPPModel.forward
+getitems, forward = mpp.data.dataset.AugmentedImages.__getitems__, mpp.models.model.MPP.forward
 
 
 def recording_getitems(self, indices):
@@ -33,7 +33,7 @@ def watched_forward(self, *args, **kwargs):
 
 
 mpp.data.dataset.AugmentedImages.__getitems__ = recording_getitems
-mpp.models.model.MPPModel.forward = watched_forward
+mpp.models.model.MPP.forward = watched_forward
 result = pretrain(parse_config(sys.argv[1:]))
 state = PartialState()
 params = torch.cat([p.detach().flatten().cpu() for p in result.model.parameters()])

@@ -7,7 +7,7 @@ import mpp.models.model
 from mpp.cli import parse_config, run_cli
 from mpp.training.pretrain import pretrain
 
-forward = mpp.models.model.MPPModel.forward
+forward = mpp.models.model.MPP.forward
 calls = {"n": 0}
 
 
@@ -18,5 +18,5 @@ def failing_forward(self, *args, **kwargs):
     return forward(self, *args, **kwargs)
 
 
-mpp.models.model.MPPModel.forward = failing_forward
+mpp.models.model.MPP.forward = failing_forward
 run_cli(lambda argv: pretrain(parse_config(argv)), sys.argv[1:])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mpp.evaluation import diagnostics as dg
 from mpp.training.pretrain_config import PretrainConfig
 from mpp.models.masking import Corruption
-from mpp.models.model import MPPModel, create_encoder
+from mpp.models.model import MPP, create_encoder
 from mpp.training.pretrain import export_weights
 
 P = 7  # test_vit at 28 px: a 4x4 grid of 7x7 patches, one class token, 6 blocks of 2 heads
@@ -148,7 +148,7 @@ def test_rollout_one_layer_by_hand():
 @pytest.mark.parametrize("target", ["mean3bit", "mean3bit_4x4", "pixels_l2"])
 def test_mpp_predictions(target, images):
     torch.manual_seed(0)
-    model = MPPModel(create_encoder("test_vit", 28, P), target=target)
+    model = MPP(create_encoder("test_vit", 28, P), target=target)
     ids = torch.tensor([[0, 5], [1, 15], [3, 4]])
     corruption = Corruption(ids=ids, kind=torch.tensor([[0, 1], [2, 0], [0, 0]]), source=torch.zeros(3, 2, dtype=torch.long))
     pred = dg.mpp_predictions(model, images, corruption)
@@ -171,7 +171,7 @@ def test_mpp_predictions(target, images):
 
 
 def test_prediction_grid(images):
-    model = MPPModel(create_encoder("test_vit", 28, P))
+    model = MPP(create_encoder("test_vit", 28, P))
     grid = dg.prediction_grid(model, images)
     assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
     assert grid.shape[0] == 3 * 112 + 2 * 2 and grid.shape[1] == 3 * 112 + 2 * 2  # 4x enlarged panels
@@ -181,7 +181,7 @@ def test_prediction_grid(images):
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     torch.manual_seed(3)
-    model = MPPModel(create_encoder("test_vit", 28, P), target="mean3bit_4x4")
+    model = MPP(create_encoder("test_vit", 28, P), target="mean3bit_4x4")
     export_weights(model, PretrainConfig(model="test_vit", img_size=28, patch_size=P, target="mean3bit_4x4"), d, step=2)
     return d, model
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mpp.training.pretrain_config import PretrainConfig
-from mpp.models.model import MPPModel, create_encoder
+from mpp.models.model import MPP, create_encoder
 from mpp.training.pretrain import export_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ FAST = ["--num-images", "3", "--distance-images", "6"]
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     torch.manual_seed(2)
-    model = MPPModel(create_encoder("test_vit", 28, 7))
+    model = MPP(create_encoder("test_vit", 28, 7))
     export_weights(model, PretrainConfig(model="test_vit", img_size=28, patch_size=7), d, step=3)
     return d
 
@@ -109,7 +109,7 @@ def test_report_for_a_model_without_class_token(tmp_path):
 
     enc = create_encoder("test_vit", 28, 7, reg_tokens=2, class_token=False, global_pool="avg")
     images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
-    report_path, skipped = inspect_model(MPPModel(enc, target="pixels_l2"), True, images, images, tmp_path, ["a note"])
+    report_path, skipped = inspect_model(MPP(enc, target="pixels_l2"), True, images, images, tmp_path, ["a note"])
     assert not skipped
     report = check_figures(tmp_path, ALL_FIGURES)
     assert "mean over patch tokens" in report and "- a note" in report

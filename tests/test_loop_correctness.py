@@ -6,7 +6,7 @@ import torch
 
 from mpp.training import pretrain as train
 from mpp.training.pretrain_config import PretrainConfig
-from mpp.models.model import MPPModel, create_encoder
+from mpp.models.model import MPP, create_encoder
 
 
 def tiny_images(path, n: int, size: int = 28):
@@ -28,7 +28,7 @@ def decay_of(optimizer, model) -> dict[str, float]:
     return {name: group_of[id(p)] for name, p in model.named_parameters() if p.requires_grad}
 
 
-def expected_decay(model: MPPModel, weight_decay: float) -> dict[str, float]:
+def expected_decay(model: MPP, weight_decay: float) -> dict[str, float]:
     """timm's rule, stated independently: no decay on 1-d tensors (biases, norms, mask token) and on
     the encoder's own no_weight_decay() names (position embedding, class and register tokens)."""
     embeddings = {f"encoder.{n}" for n in model.encoder.no_weight_decay()} | {"mask_token"}
@@ -37,7 +37,7 @@ def expected_decay(model: MPPModel, weight_decay: float) -> dict[str, float]:
 
 
 def test_optimiser_decays_no_embeddings():
-    model = MPPModel(create_encoder("test_vit", 28, 7, reg_tokens=2))
+    model = MPP(create_encoder("test_vit", 28, 7, reg_tokens=2))
     cfg = PretrainConfig(weight_decay=0.05)
     got = decay_of(train.build_optimizer(model, cfg, 1e-3, torch.device("cpu")), model)
     assert got == expected_decay(model, 0.05)

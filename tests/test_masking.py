@@ -27,12 +27,12 @@ def test_every_position_equally_likely():
     assert (freq - 0.5).abs().max() < 0.04
 
 
-@pytest.mark.parametrize("same_image", [False, True])
-def test_apply_corruption_token_by_token(same_image):
+@pytest.mark.parametrize("random_from", ["batch", "image"])
+def test_apply_corruption_token_by_token(random_from):
     B, N, D = 6, 16, 8
     tokens = torch.randn(B, N, D)
     mask_token = torch.randn(D)
-    c = sample_corruption(B, N, 0.5, (0.5, 0.3, 0.2), same_image=same_image)
+    c = sample_corruption(B, N, 0.5, (0.5, 0.3, 0.2), random_from=random_from)
     out = apply_corruption(tokens, c, mask_token)
     corrupted = corrupted_mask(c, N)
     flat = tokens.reshape(B * N, D)
@@ -48,7 +48,7 @@ def test_apply_corruption_token_by_token(same_image):
             else:  # an original embedding of some *other* patch
                 assert src != b * N + i
                 assert torch.equal(out[b, i], flat[src])
-                if same_image:
+                if random_from == "image":
                     assert src // N == b
 
 
@@ -65,3 +65,8 @@ def test_gradient_reaches_mask_token_and_tokens():
     c = sample_corruption(2, 16, 0.5, (0.8, 0.1, 0.1))
     apply_corruption(tokens, c, mask_token).sum().backward()
     assert mask_token.grad.abs().sum() > 0 and tokens.grad.abs().sum() > 0
+
+
+def test_an_unknown_random_from_is_refused():
+    with pytest.raises(ValueError, match="random_from must be 'batch' or 'image', got 'same'"):
+        sample_corruption(2, 16, 0.5, (0.8, 0.1, 0.1), random_from="same")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mpp.models.masking import UNCHANGED, sample_corruption
-from mpp.models.model import MPPModel, create_encoder
+from mpp.models.model import MPP, create_encoder
 
 # small timm ViTs: class token, register tokens + class token, no class token (avg pool, fc_norm)
 ENCODERS = {
@@ -14,8 +14,8 @@ ENCODERS = {
 }
 
 
-def build(kind: str, target: str = "mean3bit") -> MPPModel:
-    return MPPModel(create_encoder(**ENCODERS[kind]), target=target)
+def build(kind: str, target: str = "mean3bit") -> MPP:
+    return MPP(create_encoder(**ENCODERS[kind]), target=target)
 
 
 @pytest.mark.parametrize("kind", list(ENCODERS))
@@ -39,8 +39,10 @@ def test_every_trainable_parameter_gets_a_gradient(kind, target):
     out = model(torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8))
     assert torch.isfinite(out.loss) and 0 <= out.accuracy <= 1
     out.loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    unused = set(model.unused_parameter_names())  # the encoder's pooling and classifier, left trainable
+    missing = [n for n, p in model.named_parameters() if n not in unused and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert missing == []
+    assert [n for n, p in model.named_parameters() if n in unused and p.grad is not None] == []
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
@@ -91,7 +93,7 @@ PLACEMENT = {**ENCODERS, "eva02_rope": dict(model_name="eva02_tiny_patch14_224",
 def test_corruption_is_applied_before_position_embeddings(kind):
     """The tokens entering the blocks are: the patch embedding, or the [mask] embedding, or another
     patch's embedding, plus the position embedding of the token's OWN position."""
-    model = MPPModel(create_encoder(**PLACEMENT[kind])).eval()
+    model = MPP(create_encoder(**PLACEMENT[kind])).eval()
     enc = model.encoder
     with torch.no_grad():
         model.mask_token.fill_(3.0)  # a recognisable signal
@@ -118,7 +120,7 @@ def test_corruption_is_applied_before_position_embeddings(kind):
 
 @pytest.mark.parametrize("kind", ["cls", "no_cls_avg", "eva02_rope"])
 def test_predictions_are_read_from_exactly_the_corrupted_tokens(kind):
-    model = MPPModel(create_encoder(**PLACEMENT[kind])).eval()
+    model = MPP(create_encoder(**PLACEMENT[kind])).eval()
     enc = model.encoder
     seen = {}
     enc.norm.register_forward_hook(lambda _m, _a, out: seen.setdefault("tokens", out))

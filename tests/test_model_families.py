@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from mpp import load_backbone
 from mpp.training.pretrain_config import PretrainConfig
 from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, apply_pixel_corruption, corrupted_mask, sample_corruption
-from mpp.models.model import MPPModel, create_encoder
+from mpp.models.model import MPP, create_encoder
 from mpp.models.targets import get_target, patchify
 
 # small members of each family (depth cut to 1-2 so that each builds and runs in well under a second)
@@ -27,11 +27,11 @@ FAMILIES = {
 }
 
 
-def build(kind: str, **kw) -> MPPModel:
-    return MPPModel(create_encoder(**FAMILIES[kind]), **kw)
+def build(kind: str, **kw) -> MPP:
+    return MPP(create_encoder(**FAMILIES[kind]), **kw)
 
 
-def images_for(model: MPPModel, n: int = 4) -> torch.Tensor:
+def images_for(model: MPP, n: int = 4) -> torch.Tensor:
     H, W = model.encoder.patch_embed.img_size
     return torch.randint(0, 256, (n, 3, H, W), dtype=torch.uint8)
 
@@ -54,8 +54,10 @@ def test_every_trainable_parameter_gets_a_gradient(kind):
     out = model(images_for(model, 8))
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    unused = set(model.unused_parameter_names())  # the encoder's pooling and classifier, left trainable
+    missing = [n for n, p in model.named_parameters() if n not in unused and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert missing == []
+    assert [n for n, p in model.named_parameters() if n in unused and p.grad is not None] == []
 
 
 @pytest.mark.parametrize("kind", ["deit_distilled", "hybrid", "eva02_rope", "dinov3"])
@@ -89,7 +91,7 @@ def blocky_images(n: int, size: int, region: int) -> torch.Tensor:
 def test_hybrid_targets_equal_a_plain_vit_with_the_same_regions(target):
     hybrid = build("hybrid", target=target)
     assert hybrid.encoder.patch_embed.patch_size == (8, 8) and hybrid.region == (32, 32) and hybrid.grid == (2, 2)
-    plain = MPPModel(create_encoder("vit_tiny_patch16_224", 64, 32, depth=1), target=target)  # patch = region
+    plain = MPP(create_encoder("vit_tiny_patch16_224", 64, 32, depth=1), target=target)  # patch = region
     x = blocky_images(6, 64, 32)
     c = sample_corruption(6, 4, 0.5, (0.8, 0.1, 0.1))
     assert torch.equal(hybrid(x, c).target, plain(x, c).target)
@@ -173,7 +175,7 @@ def exported(kind: str, folder):
 
     spec = dict(FAMILIES[kind])
     name, img, patch = spec.pop("model_name"), spec.pop("img_size"), spec.pop("patch_size")
-    model = MPPModel(create_encoder(name, img, patch, **spec))
+    model = MPP(create_encoder(name, img, patch, **spec))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # not timm's init: a silent re-init would show

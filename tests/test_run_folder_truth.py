@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from mpp.cli import parse_finetune_config
 from mpp.commands.pretrain import main as pretrain_main
 from mpp.data.dataset import timm_transform
-from mpp.models.model import MPPModel, create_encoder
+from mpp.models.model import MPP, create_encoder
 from mpp.training.finetune import finetune
 
 # deit_tiny normalises with ImageNet's mean and std, which differ from each other (timm's test_vit uses 0.5 for
@@ -184,16 +184,16 @@ def pretrained(make_digit_folder, tmp_path_factory):
 
 def test_timm_config_builds_the_pretraining_runs_input(pretrained):
     """The card's transform on the run's own 28 px images gives what the encoder was trained on: the pixels normalised
-    with MPPModel's mean and std for this architecture; on other sizes, the evaluation view of the runs."""
+    with MPP's mean and std for this architecture; on other sizes, the evaluation view of the runs."""
     run, _ = pretrained
-    model = MPPModel(create_encoder("deit_tiny_patch16_224", 28, 7))
+    model = MPP(create_encoder("deit_tiny_patch16_224", 28, 7))
     mean, std = model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist()
     from mpp.data.builtin import mnist5k
 
     digits = [Image.fromarray(a[..., 0]) for a in np.asarray(mnist5k().with_format("numpy")["image"][:8], dtype=np.uint8)]
     card_view = torch.cat([x for (x,) in run_card(run, digits + photo_crops(), "x")])
     pixels = torch.stack([torch.from_numpy(np.asarray(d.convert("RGB"))).permute(2, 0, 1) for d in digits]).float() / 255
-    trained_on = (pixels - model.pixel_mean) / model.pixel_std  # MPPModel.forward's normalisation
+    trained_on = (pixels - model.pixel_mean) / model.pixel_std  # MPP.forward's normalisation
     torch.testing.assert_close(card_view[:8], trained_on, rtol=0, atol=1e-5)
     torch.testing.assert_close(card_view[8:], run_view(photo_crops(), 28, mean, std), rtol=0, atol=1e-5)
 
@@ -251,7 +251,7 @@ def test_the_card_names_where_the_run_corrupted(tmp_path, corrupt_at, said, unsa
     from mpp.training.pretrain import export_weights
     from mpp.training.pretrain_config import PretrainConfig
 
-    model = MPPModel(create_encoder("test_vit", 28, 7), corrupt_at=corrupt_at)
+    model = MPP(create_encoder("test_vit", 28, 7), corrupt_at=corrupt_at)
     export_weights(model, PretrainConfig(model="test_vit", img_size=28, patch_size=7, corrupt_at=corrupt_at), tmp_path, step=1)
     head = (tmp_path / "README.md").read_text().split("## Final metrics")[0]
     assert said in head and unsaid not in head and f"--corrupt-at {corrupt_at}" in head

@@ -128,9 +128,9 @@ def test_keep_checkpoints_reaches_the_run(pretrained):
 def test_nonfinite_gradients_exit_1_through_the_recipe(images, tmp_path, monkeypatch, capsys):
     """A loss that is always NaN: the recipe's run_cli stops the run with one line and exit code 1,
     leaving no weights and no checkpoint."""
-    from mpp.models.model import MPPModel
+    from mpp.models.model import MPP
 
-    forward = MPPModel.forward
+    forward = MPP.forward
 
     def nan_forward(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
@@ -140,7 +140,7 @@ def test_nonfinite_gradients_exit_1_through_the_recipe(images, tmp_path, monkeyp
     def leave(code):  # exit_cleanly's os._exit would end pytest itself
         raise SystemExit(code)
 
-    monkeypatch.setattr(MPPModel, "forward", nan_forward)
+    monkeypatch.setattr(MPP, "forward", nan_forward)
     monkeypatch.setattr(os, "_exit", leave)
     out = tmp_path / "run"
     argv = [*TINY, "--dataset", str(images), "--max-steps", "6", "--log-every", "2", "--max-nonfinite-steps", "2",

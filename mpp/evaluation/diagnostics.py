@@ -5,7 +5,7 @@
 - attention_maps + mean_attention_distance: how far each head looks (Fig. 7 right)
 - attention_rollout: where the class token's information comes from (Fig. 6)
 - mpp_predictions / prediction_grid: what the MPP head predicts for corrupted patches
-Images are (B, 3, H, W), uint8 or float in [0, 1], as MPPModel takes them.
+Images are (B, 3, H, W), uint8 or float in [0, 1], as MPP takes them.
 """
 import math
 from pathlib import Path
@@ -16,46 +16,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, sample_corruption
-from mpp.models.model import MPPModel
+from mpp.models.model import MPP
+from mpp.models.mpp_folder import HEAD_FILE, load_objective  # noqa: F401
 from mpp.models.targets import NUM_COLOURS, class_colour, patchify, unpatchify
-from mpp.models.hub_folder import read_run_config
-from mpp.models.weights import load_backbone, load_tensors, read_metadata
-
-HEAD_FILE = "mpp_head.safetensors"
 # outline colour of a corrupted patch, by how it was corrupted
 KIND_RGB = {MASK_TOKEN: (1.0, 0.15, 0.15), RANDOM_PATCH: (1.0, 0.85, 0.0), UNCHANGED: (0.0, 0.9, 1.0)}
 
 
-def load_mpp_model(path: str | Path) -> tuple[MPPModel, bool]:
-    """(MPPModel in eval mode, head_loaded) from a run folder or its model.safetensors.
-
-    The encoder is loaded strictly by load_backbone; the mask token and head come from
-    mpp_head.safetensors beside it when that file exists (else they stay random: head_loaded False).
-    """
-    path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    meta = read_metadata(weights) if weights.is_file() else {}
-    encoder = load_backbone(weights)  # FileNotFoundError / ValueError for anything else
-    cfg = read_run_config(weights.parent)
-    model = MPPModel(
-        encoder,
-        target=meta.get("mpp_target", "mean3bit"),
-        mask_ratio=cfg.get("mask_ratio", 0.5),
-        mask_probs=tuple(cfg.get("mask_probs", (0.8, 0.1, 0.1))),
-        random_from_same_image=cfg.get("random_from") == "image",
-        corrupt_at=meta.get("mpp_corrupt_at", "embedding"),  # files from before the option were embedding-corrupted
-    )
-    head_file = weights.parent / HEAD_FILE
-    if head_file.is_file():
-        try:
-            missing, unexpected = model.load_state_dict(load_tensors(head_file), strict=False)
-        except RuntimeError as e:  # shape mismatch: a head for another target or width
-            raise ValueError(f"{head_file} does not fit {meta.get('timm_model')} with target {model.target.name}: {str(e).splitlines()[-1].strip()}") from None
-        # only the encoder (loaded above) may be missing; anything else means a foreign file
-        wrong = [k for k in missing if not k.startswith("encoder.")] + list(unexpected)
-        if wrong:
-            raise ValueError(f"{head_file}: keys do not match the MPP head: {', '.join(wrong[:5])}")
-    return model.eval(), head_file.is_file()
+def load_mpp_model(path: str | Path) -> tuple[MPP, bool]:
+    """(MPP in eval mode, head_loaded) from a run folder or its model.safetensors (MPP.from_pretrained's
+    loader): without mpp_head.safetensors the [mask] and head stay random (head_loaded False)."""
+    return load_objective(MPP, Path(path), {}, head_required=False)
 
 
 def to_model_input(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -204,7 +175,7 @@ def _hwc(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def mpp_predictions(model: MPPModel, images: torch.Tensor, corruption: Corruption | None = None, seed: int = 0) -> dict:
+def mpp_predictions(model: MPP, images: torch.Tensor, corruption: Corruption | None = None, seed: int = 0) -> dict:
     """What the MPP head predicts for the corrupted patches of images (B, 3, H, W).
 
     Returns numpy arrays: input (B, H, W, 3) in [0, 1]; kind (B, gh, gw) int, -1 where not
@@ -215,15 +186,15 @@ def mpp_predictions(model: MPPModel, images: torch.Tensor, corruption: Corruptio
     """
     was_training = model.training
     model.eval()
-    pixels = model.normalise(images)  # (B, 3, H, W) in [0, 1]
+    pixels = model.pixels(images)  # (B, 3, H, W) in [0, 1]
     B, _, H, W = pixels.shape
     (rh, rw), N = model.region, model.num_patches
     grid = (H // rh, W // rw)
     if corruption is None:
         gen = torch.Generator(device=pixels.device).manual_seed(seed)
-        corruption = sample_corruption(B, N, model.mask_ratio, model.mask_probs, model.random_from_same_image, pixels.device, gen)
+        corruption = sample_corruption(B, N, model.mask_ratio, model.mask_probs, model.random_from, pixels.device, gen)
     with torch.no_grad():
-        out = model(pixels, corruption)
+        out = model(images, corruption)
     model.train(was_training)
 
     ids = corruption.ids[..., None, None, None].expand(-1, -1, 3, rh, rw)  # (B, K, 3, rh, rw)
@@ -259,7 +230,7 @@ def outline_patches(image: np.ndarray, kind: np.ndarray, patch: int) -> np.ndarr
     return out
 
 
-def prediction_grid(model: MPPModel, images_uint8: torch.Tensor, corruption: Corruption | None = None, min_side: int = 112, seed: int = 0) -> np.ndarray:
+def prediction_grid(model: MPP, images_uint8: torch.Tensor, corruption: Corruption | None = None, min_side: int = 112, seed: int = 0) -> np.ndarray:
     """(H, W, 3) uint8 picture of MPP predictions, one row per image, for TensorBoard.
 
     Columns: the input with its corrupted patches framed (red: [mask] token, yellow: replaced by a

@@ -14,7 +14,7 @@ from matplotlib.patches import Patch, Rectangle
 from mpp.evaluation import diagnostics as dg
 from mpp.models.families import token_region
 from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED
-from mpp.models.model import MPPModel
+from mpp.models.model import MPP
 
 KIND_NAMES = {MASK_TOKEN: "[mask] token", RANDOM_PATCH: "random patch", UNCHANGED: "unchanged"}
 
@@ -149,7 +149,7 @@ def _layer_table(distance: np.ndarray) -> str:
     return "\n".join(["## Mean attention distance per layer", "", "| layer | mean over heads (px) | min | max |", "|---|---|---|---|", *rows, ""])
 
 
-def inspect_model(model: MPPModel, head_loaded: bool, images: torch.Tensor, distance_images: torch.Tensor,
+def inspect_model(model: MPP, head_loaded: bool, images: torch.Tensor, distance_images: torch.Tensor,
                   out_dir: Path, notes: list[str], seed: int = 0) -> tuple[Path, list[Skipped]]:
     """Every figure that this model allows, written to out_dir; (report.md path, what was skipped).
 

@@ -21,16 +21,17 @@ from timm.models.eva import Eva
 SUPPORTED = "VisionTransformer (class/register tokens or none), DeiT distilled, hybrid ViTs (vit_*_r*_*), Eva (eva02_*, vit_*_rope_*, vit_*_dinov3)"
 
 
-def create_encoder(model_name: str, img_size: int, patch_size: int, **kwargs) -> nn.Module:
-    """A timm ViT of a supported family without classifier (num_classes=0), randomly initialised.
+def create_encoder(model_name: str, img_size: int | None = None, patch_size: int | None = None, **kwargs) -> nn.Module:
+    """A timm ViT of a supported family without classifier (num_classes=0 unless given), randomly initialised.
 
     patch_size is timm's own argument: the patch in pixels for plain ViTs and Eva, the patch on the
-    CNN feature map for hybrids (usually 1).
+    CNN feature map for hybrids (usually 1). None: the model's own default.
     """
     if not timm.is_model(model_name):
         raise ValueError(f"unknown timm model {model_name!r}; supported families: {SUPPORTED}")
+    sizes = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v is not None}
     try:
-        encoder = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size, **kwargs)
+        encoder = timm.create_model(model_name, pretrained=False, **{"num_classes": 0, **sizes, **kwargs})
     except TypeError:  # architectures without img_size / patch_size arguments are not ViTs
         encoder = None
     except AssertionError as e:  # e.g. a hybrid's feature map that the patch size does not divide

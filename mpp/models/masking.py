@@ -17,6 +17,8 @@ from mpp.models.targets import patchify, unpatchify
 
 # Codes in Corruption.kind.
 MASK_TOKEN, RANDOM_PATCH, UNCHANGED = 0, 1, 2
+# Where a RANDOM_PATCH replacement comes from: any other patch of the batch, or another patch of the same image.
+RANDOM_FROM = ("batch", "image")
 
 
 @dataclass
@@ -36,11 +38,14 @@ def sample_corruption(
     num_patches: int,
     mask_ratio: float,
     probs: tuple[float, float, float],
-    same_image: bool = False,
+    random_from: str = "batch",
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> Corruption:
-    """Draw which patches to corrupt and how. probs = (p_mask, p_random, p_keep), summing to 1."""
+    """Draw which patches to corrupt and how. probs = (p_mask, p_random, p_keep), summing to 1;
+    random_from: 'batch' or 'image' (RANDOM_FROM)."""
+    if random_from not in RANDOM_FROM:
+        raise ValueError(f"random_from must be 'batch' or 'image', got {random_from!r}")
     B, N = batch_size, num_patches
     K = num_corrupted(N, mask_ratio)
     # a uniformly random K-subset per row: the first K of a random permutation
@@ -53,7 +58,7 @@ def sample_corruption(
 
     # A random *other* patch: draw from the pool without the token itself, then shift past it.
     row_offset = torch.arange(B, device=device).unsqueeze(1) * N  # (B, 1)
-    if same_image:
+    if random_from == "image":
         r = torch.randint(0, max(N - 1, 1), (B, K), device=device, generator=generator)
         source = r + (r >= ids).long() + row_offset  # (B, K)
     else:

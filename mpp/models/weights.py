@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # Metadata values that are JSON (safetensors metadata is str -> str).
-_JSON_KEYS = ("img_size", "patch_size", "mean", "std", "steps", "num_classes", "class_names")
+_JSON_KEYS = ("img_size", "patch_size", "mean", "std", "steps", "num_classes", "class_names", "mpp_mask_ratio", "mpp_mask_probs")
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:

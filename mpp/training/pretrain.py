@@ -17,16 +17,16 @@ from mpp.training.trackers import tracker_names
 from mpp.training.xla import sync_free_on_xla
 from mpp.training.loop import (LoopSettings, capped_warmup, fit, finish, fused_optimizer_kwargs, init_processes, open_run,
                    start_logging, write_summary)
-from mpp.models.model import MPPModel, create_encoder
+from mpp.models.model import MPP, create_encoder
 from mpp.models.publish import publish
-from mpp.models.hub_folder import hub_dataset_ids, public_path, write_model_card, write_timm_config
-from mpp.models.weights import save_weights
+from mpp.models.hub_folder import hub_dataset_ids, public_path, write_model_card
+from mpp.models.mpp_folder import save_objective
 
 
 @dataclass
 class PretrainResult:
     run_dir: Path
-    model: MPPModel  # unwrapped, on this process's device
+    model: MPP  # unwrapped, on this process's device
     steps: int
     stopped_by: str | None = None  # a signal that stopped the run before its last step
 
@@ -138,32 +138,18 @@ def closing_summary(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def build_optimizer(model: MPPModel, cfg: PretrainConfig, lr: float, device: torch.device):
-    """AdamW through timm: no decay on biases, norms and embeddings (MPPModel.no_weight_decay)."""
+def build_optimizer(model: MPP, cfg: PretrainConfig, lr: float, device: torch.device):
+    """AdamW through timm: no decay on biases, norms and embeddings (MPP.no_weight_decay)."""
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
                                     **fused_optimizer_kwargs("adamw", device))
     return sync_free_on_xla(optimizer, device)
 
 
-def export_weights(model: MPPModel, cfg: PretrainConfig, run_dir: Path, step: int) -> None:
-    """model.safetensors (encoder, timm keys) and mpp_head.safetensors (mask token + head)."""
-    enc = model.encoder
-    meta = {
-        "timm_model": cfg.model,
-        "img_size": cfg.img_size,
-        "patch_size": cfg.patch_size,
-        "mean": list(enc.pretrained_cfg.get("mean", (0.5, 0.5, 0.5))),
-        "std": list(enc.pretrained_cfg.get("std", (0.5, 0.5, 0.5))),
-        "mpp_target": cfg.target,
-        "mpp_corrupt_at": model.corrupt_at,
-        "steps": step,
-        "mpp_version": __version__,
-    }
-    mask = {k: v for k, v in model.named_parameters() if k in ("mask_token", "mask_colour")}  # the one in use
-    save_weights(run_dir / "mpp_head.safetensors", {**mask, **{f"head.{k}": v for k, v in model.head.state_dict().items()}}, meta)
-    save_weights(run_dir / "model.safetensors", enc.state_dict(), meta)
-    write_timm_config(run_dir, enc, meta)  # with model.safetensors: a folder timm loads as "local-dir:RUN"
-    write_pretraining_card(run_dir, cfg, meta, enc)
+def export_weights(model: MPP, cfg: PretrainConfig, run_dir: Path, step: int) -> None:
+    """model.safetensors (encoder, timm keys), timm's config.json and mpp_head.safetensors (mask token + head),
+    written as MPP.save_pretrained writes them, and the model card."""
+    meta = save_objective(model, run_dir, {"steps": step})  # with model.safetensors: a folder timm loads as "local-dir:RUN"
+    write_pretraining_card(run_dir, cfg, meta, model.encoder)
 
 
 def write_pretraining_card(run_dir: Path, cfg: PretrainConfig, meta: dict, encoder: torch.nn.Module | None = None) -> None:
@@ -279,9 +265,11 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
     try:
-        model = MPPModel(encoder, cfg.target, cfg.mask_ratio, cfg.mask_probs, cfg.random_from == "image", cfg.corrupt_at)
+        model = MPP(encoder, target=cfg.target, mask_ratio=cfg.mask_ratio, mask_probs=cfg.mask_probs, random_from=cfg.random_from,
+                    corrupt_at=cfg.corrupt_at)
     except ValueError as e:
         raise UsageError(f"--model {cfg.model} at --img-size {cfg.img_size}: {e}") from None
+    model.freeze_unused()  # the run's own encoder: its pooling and classifier stay out of the optimiser, as in earlier runs' checkpoints
     ds, column = open_dataset(cfg, dist)
     labelled = load_monitor_data(cfg) if dist.is_main_process else None
     run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to, settings=cfg.to_dict())
