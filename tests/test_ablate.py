@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mpp.experiments.ablate import (AXES, DEFAULT, FINDINGS, RANDOM, AblateConfig, all_settings, folder_of, gate_check, judge, pretrain_command,
+from mpp.experiments.ablate import (AXES, DEFAULT, FINDINGS, RANDOM, AblateConfig, all_settings, choose_settings, folder_of, gate_check, judge, pretrain_command,
                                    quick, setting_name)
+from mpp.errors import UsageError
 from mpp.cli import parse_config
 from mpp.data.clipart import OPENCLIPART_DIR
 
@@ -110,7 +111,7 @@ def test_ablate_quick(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "ablation.json").read_text())
-    assert list(report["summary"]) == list(all_settings())
+    assert list(report["summary"]) == [*all_settings(), "random-init encoder"]  # every setting, then the floor they must beat
     assert set(report["metrics"]) == {f"{m}_{r}" for m in ("knn20", "linear_5shot", "linear_10shot") for r in ("cls", "mean")}
     for name, splits in report["summary"].items():
         for split in ("validation", "test"):
@@ -165,3 +166,16 @@ def test_a_resumed_experiment_keeps_finished_stages_and_reruns_the_rest(tmp_path
     for out in (done_pretrain, done_finetune, half, fresh):
         run(["python", "recipes/x.py", "--output-dir", str(out)], tmp_path / "log")
     assert ran == ["half", "new"] and reused == [str(done_pretrain), str(done_finetune)]
+
+
+def test_findings_whose_settings_were_left_out_are_not_run():
+    """--settings runs a subset: a finding that needs a setting left out is 'not run', the others are judged
+    as with every setting, and a misspelt setting is refused before any work."""
+    kept = {"default": [0.52, 0.62, 0.57], setting_name("target", "mean3bit_4x4"): [0.50, 0.605, 0.555]}
+    out = judge(synthetic(kept), "linear_10shot_mean")
+    verdicts = {k: f["verdict"] for k, f in out["findings"].items()}
+    assert verdicts == {"a1": "agrees", "a2": "not run", "b": "not run", "c": "not run", "d": "not run"}
+    assert out["findings"]["a2"]["difference"] is None and out["observations"] == {}
+    assert list(choose_settings(["target_pixels_l2", "rate 15%"])) == ["default", "target pixels_l2", "rate 15%"]
+    with pytest.raises(UsageError, match="--settings 'rate_20pc' is not a setting; choose from: default, target_mean3bit_4x4"):
+        choose_settings(["rate_20pc"])

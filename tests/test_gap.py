@@ -175,7 +175,7 @@ def test_gap_quick(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
-    assert report["config"]["setting"] == "colour" and report["label_spaces"]["disjoint"]
+    assert report["config"]["setting"] == "colour" and report["protocol"]["label_spaces"]["disjoint"]
     assert set(report["summary"]) == set(INITS) and {"MPP − scratch", "supervised − MPP"} <= set(report["differences"])
     assert report["primary"]["comparison"] == "MPP − scratch" and report["primary"]["bootstrap"]["low"] <= report["primary"]["bootstrap"]["high"]
     assert set(report["floors"]) >= {"majority", "pixels_knn1", "pixels_knn20", "pixels_linear_5shot"}
@@ -191,7 +191,7 @@ def test_gap_quick(tmp_path):
         for run in ("paper_lr0.01", "paper_lr0.1", "modern_lr0.001"):  # every arm tried every preset and lr
             assert (out / "seed0" / f"finetune_{arm}_{run}_e2" / "best.safetensors").is_file()
     assert len(report["git"]["commit"]) == 40 and isinstance(report["git"]["dirty"], bool)
-    assert report["command"].startswith("python recipes/gap.py --quick") and report["date"] and report["machine"]
+    assert report["command"].startswith("python recipes/gap.py --setting colour --quick") and report["date"] and report["machine"]
     assert set(report["versions"]) >= {"torch", "timm", "mpp"}
     markdown = (out / "results.md").read_text()
     assert "| mpp |" in markdown and "gap.png" in markdown and "MPP − scratch" in markdown and "disjoint" in markdown
@@ -212,12 +212,17 @@ def test_gap_quick(tmp_path):
     assert ours.keys() == fresh.keys() and all(ours[k].equal(fresh[k]) for k in ours)
 
 
-def test_a_relaunch_under_the_same_plan_is_not_a_protocol_change():
-    from mpp.experiments.gap import same_plan
+def test_a_relaunch_under_the_same_plan_is_not_a_protocol_change(tmp_path):
+    from mpp.experiments.harness import record_protocol
 
-    plan = {"selection": "caps 3 and 2", "seeds": [0, 1]}
-    recorded = {**plan, "command": "python recipes/gap.py", "date": "2026-12-06", "git": "abc", "machine": "m", "versions": {},
-                "earlier_protocols": [{"selection": "caps 1 and 1"}], "protocol_note": "why"}
-    assert same_plan(recorded, {**plan, "command": "python recipes/gap.py --resume"})
-    assert not same_plan(recorded, {**plan, "selection": "caps 1 and 1"})
-    assert not same_plan(recorded, {**plan, "seeds": [0, 1, 2]})
+    path, plan = tmp_path / "protocol.json", {"selection": "caps 1 and 1", "seeds": [0, 1]}
+    launch = lambda n: {"command": f"launch {n}", "date": f"2026-12-0{n}", "git": {"commit": str(n)}, "machine": "m", "versions": {}}  # noqa: E731
+    record_protocol(path, plan, launch(1), resume=False, note=None)
+    record_protocol(path, plan, launch(2), resume=True, note=None)  # stopped and started again
+    kept = json.loads(path.read_text())
+    assert kept["command"] == "launch 1" and [r["command"] for r in kept["relaunches"]] == ["launch 2"] and "earlier_protocols" not in kept
+    widened = record_protocol(path, {**plan, "selection": "caps 3 and 2"}, launch(3), resume=True, note="caps were hit")
+    assert widened == json.loads(path.read_text()) and widened["command"] == "launch 3" and widened["protocol_note"] == "caps were hit"
+    assert [(e["selection"], e["command"]) for e in widened["earlier_protocols"]] == [("caps 1 and 1", "launch 1")]
+    record_protocol(path, {**plan, "selection": "caps 3 and 2"}, launch(4), resume=True, note="caps were hit")
+    assert json.loads(path.read_text())["earlier_protocols"] == widened["earlier_protocols"]  # a relaunch adds no protocol

@@ -1,7 +1,7 @@
 """MPP's design choices (ViT paper App. B.1.2) in miniature, with verdicts.  python recipes/ablate.py --help"""
 import sys
 
-from mpp.experiments.ablate import AblateConfig, quick, run_ablation
+from mpp.experiments.ablate import AblateConfig, all_settings, choose_settings, quick, run_ablation
 from mpp.cli import OneLineParser, run_cli
 
 HELP = {
@@ -37,8 +37,11 @@ def build_parser() -> OneLineParser:
     p.add_argument("--quick", action="store_true", help="every setting for a few steps, one seed (for tests)")
     p.add_argument("--no-finetune", dest="finetune", action="store_false", help="probes only: skip fine-tuning the default and best settings")
     p.add_argument("--resume", action="store_true", help="continue a stopped ablation in --runs-dir: finished runs are kept, an unfinished one is run again")
+    p.add_argument("--settings", nargs="+", metavar="SETTING", help="run only these settings besides the default (run-folder names such "
+                   "as target_pixels_l2 or rate_15pc); findings that need another are 'not run' (default: all)")
+    p.add_argument("--protocol-note", help="with --resume: why the protocol differs from the one already in --output-dir (kept beside it)")
     for name, value in vars(d).items():
-        if name in ("settings", "finetune", "resume"):
+        if name in ("settings", "finetune", "resume", "protocol_note"):
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, tuple):
@@ -52,6 +55,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = vars(build_parser().parse_args(argv))
     is_quick = args.pop("quick")
+    args["settings"] = all_settings() if args["settings"] is None else choose_settings(args["settings"])
     cfg = AblateConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     if is_quick:
         cfg = quick(cfg)

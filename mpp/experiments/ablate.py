@@ -24,7 +24,7 @@ import torch
 from mpp.errors import UsageError
 from mpp.evaluation.stats import paired_difference, verdict
 from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, recipe,
-                                     reusing, run_in_process, summarise_finetune, summary_over_seeds, table, write_json)
+                                     record_protocol, reusing, run_in_process, summarise_finetune, summary_over_seeds, table, write_json)
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
 
 # The paper's setting (App. B.1.2): 50% of patches, 80% [mask] / 10% random patch / 10% unchanged,
@@ -123,7 +123,20 @@ class AblateConfig:
     runs_dir: str = "runs/ablate"
     finetune: bool = True
     resume: bool = False  # continue in runs_dir: finished stages are kept (experiment.reusing)
+    protocol_note: str | None = None  # why the protocol differs from the one already in output_dir (with resume)
     settings: dict = field(default_factory=all_settings)
+
+
+def choose_settings(names: list[str]) -> dict:
+    """{name: setting} for the default and the named ones (as in the tables, e.g. 'rate 15%', or as their run
+    folders, e.g. 'rate_15pc'), in the order of all_settings."""
+    every = all_settings()
+    by_any = {**{n: n for n in every}, **{folder_of(n): n for n in every}}
+    unknown = [n for n in names if n not in by_any]
+    if unknown:
+        raise UsageError(f"--settings {unknown[0]!r} is not a setting; choose from: {', '.join(folder_of(n) for n in every)}")
+    chosen = {"default", *(by_any[n] for n in names)}
+    return {n: s for n, s in every.items() if n in chosen}
 
 
 def quick(cfg: AblateConfig) -> AblateConfig:
@@ -148,6 +161,8 @@ def validate(cfg: AblateConfig) -> None:
         raise UsageError(f"--gate-doublings must not be negative, got {cfg.gate_doublings}")
     if not cfg.lr_grid or any(not lr > 0 for lr in cfg.lr_grid) or len(set(cfg.lr_grid)) != len(cfg.lr_grid):
         raise UsageError(f"--lr-grid needs distinct positive learning rates, got {list(cfg.lr_grid)}")
+    if cfg.protocol_note and not cfg.resume:
+        raise UsageError("--protocol-note says why a resumed ablation's protocol changed: give it with --resume")
     if not cfg.resume:
         check_fresh_output_dir(Path(cfg.runs_dir))  # the results files in --output-dir are replaced, the runs never mixed
 
@@ -230,12 +245,17 @@ def gate_check(per_seed: dict, metric: str, split: str = "validation") -> dict:
 def judge(per_seed: dict, metric: str, split: str = "test", gate: dict | None = None) -> dict:
     """Each finding's paired per-seed difference (better − worse) and verdict, or 'not judged' when a gate is
     given and did not pass; observations likewise, never judged."""
+    ran = set.intersection(*(set(v) for v in per_seed.values()))
+    needs_run = lambda terms: {name for _, name in terms} <= ran  # noqa: E731
     findings = {}
     for f in FINDINGS:
+        if not needs_run(f.better + f.worse):  # a setting left out with --settings
+            findings[f.key] = {"claim": f.claim, "source": f.source, "difference": None, "verdict": "not run"}
+            continue
         d = paired(per_seed, f.better, f.worse, metric, split)
         judged = gate is None or gate["passed"]
         findings[f.key] = {"claim": f.claim, "source": f.source, "difference": d.to_dict(), "verdict": verdict(d) if judged else "not judged"}
-    observations = {name: paired(per_seed, b, w, metric, split).to_dict() for name, b, w in OBSERVATIONS}
+    observations = {name: paired(per_seed, b, w, metric, split).to_dict() for name, b, w in OBSERVATIONS if needs_run(b + w)}
     return {"findings": findings, "observations": observations}
 
 
@@ -278,7 +298,7 @@ def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
     plan = protocol(cfg, len(first_test[2]), int(first_test[1].max()) + 1)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "ablation_protocol.json", {**plan, **origin})  # before the first run
+    plan = record_protocol(out / "ablation_protocol.json", plan, origin, cfg.resume, cfg.protocol_note)  # before the first run
     images = runs / "pretrain_images"
     if not (cfg.resume and (images / "state.json").is_file()):
         materialise(cfg, images)
@@ -366,6 +386,18 @@ def runner_for(runner, named: dict):
     return lambda name, preset, lr, epochs: runner(arm_of[name], preset, lr, epochs)
 
 
+def protocol_changes(plan: dict) -> list[str]:
+    """The protocols this one replaced, with the reason given, for the record."""
+    if not plan.get("earlier_protocols"):
+        return []
+    earlier = "; ".join(f"{old.get('date', '?')[:16]}: settings {', '.join(old['settings'])}, seeds {old['seeds']}"
+                        for old in plan["earlier_protocols"])
+    return [f"**The protocol changed after it started**: {plan.get('protocol_note') or '(no reason given)'}. Earlier: {earlier}.", ""]
+
+
+VERDICT_LETTERS = {"agrees": "a", "disagrees": "d", "inconclusive": "i", "not judged": "n", "not run": "−"}
+
+
 def markdown(report: dict) -> str:
     cfg, summary, metrics, floors_ = report["config"], report["summary"], report["metrics"], report["floors"]
     primary = cfg["metric"]
@@ -398,6 +430,7 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{v:.3f} at a per-seed spread of {k}" for k, v in report["protocol"]["power"]["detectable_by_spread"].items() if v)
         + f"; the {report['protocol']['power']['test_images']} test images alone spread a per-seed difference by about "
         f"{report['protocol']['power']['test_image_spread_by_disagreement']['0.2']:.3f} (20% of images disagreeing).", "",
+        *protocol_changes(report["protocol"]),
         "## The gate", "", gate_line, "",
         "## Test split", "",
         f"The setting with the best validation `{primary}`: {report['best_setting']}.", "",
@@ -407,9 +440,11 @@ def markdown(report: dict) -> str:
         "## The paper's findings", "",
         f"Paired per-seed difference of `{primary}` on the test split (better − worse as the paper has it), 95% t-interval.", "",
         *table(["", "finding", "difference", "verdict", "source"],
-               [[k, f["claim"], f["difference"]["phrase"], f"**{f['verdict']}**", f["source"]] for k, f in report["findings"].items()]), "",
-        "The same verdicts under every probe metric (a = agrees, d = disagrees, i = inconclusive, n = not judged):", "",
-        *table(["metric", *report["findings"]], [[m, *(report["verdicts_by_metric"][m][k][0] for k in report["findings"])] for m in metrics]), "",
+               [[k, f["claim"], f["difference"]["phrase"] if f["difference"] else "—", f"**{f['verdict']}**", f["source"]]
+                for k, f in report["findings"].items()]), "",
+        "The same verdicts under every probe metric (a = agrees, d = disagrees, i = inconclusive, n = not judged, − = not run):", "",
+        *table(["metric", *report["findings"]], [[m, *(VERDICT_LETTERS[report["verdicts_by_metric"][m][k]] for k in report["findings"])]
+                                                 for m in metrics]), "",
         "Compared without a paper finding to judge (each doubling of the length with its own sign):", "",
         *table(["comparison", "difference"], [[n, d["phrase"]] for n, d in report["observations"].items()]), "",
     ]
@@ -439,7 +474,7 @@ def figure(report: dict, path: Path) -> None:
     fig = Figure(figsize=(3 * len(AXES), 3.4), layout="constrained")
     axes = fig.subplots(1, len(AXES), sharey=True)
     for ax, (axis, changes) in zip(axes, AXES.items()):
-        names = ["default"] + [setting_name(k, v) for k, v in changes]
+        names = ["default"] + [n for n in (setting_name(k, v) for k, v in changes) if n in summary]  # --settings may leave some out
         if axis == "pretraining length":
             names = sorted(names, key=lambda n: cfg["settings"][n]["length"])
         means = [summary[n]["test"][metric]["mean"] for n in names]

@@ -90,7 +90,7 @@ def ablation_section(r: dict) -> list[str]:
         + ("" if gate["passed"] else " So no finding is judged: a metric that cannot show pretraining beating a random encoder "
                                       "cannot tell two pretrainings apart."), "",
         *table(["setting", f"{metric} (test)", "− default, paired"], rows), "",
-        *table(["the paper's finding", "difference", "verdict"], [[f["claim"], interval(f["difference"]), f["verdict"]]
+        *table(["the paper's finding", "difference", "verdict"], [[f["claim"], interval(f["difference"]) if f["difference"] else "—", f["verdict"]]
                                                                   for f in r["findings"].values()]), "",
         "Each doubling of the pretraining length, with its sign: "
         + "; ".join(f"{n} {interval(d)}" for n, d in r["observations"].items() if n.startswith("length")) + ".", "",

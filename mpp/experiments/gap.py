@@ -20,7 +20,8 @@ import torch
 
 from mpp.errors import UsageError
 from mpp.evaluation.stats import detectable_difference, paired_difference, two_level_bootstrap
-from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, recipe, reusing,
+from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, recipe,
+                                     record_protocol, reusing,
                                      run_in_process, summarise_finetune, summary_over_seeds, table, write_json)
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
 
@@ -205,15 +206,6 @@ def check_shots(cfg: GapConfig, train_labels: torch.Tensor) -> None:
         raise UsageError(f"--shots {max(cfg.shots)} is more than the {smallest} training images of the smallest downstream class")
 
 
-PROVENANCE_KEYS = ("command", "date", "machine", "versions", "git")
-
-
-def same_plan(earlier: dict, plan: dict) -> bool:
-    """Whether a resumed experiment's plan is the one already on record (only where and when it ran differ)."""
-    skip = {*PROVENANCE_KEYS, "earlier_protocols", "protocol_note", "relaunches"}
-    return {k: v for k, v in earlier.items() if k not in skip} == {k: v for k, v in plan.items() if k not in skip}
-
-
 def protocol(cfg: GapConfig, spaces: dict, test_images: int) -> dict:
     """The plan, fixed before the first run."""
     return {
@@ -252,16 +244,7 @@ def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     reused: list[str] = []
     run = reusing(run_in_process, reused) if cfg.resume else run_in_process
-    if cfg.resume and (out / "protocol.json").is_file():  # the earlier plan stays on record, with why it changed
-        earlier = json.loads((out / "protocol.json").read_text())
-        if same_plan(earlier, plan):  # restarted after a stop: the plan stands, the relaunch is recorded
-            relaunches = [*earlier.get("relaunches", []), {k: origin[k] for k in ("command", "date", "git")}]
-            plan = {k: v for k, v in earlier.items() if k not in PROVENANCE_KEYS}
-            plan.update({k: earlier[k] for k in PROVENANCE_KEYS}, relaunches=relaunches)
-        else:
-            plan["earlier_protocols"] = [*earlier.pop("earlier_protocols", []), earlier]
-            plan["protocol_note"] = cfg.protocol_note
-    write_json(out / "protocol.json", {**origin, **plan})  # before the first run
+    plan = record_protocol(out / "protocol.json", plan, origin, cfg.resume, cfg.protocol_note)  # before the first run
     per_seed, predictions, tuned = {}, {}, None
     for seed in cfg.seeds:
         root, logs = out / f"seed{seed}", out / f"seed{seed}" / "logs"

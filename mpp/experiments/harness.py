@@ -82,6 +82,31 @@ def reusing(run=None, reused: list | None = None):
     return run_or_reuse
 
 
+PROVENANCE_KEYS = ("command", "date", "machine", "versions", "git")
+
+
+def same_plan(earlier: dict, plan: dict) -> bool:
+    """Whether a resumed experiment's plan is the one already on record (only where and when it ran differ)."""
+    skip = {*PROVENANCE_KEYS, "earlier_protocols", "protocol_note", "relaunches"}
+    return {k: v for k, v in earlier.items() if k not in skip} == {k: v for k, v in plan.items() if k not in skip}
+
+
+def record_protocol(path: Path, plan: dict, origin: dict, resume: bool, note: str | None) -> dict:
+    """Writes the protocol before the first run and returns it. A resume under the same plan records a relaunch;
+    under another plan the earlier ones stay on record, with the note saying why it changed."""
+    if resume and path.is_file():
+        earlier = json.loads(path.read_text())
+        if same_plan(earlier, plan):  # restarted after a stop: the plan stands
+            relaunch = {k: origin[k] for k in ("command", "date", "git")}
+            plan = {**earlier, "relaunches": [*earlier.get("relaunches", []), relaunch]}
+        else:
+            plan = {**plan, "earlier_protocols": [*earlier.pop("earlier_protocols", []), earlier], "protocol_note": note, **origin}
+    else:
+        plan = {**plan, **origin}
+    write_json(path, plan)
+    return plan
+
+
 def check_fresh_output_dir(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--output-dir {out} is not empty; choose another folder")
