@@ -130,3 +130,26 @@ def hub(monkeypatch):
 
 class Recorded(list):
     """A list of recorded calls with attributes for the answers to give."""
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """The package as a user installs it: a vit_mpp wheel built with `pip wheel .`, installed into its own folder.
+    Returns run(*args, cwd=...): `python *args` with that folder first on the path, away from the checkout."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("wheel")
+    wheels, site, away = root / "wheels", root / "site", root / "elsewhere"
+    checkout = Path(__file__).parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(checkout)], check=True, timeout=300)
+    (wheel,) = wheels.glob("*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True, timeout=300)
+    away.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}  # the wheel's mpp comes before the checkout's editable install
+
+    def run(*args, cwd=away, timeout=300):
+        return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+    run.site, run.wheel, run.away = site, wheel, away
+    return run

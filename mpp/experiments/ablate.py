@@ -23,7 +23,7 @@ import torch
 
 from mpp.errors import UsageError
 from mpp.evaluation.stats import paired_difference, verdict
-from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, recipe,
+from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, command,
                                      record_protocol, reusing, run_in_process, summarise_finetune, summary_over_seeds, table, write_json)
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
 
@@ -180,7 +180,7 @@ def materialise(cfg: AblateConfig, folder: Path) -> Path:
 def pretrain_command(cfg: AblateConfig, setting: dict, seed: int, out: Path, dataset: str | Path | None = None,
                      steps: int | None = None) -> list[str]:
     steps = max(1, round((steps or cfg.steps) * setting["length"]))
-    return recipe("pretrain_mpp.py", "--dataset", dataset or cfg.pretrain_dataset, "--split", "train", "--model", cfg.model,
+    return command("pretrain", "--dataset", dataset or cfg.pretrain_dataset, "--split", "train", "--model", cfg.model,
                   "--img-size", cfg.img_size, "--patch-size", cfg.patch_size, "--target", setting["target"],
                   "--mask-ratio", setting["mask_ratio"], "--mask-probs", *setting["mask_probs"], "--corrupt-at", setting["corrupt_at"],
                   "--max-steps", steps, "--batch-size", cfg.batch, "--lr", cfg.lr, "--warmup-steps", max(1, steps // 15),
@@ -191,7 +191,7 @@ def finetune_command(cfg: AblateConfig, seed: int, init: Path | str) -> list[str
     """Without --preset, --lr, --epochs and --output-dir (tuning.py adds them); a scratch init takes the
     pretrainings' architecture."""
     arch = ["--model", cfg.model, "--patch-size", cfg.patch_size] if str(init) == "scratch" else []
-    return recipe("finetune.py", "--dataset", cfg.downstream, "--train-split", "train", "--eval-split", "validation", "--test-split", "test",
+    return command("finetune", "--dataset", cfg.downstream, "--train-split", "train", "--eval-split", "validation", "--test-split", "test",
                   "--init", init, *arch, "--img-size", cfg.img_size, "--batch-size", cfg.finetune_batch, "--eval-every", cfg.eval_every,
                   "--log-every", 10, "--checkpoint-every", 1_000_000, "--seed", seed, "--no-progress")
 

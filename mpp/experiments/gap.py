@@ -20,7 +20,7 @@ import torch
 
 from mpp.errors import UsageError
 from mpp.evaluation.stats import detectable_difference, paired_difference, two_level_bootstrap
-from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, recipe,
+from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, command,
                                      record_protocol, reusing,
                                      run_in_process, summarise_finetune, summary_over_seeds, table, write_json)
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
@@ -125,10 +125,10 @@ def pretrain_commands(cfg: GapConfig, seed: int, root: Path) -> dict[str, list[s
               "--crop-scale", 0.35, 1.0, "--hflip", 0.5, "--log-every", max(1, cfg.pretrain_steps // 30),
               "--checkpoint-every", cfg.pretrain_steps]
     return {
-        "mpp": recipe("pretrain_mpp.py", "--dataset", cfg.upstream, "--split", "train", *arch, *shared, "--output-dir", root / "mpp"),
+        "mpp": command("pretrain", "--dataset", cfg.upstream, "--split", "train", *arch, *shared, "--output-dir", root / "mpp"),
         # the fine-tuning recipe on the upstream labels; validation is never looked at (--eval-every
         # beyond the run), the final weights are the init
-        "supervised": recipe("finetune.py", "--dataset", cfg.upstream, "--train-split", "train", "--eval-split", "validation",
+        "supervised": command("finetune", "--dataset", cfg.upstream, "--train-split", "train", "--eval-split", "validation",
                              "--init", "scratch", *arch, *shared, "--opt", "adamw", "--no-zero-head", "--eval-every", 1_000_000,
                              "--output-dir", root / "supervised"),
     }
@@ -142,7 +142,7 @@ def finetune_command(cfg: GapConfig, seed: int, init: str) -> list[str]:
     """The downstream fine-tuning of one arm, without --preset, --lr, --epochs and --output-dir (the tuning
     adds them): identical for the three arms but for --init."""
     subset = ["--train-per-class", cfg.train_per_class] if cfg.train_per_class else []
-    return recipe("finetune.py", "--dataset", cfg.downstream, "--train-split", "train", "--eval-split", "validation",
+    return command("finetune", "--dataset", cfg.downstream, "--train-split", "train", "--eval-split", "validation",
                   "--test-split", "test", *subset, "--subset-seed", seed, "--init", init, "--model", cfg.model,
                   "--img-size", cfg.img_size, "--patch-size", cfg.patch_size, "--batch-size", cfg.finetune_batch,
                   "--eval-every", cfg.eval_every, "--log-every", 10, "--checkpoint-every", 1_000_000, "--seed", seed, "--no-progress")

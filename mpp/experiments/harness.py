@@ -17,43 +17,43 @@ from mpp import __version__
 from mpp.errors import UsageError
 from mpp.evaluation.stats import detectable_difference, mean_std
 
-REPO = Path(__file__).resolve().parents[2]  # mpp/experiments/harness.py -> the checkout
-RECIPES = REPO / "recipes"
+REPO = Path(__file__).resolve().parents[2]  # mpp/experiments/harness.py -> the checkout, when run from one
 
 
-def recipe(name: str, *args) -> list[str]:
-    """The command line of recipes/<name> in this interpreter (single process: no accelerate launch needed)."""
-    return [sys.executable, str(RECIPES / name), *map(str, args)]
+def command(name: str, *args) -> list[str]:
+    """The command line of `python -m mpp <name>` in this interpreter (single process: no accelerate launch needed)."""
+    return [sys.executable, "-m", "mpp", name, *map(str, args)]
 
 
-def recipe_main(name: str):
-    """The main() of recipes/<name>, imported from its file (recipes/ is not a package)."""
-    import importlib.util
+def command_name(cmd: list[str]) -> str:
+    return cmd[3]
 
-    spec = importlib.util.spec_from_file_location(f"recipe_{Path(name).stem}", RECIPES / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+
+def command_args(cmd: list[str]) -> list[str]:
+    return cmd[4:]
 
 
 def run_in_process(cmd: list[str], log: Path) -> float:
-    """The recipe of a command line `recipe(name, ...)` run by calling its main() in this process,
+    """The command of a command line `command(name, ...)` run by calling its module's main() in this process,
     its output in `log`; returns the wall time. Many short runs save the seconds of imports each
     process costs. A refused invocation, a failed run or a signal-stopped run stops the experiment."""
     import contextlib
+    import importlib
+
+    from mpp.__main__ import COMMANDS
 
     log.parent.mkdir(parents=True, exist_ok=True)
-    main = recipe_main(Path(cmd[1]).name)
+    main = importlib.import_module(COMMANDS[command_name(cmd)][0]).main
     start = time.time()
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         print("in-process: " + " ".join(cmd), flush=True)
         try:
-            code = main(cmd[2:])
+            code = main(command_args(cmd))
         except (Exception, SystemExit) as e:  # UsageError, RunError, argparse's exit
             print(f"error: {type(e).__name__}: {e}", flush=True)
             code = e
     if code:
-        raise RuntimeError(f"{Path(cmd[1]).name} failed ({code}); see {log}")
+        raise RuntimeError(f"python -m mpp {command_name(cmd)} failed ({code}); see {log}")
     return time.time() - start
 
 
@@ -180,6 +180,8 @@ def git_state(repo: Path = REPO) -> dict:
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
 
+    if not (repo / ".git").exists():  # an installed package: its folder may sit inside some other repository
+        return {"commit": None, "dirty": None}
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:
         return {"commit": None, "dirty": None}
@@ -204,7 +206,11 @@ def machine() -> str:
 
 
 def provenance(script: str, argv: list[str]) -> dict:
-    return {"command": " ".join(["python", script, *argv]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    """Where and how a run started. script: its recipe (recipes/NAME.py); under `python -m mpp NAME` the command says so."""
+    from mpp.cli import started_as_module
+
+    launch = ["python", "-m", "mpp", Path(script).stem] if started_as_module() else ["python", script]
+    return {"command": " ".join([*launch, *argv]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "versions": versions(), "git": git_state()}
 
 
