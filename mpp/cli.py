@@ -1,6 +1,7 @@
 """Command line of recipes/pretrain_mpp.py: argparse -> PretrainConfig, errors as one line + exit 2."""
 import argparse
 import sys
+from pathlib import Path
 
 from mpp.training.pretrain_config import DEFAULT_LR, PAPER_REF_BATCH, PretrainConfig, validate
 from mpp.errors import UsageError
@@ -8,8 +9,24 @@ from mpp.models.families import SUPPORTED
 from mpp.models.targets import TARGETS
 
 
+RECIPE_COMMANDS = {"pretrain_mpp.py": "pretrain", "finetune.py": "finetune", "gap.py": "gap", "ablate.py": "ablate",
+                   "inspect_run.py": "inspect", "prepare_data.py": "prepare", "push_to_hub.py": "push"}  # recipes/X: python -m mpp Y
+
+
+def started_as_module() -> bool:
+    """Whether this process is `python -m mpp ...` (or `accelerate launch -m mpp ...`) rather than a recipe script."""
+    main = Path(sys.argv[0])
+    return main.name == "__main__.py" and main.parent.name == "mpp"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported in one line (no usage block) with exit code 2."""
+    """argparse, but a bad flag is reported in one line (no usage block) with exit code 2. Its name is
+    the recipe's, or `python -m mpp COMMAND` when the process was started that way."""
+
+    def __init__(self, *args, prog: str | None = None, **kwargs):
+        if started_as_module() and prog in RECIPE_COMMANDS:
+            prog = f"python -m mpp {RECIPE_COMMANDS[prog]}"
+        super().__init__(*args, prog=prog, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -50,7 +67,8 @@ def add_run_flags(p: argparse.ArgumentParser, run: argparse._ArgumentGroup, d) -
     run.add_argument("--config", default=None, help="YAML or JSON file of flag values (keys are the flags' names, e.g. img_size "
                      "or img-size; booleans as true/false, with --no-X on the command line to turn one off); flags on the command line win. "
                      "A run's run_config.json replays that run in a new folder: where it went (output_dir), --resume and --push-to-hub "
-                     "are taken from the command line only, and its 'derived' block is ignored. Examples: recipes/configs/")
+                     "are taken from the command line only, and its 'derived' block is ignored. Bundled examples by name: paper_vit_b16, vit_s16_one_gpu "
+                     "(the files are in mpp/configs/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +152,7 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-fraction", type=float, default=d.train_fraction, help="low-label regime: this fraction of the training split")
     g.add_argument("--subset-seed", type=int, default=d.subset_seed, help="seed of the low-label draw")
     g = p.add_argument_group("model")
-    g.add_argument("--init", default=d.init, help="scratch, a .safetensors file (from pretrain_mpp.py or finetune.py) or timm:NAME.TAG")
+    g.add_argument("--init", default=d.init, help="scratch, a run folder or a .safetensors file (from pretrain_mpp.py or finetune.py) or timm:NAME.TAG")
     g.add_argument("--model", default=d.model, help="timm ViT for --init scratch (otherwise the weights' metadata decides)")
     g.add_argument("--img-size", type=int, default=d.img_size, help="resolution (default: the weights'; larger interpolates position embeddings)")
     g.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size for --init scratch (default 7)")
@@ -191,13 +209,25 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> dic
     return values
 
 
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # in the package: the wheel has them too
+
+
+def config_file(path: str) -> Path:
+    """A file, or the name of a bundled config (mpp/configs/NAME.yaml) when no such file exists here."""
+    file = Path(path)
+    if file.is_file():
+        return file
+    bundled = BUNDLED_CONFIGS / (path if path.endswith((".yaml", ".json")) else f"{path}.yaml")
+    if file.name == path and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(f.stem for f in BUNDLED_CONFIGS.glob("*.yaml")))
+    raise UsageError(f"--config {path}: no such file, nor a bundled config ({names})")
+
+
 def read_config_file(path: str) -> dict:
     import json
-    from pathlib import Path
 
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--config {path}: no such file")
+    file = config_file(path)
     try:
         if file.suffix.lower() == ".json":
             values = json.loads(file.read_text())

@@ -1,5 +1,5 @@
 """--config FILE (YAML or JSON): sets any flag, the command line wins, a run's saved configuration
-replays it, bad files are refused in one line; the shipped recipes/configs parse and validate."""
+replays it, bad files are refused in one line; the bundled mpp/configs parse and validate."""
 import json
 import re
 from pathlib import Path
@@ -11,7 +11,7 @@ from mpp.cli import parse_config, parse_finetune_config
 from mpp.training.pretrain_config import PretrainConfig
 from mpp.errors import UsageError
 
-CONFIGS = sorted((Path(__file__).parents[1] / "recipes" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[1] / "mpp" / "configs").glob("*.yaml"))
 
 
 def flags_of(cfg) -> dict:
@@ -59,6 +59,17 @@ def test_bad_config_files_are_refused_in_one_line(tmp_path, text, message):
     assert "\n" not in str(e.value)
     with pytest.raises(UsageError, match="no such file"):
         parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_a_bundled_config_is_found_by_name_from_anywhere(tmp_path, monkeypatch):
+    """--config paper_vit_b16 reads the file the package ships (the wheel has it too); a local file of that
+    name wins; a misspelt name is refused in one line that lists the bundled ones."""
+    monkeypatch.chdir(tmp_path)
+    assert parse_config(["--config", "paper_vit_b16"]) == parse_config(["--config", str(CONFIGS[0].parent / "paper_vit_b16.yaml")])
+    (tmp_path / "paper_vit_b16").write_text("img_size: 98\n")
+    assert parse_config(["--config", "paper_vit_b16"]).img_size == 98
+    with pytest.raises(UsageError, match=r"--config paper_vit_b17: no such file, nor a bundled config \(paper_vit_b16, vit_s16_one_gpu\)$"):
+        parse_config(["--config", "paper_vit_b17"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
