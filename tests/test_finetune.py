@@ -34,6 +34,15 @@ def test_init_from_mpp_weights_loads_everything_but_the_head(mpp_weights):
     assert model.head.weight.shape == (10, 64) and (model.head.weight == 0).all()  # paper preset: zero head
 
 
+def test_init_from_a_run_folder_reads_its_model_safetensors(mpp_weights, tmp_path):
+    """--init runs/RUN (a folder timm itself loads) is the folder's model.safetensors; a folder without one is refused."""
+    path, mpp_model = mpp_weights
+    model, arch = build_classifier(FinetuneConfig(init=str(path.parent)), num_classes=10)
+    assert arch["timm_model"] == "test_vit" and torch.equal(model.pos_embed, mpp_model.encoder.pos_embed)
+    with pytest.raises(UsageError, match="a folder without model.safetensors"):
+        build_classifier(FinetuneConfig(init=str(tmp_path)), num_classes=10)
+
+
 def test_higher_resolution_interpolates_position_embeddings_like_timm(mpp_weights):
     path, mpp_model = mpp_weights
     model, arch = build_classifier(FinetuneConfig(init=str(path), img_size=42), num_classes=10)  # 4x4 -> 6x6

@@ -52,7 +52,7 @@ def open_labelled_data(cfg, dist) -> LabelledData:
 
 
 def init_weights(init: str) -> tuple[dict | None, dict]:
-    """(tensors or None, architecture metadata) for --init scratch | FILE.safetensors | timm:NAME.TAG."""
+    """(tensors or None, architecture metadata) for --init scratch | RUN_FOLDER | FILE.safetensors | timm:NAME.TAG."""
     if init == "scratch":
         return None, {}
     if init.startswith("timm:"):
@@ -67,8 +67,12 @@ def init_weights(init: str) -> tuple[dict | None, dict]:
                 "mean": list(source.pretrained_cfg["mean"]), "std": list(source.pretrained_cfg["std"])}
         return source.state_dict(), meta
     path = Path(init)
+    if path.is_dir():  # a run folder (a timm hub folder): its model.safetensors
+        if not (path / "model.safetensors").is_file():
+            raise UsageError(f"--init {init}: a folder without model.safetensors (give a run folder or a .safetensors file)")
+        path = path / "model.safetensors"
     if not path.is_file():
-        raise UsageError(f"--init {init}: no such file (use scratch, a .safetensors file or timm:NAME.TAG)")
+        raise UsageError(f"--init {init}: no such file or folder (use scratch, a run folder, a .safetensors file or timm:NAME.TAG)")
     try:
         meta, tensors = read_metadata(path), load_tensors(path)
     except (SafetensorError, OSError, ValueError) as e:
