@@ -62,6 +62,23 @@ def test_unknown_builtin_split_and_missing_path():
         load_images("./does/not/exist")
 
 
+def test_a_missing_folder_under_a_local_one_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
+    """'data/mine' with a local folder 'data' was meant as a path: refused at once, never sent to the Hub;
+    'owner/name' with no such local folder goes to the Hub, whose failure says no local folder exists either."""
+    import mpp.data.dataset as dataset_module
+
+    asked = []
+    monkeypatch.setattr(dataset_module, "load_dataset", lambda path, **kw: asked.append(path) or (_ for _ in ()).throw(FileNotFoundError(path)))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(UsageError, match=r"^--dataset data/mine: no such file or folder"):
+        load_images("data/mine")
+    assert asked == []
+    with pytest.raises(UsageError, match=r"^--dataset owner/name: no local file or folder of that name, and the Hugging Face Hub could not"):
+        load_images("owner/name")
+    assert asked == ["owner/name"]
+
+
 def test_dataset_without_image_column():
     ds = Dataset.from_dict({"text": ["a", "b"]})
     with pytest.raises(UsageError, match="no image column"):

@@ -27,8 +27,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def _looks_like_path(name: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else with path syntax was meant as a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in (".parquet", ".tar", ".arrow")
+    """Hub ids are 'name' or 'owner/name'; anything else with path syntax was meant as a path, and so was
+    'data/mine' when a local folder 'data' exists (the Hub would be asked, with retries, for nothing)."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in (".parquet", ".tar", ".arrow")
+            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()))
 
 
 def _local_files(path: str) -> list[str]:
@@ -103,10 +105,10 @@ def load_images(
 
     if _looks_like_path(dataset):
         raise UsageError(f"--dataset {dataset}: no such file or folder (built-in sets: {', '.join(BUILTIN_DATASETS)})")
-    return _load(dataset, split, streaming, name=config)
+    return _load(dataset, split, streaming, hub=True, name=config)
 
 
-def _load(builder: str, split: str, streaming: bool, **kwargs):
+def _load(builder: str, split: str, streaming: bool, hub: bool = False, **kwargs):
     """datasets.load_dataset for one split; its errors become one-line UsageErrors."""
     try:
         return load_dataset(builder, split=split, streaming=streaming, **kwargs)
@@ -114,7 +116,8 @@ def _load(builder: str, split: str, streaming: bool, **kwargs):
         raise UsageError(f"--dataset {builder} --split {split}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # not found on the Hub, offline, no access, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--dataset {builder}: could not load it ({type(e).__name__}: {first})") from None
+        where = "no local file or folder of that name, and the Hugging Face Hub " if hub else ""
+        raise UsageError(f"--dataset {builder}: {where}could not load it ({type(e).__name__}: {first})") from None
 
 
 def is_image_feature(feature) -> bool:
