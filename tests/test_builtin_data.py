@@ -127,9 +127,14 @@ def test_placeholder_detected_at_any_stretch_and_red_artwork_kept():
     assert not is_placeholder(np.asarray(drawing(3)))
 
 
-def test_clipart_drops_placeholders_blanks_and_duplicates(tmp_path):
+def test_clipart_drops_placeholders_blanks_and_duplicates(tmp_path, capsys):
     planted = fake_openclipart(tmp_path / "png")
     data = load_clipart(tmp_path / "png", FAKE_CLASSES)
+    said = capsys.readouterr().err.splitlines()  # the slow first decoding says what it does, once
+    assert len(said) == 2 and said[0].startswith("clip art: decoding ") and "once into" in said[0] and said[1].endswith("cached")
+    clipart_module._decoded.clear()
+    load_clipart(tmp_path / "png", FAKE_CLASSES)
+    assert capsys.readouterr().err == ""  # from the cache: quiet
     paths = set(data["paths"].tolist())
     assert "food/fruit/missing_link.png" not in paths and "food/fruit/blank.png" not in paths
     assert "animals/birds/sub/img_aa.png" in paths and "abstract/copy_of_bird.png" not in paths  # class copy kept

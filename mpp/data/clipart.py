@@ -9,6 +9,7 @@ group, and splits are drawn by group, so no drawing sits in two splits.
 """
 import hashlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,10 @@ def decode_all(root: Path) -> list[Decoded]:
                 decoded.append(Decoded(p, image, h, r, grey, edges))
         _decoded[cache] = decoded
         return decoded
+    say = os.environ.get("RANK", "0") == "0"  # one line per launch, not per process
+    if say:  # minutes of silence otherwise, the first time only
+        print(f"clip art: decoding {len(files)} PNGs once into {cache} (a few minutes on 2 cores; later loads read it) ...",
+              file=sys.stderr, flush=True)
     decoded = [decode(f, root) for f in files]
     kept = [d for d in decoded if not d.dropped]
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -209,6 +214,8 @@ def decode_all(root: Path) -> list[Decoded]:
              paths=np.array([d.path for d in decoded]), sha1=np.array([d.pixels_sha1 for d in decoded]),
              dropped=np.array([d.dropped for d in decoded]))
     os.replace(tmp, cache)  # atomic: concurrent builders write the same content
+    if say:
+        print(f"clip art: {len(kept)} of {len(files)} PNGs kept, cached", file=sys.stderr, flush=True)
     _decoded[cache] = decoded
     return decoded
 
