@@ -116,6 +116,16 @@ def test_warmup_and_cosine_reach_the_optimiser_and_a_cut_warmup_is_said(pretrain
         assert lrs == pytest.approx([expected[step]] * len(lrs)), step
 
 
+def test_without_a_progress_bar_each_logging_window_is_a_line(pretrained):
+    """--no-progress --log-every 3: a line at steps 3 and 6 with the loss metrics.jsonl records, not silence until the end."""
+    result, _, printed = pretrained
+    lines = [line for line in printed.splitlines() if line.startswith("step ")]
+    records = [json.loads(r) for r in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert [line.split()[1] for line in lines] == ["3/6", "6/6"]
+    assert [float(line.split()[3]) for line in lines] == pytest.approx([losses[3], losses[6]], abs=1e-4)
+
+
 def test_keep_checkpoints_reaches_the_run(pretrained):
     """--checkpoint-every 1 --keep-checkpoints 2: before optimiser step i, exactly the newest two of the
     checkpoints 1..i-1 exist; after the run, steps 5 and 6."""

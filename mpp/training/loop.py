@@ -454,6 +454,9 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                           "bad_images": bad_total,
                           "skipped_steps": skipped_steps()}
                 progress.set_postfix(loss=f"{record['loss']:.3f}", **{s.metric: f"{record[s.metric]:.3f}"}, img_s=f"{record['images_per_sec']:.0f}")
+                if not s.progress:  # no bar (logs, batch jobs): one line per logging window instead
+                    acc.print(f"step {step}/{s.total_steps} loss {record['loss']:.4f} {s.metric} {record[s.metric]:.4f} "
+                              f"lr {lr:.3g} {record['images_per_sec']:.0f} img/s", flush=True)
                 write_record(run, record)
                 window.zero_()
                 window_images, window_start, waiting.seconds = 0, s.clock(), 0.0
