@@ -1,4 +1,5 @@
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,21 @@ def test_recipe_process_reports_one_line_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --mask-ratio must be in (0, 1), got 2.0"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["pretrain_mpp.py", "finetune.py"])
+def test_under_the_readmes_accelerate_launch_a_bad_flag_is_one_line(recipe, tmp_path):
+    """The README's set-up (accelerate config default) and launch (accelerate launch -q): a bad value is the
+    recipe's one line, exit code 1 (the launcher's), no launcher warning and no traceback. OMP_NUM_THREADS
+    stands for the thread count a CPU user passes (else accelerate names the one it picked, in 3 lines)."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "2"}
+    subprocess.run(["accelerate", "config", "default"], env=env, check=True, capture_output=True, timeout=120)
+    proc = subprocess.run(["accelerate", "launch", "-q", str(RECIPE.parent / recipe), "--mask-ratio" if recipe == "pretrain_mpp.py"
+                           else "--lr", "2" if recipe == "pretrain_mpp.py" else "-1", "--output-dir", str(tmp_path / "r")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: --"), proc.stderr
 
 
 def test_help_shows_every_flag_with_its_default():
