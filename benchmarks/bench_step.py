@@ -6,7 +6,8 @@ and the model FLOP utilisation (MFU) against two denominators.
     python benchmarks/bench_step.py --model eva02_tiny_patch14_224 --img-size 28 --patch-size 7   # any supported family
 
 After a warm-up, each repeat times --steps steps of every arm, in an order that changes per repeat
-(rotations of a shuffle seeded by --seed: each arm takes each place once per cycle; orders recorded). The table gives each arm's median images/s with min-max,
+(rotations of a shuffle seeded by --seed: each arm takes each place once per cycle; orders recorded).
+The table gives each arm's median images/s with min-max,
 and its ratio to the bare timm step as the mean of the per-repeat ratios (both arms timed in the same
 repeat) with a 95% Student-t interval over repeats. The machine's load average before and after is
 recorded. FLOPs come from a stated formula (matmuls of the blocks plus attention), checked against
@@ -19,6 +20,7 @@ MFU = images/s x training FLOPs per image / a peak, against two peaks:
     and the model's own forward linears (batch x tokens rows), one reading each per repeat, timed
     between the arms in the rotated order, the max kept.
 """
+
 import argparse
 import random
 import statistics
@@ -26,13 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from peaks import gemm_round, model_gemm_shapes, spec_peak, sync
 from results_io import load_average, package_versions, provenance, provenance_lines, write_results
 
-from mpp.training.loop import fused_optimizer_kwargs
-from mpp.models.model import MPP, create_encoder
 from mpp.evaluation.stats import paired_difference
+from mpp.models.model import MPP, create_encoder
+from mpp.training.loop import fused_optimizer_kwargs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,19 +61,23 @@ def adamw(params, device: str):
 
 def bare_step(encoder, optimizer, x):
     """The reference: timm's forward_features, a scalar loss, backward, AdamW."""
+
     def step():
         encoder(x).float().mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
 def mpp_step(model, optimizer, images):
     """The whole MPP objective: corruption, targets, head, loss, backward, AdamW."""
+
     def step():
         model(images).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -81,15 +86,30 @@ PEER_PACKAGES = ["transformers", "vit-pytorch"]
 
 def hf_vit_config(args) -> dict:
     """HF ViTConfig arguments for the same encoder: width, depth, heads (head width = dim / heads), MLP size."""
-    return dict(image_size=args.img_size, patch_size=args.patch_size, hidden_size=args.dim, num_hidden_layers=args.depth,
-                num_attention_heads=args.heads, intermediate_size=int(args.dim * args.mlp_ratio), encoder_stride=args.patch_size)
+    return dict(
+        image_size=args.img_size,
+        patch_size=args.patch_size,
+        hidden_size=args.dim,
+        num_hidden_layers=args.depth,
+        num_attention_heads=args.heads,
+        intermediate_size=int(args.dim * args.mlp_ratio),
+        encoder_stride=args.patch_size,
+    )
 
 
 def vit_pytorch_config(args) -> tuple[dict, dict]:
     """vit-pytorch ViT and MPP arguments for the same encoder. dim_head is given: its default is 64
     whatever dim and heads are, which builds a different attention unless dim / heads is 64."""
-    vit = dict(image_size=args.img_size, patch_size=args.patch_size, num_classes=1, dim=args.dim, depth=args.depth,
-               heads=args.heads, dim_head=args.dim // args.heads, mlp_dim=int(args.dim * args.mlp_ratio))
+    vit = dict(
+        image_size=args.img_size,
+        patch_size=args.patch_size,
+        num_classes=1,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        dim_head=args.dim // args.heads,
+        mlp_dim=int(args.dim * args.mlp_ratio),
+    )
     # the paper's 50% corruption with 80/10/10 (its defaults give 49/50/1)
     mpp = dict(patch_size=args.patch_size, dim=args.dim, mask_prob=0.5, replace_prob=0.8, random_patch_prob=0.1)
     return vit, mpp
@@ -112,6 +132,7 @@ def peer_steps(args, device, dtype, batch) -> dict:
                 hf(pixel_values=pixels, bool_masked_pos=mask).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         steps["hf_vit_mim"] = hf_step
     except ImportError:
         pass
@@ -129,6 +150,7 @@ def peer_steps(args, device, dtype, batch) -> dict:
                 mpp(pixels).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         steps["vit_pytorch_mpp"] = vp_step
     except ImportError:
         pass
@@ -183,34 +205,55 @@ def paired_ratio(rates: list[float], reference: list[float], confidence: float =
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="vit_small_patch16_224", help="any supported timm ViT (VisionTransformer, DeiT, hybrid, Eva)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--model", default="vit_small_patch16_224", help="any supported timm ViT (VisionTransformer, DeiT, hybrid, Eva)"
+    )
     p.add_argument("--depth", type=int, default=None, help="blocks (default: the model's own)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed steps per arm per repeat")
-    p.add_argument("--repeats", type=int, default=5, help="each repeat times every arm and one GEMM round, in a rotated order")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="each repeat times every arm and one GEMM round, in a rotated order"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seeds the arm orders (and the weights)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the bare and MPP arms (not allowed with --peers)")
-    p.add_argument("--peers", action="store_true", help="also time HF ViTForMaskedImageModeling and vit-pytorch MPP when installed (eager)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the bare and MPP arms (not allowed with --peers)"
+    )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time HF ViTForMaskedImageModeling and vit-pytorch MPP when installed (eager)",
+    )
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--peak-n", type=int, nargs="+", default=None,
-                   help="sizes n of the n x n x n GEMMs measured for the 'best measured GEMM' peak, beside the model's own "
-                        "shapes (default: 4096 8192 16384 on CUDA, 1024 2048 on CPU; bf16 on a CPU without bf16 units "
-                        "takes about a minute per 2048^3 product, give small sizes there)")
+    p.add_argument(
+        "--peak-n",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sizes n of the n x n x n GEMMs measured for the 'best measured GEMM' peak, beside the model's own "
+        "shapes (default: 4096 8192 16384 on CUDA, 1024 2048 on CPU; bf16 on a CPU without bf16 units "
+        "takes about a minute per 2048^3 product, give small sizes there)",
+    )
     p.add_argument("--gemm-seconds", type=float, default=0.3, help="time of one GEMM reading")
     p.add_argument("--out", default=str(RESULTS / "bench_step"), help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device on this machine; use --device cpu")
     if min(args.steps, args.repeats) < 1 or args.gemm_seconds <= 0:
-        p.error(f"--steps {args.steps} --repeats {args.repeats} --gemm-seconds {args.gemm_seconds}: each must be positive")
+        p.error(
+            f"--steps {args.steps} --repeats {args.repeats} --gemm-seconds {args.gemm_seconds}: each must be positive"
+        )
     if args.compile and args.peers:
-        p.error("--compile --peers: the peers would run eager against our compiled arms; time the peers without --compile")
+        p.error(
+            "--compile --peers: the peers would run eager against our compiled arms; time the peers without --compile"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = args.device, torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -221,7 +264,9 @@ def main(argv=None):
     arch = {"depth": args.depth} if args.depth else {}
     encoder = create_encoder(args.model, args.img_size, args.patch_size, **arch).to(device)
     args.dim, args.depth = encoder.embed_dim, len(encoder.blocks)
-    hidden = next(m for m in encoder.blocks[0].mlp.modules() if isinstance(m, torch.nn.Linear)).out_features  # fc1, or SwiGLU's fc1_g
+    hidden = next(
+        m for m in encoder.blocks[0].mlp.modules() if isinstance(m, torch.nn.Linear)
+    ).out_features  # fc1, or SwiGLU's fc1_g
     args.heads, args.mlp_ratio = encoder.blocks[0].attn.num_heads, hidden / encoder.embed_dim
     mpp = MPP(create_encoder(args.model, args.img_size, args.patch_size, **arch)).to(device)
     opt_a = adamw(encoder.parameters(), device)
@@ -237,6 +282,7 @@ def main(argv=None):
         def run():
             with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
                 fn()
+
         return run
 
     arms = {"bare_timm": autocast(bare_step(enc_fwd, opt_a, x)), "mpp": autocast(mpp_step(model_b, opt_b, images))}
@@ -244,9 +290,19 @@ def main(argv=None):
         arms.update(peer_steps(args, device, dtype, args.batch_size))
     n = mpp.num_patches
     tokens = n + encoder.num_prefix_tokens
-    shapes = list(dict.fromkeys([(k, k, k) for k in args.peak_n] + model_gemm_shapes(args.batch_size * tokens, args.dim, hidden)))
-    timed = time_arms(arms, lambda: gemm_round(shapes, device, dtype, args.gemm_seconds),
-                      args.steps, args.repeats, args.warmup, device, args.batch_size, args.seed)
+    shapes = list(
+        dict.fromkeys([(k, k, k) for k in args.peak_n] + model_gemm_shapes(args.batch_size * tokens, args.dim, hidden))
+    )
+    timed = time_arms(
+        arms,
+        lambda: gemm_round(shapes, device, dtype, args.gemm_seconds),
+        args.steps,
+        args.repeats,
+        args.warmup,
+        device,
+        args.batch_size,
+        args.seed,
+    )
     load_after = load_average()
 
     # a hybrid's CNN stem is not in the formula (its patch projection is counted as one over the region)
@@ -258,20 +314,35 @@ def main(argv=None):
     rows = []
     for name, r in timed["rates"].items():
         median = statistics.median(r)
-        rows.append({"arm": name, "images_per_sec": median, "min": min(r), "max": max(r), "per_repeat": r,
-                     "vs_bare": paired_ratio(r, timed["rates"]["bare_timm"]),
-                     "mfu_vs_spec_peak": median * train_flops_per_image / spec["flops_per_sec"] if spec else None,
-                     "mfu_vs_best_measured_gemm": median * train_flops_per_image / best["flops_per_sec"]})
+        rows.append(
+            {
+                "arm": name,
+                "images_per_sec": median,
+                "min": min(r),
+                "max": max(r),
+                "per_repeat": r,
+                "vs_bare": paired_ratio(r, timed["rates"]["bare_timm"]),
+                "mfu_vs_spec_peak": median * train_flops_per_image / spec["flops_per_sec"] if spec else None,
+                "mfu_vs_best_measured_gemm": median * train_flops_per_image / best["flops_per_sec"],
+            }
+        )
     report = {
         **provenance("bench_step.py", argv, device),
-        "load_average_before": load_before, "load_average_after": load_after,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "peer_versions": package_versions(PEER_PACKAGES) if args.peers else None,
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "forward_flops_formula": formula, "forward_flops_counted": counted,
+        "forward_flops_formula": formula,
+        "forward_flops_counted": counted,
         "attention_share_of_block_flops": formula["attention"] / formula["total"],
         "spec_peak": spec,
-        "best_measured_gemm": {"flops_per_sec": best["flops_per_sec"], "shape": best["shape"], "rounds": timed["gemm_rounds"]},
-        "arm_orders": timed["orders"], "rows": rows,
+        "best_measured_gemm": {
+            "flops_per_sec": best["flops_per_sec"],
+            "shape": best["shape"],
+            "rounds": timed["gemm_rounds"],
+        },
+        "arm_orders": timed["orders"],
+        "rows": rows,
     }
     write_results(args.out, report, markdown(report))
     return report
@@ -283,28 +354,43 @@ def flops_text(rate: float) -> str:
 
 def markdown(r: dict) -> str:
     c, f, spec, best = r["config"], r["forward_flops_formula"], r["spec_peak"], r["best_measured_gemm"]
-    spec_text = (f"{spec['card']} {spec['precision']} dense {spec['flops_per_sec'] / 1e12:.1f} TFLOP/s ({spec['source']})"
-                 if spec else "none known for this device (n/a)")
+    spec_text = (
+        f"{spec['card']} {spec['precision']} dense {spec['flops_per_sec'] / 1e12:.1f} TFLOP/s ({spec['source']})"
+        if spec
+        else "none known for this device (n/a)"
+    )
     m, k, n = best["shape"]
-    lines = [f"# bench_step: {c['model']} at {c['img_size']} px / patch {c['patch_size']}, batch {c['batch_size']}, "
-             f"{c['device']} {c['dtype']}{' compiled' if c['compile'] else ''}", "",
-             *provenance_lines(r),
-             *([f"Peer versions: {r['peer_versions']}", ""] if r.get("peer_versions") else []),
-             f"Forward FLOPs per image: formula {f['total'] / 1e9:.4f} G (linear {f['linear'] / 1e9:.4f} G + attention "
-             f"{f['attention'] / 1e9:.4f} G); FlopCounterMode {r['forward_flops_counted'] / 1e9:.4f} G (on CPU it does not "
-             f"count the fused attention kernel). Attention's share of the FLOPs: {r['attention_share_of_block_flops']:.1%}.", "",
-             f"MFU = images/s x 3 x forward FLOPs / peak. Spec peak: {spec_text}. Best measured GEMM: "
-             f"{flops_text(best['flops_per_sec'])} ({m}x{k} @ {k}x{n}; max over {len(best['rounds'])} rounds of "
-             f"{len(best['rounds'][0])} shapes, squares {c['peak_n']} and the model's linears, timed between the arms).", "",
-             f"Arm order per repeat (rotations of a shuffle, seed {c['seed']}): " + "; ".join(" ".join(o) for o in r["arm_orders"]), "",
-             "| arm | images/s (median) | min–max | vs bare timm step: mean of per-repeat ratios [95% t-interval] "
-             "| MFU vs spec peak | MFU vs best measured GEMM |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# bench_step: {c['model']} at {c['img_size']} px / patch {c['patch_size']}, batch {c['batch_size']}, "
+        f"{c['device']} {c['dtype']}{' compiled' if c['compile'] else ''}",
+        "",
+        *provenance_lines(r),
+        *([f"Peer versions: {r['peer_versions']}", ""] if r.get("peer_versions") else []),
+        f"Forward FLOPs per image: formula {f['total'] / 1e9:.4f} G (linear {f['linear'] / 1e9:.4f} G + attention "
+        f"{f['attention'] / 1e9:.4f} G); FlopCounterMode {r['forward_flops_counted'] / 1e9:.4f} G (on CPU it does not "
+        "count the fused attention kernel). Attention's share of the FLOPs: "
+        f"{r['attention_share_of_block_flops']:.1%}.",
+        "",
+        f"MFU = images/s x 3 x forward FLOPs / peak. Spec peak: {spec_text}. Best measured GEMM: "
+        f"{flops_text(best['flops_per_sec'])} ({m}x{k} @ {k}x{n}; max over {len(best['rounds'])} rounds of "
+        f"{len(best['rounds'][0])} shapes, squares {c['peak_n']} and the model's linears, timed between the arms).",
+        "",
+        f"Arm order per repeat (rotations of a shuffle, seed {c['seed']}): "
+        + "; ".join(" ".join(o) for o in r["arm_orders"]),
+        "",
+        "| arm | images/s (median) | min–max | vs bare timm step: mean of per-repeat ratios [95% t-interval] "
+        "| MFU vs spec peak | MFU vs best measured GEMM |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in r["rows"]:
         v = row["vs_bare"]
         interval = f" [{v['low']:.3f}, {v['high']:.3f}]" if v["low"] is not None else " (one repeat: no interval)"
         spec_mfu = f"{row['mfu_vs_spec_peak']:.1%}" if row["mfu_vs_spec_peak"] is not None else "n/a"
-        lines.append(f"| {row['arm']} | {row['images_per_sec']:.1f} | {row['min']:.1f}–{row['max']:.1f} | {v['mean']:.3f}{interval} "
-                     f"| {spec_mfu} | {row['mfu_vs_best_measured_gemm']:.1%} |")
+        lines.append(
+            f"| {row['arm']} | {row['images_per_sec']:.1f} | {row['min']:.1f}–{row['max']:.1f} | "
+            f"{v['mean']:.3f}{interval} "
+            f"| {spec_mfu} | {row['mfu_vs_best_measured_gemm']:.1%} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
 """The two denominators of MFU: the card's dense spec peak (a table, where the card is known) and
 the best GEMM rate measured on this machine (max over square sizes and the model's own shapes)."""
+
 import re
 import time
 
@@ -33,14 +34,21 @@ def spec_peak(device_name: str | None, dtype: torch.dtype) -> dict | None:
     precision = spec_precision(dtype)
     for pattern, card, peaks in SPEC_PEAKS_TFLOPS:
         if re.search(pattern, device_name):
-            return {"card": card, "device_name": device_name, "precision": precision,
-                    "flops_per_sec": peaks[precision] * 1e12, "source": SPEC_SOURCE}
+            return {
+                "card": card,
+                "device_name": device_name,
+                "precision": precision,
+                "flops_per_sec": peaks[precision] * 1e12,
+                "source": SPEC_SOURCE,
+            }
     return None
 
 
 def model_gemm_shapes(tokens: int, dim: int, hidden: int) -> list[tuple[int, int, int]]:
     """(M, K, N) of the blocks' forward linears at M = batch x tokens: qkv, proj, fc1, fc2."""
-    return list(dict.fromkeys([(tokens, dim, 3 * dim), (tokens, dim, dim), (tokens, dim, hidden), (tokens, hidden, dim)]))
+    return list(
+        dict.fromkeys([(tokens, dim, 3 * dim), (tokens, dim, dim), (tokens, dim, hidden), (tokens, hidden, dim)])
+    )
 
 
 def sync(device: str) -> None:

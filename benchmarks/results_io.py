@@ -1,5 +1,6 @@
 """What every benchmark records beside its numbers: the command, date, machine and versions; and
 how it writes them (OUT.json and OUT.md, the table also printed)."""
+
 import json
 import os
 import platform
@@ -47,8 +48,10 @@ def provenance_lines(r: dict) -> list[str]:
     if "load_average_before" in r:  # recorded by benchmarks that time things on a possibly shared machine
         before, after = r["load_average_before"], r["load_average_after"]
         lines[-1] += "  "
-        lines.append(f"Load average (1/5/15 min) before {before['1min']:.2f}/{before['5min']:.2f}/{before['15min']:.2f}, "
-                     f"after {after['1min']:.2f}/{after['5min']:.2f}/{after['15min']:.2f} (on {before['cpus']} CPUs)")
+        lines.append(
+            f"Load average (1/5/15 min) before {before['1min']:.2f}/{before['5min']:.2f}/{before['15min']:.2f}, "
+            f"after {after['1min']:.2f}/{after['5min']:.2f}/{after['15min']:.2f} (on {before['cpus']} CPUs)"
+        )
     return lines + [""]
 
 

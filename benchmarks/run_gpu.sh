@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's GPU measurements in one command, run from the repository root on a machine with one CUDA GPU
+# The data pipeline's GPU measurements in one command, run from the repository root on a machine with one CUDA GPU
 # and 16 cores (about 8 minutes, most of it torch.compile). Results go to $OUT (default benchmarks/results).
 # Where a package is missing (the lent GPU machines lack datasets, dill, multiprocess), carry wheels in .whl/;
 # the ImageNet-like JPEGs are cut from the photographs in .photos/ (Debian's mate-backgrounds) when present.

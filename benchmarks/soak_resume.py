@@ -23,6 +23,7 @@ Checked: model.safetensors bit-identical to the uninterrupted run's; metrics.jso
 once and in order, every evaluation once, each record's values equal to the uninterrupted run's
 (timings aside); results.json's evaluations equal. Exit code 0 when all hold, 1 otherwise.
 """
+
 import argparse
 import json
 import os
@@ -36,7 +37,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from results_io import provenance, provenance_lines, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,18 +56,63 @@ def digits(root: Path, train: int = 16, held_out: int = 100) -> Path:
         for digit in range(10):
             folder = root / split / str(digit)
             folder.mkdir(parents=True)
-            for i, row in enumerate(X[y == digit][offset:offset + count]):
+            for i, row in enumerate(X[y == digit][offset : offset + count]):
                 Image.fromarray(row.reshape(28, 28).astype(np.uint8)).save(folder / f"{i}.png")
     return root
 
 
 def command(data: Path, out: Path, epochs: int, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-            str(ROOT / "benchmarks" / "soak_target.py"), "--dataset", str(data), "--train-split", "train", "--eval-split", "test",
-            "--init", "scratch", "--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "8",
-            "--epochs", str(epochs), "--lr", "0.05", "--warmup-steps", "2", "--checkpoint-every", "3", "--keep-checkpoints", "3",
-            "--log-every", "1", "--workers", "1", "--no-progress", "--output-dir", str(out), *(["--resume", "auto"] if resume else [])]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        str(ROOT / "benchmarks" / "soak_target.py"),
+        "--dataset",
+        str(data),
+        "--train-split",
+        "train",
+        "--eval-split",
+        "test",
+        "--init",
+        "scratch",
+        "--model",
+        "test_vit",
+        "--img-size",
+        "28",
+        "--patch-size",
+        "7",
+        "--batch-size",
+        "8",
+        "--epochs",
+        str(epochs),
+        "--lr",
+        "0.05",
+        "--warmup-steps",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--keep-checkpoints",
+        "3",
+        "--log-every",
+        "1",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+        *(["--resume", "auto"] if resume else []),
+    ]
 
 
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -125,7 +170,11 @@ def one_launch(cmd: list[str], out: Path, log: Path, plan: tuple[str, str] | Non
     logged_at_start, start = len(records(out)), time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT, start_new_session=True)
-    row = {"kind": plan[0] if plan else None, "signal": plan[1] if plan else None, "steps_logged_before": logged_at_start}
+    row = {
+        "kind": plan[0] if plan else None,
+        "signal": plan[1] if plan else None,
+        "steps_logged_before": logged_at_start,
+    }
     processes = []
     if plan:
         state = {}
@@ -145,7 +194,9 @@ def one_launch(cmd: list[str], out: Path, log: Path, plan: tuple[str, str] | Non
         processes = kill(proc.pid, "SIGKILL")
         proc.wait()
         row["hung"] = True
-    psutil.wait_procs([p for p in processes if p.pid != proc.pid], timeout=60)  # ranks and workers are gone, their lock too
+    psutil.wait_procs(
+        [p for p in processes if p.pid != proc.pid], timeout=60
+    )  # ranks and workers are gone, their lock too
     row["exit_code"] = proc.returncode
     row["seconds"] = round(time.monotonic() - start, 2)
     summary = out / "summary.json"
@@ -188,7 +239,8 @@ def compare(reference: Path, soaked: Path, epochs: int, steps: int) -> dict:
         "identical_weights": identical,
         "differing_tensors": [k for k in a if k in b and not torch.equal(a[k], b[k])],
         "steps_logged_once_in_order": training == list(range(1, steps + 1)),
-        "evaluations_logged_once": evaluations == list(range(epochs - 1)),  # the last epoch's is the final one, in results.json
+        "evaluations_logged_once": evaluations
+        == list(range(epochs - 1)),  # the last epoch's is the final one, in results.json
         "records_equal_to_uninterrupted": soak_records == ref_records,
         "records": len(soak_records),
         "results_equal": all(results[0][k] == results[1][k] for k in ("history", "final_top1", "best_top1", "steps")),
@@ -196,12 +248,23 @@ def compare(reference: Path, soaked: Path, epochs: int, steps: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--kills", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=12, help="10 optimiser steps each; more than --kills, so that the run outlasts them")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=12,
+        help="10 optimiser steps each; more than --kills, so that the run outlasts them",
+    )
     p.add_argument("--seed", type=int, default=0, help="draws the kinds, signals and delays of the kills")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak_resume"), help="OUT.json and OUT.md are written")
-    p.add_argument("--workdir", default=None, help="keep the data and both runs here (default: a temporary folder, removed)")
+    p.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "soak_resume"), help="OUT.json and OUT.md are written"
+    )
+    p.add_argument(
+        "--workdir", default=None, help="keep the data and both runs here (default: a temporary folder, removed)"
+    )
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="soak-"))
@@ -220,7 +283,9 @@ def main(argv=None):
     shutil.rmtree(soaked, ignore_errors=True)
     launches = []
     for i, plan in enumerate(plans(args.kills, rng)):
-        row = one_launch(command(data, soaked, args.epochs, resume=i > 0), soaked, work / f"launch{i + 1:02d}.log", plan, rng)
+        row = one_launch(
+            command(data, soaked, args.epochs, resume=i > 0), soaked, work / f"launch{i + 1:02d}.log", plan, rng
+        )
         launches.append(row)
         print(json.dumps(row), flush=True)
         if row["finished"]:
@@ -230,14 +295,35 @@ def main(argv=None):
         launches.append(row)
         print(json.dumps(row), flush=True)
     kills = [r for r in launches if r["kind"] and not r.get("finished_before_the_kill")]
-    verdict = compare(reference, soaked, args.epochs, steps) if launches[-1]["finished"] else {"identical_weights": False}
-    ok = (launches[-1]["finished"] and len(kills) >= args.kills and verdict["identical_weights"] and verdict["steps_logged_once_in_order"]
-          and verdict["evaluations_logged_once"] and verdict["records_equal_to_uninterrupted"] and verdict["results_equal"])
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    report = {**provenance("soak_resume.py", argv), "commit": commit, "ok": bool(ok), "kills": len(kills), "steps": steps, "epochs": args.epochs,
-              "seed": args.seed, "wall_s": round(time.monotonic() - started, 1), "uninterrupted_s": ref_row["seconds"],
-              "run_command": shown(command(Path("DIGITS"), Path("RUN"), args.epochs, True)), "verdict": verdict,
-              "launches": launches}
+    verdict = (
+        compare(reference, soaked, args.epochs, steps) if launches[-1]["finished"] else {"identical_weights": False}
+    )
+    ok = (
+        launches[-1]["finished"]
+        and len(kills) >= args.kills
+        and verdict["identical_weights"]
+        and verdict["steps_logged_once_in_order"]
+        and verdict["evaluations_logged_once"]
+        and verdict["records_equal_to_uninterrupted"]
+        and verdict["results_equal"]
+    )
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    report = {
+        **provenance("soak_resume.py", argv),
+        "commit": commit,
+        "ok": bool(ok),
+        "kills": len(kills),
+        "steps": steps,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "wall_s": round(time.monotonic() - started, 1),
+        "uninterrupted_s": ref_row["seconds"],
+        "run_command": shown(command(Path("DIGITS"), Path("RUN"), args.epochs, True)),
+        "verdict": verdict,
+        "launches": launches,
+    }
     write_results(args.out, report, markdown(report))
     if ok and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
@@ -248,26 +334,47 @@ def main(argv=None):
 
 def markdown(r: dict) -> str:
     v = r["verdict"]
-    lines = [f"# Soak: one run stopped {r['kills']} times and resumed", "", *provenance_lines(r), f"Code: {r['commit']}", "",
-             f"Each launch: `{r['run_command']}` (the first without `--resume auto`).", "",
-             f"**{'PASS' if r['ok'] else 'FAIL'}**: {r['kills']} kills, {r['steps']} steps in {r['epochs']} epochs, "
-             f"{len(r['launches'])} launches, {r['wall_s']:.0f} s in all (the uninterrupted run alone: {r['uninterrupted_s']:.0f} s). "
-             f"Weights bit-identical to the uninterrupted run: {v.get('identical_weights')}; every step logged once, in order: "
-             f"{v.get('steps_logged_once_in_order')}; every evaluation logged once: {v.get('evaluations_logged_once')}; "
-             f"the {v.get('records')} records equal to the uninterrupted run's (timings aside): {v.get('records_equal_to_uninterrupted')}; "
-             f"results.json's evaluations equal: {v.get('results_equal')}.", "",
-             "| launch | aimed at | signal | killed after | last step logged | writing a checkpoint | evaluating | launcher exit | stopped_by | newest checkpoint after |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Soak: one run stopped {r['kills']} times and resumed",
+        "",
+        *provenance_lines(r),
+        f"Code: {r['commit']}",
+        "",
+        f"Each launch: `{r['run_command']}` (the first without `--resume auto`).",
+        "",
+        f"**{'PASS' if r['ok'] else 'FAIL'}**: {r['kills']} kills, {r['steps']} steps in {r['epochs']} epochs, "
+        f"{len(r['launches'])} launches, {r['wall_s']:.0f} s in all (the uninterrupted run alone: "
+        f"{r['uninterrupted_s']:.0f} s). "
+        f"Weights bit-identical to the uninterrupted run: {v.get('identical_weights')}; every step logged once, in "
+        "order: "
+        f"{v.get('steps_logged_once_in_order')}; every evaluation logged once: {v.get('evaluations_logged_once')}; "
+        f"the {v.get('records')} records equal to the uninterrupted run's (timings aside): "
+        f"{v.get('records_equal_to_uninterrupted')}; "
+        f"results.json's evaluations equal: {v.get('results_equal')}.",
+        "",
+        "| launch | aimed at | signal | killed after | last step logged | writing a checkpoint | evaluating | launcher "
+        "exit | stopped_by | newest checkpoint after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, row in enumerate(r["launches"], 1):
         if row["kind"] is None or row.get("finished_before_the_kill"):
-            lines.append(f"| {i} | {row['kind'] or '(no kill)'} | {row['signal'] or ''} | ran to its end ({row['seconds']:.0f} s) | | | | "
-                         f"{row['exit_code']} | | {row['newest_checkpoint_after']} |")
+            lines.append(
+                f"| {i} | {row['kind'] or '(no kill)'} | {row['signal'] or ''} | ran to its end ({row['seconds']:.0f} "
+                "s) | | | | "
+                f"{row['exit_code']} | | {row['newest_checkpoint_after']} |"
+            )
             continue
-        lines.append(f"| {i} | {row['kind']} | {row['signal']} | {row['killed_after_s']:.2f} s | {row['last_logged_step']} | "
-                     f"{'yes' if row['checkpoint_being_written'] else 'no'} | {'yes' if row['evaluating'] else 'no'} | "
-                     f"{row['exit_code']} | {row.get('stopped_by') or ''} | {row['newest_checkpoint_after']} |")
-    lines += ["", "Launcher exit codes: -9 SIGKILL; 143 and 130: accelerate's launcher, itself signalled, exits 128 + the signal "
-              "once its ranks have stopped (each rank checkpoints and exits 75; `stopped_by` is what the run recorded).", ""]
+        lines.append(
+            f"| {i} | {row['kind']} | {row['signal']} | {row['killed_after_s']:.2f} s | {row['last_logged_step']} | "
+            f"{'yes' if row['checkpoint_being_written'] else 'no'} | {'yes' if row['evaluating'] else 'no'} | "
+            f"{row['exit_code']} | {row.get('stopped_by') or ''} | {row['newest_checkpoint_after']} |"
+        )
+    lines += [
+        "",
+        "Launcher exit codes: -9 SIGKILL; 143 and 130: accelerate's launcher, itself signalled, exits 128 + the signal "
+        "once its ranks have stopped (each rank checkpoints and exits 75; `stopped_by` is what the run recorded).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """recipes/finetune.py as benchmarks/soak_resume.py runs it: the recipe unchanged, plus one marker file
 that lets the soak aim a kill at an evaluation. While the main process evaluates a held-out split,
 RUN/.evaluating exists (made before, removed after the evaluation). Nothing else is changed."""
+
 import sys
 from pathlib import Path
 

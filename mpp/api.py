@@ -10,6 +10,7 @@ happens in this process and returns a RunResult; nothing calls sys.exit.
     run.run_dir, run.summary["steps"]
     tuned = mpp.finetune(init=run.run_dir / "model.safetensors", dataset="mnist5k", eval_split="train")
 """
+
 import argparse
 import json
 import os
@@ -24,7 +25,9 @@ class RunResult:
     run_dir: Path
     summary: dict  # summary.json: steps, unreadable images; pretraining: wall time, images/s; fine-tuning: final top-1
     results: dict | None = None  # fine-tuning: results.json (top-1 per evaluation, best epoch, test top-1)
-    stopped_by: str | None = None  # a signal (e.g. SIGINT, interrupting a notebook) stopped it at a checkpoint: resume="auto" continues
+    stopped_by: str | None = (
+        None  # a signal (e.g. SIGINT, interrupting a notebook) stopped it at a checkpoint: resume="auto" continues
+    )
 
 
 def pretrain(config=None, /, **settings) -> RunResult:
@@ -62,7 +65,9 @@ def resolve_config(parser: argparse.ArgumentParser, config_class, validate, conf
     keywords, become flags that the command's own parser reads; then the command's validation."""
     if config is not None and not isinstance(config, config_class):
         raise TypeError(f"{caller} takes a {config_class.__name__} (or keywords only), got {type(config).__name__}")
-    given = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "derived"} if config is not None else {}
+    given = (
+        {f.name: getattr(config, f.name) for f in fields(config) if f.name != "derived"} if config is not None else {}
+    )
     given.update(settings)
 
     def refuse(message: str):  # argparse would print and exit
@@ -86,13 +91,16 @@ BOOLEAN_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argpar
 
 
 def as_flags(parser: argparse.ArgumentParser, settings: dict, caller: str) -> list[str]:
-    """settings {dest: value} -> the command-line arguments that give them; values equal to a flag's default are left out."""
+    """settings {dest: value} -> the command-line arguments that give them; values equal to a flag's default are left
+    out."""
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     argv = []
     for name, value in settings.items():
         action = actions.get(name)
         if action is None:
-            raise UsageError(f"{caller}: unknown setting {name!r}; the settings are its flags' names: {', '.join(sorted(actions))}")
+            raise UsageError(
+                f"{caller}: unknown setting {name!r}; the settings are its flags' names: {', '.join(sorted(actions))}"
+            )
         flag = action.option_strings[0]
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
@@ -111,9 +119,14 @@ def as_flags(parser: argparse.ArgumentParser, settings: dict, caller: str) -> li
                 argv.append(flag)
             continue
         if isinstance(value, bool):
-            raise UsageError(f"{caller}: {name} takes {'a string' if action.type is None else action.type.__name__}, got {value!r}")
-        if value == action.default or (isinstance(value, (list, tuple)) and isinstance(action.default, (list, tuple))
-                                       and list(value) == list(action.default)):
+            raise UsageError(
+                f"{caller}: {name} takes {'a string' if action.type is None else action.type.__name__}, got {value!r}"
+            )
+        if value == action.default or (
+            isinstance(value, (list, tuple))
+            and isinstance(action.default, (list, tuple))
+            and list(value) == list(action.default)
+        ):
             continue
         if action.nargs not in (None, "?"):
             if not isinstance(value, (list, tuple)):
@@ -121,6 +134,8 @@ def as_flags(parser: argparse.ArgumentParser, settings: dict, caller: str) -> li
             argv += [flag, *map(str, value)]
             continue
         if isinstance(value, (list, tuple, dict, set)) or (action.type is None and not isinstance(value, str)):
-            raise UsageError(f"{caller}: {name} takes one {'string' if action.type is None else action.type.__name__}, got {value!r}")
+            raise UsageError(
+                f"{caller}: {name} takes one {'string' if action.type is None else action.type.__name__}, got {value!r}"
+            )
         argv.append(f"{flag}={value}")  # one token: a value that starts with '-' stays a value
     return argv

@@ -1,16 +1,23 @@
 """Command line of recipes/pretrain_mpp.py: argparse -> PretrainConfig, errors as one line + exit 2."""
+
 import argparse
 import sys
 from pathlib import Path
 
-from mpp.training.pretrain_config import DEFAULT_LR, PAPER_REF_BATCH, PretrainConfig, validate
 from mpp.errors import UsageError
 from mpp.models.families import SUPPORTED
 from mpp.models.targets import TARGETS
+from mpp.training.pretrain_config import DEFAULT_LR, PAPER_REF_BATCH, PretrainConfig, validate
 
-
-RECIPE_COMMANDS = {"pretrain_mpp.py": "pretrain", "finetune.py": "finetune", "gap.py": "gap", "ablate.py": "ablate",
-                   "inspect_run.py": "inspect", "prepare_data.py": "prepare", "push_to_hub.py": "push"}  # recipes/X: python -m mpp Y
+RECIPE_COMMANDS = {
+    "pretrain_mpp.py": "pretrain",
+    "finetune.py": "finetune",
+    "gap.py": "gap",
+    "ablate.py": "ablate",
+    "inspect_run.py": "inspect",
+    "prepare_data.py": "prepare",
+    "push_to_hub.py": "push",
+}  # recipes/X: python -m mpp Y
 
 
 def started_as_module() -> bool:
@@ -35,40 +42,103 @@ class OneLineParser(argparse.ArgumentParser):
 def add_run_flags(p: argparse.ArgumentParser, run: argparse._ArgumentGroup, d) -> None:
     """The flags both recipes share: data pipeline, batch and length, the run folder, checkpoints."""
     g = p.add_argument_group("data pipeline")
-    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process, kept across epochs (default: 0 on CPU machines with <= 4 cores, else the cores per process but one)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"), help="RandomResizedCrop area range")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="DataLoader worker processes per training process, kept across epochs (default: 0 on CPU machines with <= "
+        "4 cores, else the cores per process but one)",
+    )
+    g.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        default=d.crop_scale,
+        metavar=("MIN", "MAX"),
+        help="RandomResizedCrop area range",
+    )
     g.add_argument("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
-    g.add_argument("--strict-data", action=argparse.BooleanOptionalAction, default=False, help="stop at the first unreadable image or missing label instead of skipping and counting it")
+    g.add_argument(
+        "--strict-data",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="stop at the first unreadable image or missing label instead of skipping and counting it",
+    )
     g = p.add_argument_group("length")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per device per micro-batch")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
-    g.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training images when --max-steps is not given")
+    g.add_argument(
+        "--epochs", type=float, default=d.epochs, help="passes over the training images when --max-steps is not given"
+    )
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimiser steps (overrides --epochs)")
     run.add_argument("--output-dir", default=d.output_dir, help="run folder (default runs/<date-time>)")
-    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="optimiser steps between checkpoints")
-    run.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many recent checkpoints to keep")
-    run.add_argument("--resume", default=d.resume, help="'auto' (newest complete checkpoint of --output-dir) or a checkpoint folder")
+    run.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="optimiser steps between checkpoints"
+    )
+    run.add_argument(
+        "--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many recent checkpoints to keep"
+    )
+    run.add_argument(
+        "--resume", default=d.resume, help="'auto' (newest complete checkpoint of --output-dir) or a checkpoint folder"
+    )
     run.add_argument("--seed", type=int, default=d.seed, help="random seed")
     run.add_argument("--log-every", type=int, default=d.log_every, help="optimiser steps between metric records")
-    run.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps,
-                     help="stop after this many optimiser steps in a row with a non-finite gradient (each is skipped; checked at logging steps); 0: no check")
-    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model (accelerate's dynamo plugin, inductor)")
-    run.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (default: the cores / processes on this machine; "
-                     "accelerate launch without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run)")
+    run.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=d.max_nonfinite_steps,
+        help="stop after this many optimiser steps in a row with a non-finite gradient (each is skipped; checked at "
+        "logging steps); 0: no check",
+    )
+    run.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model (accelerate's dynamo plugin, inductor)",
+    )
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="CPU threads per process (default: the cores / processes on this machine; "
+        "accelerate launch without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run)",
+    )
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar")
-    run.add_argument("--report-to", default=d.report_to, choices=("tensorboard", "wandb", "mlflow", "all", "none"),
-                     help="where metrics go besides metrics.jsonl, through accelerate's trackers (wandb: pip install 'vit-mpp[wandb]', "
-                     "mlflow: 'vit-mpp[mlflow]'; 'all': every one installed)")
-    run.add_argument("--push-to-hub", default=d.push_to_hub, metavar="REPO_ID",
-                     help="upload the finished run folder (a timm hub folder, checkpoints left out) to this Hugging Face model repo; "
-                     "needs a token (hf auth login) and the network, checked before training")
-    run.add_argument("--hub-private", action=argparse.BooleanOptionalAction, default=False,
-                     help="with --push-to-hub: the repo must be private (created private; an existing public repo is refused before training)")
-    run.add_argument("--config", default=None, help="YAML or JSON file of flag values (keys are the flags' names, e.g. img_size "
-                     "or img-size; booleans as true/false, with --no-X on the command line to turn one off); flags on the command line win. "
-                     "A run's run_config.json replays that run in a new folder: where it went (output_dir), --resume and --push-to-hub "
-                     "are taken from the command line only, and its 'derived' block is ignored. Bundled examples by name: paper_vit_b16, vit_s16_one_gpu "
-                     "(the files are in mpp/configs/)")
+    run.add_argument(
+        "--report-to",
+        default=d.report_to,
+        choices=("tensorboard", "wandb", "mlflow", "all", "none"),
+        help="where metrics go besides metrics.jsonl, through accelerate's trackers (wandb: pip install "
+        "'vit-mpp[wandb]', "
+        "mlflow: 'vit-mpp[mlflow]'; 'all': every one installed)",
+    )
+    run.add_argument(
+        "--push-to-hub",
+        default=d.push_to_hub,
+        metavar="REPO_ID",
+        help="upload the finished run folder (a timm hub folder, checkpoints left out) to this Hugging Face model "
+        "repo; "
+        "needs a token (hf auth login) and the network, checked before training",
+    )
+    run.add_argument(
+        "--hub-private",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="with --push-to-hub: the repo must be private (created private; an existing public repo is refused before "
+        "training)",
+    )
+    run.add_argument(
+        "--config",
+        default=None,
+        help="YAML or JSON file of flag values (keys are the flags' names, e.g. img_size "
+        "or img-size; booleans as true/false, with --no-X on the command line to turn one off); flags on the command "
+        "line win. "
+        "A run's run_config.json replays that run in a new folder: where it went (output_dir), --resume and "
+        "--push-to-hub "
+        "are taken from the command line only, and its 'derived' block is ignored. Bundled examples by name: "
+        "paper_vit_b16, vit_s16_one_gpu "
+        "(the files are in mpp/configs/)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,50 +150,128 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, help="built-in (mnist5k, fashion-mnist[-upstream|-downstream], photos, clipart[-upstream|-downstream], colour-mix), a local folder (imagefolder or save_to_disk), parquet files, .tar webdataset shards, or a Hub id")
+    g.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="built-in (mnist5k, fashion-mnist[-upstream|-downstream], photos, clipart[-upstream|-downstream], "
+        "colour-mix), a local folder (imagefolder or save_to_disk), parquet files, .tar webdataset shards, or a "
+        "Hub id",
+    )
     g.add_argument("--dataset-config", default=d.dataset_config, help="the Hub dataset's configuration name")
     g.add_argument("--split", default=d.split, help="dataset split to pretrain on")
     g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
-    g.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=False, help="stream the dataset (iterable, sharded per process); needs --max-steps")
-    g.add_argument("--decode", default=d.decode, choices=("cpu", "pil", "gpu"),
-                   help="how JPEGs are decoded: cpu (at 1/2-1/8 scale in the DCT domain when the crop is at least twice the output, "
-                   "else libjpeg-turbo through torchvision and torch's resize), pil (Pillow, the whole image, as before), "
-                   "gpu (nvJPEG on the training device; needs CUDA). Other formats always take the pil path")
+    g.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="stream the dataset (iterable, sharded per process); needs --max-steps",
+    )
+    g.add_argument(
+        "--decode",
+        default=d.decode,
+        choices=("cpu", "pil", "gpu"),
+        help="how JPEGs are decoded: cpu (at 1/2-1/8 scale in the DCT domain when the crop is at least twice the "
+        "output, "
+        "else libjpeg-turbo through torchvision and torch's resize), pil (Pillow, the whole image, as before), "
+        "gpu (nvJPEG on the training device; needs CUDA). Other formats always take the pil path",
+    )
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help=f"a timm ViT of a supported family: {SUPPORTED}; "
-                   "ResNets, ConvNeXt, Swin and other non-ViTs are refused")
+    g.add_argument(
+        "--model",
+        default=d.model,
+        help=f"a timm ViT of a supported family: {SUPPORTED}; ResNets, ConvNeXt, Swin and other non-ViTs are refused",
+    )
     g.add_argument("--img-size", type=int, default=d.img_size, help="input resolution")
-    g.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size (must divide --img-size); timm's argument, so for a "
-                   "hybrid it is the patch on the CNN feature map (usually 1) and each token stands for img-size / grid pixels")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False, help="timm's activation checkpointing (less memory, ~30%% slower)")
+    g.add_argument(
+        "--patch-size",
+        type=int,
+        default=d.patch_size,
+        help="patch size (must divide --img-size); timm's argument, so for a "
+        "hybrid it is the patch on the CNN feature map (usually 1) and each token stands for img-size / grid pixels",
+    )
+    g.add_argument(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="timm's activation checkpointing (less memory, ~30%% slower)",
+    )
 
     g = p.add_argument_group("objective")
     g.add_argument("--target", default=d.target, choices=list(TARGETS), help="what each corrupted patch predicts")
     g.add_argument("--mask-ratio", type=float, default=d.mask_ratio, help="share of patches corrupted per image")
-    g.add_argument("--mask-probs", type=float, nargs=3, default=d.mask_probs, metavar=("MASK", "RANDOM", "KEEP"), help="of the corrupted: [mask] token / random other patch / unchanged")
-    g.add_argument("--random-from", default=d.random_from, choices=["batch", "image"], help="where random replacement patches come from")
-    g.add_argument("--corrupt-at", default=d.corrupt_at, choices=["auto", "embedding", "pixels"],
-                   help="embedding: corrupt patch embeddings after the projection (the paper's, with a learnable [mask] embedding); "
-                   "pixels: corrupt the regions' pixels before the patch embedding (a learnable [mask] colour, starting at the "
-                   "normalisation mean); auto: embedding for plain patch embeddings, pixels for hybrids, whose CNN stem sees across "
-                   "region borders and would read a hidden region's colour from its neighbours"),
+    g.add_argument(
+        "--mask-probs",
+        type=float,
+        nargs=3,
+        default=d.mask_probs,
+        metavar=("MASK", "RANDOM", "KEEP"),
+        help="of the corrupted: [mask] token / random other patch / unchanged",
+    )
+    g.add_argument(
+        "--random-from",
+        default=d.random_from,
+        choices=["batch", "image"],
+        help="where random replacement patches come from",
+    )
+    (
+        g.add_argument(
+            "--corrupt-at",
+            default=d.corrupt_at,
+            choices=["auto", "embedding", "pixels"],
+            help="embedding: corrupt patch embeddings after the projection (the paper's, with a learnable [mask] "
+            "embedding); "
+            "pixels: corrupt the regions' pixels before the patch embedding (a learnable [mask] colour, starting at "
+            "the "
+            "normalisation mean); auto: embedding for plain patch embeddings, pixels for hybrids, whose CNN stem sees "
+            "across "
+            "region borders and would read a hidden region's colour from its neighbours",
+        ),
+    )
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate at the actual global batch (default {DEFAULT_LR:g} unless --base-lr)")
-    g.add_argument("--base-lr", type=float, default=d.base_lr, help="instead of --lr: lr = base_lr x global_batch / ref_batch (paper: 2e-4)")
-    g.add_argument("--ref-batch", type=int, default=d.ref_batch, help=f"reference batch of --base-lr (paper: {PAPER_REF_BATCH})")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=d.lr,
+        help=f"peak learning rate at the actual global batch (default {DEFAULT_LR:g} unless --base-lr)",
+    )
+    g.add_argument(
+        "--base-lr",
+        type=float,
+        default=d.base_lr,
+        help="instead of --lr: lr = base_lr x global_batch / ref_batch (paper: 2e-4)",
+    )
+    g.add_argument(
+        "--ref-batch", type=int, default=d.ref_batch, help=f"reference batch of --base-lr (paper: {PAPER_REF_BATCH})"
+    )
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps, then cosine decay")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (not on biases, norms, embeddings)")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help="AdamW weight decay (not on biases, norms, embeddings)",
+    )
     g.add_argument("--betas", type=float, nargs=2, default=d.betas, help="AdamW betas")
     g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="global gradient-norm clip (0: off)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--log-images-every", type=int, default=d.log_images_every, help="steps between MPP prediction pictures in TensorBoard (0: never)")
-    g.add_argument("--eval-dataset", default=d.eval_dataset, help="labelled set (train and test splits, e.g. fashion-mnist) on which "
-                   "k-NN and 10-shot linear accuracy of the frozen encoder are logged every --eval-every-steps")
-    g.add_argument("--eval-every-steps", type=int, default=d.eval_every_steps, help="steps between frozen-feature evaluations")
+    g.add_argument(
+        "--log-images-every",
+        type=int,
+        default=d.log_images_every,
+        help="steps between MPP prediction pictures in TensorBoard (0: never)",
+    )
+    g.add_argument(
+        "--eval-dataset",
+        default=d.eval_dataset,
+        help="labelled set (train and test splits, e.g. fashion-mnist) on which "
+        "k-NN and 10-shot linear accuracy of the frozen encoder are logged every --eval-every-steps",
+    )
+    g.add_argument(
+        "--eval-every-steps", type=int, default=d.eval_every_steps, help="steps between frozen-feature evaluations"
+    )
     add_run_flags(p, g, d)
     return p
 
@@ -139,32 +287,90 @@ def build_finetune_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, help="labelled dataset: built-in (mnist5k, fashion-mnist[-upstream|-downstream], clipart[-upstream|-downstream]), local folder, parquet, Hub id")
+    g.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="labelled dataset: built-in (mnist5k, fashion-mnist[-upstream|-downstream], "
+        "clipart[-upstream|-downstream]), local folder, parquet, Hub id",
+    )
     g.add_argument("--dataset-config", default=d.dataset_config, help="the Hub dataset's configuration name")
     g.add_argument("--train-split", default=d.train_split, help="split to train on")
-    g.add_argument("--eval-split", default=None, help="held-out split for top-1 (default: test; with --test-split it is the "
-                   "validation split, default: validation)")
-    g.add_argument("--test-split", default=d.test_split, help="test split, scored once at the end with the weights of the best "
-                   "--eval-split top-1, which become model.safetensors (the last weights: last.safetensors); never used to choose anything")
+    g.add_argument(
+        "--eval-split",
+        default=None,
+        help="held-out split for top-1 (default: test; with --test-split it is the "
+        "validation split, default: validation)",
+    )
+    g.add_argument(
+        "--test-split",
+        default=d.test_split,
+        help="test split, scored once at the end with the weights of the best "
+        "--eval-split top-1, which become model.safetensors (the last weights: last.safetensors); never used to choose "
+        "anything",
+    )
     g.add_argument("--image-column", default=d.image_column, help="image column (detected when there is only one)")
     g.add_argument("--label-column", default=d.label_column, help="label column (detected: the only ClassLabel column)")
-    g.add_argument("--train-per-class", type=int, default=d.train_per_class, help="low-label regime: N training images per class")
-    g.add_argument("--train-fraction", type=float, default=d.train_fraction, help="low-label regime: this fraction of the training split")
+    g.add_argument(
+        "--train-per-class", type=int, default=d.train_per_class, help="low-label regime: N training images per class"
+    )
+    g.add_argument(
+        "--train-fraction",
+        type=float,
+        default=d.train_fraction,
+        help="low-label regime: this fraction of the training split",
+    )
     g.add_argument("--subset-seed", type=int, default=d.subset_seed, help="seed of the low-label draw")
     g = p.add_argument_group("model")
-    g.add_argument("--init", default=d.init, help="scratch, a run folder or a .safetensors file (from pretrain_mpp.py or finetune.py) or timm:NAME.TAG")
-    g.add_argument("--model", default=d.model, help="timm ViT for --init scratch (otherwise the weights' metadata decides)")
-    g.add_argument("--img-size", type=int, default=d.img_size, help="resolution (default: the weights'; larger interpolates position embeddings)")
+    g.add_argument(
+        "--init",
+        default=d.init,
+        help="scratch, a run folder or a .safetensors file (from pretrain_mpp.py or finetune.py) or timm:NAME.TAG",
+    )
+    g.add_argument(
+        "--model", default=d.model, help="timm ViT for --init scratch (otherwise the weights' metadata decides)"
+    )
+    g.add_argument(
+        "--img-size",
+        type=int,
+        default=d.img_size,
+        help="resolution (default: the weights'; larger interpolates position embeddings)",
+    )
     g.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size for --init scratch (default 7)")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False, help="timm's activation checkpointing")
+    g.add_argument(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="timm's activation checkpointing",
+    )
     g = p.add_argument_group("optimisation")
-    g.add_argument("--preset", default=d.preset, choices=list(PRESETS), help="paper: SGD momentum, no wd, clip 1, zero head; modern: AdamW, layer decay, drop path, label smoothing, mixup/cutmix, RandAugment")
-    for key, kind in [("opt", str), ("lr", float), ("weight_decay", float), ("layer_decay", float), ("drop_path", float),
-                      ("label_smoothing", float), ("mixup", float), ("cutmix", float), ("auto_augment", str),
-                      ("clip_grad", float), ("warmup_steps", int)]:
+    g.add_argument(
+        "--preset",
+        default=d.preset,
+        choices=list(PRESETS),
+        help="paper: SGD momentum, no wd, clip 1, zero head; modern: AdamW, layer decay, drop path, label smoothing, "
+        "mixup/cutmix, RandAugment",
+    )
+    for key, kind in [
+        ("opt", str),
+        ("lr", float),
+        ("weight_decay", float),
+        ("layer_decay", float),
+        ("drop_path", float),
+        ("label_smoothing", float),
+        ("mixup", float),
+        ("cutmix", float),
+        ("auto_augment", str),
+        ("clip_grad", float),
+        ("warmup_steps", int),
+    ]:
         shown = ", ".join(f"{name} {PRESETS[name][key]}" for name in PRESETS)
         g.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help=f"(preset: {shown})")
-    g.add_argument("--zero-head", action=argparse.BooleanOptionalAction, default=None, help="zero-initialise the head (preset: paper yes, modern no)")
+    g.add_argument(
+        "--zero-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="zero-initialise the head (preset: paper yes, modern no)",
+    )
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine")
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between held-out evaluations")
@@ -194,15 +400,22 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> dic
     if path:
         actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
         raw = {k.replace("-", "_"): v for k, v in read_config_file(path).items()}
-        from_preset = set((raw.get("derived") or {}).get("from_preset", [])) if isinstance(raw.get("derived"), dict) else set()
+        from_preset = (
+            set((raw.get("derived") or {}).get("from_preset", [])) if isinstance(raw.get("derived"), dict) else set()
+        )
         values = {k: v for k, v in raw.items() if k not in IGNORED_CONFIG_KEYS and k not in from_preset}
         unknown = sorted(set(values) - set(actions))
         if unknown:
-            raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)} (keys are the flags' names; see --help)")
+            raise UsageError(
+                f"--config {path}: unknown keys {', '.join(unknown)} (keys are the flags' names; see --help)"
+            )
         left = {k: values.pop(k) for k in INVOCATION_KEYS if k in values}
         said = [f"{k}={v}" for k, v in left.items() if v not in (None, False)]
         if said and os.environ.get("RANK", "0") == "0":
-            print(f"--config {path}: not taken from the file ({', '.join(said)}); give them on the command line", file=sys.stderr)
+            print(
+                f"--config {path}: not taken from the file ({', '.join(said)}); give them on the command line",
+                file=sys.stderr,
+            )
         p.set_defaults(**{k: flag_value(actions[k], v, path) for k, v in values.items()})
     values = vars(p.parse_args(argv))
     values.pop("config", None)
@@ -236,8 +449,10 @@ def read_config_file(path: str) -> dict:
 
             values = yaml.safe_load(file.read_text())
     except Exception as e:  # a syntax error, with where it is
-        raise UsageError(f"--config {path}: not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'} "
-                         f"({str(e).splitlines()[0]})") from None
+        raise UsageError(
+            f"--config {path}: not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'} "
+            f"({str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}")
     return values
@@ -277,7 +492,9 @@ def flag_value(action: argparse.Action, value, path: str):
     value = converted if multiple else converted[0]
     for item in converted:
         if action.choices is not None and item not in action.choices:
-            raise UsageError(f"--config {path}: {name} must be one of {', '.join(map(str, action.choices))}, got {item!r}")
+            raise UsageError(
+                f"--config {path}: {name} must be one of {', '.join(map(str, action.choices))}, got {item!r}"
+            )
     return value
 
 

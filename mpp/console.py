@@ -7,6 +7,7 @@ stream's reader is gone, its file descriptor is pointed at /dev/null, so the res
 this stream object, other holders of the descriptor, C code, DataLoader workers) is discarded and the
 run carries on to its checkpoint and exit code.
 """
+
 import errno
 import os
 import sys

@@ -19,7 +19,12 @@ def pytest_runtest_makereport(item, call):
     (its reason says "apt-get install PACKAGE") fails instead: CI must run the full suite."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and _truthy("CI") and isinstance(report.longrepr, tuple) and "apt-get install" in report.longrepr[2]:
+    if (
+        report.skipped
+        and _truthy("CI")
+        and isinstance(report.longrepr, tuple)
+        and "apt-get install" in report.longrepr[2]
+    ):
         reason = report.longrepr[2].removeprefix("Skipped: ")
         report.outcome = "failed"
         report.longrepr = f"CI is set and a data package this test needs is missing: {reason}"
@@ -34,9 +39,9 @@ def _seed():
 def exported(tmp_path_factory):
     """A tiny MPP model (test_vit, 28 px, patch 7) with non-default weights, exported the way
     pretraining exports it: (run folder, model)."""
-    from mpp.training.pretrain_config import PretrainConfig
     from mpp.models.model import MPP, create_encoder
     from mpp.training.pretrain import export_weights
+    from mpp.training.pretrain_config import PretrainConfig
 
     run_dir = tmp_path_factory.mktemp("run")
     torch.manual_seed(1)
@@ -83,7 +88,7 @@ def make_digit_folder(tmp_path_factory):
             for digit, name in enumerate(class_names):
                 folder = root / split / name
                 folder.mkdir(parents=True)
-                for i, row in enumerate(X[y == digit][offset:offset + count]):
+                for i, row in enumerate(X[y == digit][offset : offset + count]):
                     Image.fromarray(row.reshape(28, 28).astype(np.uint8)).save(folder / f"{i}.png")
         return root
 
@@ -109,7 +114,9 @@ def hub(monkeypatch):
 
     def repo_info(self, repo_id, **k):
         if calls.repo is None:
-            raise RepositoryNotFoundError(f"{repo_id} not found", response=SimpleNamespace(headers={}, status_code=404, request=None))
+            raise RepositoryNotFoundError(
+                f"{repo_id} not found", response=SimpleNamespace(headers={}, status_code=404, request=None)
+            )
         return calls.repo
 
     def create_commit(self, repo_id, operations, **k):
@@ -124,7 +131,9 @@ def hub(monkeypatch):
     monkeypatch.setattr(HfApi, "repo_info", repo_info)
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: calls.append(("create_repo", repo_id, k)))
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr(HfApi, "upload_folder", lambda *a, **k: pytest.fail("upload_folder would upload the whole folder"))
+    monkeypatch.setattr(
+        HfApi, "upload_folder", lambda *a, **k: pytest.fail("upload_folder would upload the whole folder")
+    )
     return calls
 
 
@@ -142,14 +151,24 @@ def installed_wheel(tmp_path_factory):
     root = tmp_path_factory.mktemp("wheel")
     wheels, site, away = root / "wheels", root / "site", root / "elsewhere"
     checkout = Path(__file__).parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(checkout)], check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(checkout)],
+        check=True,
+        timeout=300,
+    )
     (wheel,) = wheels.glob("*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        timeout=300,
+    )
     away.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}  # the wheel's mpp comes before the checkout's editable install
 
     def run(*args, cwd=away, timeout=300):
-        return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
 
     run.site, run.wheel, run.away = site, wheel, away
     return run

@@ -1,6 +1,7 @@
 """Run pretraining, then let every rank write what it ended with (for tests/test_launch.py): its weights at
 the first forward and at the end, the example indices it was handed, its steps and what stopped it.
 MPP_TEST_SIGTERM_RANK=R: rank R sends itself SIGTERM during its second step."""
+
 import json
 import os
 import signal
@@ -39,7 +40,10 @@ state = PartialState()
 params = torch.cat([p.detach().flatten().cpu() for p in result.model.parameters()])
 torch.save(params, result.run_dir / f"params_rank{state.process_index}.pt")
 torch.save(initial[0], result.run_dir / f"initial_rank{state.process_index}.pt")
-(result.run_dir / f"rank{state.process_index}.json").write_text(json.dumps(
-    {"world": state.num_processes, "steps": result.steps, "stopped_by": result.stopped_by, "seen": sorted(seen)}))
+(result.run_dir / f"rank{state.process_index}.json").write_text(
+    json.dumps(
+        {"world": state.num_processes, "steps": result.steps, "stopped_by": result.stopped_by, "seen": sorted(seen)}
+    )
+)
 print(f"rank {state.process_index} done", flush=True)
 exit_cleanly(0)

@@ -1,4 +1,5 @@
 """Pretraining in which rank 1 fails at its third step (for tests/test_launch.py): the launch must fail fast."""
+
 import sys
 
 from accelerate.state import PartialState

@@ -1,5 +1,6 @@
 """Pretraining whose every checkpoint takes 8 s longer (for tests/test_reliability.py): longer than the 5 s that
 accelerate's single-process launcher leaves between its SIGTERM and its SIGKILL, as a large model's would."""
+
 import sys
 import time
 

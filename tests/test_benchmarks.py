@@ -1,4 +1,5 @@
 """The benchmarks run on a tiny configuration and write well-formed results (no timing is asserted)."""
+
 import importlib.util
 import json
 import statistics
@@ -28,10 +29,34 @@ def test_bench_step_tiny(tmp_path, monkeypatch):
     def gemm_round(shapes, device, dtype, seconds):
         rate = next(round_rates)
         return [{"shape": list(s), "flops_per_sec": rate + i} for i, s in enumerate(shapes)]
+
     monkeypatch.setattr(bench, "gemm_round", gemm_round)
-    report = bench.main(["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "4", "--peers",
-                         "--steps", "1", "--repeats", "3", "--warmup", "1", "--peak-n", "64", "128", "--gemm-seconds", "0.01",
-                         "--out", str(out)])
+    report = bench.main(
+        [
+            "--model",
+            "test_vit",
+            "--img-size",
+            "28",
+            "--patch-size",
+            "7",
+            "--batch-size",
+            "4",
+            "--peers",
+            "--steps",
+            "1",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+            "--peak-n",
+            "64",
+            "128",
+            "--gemm-seconds",
+            "0.01",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.with_suffix(".json").read_text())
     md = out.with_suffix(".md").read_text()
     assert saved["rows"] == report["rows"] and {r["arm"] for r in saved["rows"]} >= {"bare_timm", "mpp"}
@@ -45,15 +70,34 @@ def test_bench_step_tiny(tmp_path, monkeypatch):
     # MLP 192, 4 x 17 tokens: qkv and fc1 share a shape), and MFU divides by the best reading of them all
     rounds = saved["best_measured_gemm"]["rounds"]
     rows_of_tokens = 4 * ((28 // 7) ** 2 + 1)
-    assert len(rounds) == 3 and all(sorted(map(tuple, (g["shape"] for g in rnd))) == sorted(
-        [(64, 64, 64), (128, 128, 128), (rows_of_tokens, 64, 192), (rows_of_tokens, 64, 64), (rows_of_tokens, 192, 64)]) for rnd in rounds)
+    assert len(rounds) == 3 and all(
+        sorted(map(tuple, (g["shape"] for g in rnd)))
+        == sorted(
+            [
+                (64, 64, 64),
+                (128, 128, 128),
+                (rows_of_tokens, 64, 192),
+                (rows_of_tokens, 64, 64),
+                (rows_of_tokens, 192, 64),
+            ]
+        )
+        for rnd in rounds
+    )
     best = 9e9 + 4  # the middle round's last shape
-    assert saved["best_measured_gemm"]["flops_per_sec"] == best and saved["best_measured_gemm"]["shape"] == list(rounds[1][4]["shape"])
+    assert saved["best_measured_gemm"]["flops_per_sec"] == best and saved["best_measured_gemm"]["shape"] == list(
+        rounds[1][4]["shape"]
+    )
     for row in saved["rows"]:
         assert row["images_per_sec"] > 0 and row["mfu_vs_best_measured_gemm"] == pytest.approx(
-            row["images_per_sec"] * 3 * formula["total"] / best, rel=1e-9)
+            row["images_per_sec"] * 3 * formula["total"] / best, rel=1e-9
+        )
         assert row["mfu_vs_spec_peak"] is None  # a CPU has no spec peak in the table
-    assert saved["spec_peak"] is None and "| n/a |" in md and "MFU vs spec peak" in md and "MFU vs best measured GEMM" in md
+    assert (
+        saved["spec_peak"] is None
+        and "| n/a |" in md
+        and "MFU vs spec peak" in md
+        and "MFU vs best measured GEMM" in md
+    )
 
     # the order changes between repeats, the GEMM round sits between the arms, and every arm takes every place once
     orders = saved["arm_orders"]
@@ -90,9 +134,32 @@ def test_bench_step_gpu_settings_on_cpu(tmp_path, capsys, monkeypatch):
     table = bench.spec_peak
     monkeypatch.setattr(bench, "spec_peak", lambda name, dtype: table("NVIDIA H100 80GB HBM3", dtype))
     out = tmp_path / "bf16"
-    report = bench.main(["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "4", "--dtype", "bf16",
-                         "--steps", "1", "--repeats", "1", "--warmup", "1", "--peak-n", "128", "--gemm-seconds", "0.01",
-                         "--out", str(out)])  # a 2048^3 bf16 matmul takes ~1 min on this CPU
+    report = bench.main(
+        [
+            "--model",
+            "test_vit",
+            "--img-size",
+            "28",
+            "--patch-size",
+            "7",
+            "--batch-size",
+            "4",
+            "--dtype",
+            "bf16",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--peak-n",
+            "128",
+            "--gemm-seconds",
+            "0.01",
+            "--out",
+            str(out),
+        ]
+    )  # a 2048^3 bf16 matmul takes ~1 min on this CPU
     assert report["config"]["dtype"] == "bf16" and all(r["images_per_sec"] > 0 for r in report["rows"])
     readings = [g["flops_per_sec"] for rnd in report["best_measured_gemm"]["rounds"] for g in rnd]
     assert all(rate > 0 for rate in readings) and report["best_measured_gemm"]["flops_per_sec"] == max(readings)
@@ -116,6 +183,7 @@ def test_bench_step_refuses_compiled_arms_against_eager_peers(tmp_path, capsys, 
 
     def built(*args, **kwargs):
         raise AssertionError("a model was built: --compile --peers must be refused before any heavy work")
+
     monkeypatch.setattr(bench, "create_encoder", built)
     with pytest.raises(SystemExit) as refused:
         bench.main(["--compile", "--peers", "--model", "test_vit", "--out", str(tmp_path / "c")])
@@ -167,12 +235,19 @@ def test_peer_configs_match_the_encoder():
     from argparse import Namespace
 
     bench = load("bench_step")
-    args = Namespace(img_size=28, patch_size=7, dim=96, depth=2, heads=3, mlp_ratio=4.0)  # head width 32, not vit-pytorch's default 64
+    args = Namespace(
+        img_size=28, patch_size=7, dim=96, depth=2, heads=3, mlp_ratio=4.0
+    )  # head width 32, not vit-pytorch's default 64
     vit_kwargs, mpp_kwargs = bench.vit_pytorch_config(args)
     assert vit_kwargs["dim_head"] * vit_kwargs["heads"] == 96 and vit_kwargs["mlp_dim"] == 384
     assert (mpp_kwargs["mask_prob"], mpp_kwargs["replace_prob"], mpp_kwargs["random_patch_prob"]) == (0.5, 0.8, 0.1)
     hf = bench.hf_vit_config(args)
-    assert (hf["hidden_size"], hf["num_attention_heads"], hf["intermediate_size"], hf["num_hidden_layers"]) == (96, 3, 384, 2)
+    assert (hf["hidden_size"], hf["num_attention_heads"], hf["intermediate_size"], hf["num_hidden_layers"]) == (
+        96,
+        3,
+        384,
+        2,
+    )
     try:
         from vit_pytorch import ViT
     except ImportError:
@@ -185,12 +260,39 @@ def test_peer_configs_match_the_encoder():
 def test_bench_loop_tiny(tmp_path):
     bench = load("bench_loop")
     out = tmp_path / "loop"
-    bench.main(["--steps", "4", "--window", "2", "--bare-windows", "2", "--repeats", "1", "--jpegs", "40", "--decodes", "cpu", "pil",
-                "--out", str(out), "--recipe-args", "--model test_vit --img-size 28 --patch-size 7 --batch-size 8"])
+    bench.main(
+        [
+            "--steps",
+            "4",
+            "--window",
+            "2",
+            "--bare-windows",
+            "2",
+            "--repeats",
+            "1",
+            "--jpegs",
+            "40",
+            "--decodes",
+            "cpu",
+            "pil",
+            "--out",
+            str(out),
+            "--recipe-args",
+            "--model test_vit --img-size 28 --patch-size 7 --batch-size 8",
+        ]
+    )
     saved = json.loads(out.with_suffix(".json").read_text())
-    assert [r["dataset"] for r in saved["rows"]] == ["mnist5k", "ImageNet-like JPEGs, --decode cpu", "ImageNet-like JPEGs, --decode pil"]
+    assert [r["dataset"] for r in saved["rows"]] == [
+        "mnist5k",
+        "ImageNet-like JPEGs, --decode cpu",
+        "ImageNet-like JPEGs, --decode pil",
+    ]
     for r in saved["rows"]:
-        assert r["loop_images_per_sec"] > 0 and len(r["bare_runs"]) == 2 and r["loop_vs_bare_min"] <= r["loop_vs_bare"] <= r["loop_vs_bare_max"]
+        assert (
+            r["loop_images_per_sec"] > 0
+            and len(r["bare_runs"]) == 2
+            and r["loop_vs_bare_min"] <= r["loop_vs_bare"] <= r["loop_vs_bare_max"]
+        )
         assert 0 <= r["data_wait_share"] <= r["data_wait_share_max"] < 1 and 0 < r["slowest_window_vs_median"] <= 1
         run = r["runs"][0]
         # one estimator: the loop's rate is the median of its windows after the first, as the bare step's
@@ -204,14 +306,46 @@ def test_bench_loop_tiny(tmp_path):
 def test_bench_scaling_tiny(tmp_path):
     bench = load("bench_scaling")
     out = tmp_path / "scaling"
-    bench.main(["--model", "test_vit", "--patch-size", "7", "--batch-sizes", "2", "4", "--img-size", "28", "--img-sizes", "14", "28",
-                "--batch-size", "2", "--steps", "1", "--out", str(out)])
+    bench.main(
+        [
+            "--model",
+            "test_vit",
+            "--patch-size",
+            "7",
+            "--batch-sizes",
+            "2",
+            "4",
+            "--img-size",
+            "28",
+            "--img-sizes",
+            "14",
+            "28",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.with_suffix(".json").read_text())
     rows = saved["rows"]
-    assert [r["sweep"] for r in rows] == ["batch", "batch", "sequence", "sequence", "grad_checkpointing", "grad_checkpointing"]
+    assert [r["sweep"] for r in rows] == [
+        "batch",
+        "batch",
+        "sequence",
+        "sequence",
+        "grad_checkpointing",
+        "grad_checkpointing",
+    ]
     # one definition per memory column: host peak-RSS growth always, CUDA's max allocated only on CUDA
-    assert all(r["images_per_sec"] > 0 and r["rss_peak_growth_mb"] >= 0 and r["cuda_max_allocated_mb"] is None
-               and "peak_mb" not in r for r in rows)
+    assert all(
+        r["images_per_sec"] > 0
+        and r["rss_peak_growth_mb"] >= 0
+        and r["cuda_max_allocated_mb"] is None
+        and "peak_mb" not in r
+        for r in rows
+    )
     md = out.with_suffix(".md").read_text()
     assert "| peak RSS growth MB | CUDA max allocated MB |" in md and md.count(" | n/a |") == len(rows)
     assert saved["load_average_before"]["1min"] >= 0 and "Load average (1/5/15 min) before" in md

@@ -2,6 +2,7 @@
 
 Most tests build on a small fake openclipart tree in tmp_path; one reads the real Debian package.
 """
+
 import os
 from pathlib import Path
 
@@ -11,11 +12,26 @@ from PIL import Image, ImageDraw, ImageOps
 
 from mpp.data import builtin as builtin_data
 from mpp.data import clipart as clipart_module
-from mpp.data.builtin import (CLIPART_DOWNSTREAM, CLIPART_UPSTREAM, FASHION_MNIST_DIR, clipart, colour_mix,
-                              fashion_mnist_downstream, fashion_mnist_upstream)
-from mpp.data.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, SPLIT_FRACTIONS, group_splits, is_placeholder, load_clipart, to_square
-from mpp.data.near_duplicates import connected_groups, name_stem
+from mpp.data.builtin import (
+    CLIPART_DOWNSTREAM,
+    CLIPART_UPSTREAM,
+    FASHION_MNIST_DIR,
+    clipart,
+    colour_mix,
+    fashion_mnist_downstream,
+    fashion_mnist_upstream,
+)
+from mpp.data.clipart import (
+    CLIPART_CLASSES,
+    OPENCLIPART_DIR,
+    SPLIT_FRACTIONS,
+    group_splits,
+    is_placeholder,
+    load_clipart,
+    to_square,
+)
 from mpp.data.dataset import load_images
+from mpp.data.near_duplicates import connected_groups, name_stem
 from mpp.errors import UsageError
 
 FAKE_CLASSES = ["animals/birds", "food/fruit"]
@@ -29,18 +45,27 @@ REAL_SPLIT_SIZES = {
 }
 # near-duplicates of the package that a split by file put on both sides of a split
 REAL_SAME_DRAWINGS = [
-    ("food/fruit/pear_simple_bw.png", "food/fruit/pear_simple.png"), ("food/fruit/lemon_simple_bw.png", "food/fruit/lemon_simple.png"),
-    ("food/fruit/peach_simple_bw.png", "food/fruit/peach_simple.png"), ("food/fruit/watermelon_simple_bw.png", "food/fruit/watermelon_simple.png"),
+    ("food/fruit/pear_simple_bw.png", "food/fruit/pear_simple.png"),
+    ("food/fruit/lemon_simple_bw.png", "food/fruit/lemon_simple.png"),
+    ("food/fruit/peach_simple_bw.png", "food/fruit/peach_simple.png"),
+    ("food/fruit/watermelon_simple_bw.png", "food/fruit/watermelon_simple.png"),
     ("recreation/music/trumpet_b_flat__ganson.png", "recreation/music/trumpet_b_flat_colour_ganso.png"),
     ("transportation/vehicles/bus2_bw_jarno_vasamaa_01.png", "transportation/vehicles/bus2_jarno_vasamaa_01.png"),
-    ("people/clothing/t-shirt_03.png", "people/clothing/t-shirt_02.png"), ("animals/bugs/bee1_mimooh_01.png", "animals/bugs/bee2_mimooh_01.png"),
+    ("people/clothing/t-shirt_03.png", "people/clothing/t-shirt_02.png"),
+    ("animals/bugs/bee1_mimooh_01.png", "animals/bugs/bee2_mimooh_01.png"),
     ("food/fruit/rondelle_orange_01.png", "food/fruit/rondelle_d_orange_01.png"),
     ("transportation/vehicles/hummer_01.png", "transportation/vehicles/hummers/hummer_01.png"),
     ("transportation/vehicles/hummer_05.png", "transportation/vehicles/hummers/hummer_05.png"),
     ("transportation/vehicles/hummer_07.png", "transportation/vehicles/hummers/hummer_07.png"),
 ]
-REAL_DROPPED = {"placeholder": 17, "blank": 125, "too large": 3, "unreadable": 0,
-                "duplicate (full_resolution)": 1171, "duplicate (resized)": 1}
+REAL_DROPPED = {
+    "placeholder": 17,
+    "blank": 125,
+    "too large": 3,
+    "unreadable": 0,
+    "duplicate (full_resolution)": 1171,
+    "duplicate (resized)": 1,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +156,12 @@ def test_clipart_drops_placeholders_blanks_and_duplicates(tmp_path, capsys):
     planted = fake_openclipart(tmp_path / "png")
     data = load_clipart(tmp_path / "png", FAKE_CLASSES)
     said = capsys.readouterr().err.splitlines()  # the slow first decoding says what it does, once
-    assert len(said) == 2 and said[0].startswith("clip art: decoding ") and "once into" in said[0] and said[1].endswith("cached")
+    assert (
+        len(said) == 2
+        and said[0].startswith("clip art: decoding ")
+        and "once into" in said[0]
+        and said[1].endswith("cached")
+    )
     clipart_module._decoded.clear()
     load_clipart(tmp_path / "png", FAKE_CLASSES)
     assert capsys.readouterr().err == ""  # from the cache: quiet
@@ -140,7 +170,9 @@ def test_clipart_drops_placeholders_blanks_and_duplicates(tmp_path, capsys):
     assert "animals/birds/sub/img_aa.png" in paths and "abstract/copy_of_bird.png" not in paths  # class copy kept
     assert "food/fruit/img_be.png" in paths and "food/fruit/twin.png" not in paths
     assert data["dropped"]["placeholder"] == planted["placeholders"] and data["dropped"]["blank"] == planted["blank"]
-    assert data["dropped"]["duplicate (full_resolution)"] + data["dropped"]["duplicate (resized)"] == planted["duplicates"]
+    assert (
+        data["dropped"]["duplicate (full_resolution)"] + data["dropped"]["duplicate (resized)"] == planted["duplicates"]
+    )
     assert len(paths) == 2 * 30 + 10  # every planted drawing, the non-class folder included
     flat = data["images"].reshape(len(paths), -1)
     assert len(np.unique(flat, axis=0)) == len(paths)
@@ -159,9 +191,14 @@ def test_clipart_splits_are_disjoint_and_deterministic(tmp_path):
         assert set(np.asarray(ds["label"])) == {0, 1}
     clipart_module._decoded.clear()
     clipart_module._grouped.clear()
-    assert len(list((tmp_path / "cache").glob("clipart-v*.npz"))) == 1 and len(list((tmp_path / "cache").glob("clipart-groups-*.npy"))) == 1
+    assert (
+        len(list((tmp_path / "cache").glob("clipart-v*.npz"))) == 1
+        and len(list((tmp_path / "cache").glob("clipart-groups-*.npy"))) == 1
+    )
     again = clipart("train", root, FAKE_CLASSES)  # from the cache files this time
-    assert list(map(bytes, again.with_format("numpy")[:]["image"])) == list(map(bytes, splits["train"].with_format("numpy")[:]["image"]))
+    assert list(map(bytes, again.with_format("numpy")[:]["image"])) == list(
+        map(bytes, splits["train"].with_format("numpy")[:]["image"])
+    )
 
 
 def test_groups_are_dealt_whole_and_each_class_keeps_its_shares():
@@ -187,7 +224,9 @@ def test_groups_are_dealt_whole_and_each_class_keeps_its_shares():
 def test_file_name_stems_and_connected_groups():
     assert name_stem("food/fruit/pear_simple_bw.png") == name_stem("food/fruit/pear_simple.png")
     assert name_stem("animals/bugs/bee1_mimooh_01.png") == name_stem("animals/bugs/bee2_mimooh_01.png")
-    assert name_stem("recreation/music/trumpet_b_flat__ganson.png") == name_stem("recreation/music/trumpet_b_flat_colour_ganso.png")
+    assert name_stem("recreation/music/trumpet_b_flat__ganson.png") == name_stem(
+        "recreation/music/trumpet_b_flat_colour_ganso.png"
+    )
     assert name_stem("food/fruit/rondelle_orange_01.png") == name_stem("food/fruit/rondelle_d_orange_01.png")
     assert name_stem("food/fruit/pear_simple.png") != name_stem("food/fruit/peach_simple.png")
     # links 0-3, 3-5 and 1-2 make {0, 3, 5}, {1, 2}, {4}; each group is named by its first member
@@ -219,14 +258,28 @@ def rescaled(im: Image.Image) -> Image.Image:
 
 
 # asymmetric drawings of the real package, from different classes (a mirrored copy must be found by mirroring)
-ORIGINALS = ["recreation/music/trumpet_b_flat_colour_ganso.png", "transportation/vehicles/bus2_jarno_vasamaa_01.png",
-             "computer/hardware/joystick_black_red_petri_01.png", "animals/bugs/bee1_mimooh_01.png", "food/fruit/pear_simple.png",
-             "people/clothing/t-shirt_02.png", "buildings/homes/home3.png"]
-VARIANTS = {"recoloured": recoloured, "black-and-white": black_and_white, "mirrored": ImageOps.mirror, "rescaled": rescaled}
+ORIGINALS = [
+    "recreation/music/trumpet_b_flat_colour_ganso.png",
+    "transportation/vehicles/bus2_jarno_vasamaa_01.png",
+    "computer/hardware/joystick_black_red_petri_01.png",
+    "animals/bugs/bee1_mimooh_01.png",
+    "food/fruit/pear_simple.png",
+    "people/clothing/t-shirt_02.png",
+    "buildings/homes/home3.png",
+]
+VARIANTS = {
+    "recoloured": recoloured,
+    "black-and-white": black_and_white,
+    "mirrored": ImageOps.mirror,
+    "rescaled": rescaled,
+}
 # the package's own line-art versions of coloured drawings (white fills, outlines kept): planted under other names
-LINE_ART = {"food/fruit/pear_simple_bw.png": "food/fruit/pear_simple.png", "food/fruit/lemon_simple_bw.png": "food/fruit/lemon_simple.png",
-            "food/fruit/peach_simple_bw.png": "food/fruit/peach_simple.png",
-            "transportation/vehicles/bus2_bw_jarno_vasamaa_01.png": "transportation/vehicles/bus2_jarno_vasamaa_01.png"}
+LINE_ART = {
+    "food/fruit/pear_simple_bw.png": "food/fruit/pear_simple.png",
+    "food/fruit/lemon_simple_bw.png": "food/fruit/lemon_simple.png",
+    "food/fruit/peach_simple_bw.png": "food/fruit/peach_simple.png",
+    "transportation/vehicles/bus2_bw_jarno_vasamaa_01.png": "transportation/vehicles/bus2_jarno_vasamaa_01.png",
+}
 
 
 @pytest.mark.skipif(not OPENCLIPART_DIR.exists(), reason="the real clip art needs 'apt-get install openclipart-png'")
@@ -257,7 +310,9 @@ def test_recoloured_black_and_white_mirrored_and_rescaled_copies_land_with_their
     data = load_clipart(root)
     index = {p: k for k, p in enumerate(data["paths"].tolist())}
     groups, splits = data["groups"], data["splits"]
-    missed = [(copy, kind) for copy, (original, kind) in planted.items() if groups[index[copy]] != groups[index[original]]]
+    missed = [
+        (copy, kind) for copy, (original, kind) in planted.items() if groups[index[copy]] != groups[index[original]]
+    ]
     assert not missed
     assert all(splits[index[copy]] == splits[index[original]] for copy, (original, _) in planted.items())
     assert len({groups[index[o]] for o in originals}) == len(originals)
@@ -281,7 +336,11 @@ def test_colour_mix_is_unlabelled_and_keeps_held_out_clipart_out_of_train(tmp_pa
     fake_openclipart(root)
     mix = colour_mix("train", root, photo_crops=5)
     assert list(mix.features) == ["image"] and mix.features["image"].shape == (64, 64, 3)
-    held = {d["image"].tobytes() for s in ("validation", "test") for d in clipart(s, root, FAKE_CLASSES).with_format("numpy")}
+    held = {
+        d["image"].tobytes()
+        for s in ("validation", "test")
+        for d in clipart(s, root, FAKE_CLASSES).with_format("numpy")
+    }
     train = {bytes(a) for a in mix.with_format("numpy")[:]["image"]}
     assert held and not (held & train)
     n_train_art = int((load_clipart(root, FAKE_CLASSES)["splits"] == "train").sum())
@@ -290,7 +349,11 @@ def test_colour_mix_is_unlabelled_and_keeps_held_out_clipart_out_of_train(tmp_pa
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_transfer_halves():
-    up_train, up_val, down_test = fashion_mnist_upstream("train"), fashion_mnist_upstream("validation"), fashion_mnist_downstream("test")
+    up_train, up_val, down_test = (
+        fashion_mnist_upstream("train"),
+        fashion_mnist_upstream("validation"),
+        fashion_mnist_downstream("test"),
+    )
     assert (len(up_train), len(up_val), len(down_test)) == (27000, 3000, 5000)  # 10% per class held out of train
     assert up_train.features["label"].names == ["t-shirt/top", "trouser", "pullover", "dress", "coat"]
     assert down_test.features["label"].names == ["sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -313,7 +376,9 @@ def test_real_clipart_classes_split_sizes_and_drops(monkeypatch):
     assert splits["test"].features["label"].names == CLIPART_CLASSES
     sizes = {s: np.bincount(ds["label"], minlength=len(CLIPART_CLASSES)).tolist() for s, ds in splits.items()}
     assert sizes == REAL_SPLIT_SIZES
-    assert not set(CLIPART_UPSTREAM) & set(CLIPART_DOWNSTREAM) and sorted(CLIPART_UPSTREAM + CLIPART_DOWNSTREAM) == sorted(CLIPART_CLASSES)
+    assert not set(CLIPART_UPSTREAM) & set(CLIPART_DOWNSTREAM) and sorted(
+        CLIPART_UPSTREAM + CLIPART_DOWNSTREAM
+    ) == sorted(CLIPART_CLASSES)
     down = load_images("clipart-downstream", "train")
     assert down.features["label"].names == CLIPART_DOWNSTREAM and min(np.bincount(down["label"])) >= 10  # 10-shot draws
     assert len(load_images("clipart-upstream", "train")) + len(down) == len(splits["train"])

@@ -1,5 +1,6 @@
 """Every built-in set names its splits: an unknown split is refused in one line naming them, before any data is
 loaded, and the photos set's validation and test splits are different images."""
+
 import re
 
 import numpy as np
@@ -23,7 +24,9 @@ def test_an_unknown_split_is_refused_before_loading_with_the_splits_named(name, 
     with pytest.raises(ValueError) as e:
         BUILTIN_DATASETS[name]("bogus")  # refused before anything is read
     assert re.findall(r"'(\w+)'", str(e.value))[:-1] == list(BUILTIN_SPLITS[name]) and str(e.value).endswith("'bogus'")
-    monkeypatch.setitem(builtin.BUILTIN_DATASETS, name, lambda *a, **k: pytest.fail("loaded before the split was checked"))
+    monkeypatch.setitem(
+        builtin.BUILTIN_DATASETS, name, lambda *a, **k: pytest.fail("loaded before the split was checked")
+    )
     allowed = ", ".join(BUILTIN_SPLITS[name])
     line = refused(lambda a: pretrain(parse_config(a)), ["--dataset", name, "--split", "bogus"])
     assert line == f"error: --split bogus: {name} has the splits {allowed}"
@@ -32,7 +35,9 @@ def test_an_unknown_split_is_refused_before_loading_with_the_splits_named(name, 
 
 
 def test_photos_splits_are_different_crops_and_each_is_reproducible():
-    crops = {s: np.asarray(photos(s, num_crops=40).with_format("numpy")["image"]) for s in ("train", "validation", "test")}
+    crops = {
+        s: np.asarray(photos(s, num_crops=40).with_format("numpy")["image"]) for s in ("train", "validation", "test")
+    }
     assert all(c.shape == (40, 64, 64, 3) for c in crops.values())
     for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
         shared = {x.tobytes() for x in crops[a]} & {x.tobytes() for x in crops[b]}

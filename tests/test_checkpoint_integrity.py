@@ -1,4 +1,5 @@
 """Checkpoint manifests: a damaged newest checkpoint is reported and passed over, a named one refused."""
+
 import json
 import os
 from pathlib import Path
@@ -23,10 +24,20 @@ def square_loss(model, batch):
 def checkpointed_run(folder: Path) -> Path:
     """6 steps of a linear model, a checkpoint every 2: step_000002, _000004, _000006 in folder."""
     run = open_run(init_processes(threads=None), str(folder), None, grad_accum=1)
-    model = run.accelerator.prepare(torch.nn.Linear(3, 1))  # prepared: save_state writes its weights and optimizer state
+    model = run.accelerator.prepare(
+        torch.nn.Linear(3, 1)
+    )  # prepared: save_state writes its weights and optimizer state
     optimizer = run.accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
-    settings = LoopSettings(total_steps=6, lr_at=lambda step: 0.1, clip_grad=0, log_every=2, checkpoint_every=2,
-                            keep_checkpoints=3, batch_size=4, progress=False)
+    settings = LoopSettings(
+        total_steps=6,
+        lr_at=lambda step: 0.1,
+        clip_grad=0,
+        log_every=2,
+        checkpoint_every=2,
+        keep_checkpoints=3,
+        batch_size=4,
+        progress=False,
+    )
     batches = [{"pixels": torch.randn(4, 3), "bad": []} for _ in range(6)]
     fit(run, model, optimizer, batches, Images(), square_loss, settings)
     return folder / "checkpoints"
@@ -43,7 +54,10 @@ def truncate(path: Path) -> None:
 
 
 DAMAGE = {
-    "a flipped byte in the weights": (lambda c: flip_a_byte(c / "model.safetensors"), "model.safetensors does not match its checksum"),
+    "a flipped byte in the weights": (
+        lambda c: flip_a_byte(c / "model.safetensors"),
+        "model.safetensors does not match its checksum",
+    ),
     "a truncated optimizer file": (lambda c: truncate(c / "optimizer.bin"), "optimizer.bin has"),
     "a missing RNG file": (lambda c: os.remove(c / "random_states_0.pkl"), "random_states_0.pkl is missing"),
     "a truncated trainer state": (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json has"),
@@ -69,7 +83,12 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
     run = open_run(init_processes(threads=None), str(tmp_path / "run"), "auto", grad_accum=1)
     assert run.resume_from.name == "step_000004" and run.state["step"] == 4
     lines = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
-    assert len(lines) == 1 and "step_000006 is damaged" in lines[0] and reason in lines[0] and "resuming from step_000004" in lines[0]
+    assert (
+        len(lines) == 1
+        and "step_000006 is damaged" in lines[0]
+        and reason in lines[0]
+        and "resuming from step_000004" in lines[0]
+    )
     # set aside: never resumed from, and not counted among the kept checkpoints
     assert sorted(p.name for p in checkpoints.iterdir()) == [".damaged-step_000006", "step_000002", "step_000004"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from mpp.cli import parse_config, run_cli
-from mpp.training.pretrain_config import PretrainConfig, lr_at, resolve_lr
 from mpp.training.pretrain import pretrain
+from mpp.training.pretrain_config import PretrainConfig, lr_at, resolve_lr
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "pretrain_mpp.py"
 
@@ -30,8 +30,15 @@ def test_lr_scaling_rule():
 
 
 def test_flags_reach_the_config():
-    cfg = parse_config(["--mask-probs", "0.5", "0.25", "0.25", "--target", "pixels_l2", "--max-steps", "7", "--crop-scale", "0.5", "1"])
-    assert cfg.mask_probs == (0.5, 0.25, 0.25) and cfg.target == "pixels_l2" and cfg.max_steps == 7 and cfg.crop_scale == (0.5, 1.0)
+    cfg = parse_config(
+        ["--mask-probs", "0.5", "0.25", "0.25", "--target", "pixels_l2", "--max-steps", "7", "--crop-scale", "0.5", "1"]
+    )
+    assert (
+        cfg.mask_probs == (0.5, 0.25, 0.25)
+        and cfg.target == "pixels_l2"
+        and cfg.max_steps == 7
+        and cfg.crop_scale == (0.5, 1.0)
+    )
 
 
 def _run(argv):
@@ -60,7 +67,10 @@ BAD = [
     (["--epochs", "0"], "--epochs must be positive"),
     (["--img-size", "7", "--patch-size", "7"], "gives one patch"),
     (["--dataset", "mnist5k", "--batch-size", "6000"], "more than the 5000 images"),
-    (["--eval-dataset", "mnist5k"], "--eval-dataset needs a labelled set with train and test splits: mnist5k has the splits train"),
+    (
+        ["--eval-dataset", "mnist5k"],
+        "--eval-dataset needs a labelled set with train and test splits: mnist5k has the splits train",
+    ),
     (["--eval-every-steps", "0"], "--eval-every-steps must be at least 1"),
 ]
 
@@ -71,7 +81,10 @@ def test_bad_invocations_exit_2_with_one_line(argv, message, refused):
 
 
 def test_unknown_flag_and_bad_choice(capsys):
-    for argv, message in [(["--bogus"], "unrecognized arguments: --bogus"), (["--target", "rgb"], "invalid choice: 'rgb'")]:
+    for argv, message in [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--target", "rgb"], "invalid choice: 'rgb'"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             parse_config(argv)
         assert exit_info.value.code == 2
@@ -87,8 +100,12 @@ def test_non_empty_output_dir_needs_resume(tmp_path, capsys):
 
 
 def test_recipe_process_reports_one_line_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, str(RECIPE), "--mask-ratio", "2", "--output-dir", str(tmp_path / "r")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(RECIPE), "--mask-ratio", "2", "--output-dir", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --mask-ratio must be in (0, 1), got 2.0"
 
@@ -101,9 +118,23 @@ def test_under_the_readmes_accelerate_launch_a_bad_flag_is_one_line(recipe, tmp_
     stands for the thread count a CPU user passes (else accelerate names the one it picked, in 3 lines)."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "2"}
     subprocess.run(["accelerate", "config", "default"], env=env, check=True, capture_output=True, timeout=120)
-    proc = subprocess.run(["accelerate", "launch", "-q", str(RECIPE.parent / recipe), "--mask-ratio" if recipe == "pretrain_mpp.py"
-                           else "--lr", "2" if recipe == "pretrain_mpp.py" else "-1", "--output-dir", str(tmp_path / "r")],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            "accelerate",
+            "launch",
+            "-q",
+            str(RECIPE.parent / recipe),
+            "--mask-ratio" if recipe == "pretrain_mpp.py" else "--lr",
+            "2" if recipe == "pretrain_mpp.py" else "-1",
+            "--output-dir",
+            str(tmp_path / "r"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: --"), proc.stderr
 
@@ -111,8 +142,26 @@ def test_under_the_readmes_accelerate_launch_a_bad_flag_is_one_line(recipe, tmp_
 def test_help_shows_every_flag_with_its_default():
     proc = subprocess.run([sys.executable, str(RECIPE), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for flag in ["--dataset", "--model", "--img-size", "--patch-size", "--batch-size", "--max-steps", "--epochs", "--lr",
-                 "--warmup-steps", "--weight-decay", "--mask-ratio", "--mask-probs", "--target", "--output-dir",
-                 "--checkpoint-every", "--resume", "--seed", "--grad-accum", "--log-every"]:
+    for flag in [
+        "--dataset",
+        "--model",
+        "--img-size",
+        "--patch-size",
+        "--batch-size",
+        "--max-steps",
+        "--epochs",
+        "--lr",
+        "--warmup-steps",
+        "--weight-decay",
+        "--mask-ratio",
+        "--mask-probs",
+        "--target",
+        "--output-dir",
+        "--checkpoint-every",
+        "--resume",
+        "--seed",
+        "--grad-accum",
+        "--log-every",
+    ]:
         assert flag in proc.stdout
     assert "(default: mnist5k)" in proc.stdout and "(default: (0.8, 0.1, 0.1))" in proc.stdout

@@ -7,12 +7,24 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from datasets import Array3D, Dataset, Features, Image as ImageFeature, Value
+from datasets import Array3D, Dataset, Features, Value
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from mpp.data.builtin import FASHION_MNIST_DIR, mnist5k, photos, read_idx
-from mpp.data.dataset import (AugmentedImages, BadImage, as_tensor, collate_images, decode_image, find_image_column, labelled_images, load_images,
-                      open_image, seeded, train_transform)
+from mpp.data.dataset import (
+    AugmentedImages,
+    BadImage,
+    as_tensor,
+    collate_images,
+    decode_image,
+    find_image_column,
+    labelled_images,
+    load_images,
+    open_image,
+    seeded,
+    train_transform,
+)
 from mpp.errors import UsageError
 from mpp.models.targets import Mean3Bit
 
@@ -68,13 +80,20 @@ def test_a_missing_folder_under_a_local_one_is_a_path_not_a_hub_id(tmp_path, mon
     import mpp.data.dataset as dataset_module
 
     asked = []
-    monkeypatch.setattr(dataset_module, "load_dataset", lambda path, **kw: asked.append(path) or (_ for _ in ()).throw(FileNotFoundError(path)))
+    monkeypatch.setattr(
+        dataset_module,
+        "load_dataset",
+        lambda path, **kw: asked.append(path) or (_ for _ in ()).throw(FileNotFoundError(path)),
+    )
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     with pytest.raises(UsageError, match=r"^--dataset data/mine: no such file or folder"):
         load_images("data/mine")
     assert asked == []
-    with pytest.raises(UsageError, match=r"^--dataset owner/name: no local file or folder of that name, and the Hugging Face Hub could not"):
+    with pytest.raises(
+        UsageError,
+        match=r"^--dataset owner/name: no local file or folder of that name, and the Hugging Face Hub could not",
+    ):
         load_images("owner/name")
     assert asked == ["owner/name"]
 
@@ -139,7 +158,10 @@ def test_arrays_decode_by_dtype_not_by_their_own_range():
     sixteen = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)  # 0..65535 -> x * 255 / 65535
     assert rgb_of(sixteen)[0, :, 1].tolist() == [0, 1, 128, 255]
     assert rgb_of(np.array([[False, True]]))[0, :, 2].tolist() == [0, 255]
-    assert rgb_of(np.array([[7, 200]], dtype=np.int64))[0, :, 0].tolist() == [7, 200]  # other integers: levels as they are
+    assert rgb_of(np.array([[7, 200]], dtype=np.int64))[0, :, 0].tolist() == [
+        7,
+        200,
+    ]  # other integers: levels as they are
     dark = np.full((5, 5, 3), 0.1)  # a dark float image stays dark: no stretching to its own maximum
     assert (rgb_of(dark) == 26).all()
 
@@ -155,9 +177,14 @@ def test_channels_first_arrays_are_transposed_and_ambiguous_ones_refused():
     rgba[0] = [255, 0, 0, 0]  # transparent: white
     rgba[1] = [0, 0, 255, 255]  # opaque blue
     assert (rgb_of(rgba)[0] == 255).all() and (rgb_of(rgba)[1] == [0, 0, 255]).all()
-    for bad, reason in [(np.zeros((3, 4, 4), np.uint8), "ambiguous"), (np.zeros((2, 8, 8), np.uint8), "no channel axis"),
-                        (np.zeros((1, 5, 5, 3), np.uint8), "expected (H, W)"), (np.full((5, 5), 1.5), "[0, 1], found 1.5..1.5"),
-                        (np.full((5, 5), np.nan), "[0, 1], found nan"), (np.full((5, 5), 300), "0..255, found 300..300")]:
+    for bad, reason in [
+        (np.zeros((3, 4, 4), np.uint8), "ambiguous"),
+        (np.zeros((2, 8, 8), np.uint8), "no channel axis"),
+        (np.zeros((1, 5, 5, 3), np.uint8), "expected (H, W)"),
+        (np.full((5, 5), 1.5), "[0, 1], found 1.5..1.5"),
+        (np.full((5, 5), np.nan), "[0, 1], found nan"),
+        (np.full((5, 5), 300), "0..255, found 300..300"),
+    ]:
         image, problem = decode_image(bad)
         assert image is None and reason in problem, (bad.shape, problem)
 
@@ -167,7 +194,9 @@ def test_pil_modes_decode_by_value():
     assert (abs(rgb_of(stored(over_white)).astype(int) - 127) <= 1).all()
     assert (rgb_of(stored(Image.new("RGBA", (3, 2), (255, 0, 0, 0)))) == 255).all()  # fully transparent: white
     assert (rgb_of(stored(Image.new("RGBA", (3, 2), (10, 20, 30, 255)))) == [10, 20, 30]).all()
-    assert (rgb_of(stored(Image.new("LA", (3, 2), (50, 0)))) == 255).all() and (rgb_of(stored(Image.new("LA", (3, 2), (50, 255)))) == 50).all()
+    assert (rgb_of(stored(Image.new("LA", (3, 2), (50, 0)))) == 255).all() and (
+        rgb_of(stored(Image.new("LA", (3, 2), (50, 255)))) == 50
+    ).all()
     palette = Image.new("P", (2, 1))
     palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     palette.putpixel((1, 0), 1)
@@ -178,12 +207,23 @@ def test_pil_modes_decode_by_value():
     sixteen = Image.fromarray(np.array([[0, 257, 32768, 65535]], dtype=np.uint16))  # I;16
     assert rgb_of(stored(sixteen))[0, :, 0].tolist() == [0, 1, 128, 255]
     # mode I (32-bit integers): always 16-bit levels, whatever the image's own maximum
-    assert rgb_of(stored(Image.fromarray(np.array([[255, 257, 65535]], dtype=np.int32)), "TIFF"))[0, :, 0].tolist() == [1, 1, 255]
+    assert rgb_of(stored(Image.fromarray(np.array([[255, 257, 65535]], dtype=np.int32)), "TIFF"))[0, :, 0].tolist() == [
+        1,
+        1,
+        255,
+    ]
     assert rgb_of(stored(Image.fromarray(np.full((2, 2), 200, dtype=np.int32)), "TIFF"))[0, 0, 0] == 1
     # mode F: floats in [0, 1]
-    assert rgb_of(stored(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)), "TIFF"))[0, :, 1].tolist() == [0, 128, 255]
-    for refused in [Image.fromarray(np.array([[0.5, 1.5]], dtype=np.float32)), Image.fromarray(np.array([[-1, 5]], dtype=np.int32)),
-                    Image.fromarray(np.array([[70000, 5]], dtype=np.int32))]:
+    assert rgb_of(stored(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)), "TIFF"))[0, :, 1].tolist() == [
+        0,
+        128,
+        255,
+    ]
+    for refused in [
+        Image.fromarray(np.array([[0.5, 1.5]], dtype=np.float32)),
+        Image.fromarray(np.array([[-1, 5]], dtype=np.int32)),
+        Image.fromarray(np.array([[70000, 5]], dtype=np.int32)),
+    ]:
         image, problem = decode_image(stored(refused, "TIFF"))
         assert image is None and "must lie in" in problem, refused.mode
 
@@ -214,12 +254,16 @@ def test_encoded_images_are_augmented_as_pil_like_tensors():
         via_pil = as_tensor(seeded(tf, pil, seed))
         via_tensor = seeded(tf, decode_image(stored)[0], seed)
         assert via_pil.shape == via_tensor.shape == (3, 24, 24) and via_pil.dtype == torch.uint8
-        assert (via_pil.float() - via_tensor.float()).abs().mean() < 1.0  # levels of 255: resampling filters differ slightly
+        assert (
+            via_pil.float() - via_tensor.float()
+        ).abs().mean() < 1.0  # levels of 255: resampling filters differ slightly
 
 
 def _write_image_table(tmp_path):
     imgs = [Image.fromarray(np.full((8, 8, 3), i * 20, dtype=np.uint8)) for i in range(6)]
-    return Dataset.from_dict({"img": imgs, "label": list(range(6))}, features=Features({"img": ImageFeature(), "label": Value("int64")}))
+    return Dataset.from_dict(
+        {"img": imgs, "label": list(range(6))}, features=Features({"img": ImageFeature(), "label": Value("int64")})
+    )
 
 
 def test_save_to_disk_parquet_and_webdataset(tmp_path):
@@ -250,8 +294,10 @@ def test_streaming_local_parquet(tmp_path):
 def noise_images(seed: int = 3) -> AugmentedImages:
     """32 images of random noise (any two different crops differ), augmented with this run seed."""
     rng = np.random.default_rng(0)
-    ds = Dataset.from_dict({"image": list(rng.integers(0, 256, (32, 28, 28, 3), dtype=np.uint8))},
-                           features=Features({"image": Array3D((28, 28, 3), "uint8")}))
+    ds = Dataset.from_dict(
+        {"image": list(rng.integers(0, 256, (32, 28, 28, 3), dtype=np.uint8))},
+        features=Features({"image": Array3D((28, 28, 3), "uint8")}),
+    )
     return AugmentedImages(ds, "image", train_transform(28), seed=seed)
 
 
@@ -281,7 +327,9 @@ def test_augmentation_does_not_depend_on_the_number_of_workers():
     def load(workers):
         images = noise_images()
         images.set_epoch(2)
-        loader = torch.utils.data.DataLoader(images, batch_sampler=batches, collate_fn=collate_images, num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            images, batch_sampler=batches, collate_fn=collate_images, num_workers=workers
+        )
         return [batch["pixels"] for batch in loader]
 
     in_process, two_workers = load(0), load(2)
@@ -301,8 +349,10 @@ def test_collate_keeps_the_batch_shape_and_names_bad_items():
 
 
 def test_missing_label_is_a_bad_item():
-    ds = Dataset.from_dict({"image": [np.zeros((5, 5, 3), dtype=np.uint8)] * 2, "label": [3, None]},
-                           features=Features({"image": Array3D((5, 5, 3), "uint8"), "label": Value("int64")}))
+    ds = Dataset.from_dict(
+        {"image": [np.zeros((5, 5, 3), dtype=np.uint8)] * 2, "label": [3, None]},
+        features=Features({"image": Array3D((5, 5, 3), "uint8"), "label": Value("int64")}),
+    )
     items = AugmentedImages(ds, "image", lambda x: x, seed=0, label_column="label").__getitems__([0, 1])
     assert items[0][1] == 3 and isinstance(items[1], BadImage) and items[1].reason == "missing label"
 
@@ -315,14 +365,18 @@ def test_limited_eval_subset_is_stratified_and_seeded(tmp_path):
     images = np.zeros((200, 8, 8, 1), dtype=np.uint8)
     images[:, 0, :, 0] = (labels * 60)[:, None]  # top row: the class
     images[:, 1, :, 0] = (np.arange(200) % 50)[:, None]  # second row: the example within its class
-    ds = Dataset.from_dict({"image": images, "label": labels},
-                           features=Features({"image": Array3D((8, 8, 1), "uint8"), "label": ClassLabel(names=list("abcd"))}))
+    ds = Dataset.from_dict(
+        {"image": images, "label": labels},
+        features=Features({"image": Array3D((8, 8, 1), "uint8"), "label": ClassLabel(names=list("abcd"))}),
+    )
     ds.save_to_disk(str(tmp_path / "sorted"))
     x, y = labelled_images(str(tmp_path / "sorted"), "train", 8, limit=60)
     assert np.bincount(y.numpy(), minlength=4).tolist() == [15, 15, 15, 15]
     assert torch.equal(x[:, 0, 0, 0], (y * 60).to(torch.uint8))  # each image still carries its own label
     picked = set(zip(y.tolist(), x[:, 0, 1, 0].tolist()))
-    assert len(picked) == 60 and {i for _, i in picked} != set(range(15))  # drawn at random, not each class's first rows
+    assert len(picked) == 60 and {i for _, i in picked} != set(
+        range(15)
+    )  # drawn at random, not each class's first rows
     _, y62 = labelled_images(str(tmp_path / "sorted"), "train", 8, limit=62)
     assert sorted(np.bincount(y62.numpy(), minlength=4).tolist()) == [15, 15, 16, 16]
     again, _ = labelled_images(str(tmp_path / "sorted"), "train", 8, limit=60, seed=0)

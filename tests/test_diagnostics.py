@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from mpp.evaluation import diagnostics as dg
-from mpp.training.pretrain_config import PretrainConfig
 from mpp.models.masking import Corruption
 from mpp.models.model import MPP, create_encoder
 from mpp.training.pretrain import export_weights
+from mpp.training.pretrain_config import PretrainConfig
 
 P = 7  # test_vit at 28 px: a 4x4 grid of 7x7 patches, one class token, 6 blocks of 2 heads
 
@@ -26,6 +26,7 @@ def images():
 
 
 # ---- shapes and finiteness on a tiny model ----
+
 
 def test_patch_embed_components(encoder):
     comps = dg.patch_embed_components(encoder, n=28)
@@ -74,7 +75,11 @@ def test_attention_weights_respect_qk_norm():
         x = torch.randn(2, 17, 64)
         w = dg.attention_weights(blk.attn, x)
         B, T, D = x.shape
-        v = F.linear(x, blk.attn.qkv.weight[2 * D :], blk.attn.qkv.bias[2 * D :]).reshape(B, T, 2, D // 2).transpose(1, 2)
+        v = (
+            F.linear(x, blk.attn.qkv.weight[2 * D :], blk.attn.qkv.bias[2 * D :])
+            .reshape(B, T, 2, D // 2)
+            .transpose(1, 2)
+        )
         assert torch.allclose(blk.attn.proj((w @ v).transpose(1, 2).reshape(B, T, D)), blk.attn(x), atol=1e-5)
 
 
@@ -96,6 +101,7 @@ def test_pos_embed_similarity_of_encoder(encoder):
 
 
 # ---- hand-computed references ----
+
 
 def test_distance_of_self_attention_is_zero():
     attn = np.broadcast_to(np.eye(17), (2, 3, 17, 17))  # every token attends only to itself
@@ -145,12 +151,15 @@ def test_rollout_one_layer_by_hand():
 
 # ---- MPP predictions and loading ----
 
+
 @pytest.mark.parametrize("target", ["mean3bit", "mean3bit_4x4", "pixels_l2"])
 def test_mpp_predictions(target, images):
     torch.manual_seed(0)
     model = MPP(create_encoder("test_vit", 28, P), target=target)
     ids = torch.tensor([[0, 5], [1, 15], [3, 4]])
-    corruption = Corruption(ids=ids, kind=torch.tensor([[0, 1], [2, 0], [0, 0]]), source=torch.zeros(3, 2, dtype=torch.long))
+    corruption = Corruption(
+        ids=ids, kind=torch.tensor([[0, 1], [2, 0], [0, 0]]), source=torch.zeros(3, 2, dtype=torch.long)
+    )
     pred = dg.mpp_predictions(model, images, corruption)
     for key in ("input", "predicted", "true"):
         assert pred[key].shape == (3, 28, 28, 3) and np.isfinite(pred[key]).all()
@@ -208,13 +217,19 @@ def test_load_mpp_model_rejects_a_foreign_head(run_dir, tmp_path):
 
     d, _ = run_dir
     (tmp_path / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
-    save_weights(tmp_path / dg.HEAD_FILE, {"mask_token": torch.zeros(64), "head.1.weight": torch.zeros(512, 64), "head.1.bias": torch.zeros(512)}, {})
+    save_weights(
+        tmp_path / dg.HEAD_FILE,
+        {"mask_token": torch.zeros(64), "head.1.weight": torch.zeros(512, 64), "head.1.bias": torch.zeros(512)},
+        {},
+    )
     with pytest.raises(ValueError, match="does not fit"):
         dg.load_mpp_model(tmp_path)
 
 
 def test_model_with_registers_and_no_class_token(images):
-    enc = create_encoder("test_vit", 28, P, reg_tokens=4, class_token=False, global_pool="avg", no_embed_class=True).eval()
+    enc = create_encoder(
+        "test_vit", 28, P, reg_tokens=4, class_token=False, global_pool="avg", no_embed_class=True
+    ).eval()
     maps = dg.attention_maps(enc, images)
     assert maps.shape == (6, 3, 2, 20, 20)  # 4 register tokens + 16 patches
     assert dg.pos_embed_similarity(enc).shape == (4, 4, 4, 4)  # no_embed_class: no prefix rows to skip

@@ -1,4 +1,5 @@
 """Fine-tuning: every kind of init, the strict-but-head loading, position-embedding interpolation."""
+
 import json
 import subprocess
 import sys
@@ -11,10 +12,10 @@ from timm.layers import resample_abs_pos_embed
 
 from mpp import load_backbone
 from mpp.errors import UsageError
-from mpp.training.finetune import build_classifier, low_label_subset
-from mpp.training.finetune_config import FinetuneConfig
 from mpp.models.model import create_encoder
 from mpp.models.weights import load_encoder_weights
+from mpp.training.finetune import build_classifier, low_label_subset
+from mpp.training.finetune_config import FinetuneConfig
 
 ROOT = Path(__file__).parents[1]
 
@@ -35,7 +36,8 @@ def test_init_from_mpp_weights_loads_everything_but_the_head(mpp_weights):
 
 
 def test_init_from_a_run_folder_reads_its_model_safetensors(mpp_weights, tmp_path):
-    """--init runs/RUN (a folder timm itself loads) is the folder's model.safetensors; a folder without one is refused."""
+    """--init runs/RUN (a folder timm itself loads) is the folder's model.safetensors; a folder without one is
+    refused."""
     path, mpp_model = mpp_weights
     model, arch = build_classifier(FinetuneConfig(init=str(path.parent)), num_classes=10)
     assert arch["timm_model"] == "test_vit" and torch.equal(model.pos_embed, mpp_model.encoder.pos_embed)
@@ -46,7 +48,9 @@ def test_init_from_a_run_folder_reads_its_model_safetensors(mpp_weights, tmp_pat
 def test_higher_resolution_interpolates_position_embeddings_like_timm(mpp_weights):
     path, mpp_model = mpp_weights
     model, arch = build_classifier(FinetuneConfig(init=str(path), img_size=42), num_classes=10)  # 4x4 -> 6x6
-    expected = resample_abs_pos_embed(mpp_model.encoder.pos_embed.detach(), new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=1)
+    expected = resample_abs_pos_embed(
+        mpp_model.encoder.pos_embed.detach(), new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=1
+    )
     assert arch["img_size"] == 42 and arch["patch_size"] == 7
     assert torch.allclose(model.pos_embed, expected, atol=1e-6)
 
@@ -68,7 +72,9 @@ def test_missing_non_head_key_is_refused(mpp_weights, tmp_path):
 def test_other_architecture_and_corrupt_file_are_refused(mpp_weights, tmp_path):
     path, _ = mpp_weights
     other = create_encoder("vit_tiny_patch16_224", 28, 7, depth=2)
-    with pytest.raises(UsageError, match=r"weights of another architecture: blocks.0.attn.proj.bias \(64,\) vs model \(192,\)"):
+    with pytest.raises(
+        UsageError, match=r"weights of another architecture: blocks.0.attn.proj.bias \(64,\) vs model \(192,\)"
+    ):
         load_encoder_weights(other, load_file(path), "--init x")
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
@@ -84,15 +90,24 @@ def test_low_label_subset_is_reproducible():
     ds = Dataset.from_dict({"label": [i % 4 for i in range(400)], "x": list(range(400))})
     a = low_label_subset(ds, "label", 7, None, seed=1)
     assert len(a) == 28 and sorted(a["label"]) == sorted([0, 1, 2, 3] * 7)
-    assert a["x"] == low_label_subset(ds, "label", 7, None, seed=1)["x"] != low_label_subset(ds, "label", 7, None, seed=2)["x"]
+    assert (
+        a["x"]
+        == low_label_subset(ds, "label", 7, None, seed=1)["x"]
+        != low_label_subset(ds, "label", 7, None, seed=2)["x"]
+    )
     with pytest.raises(UsageError, match="class 0 has only 100"):
         low_label_subset(ds, "label", 101, None, seed=1)
 
 
 def run_finetune(args, tmp_path, ok=True):
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "finetune.py"), *args, "--no-progress"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "finetune.py"), *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
     if ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -102,12 +117,41 @@ def run_finetune(args, tmp_path, ok=True):
 def test_finetune_each_init_end_to_end(mpp_weights, tmp_path):
     """scratch -> supervised weights; MPP weights; then the supervised weights as init: each a few steps."""
     path, _ = mpp_weights
-    common = ["--dataset", "mnist5k", "--eval-split", "train", "--train-per-class", "8", "--max-steps", "3", "--batch-size", "16",
-              "--eval-every", "1"]
-    run_finetune(common + ["--init", "scratch", "--model", "test_vit", "--img-size", "28", "--patch-size", "7",
-                           "--output-dir", str(tmp_path / "scratch")], tmp_path)
+    common = [
+        "--dataset",
+        "mnist5k",
+        "--eval-split",
+        "train",
+        "--train-per-class",
+        "8",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "16",
+        "--eval-every",
+        "1",
+    ]
+    run_finetune(
+        common
+        + [
+            "--init",
+            "scratch",
+            "--model",
+            "test_vit",
+            "--img-size",
+            "28",
+            "--patch-size",
+            "7",
+            "--output-dir",
+            str(tmp_path / "scratch"),
+        ],
+        tmp_path,
+    )
     run_finetune(common + ["--init", str(path), "--preset", "modern", "--output-dir", str(tmp_path / "mpp")], tmp_path)
-    run_finetune(common + ["--init", str(tmp_path / "scratch" / "model.safetensors"), "--output-dir", str(tmp_path / "sup")], tmp_path)
+    run_finetune(
+        common + ["--init", str(tmp_path / "scratch" / "model.safetensors"), "--output-dir", str(tmp_path / "sup")],
+        tmp_path,
+    )
     for name in ("scratch", "mpp", "sup"):
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert 0 <= results["final_top1"] <= 1 and results["steps"] == 3 and results["train_images"] == 80
@@ -118,7 +162,11 @@ def test_finetune_each_init_end_to_end(mpp_weights, tmp_path):
     from mpp import read_metadata
 
     meta = read_metadata(tmp_path / "sup" / "model.safetensors")
-    assert meta["num_classes"] == 10 and meta["class_names"][3] == "3" and meta["init"].endswith("scratch/model.safetensors")
+    assert (
+        meta["num_classes"] == 10
+        and meta["class_names"][3] == "3"
+        and meta["init"].endswith("scratch/model.safetensors")
+    )
 
 
 BAD = [
@@ -148,7 +196,9 @@ def test_bad_finetune_invocations(args, message, refused):
     from mpp.cli import parse_finetune_config
     from mpp.training.finetune import finetune
 
-    assert message in refused(lambda a: finetune(parse_finetune_config(a)), ["--dataset", "mnist5k", "--eval-split", "train", *args])
+    assert message in refused(
+        lambda a: finetune(parse_finetune_config(a)), ["--dataset", "mnist5k", "--eval-split", "train", *args]
+    )
 
 
 def test_finetune_recipe_process_reports_one_line(tmp_path):
@@ -158,7 +208,9 @@ def test_finetune_recipe_process_reports_one_line(tmp_path):
 
 def test_zero_head_zeroes_every_head_of_a_distilled_model():
     """The paper preset's zero-initialised head: DeiT distilled models have a second head (head_dist)."""
-    cfg = FinetuneConfig(init="scratch", model="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, preset="paper")
+    cfg = FinetuneConfig(
+        init="scratch", model="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, preset="paper"
+    )
     model, _ = build_classifier(cfg, num_classes=5)
     for head in (model.head, model.head_dist):
         assert head.weight.abs().sum() == 0 and head.bias.abs().sum() == 0

@@ -1,4 +1,5 @@
-"""Fine-tuning results that were silently wrong (issue 13 #4, #9, #10) and honest model selection (--test-split)."""
+"""Fine-tuning results that were silently wrong (evaluation counts) and honest model selection (--test-split)."""
+
 import json
 import shutil
 import subprocess
@@ -13,9 +14,9 @@ from safetensors.torch import load_file
 
 from mpp import load_backbone
 from mpp.data.dataset import BadImage, collate_images
-from mpp.training.finetune import eval_history, save_classifier, top1
 from mpp.models.model import create_encoder
 from mpp.models.weights import load_encoder_weights
+from mpp.training.finetune import eval_history, save_classifier, top1
 
 ROOT = Path(__file__).parents[1]
 
@@ -46,7 +47,8 @@ class PixelClassifier(torch.nn.Module):
 
 
 def test_unreadable_eval_images_are_left_out_of_top1():
-    """3 readable images, 1 right, 1 unreadable: 1/3. The old count scored the filled slot (a copy of the right one): 0.5."""
+    """3 readable images, 1 right, 1 unreadable: 1/3. The old count scored the filled slot (a copy of the right one):
+    0.5."""
     from accelerate import Accelerator
 
     image = lambda c: torch.full((3, 2, 2), c, dtype=torch.uint8)  # noqa: E731
@@ -75,12 +77,18 @@ def test_eval_history_is_rebuilt_from_metrics_files(tmp_path):
     """A resumed run's history: every evaluation up to the resume step, from this folder and the one resumed from;
     an epoch evaluated again (a resume at its end) counts once, the last record winning."""
     earlier, own = tmp_path / "earlier.jsonl", tmp_path / "own.jsonl"
-    records = [{"step": 5, "epoch": 0, "loss": 1.0}, {"step": 5, "epoch": 0, "eval_top1": 0.2},
-               {"step": 10, "epoch": 1, "eval_top1": 0.5}, {"step": 15, "epoch": 2, "eval_top1": 0.9}]
+    records = [
+        {"step": 5, "epoch": 0, "loss": 1.0},
+        {"step": 5, "epoch": 0, "eval_top1": 0.2},
+        {"step": 10, "epoch": 1, "eval_top1": 0.5},
+        {"step": 15, "epoch": 2, "eval_top1": 0.9},
+    ]
     earlier.write_text("".join(json.dumps(r) + "\n" for r in records))
     own.write_text(json.dumps({"step": 10, "epoch": 1, "eval_top1": 0.5}) + "\n\n")
     assert eval_history([earlier, own, tmp_path / "absent.jsonl"], last_step=10) == [
-        {"epoch": 0, "step": 5, "top1": 0.2}, {"epoch": 1, "step": 10, "top1": 0.5}]
+        {"epoch": 0, "step": 5, "top1": 0.2},
+        {"epoch": 1, "step": 10, "top1": 0.5},
+    ]
     assert [h["epoch"] for h in eval_history([earlier], last_step=99)] == [0, 1, 2]
 
 
@@ -94,13 +102,21 @@ def three_splits(tmp_path_factory):
     ds = mnist5k().shuffle(seed=0)
     ds = ds.filter(lambda y: y < 4, input_columns="label").select(range(96))
     path = tmp_path_factory.mktemp("data") / "splits"
-    DatasetDict(train=ds.select(range(48)), validation=ds.select(range(48, 72)), test=ds.select(range(72, 96))).save_to_disk(str(path))
+    DatasetDict(
+        train=ds.select(range(48)), validation=ds.select(range(48, 72)), test=ds.select(range(72, 96))
+    ).save_to_disk(str(path))
     return path
 
 
 def run_finetune(args):
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "finetune.py"), *args], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "finetune.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -112,9 +128,13 @@ def test_accuracy(weights: Path, data: Path, split: str) -> float:
     from mpp.models.weights import read_metadata
 
     meta = read_metadata(weights)
-    model = load_backbone(weights, num_classes=meta["num_classes"]).eval()  # its own head (10 digit classes, 4 of them used)
+    model = load_backbone(
+        weights, num_classes=meta["num_classes"]
+    ).eval()  # its own head (10 digit classes, 4 of them used)
     ds = load_from_disk(str(data))[split].with_format("numpy")
-    x = torch.from_numpy(np.asarray(ds["image"])).permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1) / 255  # (M, 3, 28, 28)
+    x = (
+        torch.from_numpy(np.asarray(ds["image"])).permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1) / 255
+    )  # (M, 3, 28, 28)
     x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         return (model(x).argmax(1).numpy() == np.asarray(ds["label"])).mean().item()
@@ -127,10 +147,39 @@ test_accuracy.__test__ = False  # a helper, not a test
 def test_selection_on_validation_scores_test_once_and_survives_a_resume(tmp_path, three_splits):
     """--test-split: best.safetensors holds the best validation epoch, the test split is scored with it; a run killed
     after its step-12 checkpoint and resumed (--resume auto) reports the same history, best and test top-1."""
-    args = ["--dataset", str(three_splits), "--train-split", "train", "--eval-split", "validation", "--test-split", "test",
-            "--init", "scratch", "--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "8",
-            "--epochs", "4", "--lr", "0.1", "--warmup-steps", "2", "--checkpoint-every", "6", "--keep-checkpoints", "10",
-            "--log-every", "3", "--no-progress"]
+    args = [
+        "--dataset",
+        str(three_splits),
+        "--train-split",
+        "train",
+        "--eval-split",
+        "validation",
+        "--test-split",
+        "test",
+        "--init",
+        "scratch",
+        "--model",
+        "test_vit",
+        "--img-size",
+        "28",
+        "--patch-size",
+        "7",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "4",
+        "--lr",
+        "0.1",
+        "--warmup-steps",
+        "2",
+        "--checkpoint-every",
+        "6",
+        "--keep-checkpoints",
+        "10",
+        "--log-every",
+        "3",
+        "--no-progress",
+    ]
     full = tmp_path / "full"
     run_finetune(args + ["--output-dir", str(full)])
     done = json.loads((full / "results.json").read_text())
@@ -145,7 +194,10 @@ def test_selection_on_validation_scores_test_once_and_survives_a_resume(tmp_path
     assert done["test_top1"] == pytest.approx(test_accuracy(full / "best.safetensors", three_splits, "test"))
     assert done["best_val_top1"] == pytest.approx(test_accuracy(full / "best.safetensors", three_splits, "validation"))
     assert done["final_top1"] == pytest.approx(test_accuracy(full / "last.safetensors", three_splits, "validation"))
-    model, selected = load_file(full / "model.safetensors"), load_file(full / "best.safetensors")  # the folder loads the selection
+    model, selected = (
+        load_file(full / "model.safetensors"),
+        load_file(full / "best.safetensors"),
+    )  # the folder loads the selection
     assert all(torch.equal(model[k], selected[k]) for k in selected)
     assert done["eval_unreadable"] == 0 and done["test_unreadable"] == 0 and done["test_images"] == 24
 

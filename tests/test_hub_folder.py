@@ -1,4 +1,5 @@
 """Run folders are timm hub folders: timm.create_model("local-dir:RUN", pretrained=True) in a process without mpp."""
+
 import json
 import subprocess
 import sys
@@ -34,8 +35,13 @@ print(json.dumps({"num_classes": model.num_classes, "img_size": list(model.patch
 
 def load_without_mpp(run: Path, x: torch.Tensor, tmp_path: Path) -> tuple[dict, torch.Tensor]:
     torch.save(x, tmp_path / "x.pt")
-    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_MPP, str(run), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_MPP, str(run), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(tmp_path / "out.pt")
 
@@ -73,8 +79,25 @@ def digits(make_digit_folder):
 def test_a_fine_tuned_run_loads_in_timm_alone_with_its_labels(exported, digits, tmp_path, hub):
     run, _ = exported
     out_dir = tmp_path / "ft"
-    finetune(parse_finetune_config(["--dataset", str(digits), "--init", str(run / "model.safetensors"), "--max-steps", "2",
-                                    "--batch-size", "6", "--no-progress", "--workers", "0", "--output-dir", str(out_dir)]))
+    finetune(
+        parse_finetune_config(
+            [
+                "--dataset",
+                str(digits),
+                "--init",
+                str(run / "model.safetensors"),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "6",
+                "--no-progress",
+                "--workers",
+                "0",
+                "--output-dir",
+                str(out_dir),
+            ]
+        )
+    )
     x = torch.randn(2, 3, 28, 28)
     info, out = load_without_mpp(out_dir, x, tmp_path)
     reference = timm.create_model("test_vit", num_classes=3, img_size=28, patch_size=7).eval()
@@ -93,7 +116,14 @@ def test_a_fine_tuned_run_loads_in_timm_alone_with_its_labels(exported, digits, 
 
     assert push_main([str(out_dir), "someone/ft"]) == 0
     files = hub[-1][2]["files"]
-    assert set(files) == {"model.safetensors", "config.json", "README.md", "run_config.json", "metrics.jsonl", "summary.json"}
+    assert set(files) == {
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "run_config.json",
+        "metrics.jsonl",
+        "summary.json",
+    }
     for name, content in files.items():
         for local in (out_dir, run, digits):
             assert str(local).encode() not in content, (name, local)

@@ -1,4 +1,5 @@
 """recipes/inspect_run.py run as a user runs it, on run folders made with export_weights."""
+
 import importlib.util
 import os
 import re
@@ -11,14 +12,20 @@ import pytest
 import torch
 from PIL import Image
 
-from mpp.training.pretrain_config import PretrainConfig
 from mpp.models.model import MPP, create_encoder
 from mpp.training.pretrain import export_weights
+from mpp.training.pretrain_config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "inspect_run.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-ALL_FIGURES = {"mpp_predictions.png", "patch_embed_pca.png", "pos_embed_similarity.png", "attention_distance.png", "attention_rollout.png"}
+ALL_FIGURES = {
+    "mpp_predictions.png",
+    "patch_embed_pca.png",
+    "pos_embed_similarity.png",
+    "attention_distance.png",
+    "attention_rollout.png",
+}
 FAST = ["--num-images", "3", "--distance-images", "6"]
 
 
@@ -32,7 +39,9 @@ def run_dir(tmp_path_factory):
 
 
 def run_script(*args, cwd):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=180)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=180
+    )
 
 
 def load_recipe():

@@ -1,10 +1,11 @@
 """End to end through real processes: accelerate launch with 2 CPU ranks, and exact resume."""
+
 import json
 import os
 import shutil
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,21 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
-TINY = ["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "32",
-        "--warmup-steps", "3", "--log-every", "3", "--no-progress"]
+TINY = [
+    "--model",
+    "test_vit",
+    "--img-size",
+    "28",
+    "--patch-size",
+    "7",
+    "--batch-size",
+    "32",
+    "--warmup-steps",
+    "3",
+    "--log-every",
+    "3",
+    "--no-progress",
+]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 pytestmark = pytest.mark.slow
@@ -30,12 +44,42 @@ def two_ranks(small_dataset, tmp_path_factory):
     """accelerate launch with 2 CPU ranks over the 96 digits, 16 per rank and step (3 steps an epoch);
     rank 1 gets SIGTERM during its step 2. (run folder, what each rank wrote)"""
     out = tmp_path_factory.mktemp("two_ranks") / "run"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
-    proc = subprocess.run(launch + ["tests/launch_check.py", *TINY, "--dataset", str(small_dataset), "--batch-size", "16",
-                                    "--max-steps", "6", "--output-dir", str(out)],
-                          capture_output=True, text=True, env={**ENV, "ACCELERATE_USE_CPU": "1", "MPP_TEST_SIGTERM_RANK": "1"},
-                          cwd=ROOT, timeout=300)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+    ]
+    proc = subprocess.run(
+        launch
+        + [
+            "tests/launch_check.py",
+            *TINY,
+            "--dataset",
+            str(small_dataset),
+            "--batch-size",
+            "16",
+            "--max-steps",
+            "6",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**ENV, "ACCELERATE_USE_CPU": "1", "MPP_TEST_SIGTERM_RANK": "1"},
+        cwd=ROOT,
+        timeout=300,
+    )
     # gloo may abort at interpreter exit after a correct run: judge by what both ranks wrote
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1) if (out / f"rank{i}.json").exists()]
     assert len(ranks) == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -79,9 +123,21 @@ def small_dataset(tmp_path_factory):
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path, small_dataset):
-    """Resumed mid-epoch (step 4 = 2nd batch of epoch 1), a run ends bit-identical to the uninterrupted one (tolerance 0)."""
-    recipe = [sys.executable, "recipes/pretrain_mpp.py", *TINY, "--dataset", str(small_dataset), "--max-steps", "10",
-              "--checkpoint-every", "4", "--log-every", "2"]
+    """Resumed mid-epoch (step 4 = 2nd batch of epoch 1), a run ends bit-identical to the uninterrupted one (tolerance
+    0)."""
+    recipe = [
+        sys.executable,
+        "recipes/pretrain_mpp.py",
+        *TINY,
+        "--dataset",
+        str(small_dataset),
+        "--max-steps",
+        "10",
+        "--checkpoint-every",
+        "4",
+        "--log-every",
+        "2",
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run(recipe + ["--output-dir", str(full)])
     run(recipe + ["--output-dir", str(resumed), "--resume", str(full / "checkpoints" / "step_000004")])
@@ -98,8 +154,19 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, small_dataset):
 def test_kill_then_resume_auto_continues_from_the_newest_checkpoint(tmp_path, small_dataset):
     """A run killed after its step-4 checkpoint: metrics after it are dropped and logged again."""
     out = tmp_path / "run"
-    recipe = [sys.executable, "recipes/pretrain_mpp.py", *TINY, "--dataset", str(small_dataset), "--checkpoint-every", "4",
-              "--log-every", "2", "--output-dir", str(out)]
+    recipe = [
+        sys.executable,
+        "recipes/pretrain_mpp.py",
+        *TINY,
+        "--dataset",
+        str(small_dataset),
+        "--checkpoint-every",
+        "4",
+        "--log-every",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     run(recipe + ["--max-steps", "6"])  # stands in for a run killed at step 6: its last checkpoint is step 4
     shutil.rmtree(out / "checkpoints" / "step_000006")
     (out / "model.safetensors").unlink()
@@ -121,15 +188,36 @@ def test_broken_files_are_counted_and_named(tmp_path):
     (folder / "zero.png").write_bytes(b"")
     (folder / "text.jpg").write_text("not an image")
     out = tmp_path / "run"
-    args = ["--dataset", str(tmp_path / "images"), "--model", "test_vit", "--img-size", "16", "--patch-size", "4",
-            "--batch-size", "8", "--max-steps", "3", "--no-progress", "--output-dir", str(out)]
+    args = [
+        "--dataset",
+        str(tmp_path / "images"),
+        "--model",
+        "test_vit",
+        "--img-size",
+        "16",
+        "--patch-size",
+        "4",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "3",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+    ]
     proc = run([sys.executable, "recipes/pretrain_mpp.py", *args])  # one epoch: each file is read once
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bad_images"] == 2
     assert sorted(Path(name).name for name, _ in summary["bad_examples"]) == ["text.jpg", "zero.png"]
     assert "skipped 2 unreadable images" in proc.stdout + proc.stderr
-    strict = subprocess.run([sys.executable, "recipes/pretrain_mpp.py", *args[:-1], str(tmp_path / "strict"), "--strict-data"],
-                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    strict = subprocess.run(
+        [sys.executable, "recipes/pretrain_mpp.py", *args[:-1], str(tmp_path / "strict"), "--strict-data"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert strict.returncode == 1
     error = [line for line in strict.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "--strict-data:" in error[0] and ("zero.png" in error[0] or "text.jpg" in error[0])
@@ -139,9 +227,29 @@ def test_broken_files_are_counted_and_named(tmp_path):
 def test_main_job_files(tmp_path):
     """The default job's outputs on a short run: weights, head, metrics, config, TensorBoard events."""
     out = tmp_path / "run"
-    proc = run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--max-steps", "4", "--log-images-every", "2", "--output-dir", str(out)])
+    proc = run(
+        [
+            sys.executable,
+            "recipes/pretrain_mpp.py",
+            *TINY,
+            "--max-steps",
+            "4",
+            "--log-images-every",
+            "2",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert "model.safetensors" in proc.stdout
-    for name in ["model.safetensors", "mpp_head.safetensors", "metrics.jsonl", "run_config.json", "config.json", "README.md", "summary.json"]:
+    for name in [
+        "model.safetensors",
+        "mpp_head.safetensors",
+        "metrics.jsonl",
+        "run_config.json",
+        "config.json",
+        "README.md",
+        "summary.json",
+    ]:
         assert (out / name).is_file(), name
     events = list((out / "tensorboard").rglob("events.out.tfevents*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -151,7 +259,10 @@ def test_main_job_files(tmp_path):
     assert [e.step for e in pictures.Images("mpp/predictions")] == [2, 4]  # --log-images-every 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 4]
-    assert all(r["loss"] > 0 and 0 <= r["masked_acc"] <= 1 and r["images_per_sec"] > 0 and 0 <= r["data_wait_share"] < 1 for r in records)
+    assert all(
+        r["loss"] > 0 and 0 <= r["masked_acc"] <= 1 and r["images_per_sec"] > 0 and 0 <= r["data_wait_share"] < 1
+        for r in records
+    )
     config = json.loads((out / "run_config.json").read_text())
     assert config["model"] == "test_vit" and config["mask_probs"] == [0.8, 0.1, 0.1]
     # the end of the run speaks: steps, the mean loss and accuracy of the last (here both) logged windows, where the
@@ -159,20 +270,56 @@ def test_main_job_files(tmp_path):
     loss, acc = (sum(r[k] for r in records) / len(records) for k in ("loss", "masked_acc"))
     assert "finished: 4 steps" in proc.stdout and f"final loss {loss:.4f}" in proc.stdout
     assert f"masked-patch accuracy {acc:.4f} (mean of the last 2 logged windows, records at steps 3-4)" in proc.stdout
-    assert f"recipes/finetune.py --init {out / 'model.safetensors'}" in proc.stdout and f"inspect_run.py {out}" in proc.stdout
+    assert (
+        f"recipes/finetune.py --init {out / 'model.safetensors'}" in proc.stdout
+        and f"inspect_run.py {out}" in proc.stdout
+    )
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps_this_run"] == 4 and summary["wall_s"] > 0 and summary["images_per_sec"] == pytest.approx(4 * 32 / summary["wall_s"])  # TINY: batch 32
+    assert (
+        summary["steps_this_run"] == 4
+        and summary["wall_s"] > 0
+        and summary["images_per_sec"] == pytest.approx(4 * 32 / summary["wall_s"])
+    )  # TINY: batch 32
     # --resume auto on a finished run has nothing left to do and keeps the weights
     before = load_file(out / "model.safetensors")
-    run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--max-steps", "4", "--output-dir", str(out), "--resume", "auto"])
+    run(
+        [
+            sys.executable,
+            "recipes/pretrain_mpp.py",
+            *TINY,
+            "--max-steps",
+            "4",
+            "--output-dir",
+            str(out),
+            "--resume",
+            "auto",
+        ]
+    )
     after = load_file(out / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_gradient_accumulation_counts_optimiser_steps(tmp_path, small_dataset):
     out = tmp_path / "run"
-    run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--dataset", str(small_dataset), "--batch-size", "16",
-         "--grad-accum", "2", "--max-steps", "4", "--log-every", "2", "--output-dir", str(out)])
+    run(
+        [
+            sys.executable,
+            "recipes/pretrain_mpp.py",
+            *TINY,
+            "--dataset",
+            str(small_dataset),
+            "--batch-size",
+            "16",
+            "--grad-accum",
+            "2",
+            "--max-steps",
+            "4",
+            "--log-every",
+            "2",
+            "--output-dir",
+            str(out),
+        ]
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     config = json.loads((out / "run_config.json").read_text())
@@ -181,15 +328,35 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path, small_dataset):
     assert records[-1]["epoch"] == 1
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(), reason="apt-get install dataset-fashion-mnist"
+)
 def test_frozen_feature_monitor_during_pretraining(tmp_path):
     out = tmp_path / "run"
-    run([sys.executable, "recipes/pretrain_mpp.py", *TINY, "--max-steps", "4", "--eval-dataset", "fashion-mnist",
-         "--eval-every-steps", "2", "--output-dir", str(out)])
+    run(
+        [
+            sys.executable,
+            "recipes/pretrain_mpp.py",
+            *TINY,
+            "--max-steps",
+            "4",
+            "--eval-dataset",
+            "fashion-mnist",
+            "--eval-every-steps",
+            "2",
+            "--output-dir",
+            str(out),
+        ]
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_knn20_cls" in r]
     assert [r["step"] for r in evals] == [2, 4]
-    assert all(0.1 < r[f"eval_{m}_{readout}"] <= 1 for r in evals for m in ("knn20", "linear_10shot") for readout in ("cls", "mean"))  # above chance (0.1)
+    assert all(
+        0.1 < r[f"eval_{m}_{readout}"] <= 1
+        for r in evals
+        for m in ("knn20", "linear_10shot")
+        for readout in ("cls", "mean")
+    )  # above chance (0.1)
 
 
 def test_streaming_parquet_pretraining_and_resume(tmp_path, small_dataset):
@@ -201,8 +368,22 @@ def test_streaming_parquet_pretraining_and_resume(tmp_path, small_dataset):
     data = tmp_path / "digits.parquet"
     load_from_disk(str(small_dataset)).to_parquet(str(data))
     out = tmp_path / "run"
-    args = [sys.executable, "recipes/pretrain_mpp.py", *TINY, "--dataset", str(data), "--streaming", "--max-steps", "5",
-            "--checkpoint-every", "2", "--log-every", "1", "--output-dir", str(out)]
+    args = [
+        sys.executable,
+        "recipes/pretrain_mpp.py",
+        *TINY,
+        "--dataset",
+        str(data),
+        "--streaming",
+        "--max-steps",
+        "5",
+        "--checkpoint-every",
+        "2",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(out),
+    ]
     run(args)  # 96 images = 3 batches of 32 per epoch: steps 4-5 are in epoch 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["epoch"] == 1
@@ -218,11 +399,31 @@ def test_streaming_parquet_pretraining_and_resume(tmp_path, small_dataset):
 
 
 def test_a_failing_rank_fails_the_whole_launch_fast(tmp_path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+    ]
     start = time.time()
-    proc = subprocess.run(launch + ["tests/launch_fail.py", *TINY, "--max-steps", "50", "--output-dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, env={**ENV, "ACCELERATE_USE_CPU": "1"}, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        launch + ["tests/launch_fail.py", *TINY, "--max-steps", "50", "--output-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env={**ENV, "ACCELERATE_USE_CPU": "1"},
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stdout + proc.stderr
     # a hang lasts until a collective times out (30 minutes by default); the failure takes about 11 s alone,

@@ -1,12 +1,13 @@
-"""Silent loop defects (issue 13): weight decay groups, optimiser step counting under gradient
+"""Silent loop defects: weight decay groups, optimiser step counting under gradient
 accumulation, which examples a resumed streaming run reads, and RandAugment under per-batch seeding."""
+
 import numpy as np
 import pytest
 import torch
 
+from mpp.models.model import MPP, create_encoder
 from mpp.training import pretrain as train
 from mpp.training.pretrain_config import PretrainConfig
-from mpp.models.model import MPP, create_encoder
 
 
 def tiny_images(path, n: int, size: int = 28):
@@ -32,8 +33,11 @@ def expected_decay(model: MPP, weight_decay: float) -> dict[str, float]:
     """timm's rule, stated independently: no decay on 1-d tensors (biases, norms, mask token) and on
     the encoder's own no_weight_decay() names (position embedding, class and register tokens)."""
     embeddings = {f"encoder.{n}" for n in model.encoder.no_weight_decay()} | {"mask_token"}
-    return {name: 0.0 if p.ndim <= 1 or name in embeddings else weight_decay
-            for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: 0.0 if p.ndim <= 1 or name in embeddings else weight_decay
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def test_optimiser_decays_no_embeddings():
@@ -56,8 +60,18 @@ def test_pretraining_builds_its_optimiser_without_decay_on_embeddings(tmp_path, 
 
     real = train.build_optimizer
     monkeypatch.setattr(train, "build_optimizer", recording)
-    cfg = PretrainConfig(dataset=str(tiny_images(tmp_path / "data", 16)), model="test_vit", img_size=28, patch_size=7,
-                         batch_size=8, max_steps=1, warmup_steps=0, progress=False, output_dir=str(tmp_path / "run"), workers=0)
+    cfg = PretrainConfig(
+        dataset=str(tiny_images(tmp_path / "data", 16)),
+        model="test_vit",
+        img_size=28,
+        patch_size=7,
+        batch_size=8,
+        max_steps=1,
+        warmup_steps=0,
+        progress=False,
+        output_dir=str(tmp_path / "run"),
+        workers=0,
+    )
     result = train.pretrain(cfg)
     assert len(built) == 1
     got = decay_of(built[0], result.model)
@@ -102,8 +116,8 @@ def test_each_optimiser_step_is_the_mean_gradient_of_its_own_micro_batches(tmp_p
     the gradient of the mean loss of its micro-batches (plain SGD, checked against torch by hand)."""
     from accelerate import Accelerator
 
-    from mpp.training.pretrain_config import optimizer_steps
     from mpp.training.loop import FRESH_STATE, LoopSettings, Run, fit
+    from mpp.training.pretrain_config import optimizer_steps
 
     torch.manual_seed(0)
     x, y = torch.randn(12, 3), torch.randn(12, 2)
@@ -111,7 +125,9 @@ def test_each_optimiser_step_is_the_mean_gradient_of_its_own_micro_batches(tmp_p
     start = [p.detach().clone() for p in model.parameters()]
     lr, epochs = 0.1, 2
     acc = Accelerator(cpu=True, gradient_accumulation_steps=4)
-    loader = torch.utils.data.DataLoader(Rows(x, y), batch_size=2, shuffle=False, drop_last=True, collate_fn=collate_rows)
+    loader = torch.utils.data.DataLoader(
+        Rows(x, y), batch_size=2, shuffle=False, drop_last=True, collate_fn=collate_rows
+    )
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     model, opt, loader = acc.prepare(model, opt, loader)
     total = optimizer_steps(epochs, len(loader), 4)
@@ -121,8 +137,17 @@ def test_each_optimiser_step_is_the_mean_gradient_of_its_own_micro_batches(tmp_p
         loss = torch.nn.functional.mse_loss(model(batch["pixels"]), batch["y"])
         return loss, loss.detach()
 
-    settings = LoopSettings(total_steps=total, lr_at=lambda step: lr, clip_grad=0, log_every=100, checkpoint_every=100,
-                            keep_checkpoints=1, batch_size=2, progress=False, max_nonfinite=0)
+    settings = LoopSettings(
+        total_steps=total,
+        lr_at=lambda step: lr,
+        clip_grad=0,
+        log_every=100,
+        checkpoint_every=100,
+        keep_checkpoints=1,
+        batch_size=2,
+        progress=False,
+        max_nonfinite=0,
+    )
     result = fit(Run(acc, tmp_path, None, dict(FRESH_STATE)), model, opt, loader, loader.dataset, step_fn, settings)
     assert result.step == total
 
@@ -132,7 +157,10 @@ def test_each_optimiser_step_is_the_mean_gradient_of_its_own_micro_batches(tmp_p
             p.copy_(p0)
     for _ in range(epochs):
         for rows in (slice(0, 8), slice(8, 12)):  # micro-batches 1-4, then 5-6
-            micro = [torch.nn.functional.mse_loss(reference(x[i:i + 2]), y[i:i + 2]) for i in range(rows.start, rows.stop, 2)]
+            micro = [
+                torch.nn.functional.mse_loss(reference(x[i : i + 2]), y[i : i + 2])
+                for i in range(rows.start, rows.stop, 2)
+            ]
             grads = torch.autograd.grad(torch.stack(micro).mean(), list(reference.parameters()))
             with torch.no_grad():
                 for p, g in zip(reference.parameters(), grads):
@@ -145,9 +173,21 @@ def test_pretraining_with_grad_accum_runs_the_epochs_asked_for(tmp_path):
     """96 images, batch 16, --grad-accum 4: 6 micro-batches = 2 optimiser steps an epoch, 6 in 3 epochs."""
     import json
 
-    cfg = PretrainConfig(dataset=str(tiny_images(tmp_path / "data", 96)), model="test_vit", img_size=28, patch_size=7,
-                         batch_size=16, grad_accum=4, epochs=3, warmup_steps=0, log_every=1, checkpoint_every=100,
-                         progress=False, output_dir=str(tmp_path / "run"), workers=0)
+    cfg = PretrainConfig(
+        dataset=str(tiny_images(tmp_path / "data", 96)),
+        model="test_vit",
+        img_size=28,
+        patch_size=7,
+        batch_size=16,
+        grad_accum=4,
+        epochs=3,
+        warmup_steps=0,
+        log_every=1,
+        checkpoint_every=100,
+        progress=False,
+        output_dir=str(tmp_path / "run"),
+        workers=0,
+    )
     result = train.pretrain(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 6 and cfg.derived["total_steps"] == 6
@@ -160,11 +200,26 @@ def test_a_loader_shorter_than_one_accumulation_is_refused(tmp_path, refused, ca
 
     data = str(tiny_images(tmp_path / "data", 16))
     capsys.readouterr()  # the dataset's progress bar
-    line = refused(lambda a: train.pretrain(parse_config(a)), ["--dataset", data, "--model", "test_vit", "--batch-size", "8",
-                                                               "--grad-accum", "4"])
+    line = refused(
+        lambda a: train.pretrain(parse_config(a)),
+        ["--dataset", data, "--model", "test_vit", "--batch-size", "8", "--grad-accum", "4"],
+    )
     assert "--grad-accum 4 is more than the 2 batches of 8 per process" in line
-    line = refused(lambda a: finetune(parse_finetune_config(a)), ["--dataset", "mnist5k", "--eval-split", "train",
-                                                                  "--train-per-class", "2", "--batch-size", "8", "--grad-accum", "4"])
+    line = refused(
+        lambda a: finetune(parse_finetune_config(a)),
+        [
+            "--dataset",
+            "mnist5k",
+            "--eval-split",
+            "train",
+            "--train-per-class",
+            "2",
+            "--batch-size",
+            "8",
+            "--grad-accum",
+            "4",
+        ],
+    )
     assert "--grad-accum 4 is more than the 2 batches of 8 per process" in line
 
 
@@ -222,7 +277,9 @@ def stream_loader(data: str, workers: int, run_state: dict | None = None):
 
     from mpp.data.dataset import find_image_column, load_images
 
-    cfg = PretrainConfig(dataset=data, streaming=True, max_steps=100, batch_size=8, workers=workers, img_size=28, seed=3)
+    cfg = PretrainConfig(
+        dataset=data, streaming=True, max_steps=100, batch_size=8, workers=workers, img_size=28, seed=3
+    )
     ds = load_images(cfg.dataset, cfg.split, streaming=True)
     fake = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
     return train.build_loader(cfg, ds, find_image_column(ds), fake, run_state)
@@ -255,7 +312,11 @@ def test_a_resumed_stream_reads_what_the_uninterrupted_run_reads(parquet_stream,
     assert full[0] != full[1]  # each epoch is shuffled anew
     for epoch, stop in [(0, 4), (1, 5), (1, len(full[1]) - 1)]:  # the last: one worker has run out of shards
         images, loader = stream_loader(parquet_stream, workers)
-        read = read_epoch(images, loader, epoch, stop) if epoch == 0 else (read_epoch(images, loader, 0), read_epoch(images, loader, 1, stop))[1]
+        read = (
+            read_epoch(images, loader, epoch, stop)
+            if epoch == 0
+            else (read_epoch(images, loader, 0), read_epoch(images, loader, 1, stop))[1]
+        )
         assert read == full[epoch][:stop]
         state = {"step": 99, "epoch": epoch, "batches_in_epoch": stop, "bad_images": 0, **loader.position()}
         if workers and stop == len(full[1]) - 1:

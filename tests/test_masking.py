@@ -1,10 +1,20 @@
 import pytest
 import torch
 
-from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, apply_corruption, corrupted_mask, num_corrupted, sample_corruption
+from mpp.models.masking import (
+    MASK_TOKEN,
+    RANDOM_PATCH,
+    UNCHANGED,
+    apply_corruption,
+    corrupted_mask,
+    num_corrupted,
+    sample_corruption,
+)
 
 
-@pytest.mark.parametrize("N,ratio,expected", [(196, 0.5, 98), (16, 0.5, 8), (49, 0.5, 24), (49, 0.75, 37), (4, 0.01, 1)])
+@pytest.mark.parametrize(
+    "N,ratio,expected", [(196, 0.5, 98), (16, 0.5, 8), (49, 0.5, 24), (49, 0.75, 37), (4, 0.01, 1)]
+)
 def test_exact_count_per_image(N, ratio, expected):
     c = sample_corruption(64, N, ratio, (0.8, 0.1, 0.1))
     assert num_corrupted(N, ratio) == expected

@@ -10,7 +10,9 @@ from mpp.models.model import MPP, create_encoder
 ENCODERS = {
     "cls": dict(model_name="test_vit", img_size=28, patch_size=7),
     "registers": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, reg_tokens=2),
-    "no_cls_avg": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, class_token=False, global_pool="avg"),
+    "no_cls_avg": dict(
+        model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, class_token=False, global_pool="avg"
+    ),
 }
 
 
@@ -40,7 +42,9 @@ def test_every_trainable_parameter_gets_a_gradient(kind, target):
     assert torch.isfinite(out.loss) and 0 <= out.accuracy <= 1
     out.loss.backward()
     unused = set(model.unused_parameter_names())  # the encoder's pooling and classifier, left trainable
-    missing = [n for n, p in model.named_parameters() if n not in unused and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in model.named_parameters() if n not in unused and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert missing == []
     assert [n for n, p in model.named_parameters() if n in unused and p.grad is not None] == []
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

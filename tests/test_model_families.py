@@ -1,5 +1,6 @@
 """Every supported timm family: parity with timm's forward_features, gradients, no graph breaks,
 targets over the region each token stands for, pixel-space corruption, export and strict loading."""
+
 import os
 import subprocess
 import sys
@@ -10,20 +11,41 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mpp import load_backbone
-from mpp.training.pretrain_config import PretrainConfig
-from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, apply_pixel_corruption, corrupted_mask, sample_corruption
+from mpp.models.masking import (
+    MASK_TOKEN,
+    RANDOM_PATCH,
+    UNCHANGED,
+    apply_pixel_corruption,
+    corrupted_mask,
+    sample_corruption,
+)
 from mpp.models.model import MPP, create_encoder
 from mpp.models.targets import get_target, patchify
+from mpp.training.pretrain_config import PretrainConfig
 
 # small members of each family (depth cut to 1-2 so that each builds and runs in well under a second)
 FAMILIES = {
     "vit_cls": dict(model_name="test_vit", img_size=28, patch_size=7),
-    "vit_registers_gap": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, reg_tokens=2, class_token=False, global_pool="avg"),
+    "vit_registers_gap": dict(
+        model_name="vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=1,
+        reg_tokens=2,
+        class_token=False,
+        global_pool="avg",
+    ),
     "deit_distilled": dict(model_name="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=1),
-    "hybrid": dict(model_name="vit_tiny_r_s16_p8_224", img_size=64, patch_size=8, depth=1),  # 2x2 tokens of 32x32 pixels
+    "hybrid": dict(
+        model_name="vit_tiny_r_s16_p8_224", img_size=64, patch_size=8, depth=1
+    ),  # 2x2 tokens of 32x32 pixels
     "eva02_rope": dict(model_name="eva02_tiny_patch14_224", img_size=28, patch_size=7, depth=2),
-    "vit_rope_reg": dict(model_name="vit_medium_patch16_rope_reg1_gap_256", img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2),
-    "dinov3": dict(model_name="vit_small_patch16_dinov3", img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2),
+    "vit_rope_reg": dict(
+        model_name="vit_medium_patch16_rope_reg1_gap_256", img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2
+    ),
+    "dinov3": dict(
+        model_name="vit_small_patch16_dinov3", img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2
+    ),
 }
 
 
@@ -55,7 +77,9 @@ def test_every_trainable_parameter_gets_a_gradient(kind):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     unused = set(model.unused_parameter_names())  # the encoder's pooling and classifier, left trainable
-    missing = [n for n, p in model.named_parameters() if n not in unused and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in model.named_parameters() if n not in unused and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert missing == []
     assert [n for n, p in model.named_parameters() if n in unused and p.grad is not None] == []
 
@@ -84,7 +108,7 @@ def blocky_images(n: int, size: int, region: int) -> torch.Tensor:
     """Each region a different solid colour plus a little noise: targets tell regions apart."""
     g = size // region
     colours = torch.rand(n, 3, g, g)
-    return (colours.repeat_interleave(region, 2).repeat_interleave(region, 3) * 0.9 + 0.1 * torch.rand(n, 3, size, size))
+    return colours.repeat_interleave(region, 2).repeat_interleave(region, 3) * 0.9 + 0.1 * torch.rand(n, 3, size, size)
 
 
 @pytest.mark.parametrize("target", ["mean3bit", "mean3bit_4x4", "pixels_l2"])
@@ -193,16 +217,26 @@ def test_export_loads_strictly_in_plain_timm(tmp_path):
     for kind in kinds:
         models[kind], arch = exported(kind, tmp_path / kind)
         jobs.append([str(tmp_path / kind / "model.safetensors"), str(tmp_path / kind / "features.pt"), arch])
-    proc = subprocess.run([sys.executable, "-c", PLAIN_TIMM, json.dumps(jobs)],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_TIMM, json.dumps(jobs)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        timeout=180,
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
     for kind, model in models.items():
         torch.manual_seed(0)
         x = torch.randn(2, 3, *model.encoder.patch_embed.img_size)
         with torch.no_grad():
-            assert torch.equal(torch.load(tmp_path / kind / "features.pt"), model.encoder.eval().forward_features(x)), kind
+            assert torch.equal(torch.load(tmp_path / kind / "features.pt"), model.encoder.eval().forward_features(x)), (
+                kind
+            )
         head = load_file(tmp_path / kind / "mpp_head.safetensors")
-        assert ("mask_colour" in head) == (model.corrupt_at == "pixels") and ("mask_token" in head) == (model.corrupt_at == "embedding")
+        assert ("mask_colour" in head) == (model.corrupt_at == "pixels") and ("mask_token" in head) == (
+            model.corrupt_at == "embedding"
+        )
 
 
 @pytest.mark.parametrize("kind", ["eva02_rope", "hybrid"])
@@ -214,7 +248,9 @@ def test_load_backbone_and_finetune_init(kind, tmp_path):
     backbone = load_backbone(path, num_classes=5, **arch)
     assert backbone(torch.randn(1, 3, *model.encoder.patch_embed.img_size)).shape == (1, 5)
     spec = FAMILIES[kind]
-    clf = timm.create_model(spec["model_name"], num_classes=5, img_size=spec["img_size"], patch_size=spec["patch_size"], **arch)
+    clf = timm.create_model(
+        spec["model_name"], num_classes=5, img_size=spec["img_size"], patch_size=spec["patch_size"], **arch
+    )
     load_encoder_weights(clf, load_tensors(path), "test")
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(backbone.state_dict()[k], v), k
@@ -222,14 +258,18 @@ def test_load_backbone_and_finetune_init(kind, tmp_path):
 
 
 def test_load_backbone_with_classes_is_strict(exported, tmp_path):
-    """issue 13 #8: timm loads non-strictly when the class count differs; a missing encoder key must still raise."""
+    """timm loads non-strictly when the class count differs; a missing encoder key must still raise."""
     from mpp.models.weights import read_metadata
 
     run_dir, _ = exported
     tensors = load_file(run_dir / "model.safetensors")
     meta = read_metadata(run_dir / "model.safetensors")
     del tensors["blocks.0.attn.qkv.weight"]
-    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={k: v if isinstance(v, str) else __import__("json").dumps(v) for k, v in meta.items()})
+    save_file(
+        tensors,
+        str(tmp_path / "model.safetensors"),
+        metadata={k: v if isinstance(v, str) else __import__("json").dumps(v) for k, v in meta.items()},
+    )
     for classes in (0, 10):
         with pytest.raises(RuntimeError, match="blocks.0.attn.qkv.weight"):
             load_backbone(tmp_path / "model.safetensors", num_classes=classes)
@@ -248,15 +288,57 @@ def test_eva_recipe_through_accelerate_loads_in_plain_timm(tmp_path):
     data = tmp_path / "digits"
     mnist5k().select(range(64)).save_to_disk(str(data))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "2"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "2",
+    ]
     out = tmp_path / "run"
-    proc = subprocess.run(launch + ["recipes/pretrain_mpp.py", "--model", "eva02_tiny_patch14_224", "--img-size", "28", "--patch-size", "7",
-                                    "--max-steps", "20", "--batch-size", "16", "--dataset", str(data), "--output-dir", str(out), "--no-progress"],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    proc = subprocess.run(
+        launch
+        + [
+            "recipes/pretrain_mpp.py",
+            "--model",
+            "eva02_tiny_patch14_224",
+            "--img-size",
+            "28",
+            "--patch-size",
+            "7",
+            "--max-steps",
+            "20",
+            "--batch-size",
+            "16",
+            "--dataset",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert losses and all(map(lambda v: v == v, losses))  # finite records were written
-    check = subprocess.run([sys.executable, "-c", PLAIN_TIMM, json.dumps([[str(out / "model.safetensors"), str(tmp_path / "f.pt"), {}]])],
-                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    check = subprocess.run(
+        [sys.executable, "-c", PLAIN_TIMM, json.dumps([[str(out / "model.safetensors"), str(tmp_path / "f.pt"), {}]])],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=180,
+    )
     assert check.returncode == 0 and "OK" in check.stdout, check.stderr[-2000:]

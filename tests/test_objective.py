@@ -1,6 +1,7 @@
 """The public objective, mpp.MPP: the caller's encoder left as it was, the input contract checked
 (against timm's own create_transform and targets computed here by hand), one name per setting, and
 save_pretrained / from_pretrained as the same timm hub folder a pretraining run writes."""
+
 import json
 
 import numpy as np
@@ -19,7 +20,9 @@ from mpp.models.weights import read_metadata, save_weights
 
 def vit_with_unused_parts(**kw):
     """A timm ViT as a user makes it: average pooling with fc_norm and a 10-class head, neither used by MPP."""
-    return timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, global_pool="avg", num_classes=10, **kw)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, global_pool="avg", num_classes=10, **kw
+    )
 
 
 def digits_u8(n: int = 6) -> torch.Tensor:
@@ -37,13 +40,14 @@ def hand_targets(images_u8: torch.Tensor, ids: torch.Tensor, patch: int = 7) -> 
     for b in range(ids.shape[0]):
         for k, i in enumerate(ids[b].tolist()):
             r, c = divmod(i, grid)
-            mean = x[b, :, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch].mean(axis=(1, 2))
+            mean = x[b, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch].mean(axis=(1, 2))
             level = np.minimum(np.floor(mean * 8), 7).astype(int)
             out[b, k] = level[0] * 64 + level[1] * 8 + level[2]
     return torch.from_numpy(out)
 
 
 # ---- the caller's encoder ----
+
 
 def test_the_callers_encoder_is_left_as_it_was():
     encoder = vit_with_unused_parts()
@@ -57,8 +61,12 @@ def test_the_callers_encoder_is_left_as_it_was():
 
 UNUSED_CASES = {
     "avg_pool_fc_norm_head": lambda: vit_with_unused_parts(),
-    "attention_pool": lambda: timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, global_pool="map", num_classes=4),
-    "distilled_two_heads": lambda: timm.create_model("deit_tiny_distilled_patch16_224", img_size=28, patch_size=7, depth=1, num_classes=4),
+    "attention_pool": lambda: timm.create_model(
+        "vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, global_pool="map", num_classes=4
+    ),
+    "distilled_two_heads": lambda: timm.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=28, patch_size=7, depth=1, num_classes=4
+    ),
 }
 
 
@@ -73,7 +81,11 @@ def test_unused_parameters_are_exactly_those_mpp_gives_no_gradient(case):
 def test_an_encoder_mpp_builds_has_its_unused_parts_frozen_and_nothing_else():
     mpp = MPP("vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, global_pool="avg", num_classes=10)
     frozen = {n for n, p in mpp.named_parameters() if not p.requires_grad}
-    assert frozen == set(mpp.unused_parameter_names()) == {"encoder.fc_norm.weight", "encoder.fc_norm.bias", "encoder.head.weight", "encoder.head.bias"}
+    assert (
+        frozen
+        == set(mpp.unused_parameter_names())
+        == {"encoder.fc_norm.weight", "encoder.fc_norm.bias", "encoder.head.weight", "encoder.head.bias"}
+    )
 
 
 def test_ddp_around_mpp_needs_no_find_unused_parameters(tmp_path):
@@ -103,6 +115,7 @@ def test_ddp_around_mpp_needs_no_find_unused_parameters(tmp_path):
 
 
 # ---- the input contract ----
+
 
 def timm_eval_transform(encoder):
     """timm's own preprocessing for this encoder (resize, centre crop at 1.0, ToTensor, Normalize with its mean/std)."""
@@ -140,7 +153,9 @@ def test_images_normalised_with_other_statistics_are_un_normalised_with_them():
     encoder = create_encoder("test_vit", 28, 7)  # mean and std 0.5
     imagenet = dict(input_mean=(0.485, 0.456, 0.406), input_std=(0.229, 0.224, 0.225))
     u8 = digits_u8()
-    x = (u8 / 255 - torch.tensor(imagenet["input_mean"]).view(3, 1, 1)) / torch.tensor(imagenet["input_std"]).view(3, 1, 1)
+    x = (u8 / 255 - torch.tensor(imagenet["input_mean"]).view(3, 1, 1)) / torch.tensor(imagenet["input_std"]).view(
+        3, 1, 1
+    )
     c = sample_corruption(len(u8), 16, 0.5, (0.8, 0.1, 0.1))
     from_pixels = MPP(encoder)
     declared = MPP(encoder, inputs="normalised", **imagenet)
@@ -152,11 +167,14 @@ def test_images_normalised_with_other_statistics_are_un_normalised_with_them():
         MPP(encoder, inputs="normalised")(x)  # declared with the encoder's 0.5 / 0.5: out of range
 
 
-@pytest.mark.parametrize("images,inputs,message", [
-    (torch.full((2, 3, 28, 28), float("nan")), "pixels", r"spans \[nan, nan\]"),
-    (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), "normalised", "uint8 images are pixels"),
-    (torch.zeros(2, 3, 28, 28, dtype=torch.int64), "pixels", "must be uint8 or float, got torch.int64"),
-])
+@pytest.mark.parametrize(
+    "images,inputs,message",
+    [
+        (torch.full((2, 3, 28, 28), float("nan")), "pixels", r"spans \[nan, nan\]"),
+        (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), "normalised", "uint8 images are pixels"),
+        (torch.zeros(2, 3, 28, 28, dtype=torch.int64), "pixels", "must be uint8 or float, got torch.int64"),
+    ],
+)
 def test_other_bad_batches_are_one_clear_error(images, inputs, message):
     with pytest.raises(ValueError, match=message):
         MPP(create_encoder("test_vit", 28, 7), inputs=inputs)(images)
@@ -185,6 +203,7 @@ def test_a_float_batch_compiles_without_graph_breaks():
 
 # ---- one name per setting ----
 
+
 def test_random_from_image_draws_replacements_from_the_same_image():
     images = digits_u8(8)
     for random_from, same in (("image", 1.0), ("batch", None)):
@@ -193,17 +212,20 @@ def test_random_from_image_draws_replacements_from_the_same_image():
         assert share == same if same else share < 0.5
 
 
-@pytest.mark.parametrize("settings,message", [
-    (dict(mask_ratio=1.0), r"mask_ratio must be in \(0, 1\), got 1.0"),
-    (dict(mask_probs=(0.5, 0.5, 0.5)), "mask_probs must be three non-negative numbers .* summing to 1"),
-    (dict(random_from="same"), "random_from must be one of 'batch', 'image', got 'same'"),
-    (dict(inputs="normalized"), "inputs must be one of 'pixels', 'normalised', got 'normalized'"),
-    (dict(check_inputs="sometimes"), "check_inputs must be one of 'auto', 'always', 'never'"),
-    (dict(input_mean=(0.5, 0.5, 0.5)), "give them with inputs='normalised'"),
-    (dict(inputs="normalised", input_std=(0.5, 0.0, 0.5)), r"std > 0"),
-    (dict(corrupt_at="middle"), "corrupt_at must be auto, embedding or pixels"),
-    (dict(target="mean4bit"), "unknown target 'mean4bit'"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(mask_ratio=1.0), r"mask_ratio must be in \(0, 1\), got 1.0"),
+        (dict(mask_probs=(0.5, 0.5, 0.5)), "mask_probs must be three non-negative numbers .* summing to 1"),
+        (dict(random_from="same"), "random_from must be one of 'batch', 'image', got 'same'"),
+        (dict(inputs="normalized"), "inputs must be one of 'pixels', 'normalised', got 'normalized'"),
+        (dict(check_inputs="sometimes"), "check_inputs must be one of 'auto', 'always', 'never'"),
+        (dict(input_mean=(0.5, 0.5, 0.5)), "give them with inputs='normalised'"),
+        (dict(inputs="normalised", input_std=(0.5, 0.0, 0.5)), r"std > 0"),
+        (dict(corrupt_at="middle"), "corrupt_at must be auto, embedding or pixels"),
+        (dict(target="mean4bit"), "unknown target 'mean4bit'"),
+    ],
+)
 def test_bad_settings_are_one_clear_error(settings, message):
     with pytest.raises(ValueError, match=message):
         MPP(create_encoder("test_vit", 28, 7), **settings)
@@ -216,6 +238,7 @@ def test_timm_arguments_go_with_a_name_only():
 
 # ---- save_pretrained / from_pretrained ----
 
+
 def perturbed(mpp: MPP) -> MPP:
     with torch.no_grad():
         for p in mpp.parameters():
@@ -224,21 +247,39 @@ def perturbed(mpp: MPP) -> MPP:
 
 
 def test_save_pretrained_writes_a_folder_timm_loads(tmp_path):
-    mpp = perturbed(MPP("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, reg_tokens=2, class_token=False, global_pool="avg"))
+    mpp = perturbed(
+        MPP(
+            "vit_tiny_patch16_224",
+            img_size=32,
+            patch_size=8,
+            depth=2,
+            reg_tokens=2,
+            class_token=False,
+            global_pool="avg",
+        )
+    )
     mpp.save_pretrained(tmp_path / "out")
     encoder = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(encoder(x), mpp.encoder.eval()(x)) and torch.equal(encoder.forward_features(x), mpp.encoder.forward_features(x))
+        assert torch.equal(encoder(x), mpp.encoder.eval()(x)) and torch.equal(
+            encoder.forward_features(x), mpp.encoder.forward_features(x)
+        )
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_args"]["depth"] == 2
 
 
 def test_from_pretrained_gives_back_the_whole_objective(tmp_path):
     settings = dict(target="mean3bit_4x4", mask_ratio=0.4, mask_probs=(0.6, 0.3, 0.1), random_from="image")
-    mpp = perturbed(MPP("vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, global_pool="avg", **settings)).eval()
+    mpp = perturbed(
+        MPP("vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, global_pool="avg", **settings)
+    ).eval()
     mpp.save_pretrained(tmp_path)
     loaded = MPP.from_pretrained(tmp_path)
-    assert not loaded.training and loaded.settings == {**settings, "mask_probs": [0.6, 0.3, 0.1], "corrupt_at": "embedding"}
+    assert not loaded.training and loaded.settings == {
+        **settings,
+        "mask_probs": [0.6, 0.3, 0.1],
+        "corrupt_at": "embedding",
+    }
     assert loaded.state_dict().keys() == mpp.state_dict().keys()
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in mpp.state_dict().items())
     c = sample_corruption(6, 16, 0.4, (0.6, 0.3, 0.1), "image")
@@ -253,8 +294,12 @@ def test_a_run_export_and_save_pretrained_write_the_same_folder(tmp_path):
     from mpp.training.pretrain_config import PretrainConfig
 
     mpp = perturbed(MPP(create_encoder("test_vit", 28, 7), mask_ratio=0.4, random_from="image"))
-    export_weights(mpp, PretrainConfig(model="test_vit", img_size=28, patch_size=7, mask_ratio=0.4, random_from="image"),
-                   tmp_path / "run", step=3)
+    export_weights(
+        mpp,
+        PretrainConfig(model="test_vit", img_size=28, patch_size=7, mask_ratio=0.4, random_from="image"),
+        tmp_path / "run",
+        step=3,
+    )
     mpp.save_pretrained(tmp_path / "library")
     for name in ("model.safetensors", "mpp_head.safetensors"):
         run, library = load_file(tmp_path / "run" / name), load_file(tmp_path / "library" / name)
@@ -267,14 +312,22 @@ def test_a_run_export_and_save_pretrained_write_the_same_folder(tmp_path):
 
 def test_folders_from_before_read_their_settings_from_run_config(tmp_path):
     """A run folder from before: no timm config.json, no objective settings in the metadata, run_config.json beside."""
-    mpp = perturbed(MPP(create_encoder("test_vit", 28, 7), mask_ratio=0.4, mask_probs=(0.6, 0.3, 0.1), random_from="image"))
+    mpp = perturbed(
+        MPP(create_encoder("test_vit", 28, 7), mask_ratio=0.4, mask_probs=(0.6, 0.3, 0.1), random_from="image")
+    )
     mpp.save_pretrained(tmp_path)
     for name in ("model.safetensors", "mpp_head.safetensors"):
         with safe_open(str(tmp_path / name), framework="pt") as f:
-            old = {k: v for k, v in f.metadata().items() if k not in ("format", "mpp_mask_ratio", "mpp_mask_probs", "mpp_random_from")}
+            old = {
+                k: v
+                for k, v in f.metadata().items()
+                if k not in ("format", "mpp_mask_ratio", "mpp_mask_probs", "mpp_random_from")
+            }
         save_weights(tmp_path / name, load_file(tmp_path / name), old)
     (tmp_path / "config.json").unlink()
-    (tmp_path / "run_config.json").write_text(json.dumps({"mask_ratio": 0.4, "mask_probs": [0.6, 0.3, 0.1], "random_from": "image"}))
+    (tmp_path / "run_config.json").write_text(
+        json.dumps({"mask_ratio": 0.4, "mask_probs": [0.6, 0.3, 0.1], "random_from": "image"})
+    )
     loaded = MPP.from_pretrained(tmp_path)
     assert (loaded.mask_ratio, loaded.mask_probs, loaded.random_from) == (0.4, (0.6, 0.3, 0.1), "image")
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in mpp.state_dict().items())

@@ -1,6 +1,7 @@
-"""The training data pipeline (issue 16): workers that live across epochs keep exact augmentation and
+"""The training data pipeline: workers that live across epochs keep exact augmentation and
 resume; JPEG draft decoding keeps torchvision's crop boxes and flips; the --decode gpu path (run here on
 the CPU through the same code) gives the CPU path's crops; --decode gpu is refused without CUDA."""
+
 import io
 
 import numpy as np
@@ -10,14 +11,14 @@ from accelerate import Accelerator
 from PIL import Image
 from torchvision.transforms import v2
 
-from mpp.data.augment import CropFlip, EncodedCrop, decode_deferred, draft_jpeg
 from mpp.cli import parse_config
-from mpp.training.pretrain_config import PretrainConfig
-from mpp.data.dataset import AugmentedImages, collate_images, load_images, seeded, train_transform
-from mpp.errors import UsageError
+from mpp.data.augment import CropFlip, EncodedCrop, decode_deferred, draft_jpeg
+from mpp.data.dataset import collate_images, load_images, seeded
 from mpp.data.loader import EpochBatches, default_workers
+from mpp.errors import UsageError
 from mpp.training.loop import epoch_batches_of
 from mpp.training.pretrain import build_loader, device_decoder
+from mpp.training.pretrain_config import PretrainConfig
 
 
 def photo(seed: int, size=(320, 240)) -> Image.Image:
@@ -27,7 +28,7 @@ def photo(seed: int, size=(320, 240)) -> Image.Image:
     base = [data.astronaut(), data.chelsea(), data.coffee()][seed % 3]
     rng = np.random.default_rng(seed)
     top, left = rng.integers(0, 100, 2)
-    return Image.fromarray(base[top:top + 280, left:left + 280]).resize(size)
+    return Image.fromarray(base[top : top + 280, left : left + 280]).resize(size)
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
@@ -63,8 +64,15 @@ def test_crop_boxes_and_flips_are_torchvisions_draws():
         ours = seeded(tf, image, seed)
         assert torch.equal(ours, reference(image, 32, (0.35, 1.0), seed)), seed
         box = seeded(lambda _: tf.sample(240, 320), None, seed)
-        params = seeded(lambda _: v2.RandomResizedCrop(32, scale=(0.35, 1.0)).make_params([torch.empty(3, 240, 320)]), None, seed)
-        assert (box.top, box.left, box.height, box.width) == (params["top"], params["left"], params["height"], params["width"])
+        params = seeded(
+            lambda _: v2.RandomResizedCrop(32, scale=(0.35, 1.0)).make_params([torch.empty(3, 240, 320)]), None, seed
+        )
+        assert (box.top, box.left, box.height, box.width) == (
+            params["top"],
+            params["left"],
+            params["height"],
+            params["width"],
+        )
         flips += box.flip
     assert 3 < flips < 17  # both ways happen
 
@@ -100,7 +108,10 @@ def test_draft_decoding_keeps_the_crop_where_it_is_on_odd_sizes(width, height):
     bottom right. On a ramp the mean difference to the pil path (the whole image decoded) is that shift times the
     slope: measured here in full-size pixels (0.47-1.42 px with the old map, under 0.02 with the exact one)."""
     data = ramp_jpeg(width, height)
-    full, drafted = CropFlip(32, hflip=0, fast=False), CropFlip(32, hflip=0, fast=True)  # no flip: a flip reverses the ramp
+    full, drafted = (
+        CropFlip(32, hflip=0, fast=False),
+        CropFlip(32, hflip=0, fast=True),
+    )  # no flip: a flip reverses the ramp
     differences, reduced = [], 0
     for seed in range(24):
         a = seeded(full, Image.open(io.BytesIO(data)), seed).float()
@@ -156,7 +167,14 @@ def accelerator():
 
 
 def loader_for(jpeg_folder, accelerator, workers: int, decode: str = "cpu", img_size: int = 32):
-    cfg = PretrainConfig(dataset=jpeg_folder, img_size=img_size, batch_size=4, workers=workers, seed=5, decode="cpu" if decode == "gpu" else decode)
+    cfg = PretrainConfig(
+        dataset=jpeg_folder,
+        img_size=img_size,
+        batch_size=4,
+        workers=workers,
+        seed=5,
+        decode="cpu" if decode == "gpu" else decode,
+    )
     ds = load_images(jpeg_folder)
     images, loader = build_loader(cfg, ds, "image", accelerator)
     images.defer = decode == "gpu"
@@ -168,7 +186,9 @@ def test_persistent_workers_augment_each_epoch_as_fresh_ones_would(jpeg_folder, 
     same batches as reading in the main process; epochs differ. One pass across epochs (the loop's
     way: no reset, no wait at an epoch start) gives the same batches; a resume mid-epoch skips into it."""
     images, loader = loader_for(jpeg_folder, accelerator, workers=2)
-    assert loader.base_dataloader.persistent_workers if hasattr(loader, "base_dataloader") else loader.persistent_workers
+    assert (
+        loader.base_dataloader.persistent_workers if hasattr(loader, "base_dataloader") else loader.persistent_workers
+    )
     with_workers = epochs_of(loader, images, [0, 1, 2])
     images0, loader0 = loader_for(jpeg_folder, accelerator, workers=0)
     in_process = epochs_of(loader0, images0, [0, 1, 2])
@@ -237,7 +257,11 @@ def test_a_jpeg_that_fails_on_the_device_is_counted_and_replaced():
     assert len(batch["encoded"]) == 2 and batch["pixels"].shape == (2, 3, 16, 16)
     out = device_decoder(16, torch.device("cpu"))(batch)
     assert [name for name, _ in out["bad"]] == ["b.jpg"] and "truncated" in out["bad"][0][1]
-    assert out["valid"].tolist() == [True, False] and torch.equal(out["pixels"][1], out["pixels"][0]) and out["pixels"][0].float().std() > 10
+    assert (
+        out["valid"].tolist() == [True, False]
+        and torch.equal(out["pixels"][1], out["pixels"][0])
+        and out["pixels"][0].float().std() > 10
+    )
 
 
 def test_decode_gpu_is_refused_without_cuda(monkeypatch):
@@ -258,7 +282,9 @@ def test_default_workers_scale_with_the_cores_per_process(monkeypatch):
     assert default_workers(torch.device("cpu")) == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG); run by benchmarks/run_gpu.sh on one")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG); run by benchmarks/run_gpu.sh on one"
+)
 def test_nvjpeg_gives_the_cpu_paths_crops():
     """On a GPU: the batch decoded by nvJPEG and cropped on the device against the same code on the CPU
     (libjpeg-turbo): the same boxes and flips, pixels a few levels apart at most (the IDCTs differ)."""
@@ -300,11 +326,24 @@ def test_pretraining_with_deferred_decoding_runs_the_real_loop(jpeg_folder, tmp_
             out = prepare(batch)
             assert out["pixels"].float().std() > 5  # decoded pictures, not the zeros they replace
             return out
+
         return run
 
     monkeypatch.setattr("mpp.training.pretrain.device_decoder", watching)
-    cfg = PretrainConfig(dataset=jpeg_folder, model="test_vit", img_size=32, patch_size=8, batch_size=8, max_steps=4, warmup_steps=0,
-                         workers=workers, decode="gpu", progress=False, output_dir=str(tmp_path / "run"), checkpoint_every=100)
+    cfg = PretrainConfig(
+        dataset=jpeg_folder,
+        model="test_vit",
+        img_size=32,
+        patch_size=8,
+        batch_size=8,
+        max_steps=4,
+        warmup_steps=0,
+        workers=workers,
+        decode="gpu",
+        progress=False,
+        output_dir=str(tmp_path / "run"),
+        checkpoint_every=100,
+    )
     result = pretrain(cfg)
     assert result.steps == 4 and seen == [8, 8, 8, 8]
     summary = (tmp_path / "run" / "summary.json").read_text()
@@ -326,8 +365,20 @@ def test_the_loop_reads_one_pass_across_epochs(jpeg_folder, tmp_path, monkeypatc
 
     monkeypatch.setattr(EpochBatches, "__iter__", counting_iter)
     steps = 9 // grad_accum if grad_accum == 1 else 6  # 3 epochs: 3 steps each, or 2 (one short) with grad_accum 2
-    cfg = PretrainConfig(dataset=jpeg_folder, model="test_vit", img_size=32, patch_size=8, batch_size=8, max_steps=steps, warmup_steps=0,
-                         workers=0, grad_accum=grad_accum, progress=False, output_dir=str(tmp_path / "run"), checkpoint_every=100)
+    cfg = PretrainConfig(
+        dataset=jpeg_folder,
+        model="test_vit",
+        img_size=32,
+        patch_size=8,
+        batch_size=8,
+        max_steps=steps,
+        warmup_steps=0,
+        workers=0,
+        grad_accum=grad_accum,
+        progress=False,
+        output_dir=str(tmp_path / "run"),
+        checkpoint_every=100,
+    )
     assert pretrain(cfg).steps == steps
     assert starts == list(range(passes))
 
@@ -346,7 +397,10 @@ def test_seeded_transforms_in_two_threads_draw_what_they_draw_alone():
 
     alone = {seed: seeded(slow_transform, None, seed) for seed in (1, 2)}
     together = {}
-    threads = [threading.Thread(target=lambda s=seed: together.__setitem__(s, seeded(slow_transform, None, s))) for seed in (1, 2)]
+    threads = [
+        threading.Thread(target=lambda s=seed: together.__setitem__(s, seeded(slow_transform, None, s)))
+        for seed in (1, 2)
+    ]
     for t in threads:
         t.start()
         time.sleep(0.01)

@@ -1,5 +1,6 @@
 """recipes/prepare_data.py and mpp.data.prepare: a dataset re-encoded once into small-JPEG parquet shards that
 --dataset reads split by split, with its labels and class names, unreadable images counted and left out."""
+
 import importlib.util
 import io
 import json
@@ -11,16 +12,24 @@ import pytest
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
-from mpp.data import prepare
 from mpp.cli import run_cli
+from mpp.data import prepare
 from mpp.data.dataset import load_images
 from mpp.errors import UsageError
 
 ROOT = Path(__file__).parents[1]
 SHORT = 64
 # (class, file, width, height): landscape, portrait, odd sizes, and smaller than SHORT (kept as is)
-TRAIN = [("cat", "a.png", 240, 160), ("cat", "b.jpg", 150, 330), ("cat", "c.png", 40, 50), ("cat", "d.jpg", 128, 64),
-         ("dog", "e.jpg", 200, 200), ("dog", "f.png", 97, 301), ("dog", "g.png", 300, 90), ("dog", "h.jpg", 64, 70)]
+TRAIN = [
+    ("cat", "a.png", 240, 160),
+    ("cat", "b.jpg", 150, 330),
+    ("cat", "c.png", 40, 50),
+    ("cat", "d.jpg", 128, 64),
+    ("dog", "e.jpg", 200, 200),
+    ("dog", "f.png", 97, 301),
+    ("dog", "g.png", 300, 90),
+    ("dog", "h.jpg", 64, 70),
+]
 VALIDATION = [("cat", "v.png", 180, 120), ("dog", "w.jpg", 90, 150), ("dog", "x.png", 50, 30)]
 
 
@@ -41,7 +50,8 @@ def picture(width: int, height: int, seed: int) -> PILImage.Image:
 
 
 def imagefolder(root: Path) -> Path:
-    """train/ and validation/ of cat and dog pictures, PNG and JPEG, plus a corrupt PNG and a truncated JPEG in train."""
+    """train/ and validation/ of cat and dog pictures, PNG and JPEG, plus a corrupt PNG and a truncated JPEG in
+    train."""
     for split, files in (("train", TRAIN), ("validation", VALIDATION)):
         for i, (cls, name, w, h) in enumerate(files):
             (root / split / cls).mkdir(parents=True, exist_ok=True)
@@ -85,7 +95,10 @@ def test_round_trip_keeps_labels_sizes_and_colours(source, prepared):
             original = PILImage.open(before["image"]["path"]).convert("RGB")
             w, h = expected_size(*original.size, SHORT)
             assert min(after["image"].size) == min(w, h), before["image"]["path"]
-            assert abs(after["image"].size[0] - w) <= 1 and abs(after["image"].size[1] - h) <= 1, (before["image"]["path"], after["image"].size)
+            assert abs(after["image"].size[0] - w) <= 1 and abs(after["image"].size[1] - h) <= 1, (
+                before["image"]["path"],
+                after["image"].size,
+            )
             assert after["image"].format == "JPEG"
             mean_before = np.asarray(original, dtype=np.float64).mean((0, 1))
             mean_after = np.asarray(after["image"].convert("RGB"), dtype=np.float64).mean((0, 1))
@@ -127,7 +140,9 @@ def test_array_source_and_unlabelled_loose_parquet(tmp_path):
     (not three copies of it), the image column only."""
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (4, 20, 30, 1), dtype=np.uint8)  # (M, H, W, 1)
-    features = Features({"pixels": Array3D((20, 30, 1), "uint8"), "label": ClassLabel(names=["x", "y"]), "note": Value("string")})
+    features = Features(
+        {"pixels": Array3D((20, 30, 1), "uint8"), "label": ClassLabel(names=["x", "y"]), "note": Value("string")}
+    )
     part = Dataset.from_dict({"pixels": grey, "label": [0, 1, 1, 0], "note": list("abcd")}, features=features)
     DatasetDict({"train": part, "test": part.select([2, 3])}).save_to_disk(str(tmp_path / "arrays"))
     report = prepare.prepare_dataset(str(tmp_path / "arrays"), str(tmp_path / "a"), short_side=16, num_proc=1)
@@ -207,10 +222,26 @@ def test_recipe_prints_summary_and_pretraining_trains_from_the_prepared_folder(s
     assert "train: 8 images in 1 shards" in printed and "2 unreadable skipped" in printed
     assert f"next: accelerate launch recipes/pretrain_mpp.py --dataset {dest}" in printed
     run = tmp_path / "run"
-    argv = ["--dataset", str(dest), "--model", "test_vit", "--img-size", "32", "--patch-size", "8", "--batch-size", "8",
-            "--max-steps", "2", "--workers", "0", "--no-progress", "--output-dir", str(run)]
+    argv = [
+        "--dataset",
+        str(dest),
+        "--model",
+        "test_vit",
+        "--img-size",
+        "32",
+        "--patch-size",
+        "8",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--output-dir",
+        str(run),
+    ]
     assert load_recipe("pretrain_mpp").main(argv) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["bad_images"] == 0
     assert (run / "model.safetensors").exists()
-

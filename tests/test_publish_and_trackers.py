@@ -1,4 +1,5 @@
 """--push-to-hub (everything up to huggingface_hub's upload call) and --report-to (accelerate's trackers, offline)."""
+
 import json
 from types import SimpleNamespace
 
@@ -9,8 +10,27 @@ from mpp.commands.pretrain import main as pretrain_main
 from mpp.commands.push import main as push_main
 from mpp.training import trackers
 
-TINY = ["--dataset", "mnist5k", "--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "8",
-        "--max-steps", "4", "--log-every", "2", "--checkpoint-every", "2", "--no-progress", "--workers", "0"]
+TINY = [
+    "--dataset",
+    "mnist5k",
+    "--model",
+    "test_vit",
+    "--img-size",
+    "28",
+    "--patch-size",
+    "7",
+    "--batch-size",
+    "8",
+    "--max-steps",
+    "4",
+    "--log-every",
+    "2",
+    "--checkpoint-every",
+    "2",
+    "--no-progress",
+    "--workers",
+    "0",
+]
 
 
 UPLOADED = {"model.safetensors", "config.json", "README.md", "run_config.json", "metrics.jsonl", "summary.json"}
@@ -29,7 +49,18 @@ def test_a_finished_run_uploads_its_allow_list_without_local_paths(hub, tmp_path
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(data / f"{i}.png")
     (data / "broken.png").write_bytes(b"not a png")  # named in summary.json by its path
     out = tmp_path / "run"
-    argv = [*TINY, "--dataset", str(data.parent), "--batch-size", "4", "--output-dir", str(out), "--push-to-hub", "someone/mpp-test", "--hub-private"]
+    argv = [
+        *TINY,
+        "--dataset",
+        str(data.parent),
+        "--batch-size",
+        "4",
+        "--output-dir",
+        str(out),
+        "--push-to-hub",
+        "someone/mpp-test",
+        "--hub-private",
+    ]
     assert pretrain_main(argv) == 0
     (_, repo, create), (_, repo2, commit) = hub
     assert repo == repo2 == "someone/mpp-test" and create["private"] is True and create["exist_ok"] is True
@@ -44,7 +75,7 @@ def test_a_finished_run_uploads_its_allow_list_without_local_paths(hub, tmp_path
     assert uploaded["dataset"] == f"<local>/{tmp_path.name}/images"
     assert uploaded["output_dir"] == f"<local>/{tmp_path.name}/run" and uploaded["model"] == "test_vit"
     assert commit["files"]["model.safetensors"] == (out / "model.safetensors").read_bytes()
-    assert 'hf-hub:someone/mpp-test' in capsys.readouterr().out
+    assert "hf-hub:someone/mpp-test" in capsys.readouterr().out
 
 
 def test_the_push_command_uploads_an_existing_run(hub, tmp_path):
@@ -56,12 +87,17 @@ def test_the_push_command_uploads_an_existing_run(hub, tmp_path):
     assert set(hub[1][2]["files"]) == UPLOADED
 
 
-@pytest.mark.parametrize("env, whoami_fails, expected", [
-    ({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "x"}, False, "HF_HUB_OFFLINE is set"),
-    ({"HF_HUB_OFFLINE": "0", "HF_TOKEN": ""}, False, "no Hugging Face token"),
-    ({"HF_HUB_OFFLINE": "0", "HF_TOKEN": "x"}, True, "the Hub does not answer to this token (no route to host)"),
-])
-def test_a_push_that_cannot_happen_is_refused_before_training(refused, monkeypatch, tmp_path, env, whoami_fails, expected):
+@pytest.mark.parametrize(
+    "env, whoami_fails, expected",
+    [
+        ({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "x"}, False, "HF_HUB_OFFLINE is set"),
+        ({"HF_HUB_OFFLINE": "0", "HF_TOKEN": ""}, False, "no Hugging Face token"),
+        ({"HF_HUB_OFFLINE": "0", "HF_TOKEN": "x"}, True, "the Hub does not answer to this token (no route to host)"),
+    ],
+)
+def test_a_push_that_cannot_happen_is_refused_before_training(
+    refused, monkeypatch, tmp_path, env, whoami_fails, expected
+):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no token file from this machine
@@ -83,16 +119,25 @@ READ_ONLY = {"name": "someone", "auth": {"accessToken": {"role": "read"}}}
 def fine_grained(*permissions: str, entity: str = "someone") -> dict:
     """whoami-v2's answer for a fine-grained token with these permissions on one user or organisation."""
     scoped = [{"entity": {"type": "user", "name": entity}, "permissions": list(permissions)}]
-    return {"name": "someone", "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {"global": [], "scoped": scoped}}}}
+    return {
+        "name": "someone",
+        "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {"global": [], "scoped": scoped}}},
+    }
 
 
-@pytest.mark.parametrize("whoami, repo, expected", [
-    (READ_ONLY, None, "someone/mpp-test: the token is read-only (role read)"),
-    (fine_grained("repo.content.read"), None, "the fine-grained token has no repo.write permission for someone"),
-    (fine_grained("repo.write", entity="another-org"), None, "no repo.write permission for someone"),
-    ({"name": "someone", "auth": {"accessToken": {"role": "write"}}}, SimpleNamespace(private=False),
-     "with --hub-private: the repo exists and is public"),
-])
+@pytest.mark.parametrize(
+    "whoami, repo, expected",
+    [
+        (READ_ONLY, None, "someone/mpp-test: the token is read-only (role read)"),
+        (fine_grained("repo.content.read"), None, "the fine-grained token has no repo.write permission for someone"),
+        (fine_grained("repo.write", entity="another-org"), None, "no repo.write permission for someone"),
+        (
+            {"name": "someone", "auth": {"accessToken": {"role": "write"}}},
+            SimpleNamespace(private=False),
+            "with --hub-private: the repo exists and is public",
+        ),
+    ],
+)
 def test_a_push_the_hub_would_refuse_is_refused_before_training(hub, refused, whoami, repo, expected):
     hub.whoami, hub.repo = whoami, repo
     line = refused(pretrain_main, [*TINY, "--push-to-hub", "someone/mpp-test", "--hub-private"])
@@ -103,9 +148,11 @@ def test_a_push_the_hub_would_refuse_is_refused_before_training(hub, refused, wh
 def test_tokens_and_repos_that_can_take_a_private_push_pass_the_check(hub):
     from mpp.models.publish import check_can_push
 
-    for whoami, repo in [(fine_grained("repo.content.read", "repo.write"), SimpleNamespace(private=True)),
-                         (fine_grained("repo.write", entity="someone/mpp-test"), None),
-                         ({"name": "someone"}, None)]:  # a whoami without token details: nothing to judge by
+    for whoami, repo in [
+        (fine_grained("repo.content.read", "repo.write"), SimpleNamespace(private=True)),
+        (fine_grained("repo.write", entity="someone/mpp-test"), None),
+        ({"name": "someone"}, None),
+    ]:  # a whoami without token details: nothing to judge by
         hub.whoami, hub.repo = whoami, repo
         check_can_push("someone/mpp-test", private=True)
     hub.repo = SimpleNamespace(private=False)
@@ -117,6 +164,7 @@ def test_a_bad_repo_id_and_a_folder_that_is_not_a_run_are_refused(refused, tmp_p
     assert "--push-to-hub not a repo: not a Hub repo id" in line
     with pytest.raises(SystemExit) as e:
         from mpp.cli import run_cli
+
         run_cli(push_main, [str(tmp_path), "someone/x"])
     assert e.value.code == 2 and "not a finished run folder" in capsys.readouterr().err
 
@@ -156,7 +204,11 @@ def test_report_to_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     sent = []  # what reached the real (offline) wandb run, which keeps it in a binary file
     real_log = wandb.Run.log
-    monkeypatch.setattr(wandb.Run, "log", lambda self, data, *a, **k: (sent.append((k.get("step"), data)), real_log(self, data, *a, **k))[1])
+    monkeypatch.setattr(
+        wandb.Run,
+        "log",
+        lambda self, data, *a, **k: (sent.append((k.get("step"), data)), real_log(self, data, *a, **k))[1],
+    )
     out = tmp_path / "run"
     assert pretrain_main([*TINY, "--output-dir", str(out), "--report-to", "wandb"]) == 0
     (offline_run,) = (out / "wandb").glob("offline-run-*")

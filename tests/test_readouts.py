@@ -1,5 +1,6 @@
 """The two frozen-feature readouts (`cls`, `mean`) against timm's own pooling, for ViTs with a class
 token, without one (register token only) and Eva; and frozen_feature_report's keys."""
+
 import copy
 
 import pytest
@@ -41,7 +42,9 @@ def test_class_token_model():
 
 
 def test_register_token_model_without_class_token():
-    model = timm.create_model("test_vit2", num_classes=0, img_size=28, patch_size=7).eval()  # 1 register token, avg + fc_norm
+    model = timm.create_model(
+        "test_vit2", num_classes=0, img_size=28, patch_size=7
+    ).eval()  # 1 register token, avg + fc_norm
     assert model.num_prefix_tokens == 1 and model.cls_token is None
     x = images()
     feats = extract_features(model, x, MEAN, STD)
@@ -69,5 +72,5 @@ def test_report_has_both_readouts_per_metric():
     assert set(report) == expected | {f"linear_{n}shot_{r}_std" for n in (1, 5) for r in ("cls", "mean")}
     assert all(0 <= v <= 1 for v in report.values())
     assert model.training  # restored after evaluation
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         frozen_feature_report(model, x, y, x, y, MEAN, STD, shots=(11,))  # more shots than examples per class

@@ -1,4 +1,5 @@
 """Kill -9, SIGTERM and non-finite gradients: what survives, what resumes, what stops."""
+
 import json
 import os
 import signal
@@ -16,8 +17,21 @@ from mpp.training.loop import LoopSettings, NonFiniteError, NonFiniteGuard, fit,
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-TINY = ["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "32", "--warmup-steps", "3",
-        "--log-every", "1", "--no-progress"]
+TINY = [
+    "--model",
+    "test_vit",
+    "--img-size",
+    "28",
+    "--patch-size",
+    "7",
+    "--batch-size",
+    "32",
+    "--warmup-steps",
+    "3",
+    "--log-every",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +63,13 @@ def same_weights(a: Path, b: Path) -> bool:
 @pytest.fixture(scope="module")
 def uninterrupted(digits96, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    subprocess.run(recipe(["--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "2", "--output-dir", str(out)]),
-                   check=True, capture_output=True, env=ENV, timeout=300)
+    subprocess.run(
+        recipe(["--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "2", "--output-dir", str(out)]),
+        check=True,
+        capture_output=True,
+        env=ENV,
+        timeout=300,
+    )
     return out
 
 
@@ -78,7 +97,9 @@ def test_sigterm_checkpoints_and_says_how_to_resume(digits96, uninterrupted, tmp
     out = tmp_path / "run"
     args = ["--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "1000", "--output-dir", str(out)]
     proc = subprocess.Popen(recipe(args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3, proc)
+    wait_for(
+        lambda: (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3, proc
+    )
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-3000:]
@@ -102,15 +123,30 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_and_resumes_exact
     error, and its resume ends bit-identical to the uninterrupted run (which had no workers: the
     augmentation does not depend on them)."""
     out = tmp_path / "run"
-    args = ["--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "1000", "--workers", "1", "--output-dir", str(out)]
-    proc = subprocess.Popen(recipe(args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    args = [
+        "--dataset",
+        str(digits96),
+        "--max-steps",
+        "16",
+        "--checkpoint-every",
+        "1000",
+        "--workers",
+        "1",
+        "--output-dir",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        recipe(args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     wait_for(lambda: logged_steps(out) >= 3, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-3000:]
     assert "stopped by SIGTERM" in stdout and "DataLoader worker" not in stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stopped_by"] == "SIGTERM" and [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
+    assert summary["stopped_by"] == "SIGTERM" and [p.name for p in (out / "checkpoints").iterdir()] == [
+        f"step_{summary['steps']:06d}"
+    ]
     done = subprocess.run(recipe(args + ["--resume", "auto"]), capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_weights(out / "model.safetensors", uninterrupted / "model.safetensors")
@@ -123,8 +159,13 @@ def test_sigint_with_output_to_a_closed_pipe_still_checkpoints_and_exits_75(digi
     progress bar on each step, the stop message) meets a pipe without a reader. The run still finishes
     its step, checkpoints, exits 75, and its resume ends bit-identical to the uninterrupted run."""
     out = tmp_path / "run"
-    args = [a for a in recipe(["--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "1000",
-                               "--output-dir", str(out)]) if a != "--no-progress"]  # the progress bar writes at every step
+    args = [
+        a
+        for a in recipe(
+            ["--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "1000", "--output-dir", str(out)]
+        )
+        if a != "--no-progress"
+    ]  # the progress bar writes at every step
     read_end, write_end = os.pipe()
     proc = subprocess.Popen(args, env=ENV, stdout=write_end, stderr=write_end, start_new_session=True)
     os.close(write_end)
@@ -133,9 +174,16 @@ def test_sigint_with_output_to_a_closed_pipe_still_checkpoints_and_exits_75(digi
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) == 75
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stopped_by"] == "SIGINT" and [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
-    done = subprocess.run(recipe(["--dataset", str(digits96), "--max-steps", "16", "--output-dir", str(out), "--resume", "auto"]),
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert summary["stopped_by"] == "SIGINT" and [p.name for p in (out / "checkpoints").iterdir()] == [
+        f"step_{summary['steps']:06d}"
+    ]
+    done = subprocess.run(
+        recipe(["--dataset", str(digits96), "--max-steps", "16", "--output-dir", str(out), "--resume", "auto"]),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_weights(out / "model.safetensors", uninterrupted / "model.safetensors")
 
@@ -155,7 +203,18 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_the_resume_is_exact(unin
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0x01  # in the last tensor's values
     weights.write_bytes(bytes(data))
-    args = ["--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "2", "--output-dir", str(out), "--resume", "auto"]
+    args = [
+        "--dataset",
+        str(digits96),
+        "--max-steps",
+        "16",
+        "--checkpoint-every",
+        "2",
+        "--output-dir",
+        str(out),
+        "--resume",
+        "auto",
+    ]
     done = subprocess.run(recipe(args), capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     damaged = [line for line in done.stdout.splitlines() if "is damaged" in line]
@@ -177,7 +236,9 @@ def read_until_closed(fd: int, into: list) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_under_accelerate_launch_piped_to_tee_checkpoints_however_long_it_takes(digits96, uninterrupted, tmp_path):
+def test_ctrl_c_under_accelerate_launch_piped_to_tee_checkpoints_however_long_it_takes(
+    digits96, uninterrupted, tmp_path
+):
     """`accelerate launch ... | tee log` in a terminal (a pseudo-terminal here), Ctrl-C during training, and a
     stop checkpoint that takes 8 s, longer than the 5 s accelerate's launcher waits between its SIGTERM and
     its SIGKILL: the Ctrl-C reaches the training process alone, which finishes its step, checkpoints and exits
@@ -189,16 +250,47 @@ def test_ctrl_c_under_accelerate_launch_piped_to_tee_checkpoints_however_long_it
     import threading
 
     out, log = tmp_path / "run", tmp_path / "log"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "tests" / "launch_slow_checkpoint.py"), *TINY,
-              "--dataset", str(digits96), "--max-steps", "16", "--checkpoint-every", "1000", "--workers", "1", "--output-dir", str(out)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "tests" / "launch_slow_checkpoint.py"),
+        *TINY,
+        "--dataset",
+        str(digits96),
+        "--max-steps",
+        "16",
+        "--checkpoint-every",
+        "1000",
+        "--workers",
+        "1",
+        "--output-dir",
+        str(out),
+    ]
     terminal, child_end = os.openpty()
-    proc = subprocess.Popen(["bash", "-c", f"set -o pipefail; {shlex.join(launch)} 2>&1 | tee {shlex.quote(str(log))}"],
-                            stdin=child_end, stdout=child_end, stderr=child_end, env=ENV, cwd=ROOT, start_new_session=True,
-                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the terminal is the job's, as in a shell
+    proc = subprocess.Popen(
+        ["bash", "-c", f"set -o pipefail; {shlex.join(launch)} 2>&1 | tee {shlex.quote(str(log))}"],
+        stdin=child_end,
+        stdout=child_end,
+        stderr=child_end,
+        env=ENV,
+        cwd=ROOT,
+        start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )  # the terminal is the job's, as in a shell
     os.close(child_end)
     screen = []
-    threading.Thread(target=read_until_closed, args=(terminal, screen), daemon=True).start()  # a terminal nobody reads blocks its writers
+    threading.Thread(
+        target=read_until_closed, args=(terminal, screen), daemon=True
+    ).start()  # a terminal nobody reads blocks its writers
     start = time.time()
     while logged_steps(out) < 3:
         assert proc.poll() is None and time.time() - start < 240, b"".join(screen)[-3000:]
@@ -208,10 +300,17 @@ def test_ctrl_c_under_accelerate_launch_piped_to_tee_checkpoints_however_long_it
     text = log.read_text()
     assert "stopped by SIGINT after step" in text and "exit status 75" in text, text[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stopped_by"] == "SIGINT" and [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
+    assert summary["stopped_by"] == "SIGINT" and [p.name for p in (out / "checkpoints").iterdir()] == [
+        f"step_{summary['steps']:06d}"
+    ]
     os.close(terminal)
-    done = subprocess.run(recipe(["--dataset", str(digits96), "--max-steps", "16", "--output-dir", str(out), "--resume", "auto"]),
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    done = subprocess.run(
+        recipe(["--dataset", str(digits96), "--max-steps", "16", "--output-dir", str(out), "--resume", "auto"]),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_weights(out / "model.safetensors", uninterrupted / "model.safetensors")
 
@@ -227,13 +326,42 @@ def test_ctrl_z_suspends_the_whole_job_and_ctrl_c_after_fg_still_checkpoints(dig
     import threading
 
     out = tmp_path / "run"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "pretrain_mpp.py"), *TINY,
-              "--dataset", str(digits96), "--max-steps", "400", "--checkpoint-every", "1000", "--workers", "2", "--output-dir", str(out)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "recipes" / "pretrain_mpp.py"),
+        *TINY,
+        "--dataset",
+        str(digits96),
+        "--max-steps",
+        "400",
+        "--checkpoint-every",
+        "1000",
+        "--workers",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     terminal, child_end = os.openpty()
-    proc = subprocess.Popen(["bash", "--norc", "--noprofile", "-i"], stdin=child_end, stdout=child_end, stderr=child_end,
-                            env={**ENV, "PS1": "$ "}, cwd=ROOT, start_new_session=True,
-                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    proc = subprocess.Popen(
+        ["bash", "--norc", "--noprofile", "-i"],
+        stdin=child_end,
+        stdout=child_end,
+        stderr=child_end,
+        env={**ENV, "PS1": "$ "},
+        cwd=ROOT,
+        start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )
     os.close(child_end)
     screen = []
     threading.Thread(target=read_until_closed, args=(terminal, screen), daemon=True).start()
@@ -258,14 +386,30 @@ def test_ctrl_z_suspends_the_whole_job_and_ctrl_c_after_fg_still_checkpoints(dig
     until(lambda: (out / "summary.json").exists(), "stop")
     until(lambda: "exit status 75" in shown(), "launcher's report")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stopped_by"] == "SIGINT" and [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
+    assert summary["stopped_by"] == "SIGINT" and [p.name for p in (out / "checkpoints").iterdir()] == [
+        f"step_{summary['steps']:06d}"
+    ]
     os.write(terminal, b"exit\n")
     proc.wait(timeout=60)
     os.close(terminal)
 
 
-LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+LAUNCH_2 = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--num_cpu_threads_per_process",
+    "1",
+]
 
 
 def launch_2(args):
@@ -279,13 +423,32 @@ def test_sigterm_to_a_two_process_launch_with_workers_checkpoints_and_resumes_ex
     to the ranks once more): both ranks stop at one step with one checkpoint, no worker error, and the
     resume ends bit-identical to the uninterrupted 2-process run. A resume by 1 process is refused."""
     env = {**ENV, "ACCELERATE_USE_CPU": "1"}
-    args = ["--dataset", str(digits96), "--max-steps", "12", "--checkpoint-every", "1000", "--workers", "1", "--log-every", "2"]
+    args = [
+        "--dataset",
+        str(digits96),
+        "--max-steps",
+        "12",
+        "--checkpoint-every",
+        "1000",
+        "--workers",
+        "1",
+        "--log-every",
+        "2",
+    ]
     full = tmp_path / "full"
-    done = subprocess.run(launch_2(args + ["--output-dir", str(full)]), capture_output=True, text=True, env=env, timeout=400)
+    done = subprocess.run(
+        launch_2(args + ["--output-dir", str(full)]), capture_output=True, text=True, env=env, timeout=400
+    )
     assert (full / "model.safetensors").is_file(), done.stderr[-3000:]
     out = tmp_path / "run"
-    proc = subprocess.Popen(launch_2(args + ["--output-dir", str(out)]), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        launch_2(args + ["--output-dir", str(out)]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     wait_for(lambda: logged_steps(out) >= 2, proc)
     groups = {os.getpgid(p.pid) for p in psutil.Process(proc.pid).children(recursive=True)} | {proc.pid}
     for group in groups:
@@ -297,15 +460,30 @@ def test_sigterm_to_a_two_process_launch_with_workers_checkpoints_and_resumes_ex
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{summary['steps']:06d}"]
     assert not (out / "model.safetensors").exists()
     # resumed by one process, the checkpoint's data position and step total would mean something else: refused
-    one = subprocess.run(recipe(args + ["--batch-size", "16", "--output-dir", str(out), "--resume", "auto"]), capture_output=True,
-                         text=True, env=ENV, timeout=300)
+    one = subprocess.run(
+        recipe(args + ["--batch-size", "16", "--output-dir", str(out), "--resume", "auto"]),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert one.returncode == 2 and one.stderr.strip().splitlines()[-1].startswith("error: --resume: ")
-    assert "was made with 2 processes, this launch has 1 process" in one.stderr and len(one.stderr.strip().splitlines()) == 1
-    resumed = subprocess.run(launch_2(args + ["--output-dir", str(out), "--resume", "auto"]), capture_output=True, text=True,
-                             env=env, timeout=400)
+    assert (
+        "was made with 2 processes, this launch has 1 process" in one.stderr
+        and len(one.stderr.strip().splitlines()) == 1
+    )
+    resumed = subprocess.run(
+        launch_2(args + ["--output-dir", str(out), "--resume", "auto"]),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
     assert (out / "model.safetensors").is_file(), resumed.stderr[-3000:]
     assert same_weights(out / "model.safetensors", full / "model.safetensors")
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(2, 13, 2))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(
+        range(2, 13, 2)
+    )
 
 
 class Images:
@@ -319,7 +497,11 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path, fused):
     run = open_run(dist, str(tmp_path / "run"), None, grad_accum=1)
     model = torch.nn.Linear(3, 1)
     # fused AdamW skips inside its kernel (no host sync); SGD here is skipped by the loop on the host
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True) if fused else torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = (
+        torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        if fused
+        else torch.optim.SGD(model.parameters(), lr=0.1)
+    )
     assert NonFiniteGuard(optimizer, 3, 0, torch.device("cpu")).on_device == fused
     batches = [{"pixels": torch.randn(4, 3), "bad": []} for _ in range(6)]
     poisoned = {2, 3}  # 0-based batches whose loss is NaN
@@ -331,8 +513,17 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path, fused):
         loss = model(batch["pixels"]).pow(2).mean()
         return (loss * float("nan") if i in poisoned else loss), torch.zeros(())
 
-    settings = LoopSettings(total_steps=6, lr_at=lambda step: 0.1, clip_grad=0, log_every=3, checkpoint_every=100,
-                            keep_checkpoints=1, batch_size=4, progress=False, max_nonfinite=3)
+    settings = LoopSettings(
+        total_steps=6,
+        lr_at=lambda step: 0.1,
+        clip_grad=0,
+        log_every=3,
+        checkpoint_every=100,
+        keep_checkpoints=1,
+        batch_size=4,
+        progress=False,
+        max_nonfinite=3,
+    )
     result = fit(run, model, optimizer, batches, Images(), step_fn, settings)
     assert result.skipped_steps == 2 and result.step == 6
     # the weights moved on good steps, did not move across the two poisoned steps, and are finite
@@ -345,7 +536,9 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path, fused):
     poisoned.update(range(100))
     seen.clear()
     run2 = open_run(dist, str(tmp_path / "run2"), None, grad_accum=1)
-    with pytest.raises(NonFiniteError, match=r"3 optimiser steps in a row with a non-finite gradient \(found at step 3\)"):
+    with pytest.raises(
+        NonFiniteError, match=r"3 optimiser steps in a row with a non-finite gradient \(found at step 3\)"
+    ):
         fit(run2, model, optimizer, batches, Images(), step_fn, settings)
     assert not (run2.run_dir / "checkpoints").exists()  # nothing written over a good checkpoint
 
@@ -376,9 +569,26 @@ def test_data_wait_share_measures_time_spent_waiting_for_batches(tmp_path):
         clock.now += 1.0
         return model(batch["pixels"]).pow(2).mean(), torch.zeros(())
 
-    settings = LoopSettings(total_steps=8, lr_at=lambda step: 0.1, clip_grad=0, log_every=4, checkpoint_every=100,
-                            keep_checkpoints=1, batch_size=4, progress=False, clock=clock)
-    fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), SlowBatches(linear_batches(8)), Images(), step_fn, settings)
+    settings = LoopSettings(
+        total_steps=8,
+        lr_at=lambda step: 0.1,
+        clip_grad=0,
+        log_every=4,
+        checkpoint_every=100,
+        keep_checkpoints=1,
+        batch_size=4,
+        progress=False,
+        clock=clock,
+    )
+    fit(
+        run,
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        SlowBatches(linear_batches(8)),
+        Images(),
+        step_fn,
+        settings,
+    )
     records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8]
     assert [r["data_wait_share"] for r in records] == [0.75, 0.75]  # 3 s of every 4 waiting
@@ -386,7 +596,8 @@ def test_data_wait_share_measures_time_spent_waiting_for_batches(tmp_path):
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, capsys):
-    """Disk full during the step-4 checkpoint: the partial folder goes, step 2 stays valid, the run says so and goes on."""
+    """Disk full during the step-4 checkpoint: the partial folder goes, step 2 stays valid, the run says so and
+    goes on."""
     dist = init_processes(threads=None)
     run = open_run(dist, str(tmp_path / "run"), None, grad_accum=1)
     real_save = run.accelerator.save_state
@@ -401,16 +612,32 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, capsys):
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = [{"pixels": torch.randn(4, 3), "bad": []} for _ in range(6)]
-    settings = LoopSettings(total_steps=5, lr_at=lambda step: 0.1, clip_grad=0, log_every=5, checkpoint_every=2,
-                            keep_checkpoints=3, batch_size=4, progress=False)
+    settings = LoopSettings(
+        total_steps=5,
+        lr_at=lambda step: 0.1,
+        clip_grad=0,
+        log_every=5,
+        checkpoint_every=2,
+        keep_checkpoints=3,
+        batch_size=4,
+        progress=False,
+    )
     seen_at_step_5 = []  # the folder right after the failed write, before the next save could tidy up
 
     def on_step(step):
         if step == 5:
             seen_at_step_5.extend(sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()))
 
-    result = fit(run, model, optimizer, batches, Images(), lambda m, b: (m(b["pixels"]).pow(2).mean(), torch.zeros(())), settings,
-                 on_step=on_step)
+    result = fit(
+        run,
+        model,
+        optimizer,
+        batches,
+        Images(),
+        lambda m, b: (m(b["pixels"]).pow(2).mean(), torch.zeros(())),
+        settings,
+        on_step=on_step,
+    )
     assert result.step == 5
     assert seen_at_step_5 == ["step_000002"]  # the partial .tmp-step_000004 is gone at once
     names = sorted(p.name for p in (run.run_dir / "checkpoints").iterdir())
@@ -438,9 +665,26 @@ def test_keep_checkpoints_keeps_exactly_the_newest(tmp_path):
     def on_step(step):
         seen[step] = sorted(p.name for p in (run.run_dir / "checkpoints").glob("*")) if step > 1 else []
 
-    settings = LoopSettings(total_steps=5, lr_at=lambda step: 0.1, clip_grad=0, log_every=5, checkpoint_every=1,
-                            keep_checkpoints=2, batch_size=4, progress=False)
-    fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), square_loss, settings, on_step=on_step)
+    settings = LoopSettings(
+        total_steps=5,
+        lr_at=lambda step: 0.1,
+        clip_grad=0,
+        log_every=5,
+        checkpoint_every=1,
+        keep_checkpoints=2,
+        batch_size=4,
+        progress=False,
+    )
+    fit(
+        run,
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        linear_batches(6),
+        Images(),
+        square_loss,
+        settings,
+        on_step=on_step,
+    )
     newest_two = {step: [f"step_{s:06d}" for s in range(max(1, step - 2), step)] for step in range(2, 6)}
     assert {step: seen[step] for step in range(2, 6)} == newest_two
     assert sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()) == ["step_000004", "step_000005"]
@@ -473,10 +717,20 @@ def signalling_fit(run, send):
             send()
         return square_loss(model, batch)
 
-    settings = LoopSettings(total_steps=6, lr_at=lambda step: 0.1, clip_grad=0, log_every=100, checkpoint_every=100,
-                            keep_checkpoints=3, batch_size=4, progress=False)
+    settings = LoopSettings(
+        total_steps=6,
+        lr_at=lambda step: 0.1,
+        clip_grad=0,
+        log_every=100,
+        checkpoint_every=100,
+        keep_checkpoints=3,
+        batch_size=4,
+        progress=False,
+    )
     model = torch.nn.Linear(3, 1)
-    return fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), step_fn, settings), calls
+    return fit(
+        run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), step_fn, settings
+    ), calls
 
 
 def test_a_second_signal_interrupts_at_once(tmp_path, recognisable_handlers, monkeypatch):
@@ -558,8 +812,17 @@ def test_fp16_on_cpu_keeps_the_nonfinite_guard(tmp_path, fresh_accelerate_state)
     assert acc.mixed_precision == "fp16" and acc.scaler is None
     run = Run(acc, tmp_path, None, dict(FRESH_STATE))
     model = torch.nn.Linear(3, 1)
-    settings = LoopSettings(total_steps=6, lr_at=lambda step: 0.1, clip_grad=0, log_every=3, checkpoint_every=100,
-                            keep_checkpoints=1, batch_size=4, progress=False, max_nonfinite=2)
+    settings = LoopSettings(
+        total_steps=6,
+        lr_at=lambda step: 0.1,
+        clip_grad=0,
+        log_every=3,
+        checkpoint_every=100,
+        keep_checkpoints=1,
+        batch_size=4,
+        progress=False,
+        max_nonfinite=2,
+    )
     with pytest.raises(NonFiniteError, match="2 optimiser steps in a row"):
         fit(run, model, torch.optim.SGD(model.parameters(), lr=0.1), linear_batches(6), Images(), nan_from(1), settings)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -584,8 +847,17 @@ def test_fp16_with_a_grad_scaler_leaves_nonfinite_steps_to_it(tmp_path, fresh_ac
     def on_step(step):
         weights.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
 
-    settings = LoopSettings(total_steps=6, lr_at=lambda step: 0.1, clip_grad=1.0, log_every=3, checkpoint_every=100,
-                            keep_checkpoints=1, batch_size=4, progress=False, max_nonfinite=2)
+    settings = LoopSettings(
+        total_steps=6,
+        lr_at=lambda step: 0.1,
+        clip_grad=1.0,
+        log_every=3,
+        checkpoint_every=100,
+        keep_checkpoints=1,
+        batch_size=4,
+        progress=False,
+        max_nonfinite=2,
+    )
     result = fit(run, model, optimizer, linear_batches(6), Images(), step_fn, settings, on_step=on_step)
     assert result.step == 6 and result.stopped_by is None
     assert not torch.equal(weights[0], weights[1])  # good steps moved the weights

@@ -1,5 +1,6 @@
 """A resume keeps what the run was launched with: changes that alter what is trained are refused, every
 launch is recorded, and the first launch's configuration is kept."""
+
 import json
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from mpp.errors import UsageError
-from mpp.training.manifest import write_manifest
 from mpp.training.loop import LoopSettings, fit, init_processes, open_run, start_logging
+from mpp.training.manifest import write_manifest
 from mpp.training.pretrain_config import PretrainConfig
 
 SETTINGS = PretrainConfig(model="test_vit", batch_size=16, max_steps=4, output_dir="x").to_dict()
@@ -27,8 +28,16 @@ def launch(folder: Path, settings: dict, resume: str | None = None, steps: int =
         return run
     model = run.accelerator.prepare(torch.nn.Linear(3, 1))
     optimizer = run.accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
-    loop = LoopSettings(total_steps=steps, lr_at=lambda step: 0.1, clip_grad=0, log_every=2, checkpoint_every=2,
-                        keep_checkpoints=3, batch_size=4, progress=False)
+    loop = LoopSettings(
+        total_steps=steps,
+        lr_at=lambda step: 0.1,
+        clip_grad=0,
+        log_every=2,
+        checkpoint_every=2,
+        keep_checkpoints=3,
+        batch_size=4,
+        progress=False,
+    )
     batches = [{"pixels": torch.randn(4, 3), "bad": []} for _ in range(steps)]
     fit(run, model, optimizer, batches, Images(), lambda m, b: (m(b["pixels"]).pow(2).mean(), torch.zeros(())), loop)
     return run
@@ -40,10 +49,16 @@ CHANGES = [
     ({"dataset": "fashion-mnist"}, "was made with --dataset mnist5k, this launch has --dataset fashion-mnist"),
     ({"model": "vit_tiny_patch16_224"}, "was made with --model test_vit, this launch has --model vit_tiny_patch16_224"),
     ({"target": "pixels_l2"}, "was made with --target mean3bit, this launch has --target pixels_l2"),
-    ({"mask_probs": (1.0, 0.0, 0.0)}, "was made with --mask-probs 0.8 0.1 0.1, this launch has --mask-probs 1.0 0.0 0.0"),
+    (
+        {"mask_probs": (1.0, 0.0, 0.0)},
+        "was made with --mask-probs 0.8 0.1 0.1, this launch has --mask-probs 1.0 0.0 0.0",
+    ),
     ({"seed": 1}, "was made with --seed 0, this launch has --seed 1"),
     ({"max_steps": 8}, "was made with --max-steps 4, this launch has --max-steps 8"),
-    ({"batch_size": 32, "seed": 1}, "--batch-size 16, this launch has --batch-size 32"),  # the first of several is named
+    (
+        {"batch_size": 32, "seed": 1},
+        "--batch-size 16, this launch has --batch-size 32",
+    ),  # the first of several is named
 ]
 
 
@@ -51,7 +66,9 @@ CHANGES = [
 def test_a_resume_that_changes_what_is_trained_is_refused_in_one_line(tmp_path, change, message):
     launch(tmp_path / "run", SETTINGS)
     with pytest.raises(UsageError) as refused:
-        open_run(init_processes(threads=None), str(tmp_path / "run"), "auto", grad_accum=1, settings={**SETTINGS, **change})
+        open_run(
+            init_processes(threads=None), str(tmp_path / "run"), "auto", grad_accum=1, settings={**SETTINGS, **change}
+        )
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert "step_000004" in str(refused.value)
 
@@ -71,14 +88,32 @@ def test_a_resume_with_another_process_count_is_refused(tmp_path):
 
 def test_settings_that_do_not_change_what_is_trained_may_change(tmp_path):
     launch(tmp_path / "run", SETTINGS)
-    harmless = {"log_every": 1, "checkpoint_every": 7, "keep_checkpoints": 1, "workers": 2, "threads": 1, "progress": False,
-                "report_to": "none", "strict_data": True}
-    run = open_run(init_processes(threads=None), str(tmp_path / "run"), "auto", grad_accum=1, settings={**SETTINGS, **harmless})
+    harmless = {
+        "log_every": 1,
+        "checkpoint_every": 7,
+        "keep_checkpoints": 1,
+        "workers": 2,
+        "threads": 1,
+        "progress": False,
+        "report_to": "none",
+        "strict_data": True,
+    }
+    run = open_run(
+        init_processes(threads=None), str(tmp_path / "run"), "auto", grad_accum=1, settings={**SETTINGS, **harmless}
+    )
     assert run.state["step"] == 4
-    with pytest.raises(UsageError, match="--workers 0, this launch has --workers 2"):  # a stream's shards follow its workers
+    with pytest.raises(
+        UsageError, match="--workers 0, this launch has --workers 2"
+    ):  # a stream's shards follow its workers
         streaming = {**SETTINGS, "streaming": True, "workers": 0}
         launch(tmp_path / "stream", streaming)
-        open_run(init_processes(threads=None), str(tmp_path / "stream"), "auto", grad_accum=1, settings={**streaming, "workers": 2})
+        open_run(
+            init_processes(threads=None),
+            str(tmp_path / "stream"),
+            "auto",
+            grad_accum=1,
+            settings={**streaming, "workers": 2},
+        )
 
 
 def test_each_launch_is_recorded_and_the_first_configuration_kept(tmp_path):
@@ -132,10 +167,27 @@ def epochs_with_evaluation(folder: Path, resume: str | None = None, crash_at: in
         if step == crash_at:
             raise Crash
 
-    loop = LoopSettings(total_steps=8, lr_at=lambda step: 0.1, clip_grad=0, log_every=1, checkpoint_every=4,
-                        keep_checkpoints=3, batch_size=2, progress=False)
-    return fit(run, model, optimizer, loader, Rows(8), lambda m, b: (m(b["pixels"]).pow(2).mean(), torch.zeros(())), loop,
-               on_epoch_end=evaluate, on_step=on_step)
+    loop = LoopSettings(
+        total_steps=8,
+        lr_at=lambda step: 0.1,
+        clip_grad=0,
+        log_every=1,
+        checkpoint_every=4,
+        keep_checkpoints=3,
+        batch_size=2,
+        progress=False,
+    )
+    return fit(
+        run,
+        model,
+        optimizer,
+        loader,
+        Rows(8),
+        lambda m, b: (m(b["pixels"]).pow(2).mean(), torch.zeros(())),
+        loop,
+        on_epoch_end=evaluate,
+        on_step=on_step,
+    )
 
 
 def test_a_resume_at_an_evaluated_epoch_end_logs_each_record_once(tmp_path):
@@ -150,7 +202,10 @@ def test_a_resume_at_an_evaluated_epoch_end_logs_each_record_once(tmp_path):
     epochs_with_evaluation(tmp_path / "run", resume="auto")
 
     def shape(folder):  # what was logged, without the timings
-        return [(r["step"], r["epoch"], sorted(r)) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+        return [
+            (r["step"], r["epoch"], sorted(r))
+            for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        ]
 
     assert shape(tmp_path / "run") == shape(tmp_path / "full")
     assert [s for s, _, keys in shape(tmp_path / "run") if "eval_score" in keys] == [4]
@@ -209,8 +264,16 @@ def training_with_the_real_loader(folder: Path, resume: str | None = None):
         seen.append(batch["ids"])
         return model(batch["pixels"]).pow(2).mean(), torch.zeros(())
 
-    loop = LoopSettings(total_steps=9, lr_at=lambda step: 0.1, clip_grad=0, log_every=3, checkpoint_every=4,
-                        keep_checkpoints=3, batch_size=2, progress=False)
+    loop = LoopSettings(
+        total_steps=9,
+        lr_at=lambda step: 0.1,
+        clip_grad=0,
+        log_every=3,
+        checkpoint_every=4,
+        keep_checkpoints=3,
+        batch_size=2,
+        progress=False,
+    )
     fit(run, model, optimizer, loader, Pairs(12), step_fn, loop)
     return seen, torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -223,6 +286,8 @@ def test_a_resume_mid_epoch_reads_exactly_the_batches_the_uninterrupted_run_read
     full_seen, full_weights = training_with_the_real_loader(tmp_path / "full")
     assert len(full_seen) == 9 and len({p for batch in full_seen[:6] for p in batch}) == 12  # epoch 0: every row once
     step = int(checkpoint.split("_")[1])
-    seen, weights = training_with_the_real_loader(tmp_path / "resumed", str(tmp_path / "full" / "checkpoints" / checkpoint))
+    seen, weights = training_with_the_real_loader(
+        tmp_path / "resumed", str(tmp_path / "full" / "checkpoints" / checkpoint)
+    )
     assert seen == full_seen[step:]
     assert torch.equal(weights, full_weights)

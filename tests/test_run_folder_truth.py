@@ -1,6 +1,7 @@
 """What a run folder says is true, read the way a user reads it: the model card's code, run as written, loads the
 folder and scores the card's numbers; timm's config.json builds the run's own evaluation view; the pretraining card
 describes the run's corruption, its features and its final windows; weight files are written like every other file."""
+
 import json
 import os
 import re
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -34,7 +34,9 @@ def three_splits(tmp_path_factory):
     ds = mnist5k().shuffle(seed=0)
     ds = ds.filter(lambda y: y < 4, input_columns="label").select(range(400))
     path = tmp_path_factory.mktemp("data") / "splits"
-    DatasetDict(train=ds.select(range(160)), validation=ds.select(range(160, 240)), test=ds.select(range(240, 400))).save_to_disk(str(path))
+    DatasetDict(
+        train=ds.select(range(160)), validation=ds.select(range(160, 240)), test=ds.select(range(240, 400))
+    ).save_to_disk(str(path))
     return path
 
 
@@ -43,9 +45,36 @@ def finetuned(three_splits, tmp_path_factory) -> Path:
     """A fine-tuning with --test-split alone (the validation split is then the default --eval-split), 4 epochs whose
     best validation epoch (1) is not the last: its card must describe the selected weights, not the last ones."""
     out = tmp_path_factory.mktemp("ft") / "run"
-    results = finetune(parse_finetune_config(["--dataset", str(three_splits), "--test-split", "test", "--init", "scratch", *ARCH,
-                                    "--batch-size", "16", "--epochs", "4", "--lr", "0.1", "--warmup-steps", "3", "--seed", "1",
-                                    "--no-progress", "--workers", "0", "--report-to", "none", "--output-dir", str(out)]))
+    results = finetune(
+        parse_finetune_config(
+            [
+                "--dataset",
+                str(three_splits),
+                "--test-split",
+                "test",
+                "--init",
+                "scratch",
+                *ARCH,
+                "--batch-size",
+                "16",
+                "--epochs",
+                "4",
+                "--lr",
+                "0.1",
+                "--warmup-steps",
+                "3",
+                "--seed",
+                "1",
+                "--no-progress",
+                "--workers",
+                "0",
+                "--report-to",
+                "none",
+                "--output-dir",
+                str(out),
+            ]
+        )
+    )
     assert "stopped_by" not in results, results  # a signal would stop it before the folder is complete
     return out
 
@@ -119,12 +148,18 @@ def test_the_cards_top1_is_the_score_of_the_model_the_folder_loads(finetuned, th
     last_on_validation = row(metrics, "on validation", "last.safetensors")
     assert score(finetuned, three_splits, "test") == pytest.approx(on_test, abs=5e-5)
     assert score(finetuned, three_splits, "validation") == pytest.approx(on_validation, abs=5e-5)
-    logged = [r["eval_top1"] for r in map(json.loads, (finetuned / "metrics.jsonl").read_text().splitlines()) if "eval_top1" in r]
+    logged = [
+        r["eval_top1"]
+        for r in map(json.loads, (finetuned / "metrics.jsonl").read_text().splitlines())
+        if "eval_top1" in r
+    ]
     assert on_validation == pytest.approx(max(logged + [last_on_validation]), abs=5e-5)
     # the run is one where the selection matters: the last weights are another model, with another test score
     last_test = score(finetuned, three_splits, "test", weights=finetuned / "last.safetensors")
     assert last_on_validation < on_validation and abs(last_test - on_test) > 0.03, (last_test, on_test)
-    assert score(finetuned, three_splits, "validation", weights=finetuned / "last.safetensors") == pytest.approx(last_on_validation, abs=5e-5)
+    assert score(finetuned, three_splits, "validation", weights=finetuned / "last.safetensors") == pytest.approx(
+        last_on_validation, abs=5e-5
+    )
     best, model = load_file(finetuned / "best.safetensors"), load_file(finetuned / "model.safetensors")
     assert best.keys() == model.keys() and all(torch.equal(best[k], model[k]) for k in best)
 
@@ -134,7 +169,7 @@ def photo_crops() -> list[Image.Image]:
     from skimage import data
 
     base = data.astronaut()
-    return [Image.fromarray(base[40:40 + h, 100:100 + w]) for h, w in [(45, 31), (64, 100), (90, 90), (29, 300)]]
+    return [Image.fromarray(base[40 : 40 + h, 100 : 100 + w]) for h, w in [(45, 31), (64, 100), (90, 90), (29, 300)]]
 
 
 def run_view(images: list[Image.Image], size: int, mean, std) -> torch.Tensor:
@@ -154,14 +189,18 @@ def test_timm_config_builds_the_fine_tuning_runs_evaluation_view(finetuned, thre
     assert derived["mean"] != derived["std"]
     torch.testing.assert_close(card_view, run_view(images, 28, derived["mean"], derived["std"]), rtol=0, atol=1e-5)
     pretrained_cfg = json.loads((finetuned / "config.json").read_text())["pretrained_cfg"]
-    assert not {"tag", "license", "hf_hub_id", "url", "test_input_size", "test_crop_pct"} & set(pretrained_cfg), pretrained_cfg
+    assert not {"tag", "license", "hf_hub_id", "url", "test_input_size", "test_crop_pct"} & set(pretrained_cfg), (
+        pretrained_cfg
+    )
 
 
 def test_weight_files_are_written_with_the_mode_of_the_other_files(finetuned, pretrained):
     mask = os.umask(0)
     os.umask(mask)
-    for run, names in [(finetuned, ["model.safetensors", "best.safetensors", "last.safetensors", "results.json", "README.md"]),
-                       (pretrained[0], ["model.safetensors", "mpp_head.safetensors", "config.json", "metrics.jsonl"])]:
+    for run, names in [
+        (finetuned, ["model.safetensors", "best.safetensors", "last.safetensors", "results.json", "README.md"]),
+        (pretrained[0], ["model.safetensors", "mpp_head.safetensors", "config.json", "metrics.jsonl"]),
+    ]:
         for name in names:
             assert oct((run / name).stat().st_mode & 0o777) == oct(0o666 & ~mask), name
 
@@ -176,9 +215,35 @@ def pretrained(make_digit_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("pt") / "run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert pretrain_main(["--dataset", "mnist5k", *ARCH, "--batch-size", "16", "--max-steps", "12", "--log-every", "2",
-                              "--eval-dataset", str(labelled), "--eval-every-steps", "4", "--checkpoint-every", "12",
-                              "--no-progress", "--workers", "0", "--report-to", "none", "--output-dir", str(out)]) == 0
+        assert (
+            pretrain_main(
+                [
+                    "--dataset",
+                    "mnist5k",
+                    *ARCH,
+                    "--batch-size",
+                    "16",
+                    "--max-steps",
+                    "12",
+                    "--log-every",
+                    "2",
+                    "--eval-dataset",
+                    str(labelled),
+                    "--eval-every-steps",
+                    "4",
+                    "--checkpoint-every",
+                    "12",
+                    "--no-progress",
+                    "--workers",
+                    "0",
+                    "--report-to",
+                    "none",
+                    "--output-dir",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     return out, printed.getvalue()
 
 
@@ -190,9 +255,13 @@ def test_timm_config_builds_the_pretraining_runs_input(pretrained):
     mean, std = model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist()
     from mpp.data.builtin import mnist5k
 
-    digits = [Image.fromarray(a[..., 0]) for a in np.asarray(mnist5k().with_format("numpy")["image"][:8], dtype=np.uint8)]
+    digits = [
+        Image.fromarray(a[..., 0]) for a in np.asarray(mnist5k().with_format("numpy")["image"][:8], dtype=np.uint8)
+    ]
     card_view = torch.cat([x for (x,) in run_card(run, digits + photo_crops(), "x")])
-    pixels = torch.stack([torch.from_numpy(np.asarray(d.convert("RGB"))).permute(2, 0, 1) for d in digits]).float() / 255
+    pixels = (
+        torch.stack([torch.from_numpy(np.asarray(d.convert("RGB"))).permute(2, 0, 1) for d in digits]).float() / 255
+    )
     trained_on = (pixels - model.pixel_mean) / model.pixel_std  # MPP.forward's normalisation
     torch.testing.assert_close(card_view[:8], trained_on, rtol=0, atol=1e-5)
     torch.testing.assert_close(card_view[8:], run_view(photo_crops(), 28, mean, std), rtol=0, atol=1e-5)
@@ -211,8 +280,11 @@ def test_the_closing_line_and_the_card_report_the_mean_of_the_last_windows(pretr
     last5 = windows[-5:]
     loss, acc = np.mean([r["loss"] for r in last5]), np.mean([r["masked_acc"] for r in last5])
     assert abs(loss - np.mean([r["loss"] for r in windows[:5]])) > 1e-3  # the oldest windows would read differently
-    line = next(l for l in printed.splitlines() if "final loss" in l)
-    assert f"final loss {loss:.4f}, masked-patch accuracy {acc:.4f}" in line and "mean of the last 5 logged windows" in line
+    line = next(text for text in printed.splitlines() if "final loss" in text)
+    assert (
+        f"final loss {loss:.4f}, masked-patch accuracy {acc:.4f}" in line
+        and "mean of the last 5 logged windows" in line
+    )
     assert "steps 4-12" in line
     metrics = card_metrics(run)
     assert row(metrics, "loss (mean of the last 5 logged windows") == pytest.approx(loss, abs=5e-5)
@@ -232,7 +304,7 @@ def test_the_pretraining_card_says_where_it_corrupts_and_which_features_mpp_trai
     assert "patch embeddings is corrupted after the patch projection" in card and "--corrupt-at embedding" in card
     assert "pixel regions" not in card and "in the pixels" not in card
     images = photo_crops()
-    (features, x), = run_card(run, images[:1], "features", "x")
+    ((features, x),) = run_card(run, images[:1], "features", "x")
     from mpp import load_backbone
 
     encoder = load_backbone(run / "model.safetensors").eval()
@@ -240,19 +312,26 @@ def test_the_pretraining_card_says_where_it_corrupts_and_which_features_mpp_trai
         tokens = encoder.forward_features(x)
         pooled = encoder(x)
     assert encoder.global_pool == "token" and "class token" in card and "never trains" in card
-    torch.testing.assert_close(features, tokens[:, encoder.num_prefix_tokens:].mean(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(features, tokens[:, encoder.num_prefix_tokens :].mean(1), rtol=0, atol=1e-6)
     assert not torch.allclose(features, pooled, atol=1e-3)
 
 
-@pytest.mark.parametrize("corrupt_at, said, unsaid", [("pixels", "pixel regions of the normalised image", "patch embeddings"),
-                                                       ("embedding", "patch embeddings", "pixel regions")])
+@pytest.mark.parametrize(
+    "corrupt_at, said, unsaid",
+    [
+        ("pixels", "pixel regions of the normalised image", "patch embeddings"),
+        ("embedding", "patch embeddings", "pixel regions"),
+    ],
+)
 def test_the_card_names_where_the_run_corrupted(tmp_path, corrupt_at, said, unsaid):
     """--corrupt-at pixels corrupts pixels, not embeddings: the card written at the end of such a run says so."""
     from mpp.training.pretrain import export_weights
     from mpp.training.pretrain_config import PretrainConfig
 
     model = MPP(create_encoder("test_vit", 28, 7), corrupt_at=corrupt_at)
-    export_weights(model, PretrainConfig(model="test_vit", img_size=28, patch_size=7, corrupt_at=corrupt_at), tmp_path, step=1)
+    export_weights(
+        model, PretrainConfig(model="test_vit", img_size=28, patch_size=7, corrupt_at=corrupt_at), tmp_path, step=1
+    )
     head = (tmp_path / "README.md").read_text().split("## Final metrics")[0]
     assert said in head and unsaid not in head and f"--corrupt-at {corrupt_at}" in head
 
@@ -268,8 +347,14 @@ def test_a_replayed_fine_tuning_runs_the_preset_it_is_given(finetuned):
     same = parse_finetune_config(["--config", str(finetuned / "run_config.json")])
     assert {k: same.resolved(k) for k in PRESET_KEYS} == {k: saved[k] for k in PRESET_KEYS}
     as_saved = json.loads(json.dumps(same.to_dict()))  # tuples as JSON lists
-    assert {k: v for k, v in as_saved.items() if k not in ("derived", "output_dir")} == \
-        {k: v for k, v in saved.items() if k not in ("derived", "output_dir")}
+    assert {k: v for k, v in as_saved.items() if k not in ("derived", "output_dir")} == {
+        k: v for k, v in saved.items() if k not in ("derived", "output_dir")
+    }
     modern = parse_finetune_config(["--config", str(finetuned / "run_config.json"), "--preset", "modern"])
     assert {k: modern.resolved(k) for k in PRESET_KEYS} == {**PRESETS["modern"], "lr": 0.1, "warmup_steps": 3}
-    assert (modern.dataset, modern.epochs, modern.test_split, modern.eval_split) == (saved["dataset"], 4, "test", "validation")
+    assert (modern.dataset, modern.epochs, modern.test_split, modern.eval_split) == (
+        saved["dataset"],
+        4,
+        "test",
+        "validation",
+    )

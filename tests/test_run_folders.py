@@ -1,4 +1,5 @@
 """Run folders under simultaneous launches: each launch makes and holds its own."""
+
 import multiprocessing
 
 import pytest
@@ -22,7 +23,9 @@ def claim_at_once(start, done, results, output_dir, runs_root):
 def launch_at_once(output_dir, runs_root) -> list[tuple[str, str]]:
     ctx = multiprocessing.get_context("fork")  # the launches only make folders; no torch in them
     start, done, results = ctx.Barrier(LAUNCHES), ctx.Barrier(LAUNCHES), ctx.Queue()
-    procs = [ctx.Process(target=claim_at_once, args=(start, done, results, output_dir, runs_root)) for _ in range(LAUNCHES)]
+    procs = [
+        ctx.Process(target=claim_at_once, args=(start, done, results, output_dir, runs_root)) for _ in range(LAUNCHES)
+    ]
     for p in procs:
         p.start()
     outcomes = [results.get(timeout=60) for _ in procs]
@@ -37,7 +40,9 @@ def test_launches_started_at_the_same_instant_each_get_their_own_folder(tmp_path
     outcomes = launch_at_once(None, tmp_path / "runs")
     assert [kind for kind, _ in outcomes] == ["ok"] * LAUNCHES, outcomes
     folders = {path for _, path in outcomes}
-    assert len(folders) == LAUNCHES and {p.name for p in (tmp_path / "runs").iterdir()} == {p.rsplit("/", 1)[1] for p in folders}
+    assert len(folders) == LAUNCHES and {p.name for p in (tmp_path / "runs").iterdir()} == {
+        p.rsplit("/", 1)[1] for p in folders
+    }
 
 
 def test_one_output_dir_for_launches_at_once_goes_to_one_of_them(tmp_path):

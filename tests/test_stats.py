@@ -1,4 +1,5 @@
 """mpp.evaluation.stats against hand computations (a t-table value) and scipy's paired t-test."""
+
 import math
 
 import numpy as np

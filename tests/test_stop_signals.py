@@ -1,4 +1,5 @@
 """Stopping on a signal, in process: DataLoader workers leave SIGTERM/SIGINT to the training process."""
+
 import os
 import signal
 import time
@@ -41,7 +42,9 @@ def streaming(tmp_path):
     from mpp.training.pretrain_config import PretrainConfig
 
     tiny_labelled(64).to_parquet(str(tmp_path / "images.parquet"))
-    cfg = PretrainConfig(dataset=str(tmp_path / "images.parquet"), streaming=True, max_steps=100, batch_size=4, workers=1, img_size=28)
+    cfg = PretrainConfig(
+        dataset=str(tmp_path / "images.parquet"), streaming=True, max_steps=100, batch_size=4, workers=1, img_size=28
+    )
     ds = load_images(cfg.dataset, cfg.split, streaming=True)
     fake = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
     return build_loader(cfg, ds, find_image_column(ds), fake)[1]
@@ -107,5 +110,7 @@ def test_accelerates_launcher_is_recognised_by_its_command_line():
     assert launched_by_accelerate(["python", "-m", "accelerate.commands.launch", "--num_processes", "1", "train.py"])
     assert launched_by_accelerate(["/venv/bin/python", "/venv/bin/accelerate-launch", "train.py"])
     assert not launched_by_accelerate(["/venv/bin/python", "/venv/bin/accelerate", "config"])
-    assert not launched_by_accelerate(["bash", "-c", "accelerate launch train.py | tee log"])  # a shell, not the launcher
+    assert not launched_by_accelerate(
+        ["bash", "-c", "accelerate launch train.py | tee log"]
+    )  # a shell, not the launcher
     assert not launched_by_accelerate(["python", "recipes/pretrain_mpp.py", "--dataset", "launch"])

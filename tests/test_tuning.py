@@ -1,6 +1,7 @@
 """experiments/tuning.py with a fake fine-tuning whose validation and test scores are set by hand: the
 same effort for every arm, grids that grow at an edge, the choice on validation only, the budget
 doubled until the chosen runs converge."""
+
 import pytest
 
 from mpp.experiments.tuning import TuningRules, extended, tune
@@ -20,14 +21,23 @@ def fake(val: dict, test: dict | None = None, flat_at: dict | None = None):
         v = val.get((arm, preset, round(lr, 6)), 0.1)
         # a curve that is flat from half the budget, unless flat_at says when (a share of 100 epochs)
         share = (flat_at or {}).get(arm, 0.5) * 100 / epochs
-        return {"best_val_top1": v, "test_top1": (test or {}).get((arm, preset, round(lr, 6)), 0.5), "best_epoch": 1,
-                "val_curve": curve(min(share, 1.0), epochs, v)}
+        return {
+            "best_val_top1": v,
+            "test_top1": (test or {}).get((arm, preset, round(lr, 6)), 0.5),
+            "best_epoch": 1,
+            "val_curve": curve(min(share, 1.0), epochs, v),
+        }
 
     return run_one, calls
 
 
-RULES = TuningRules(presets=("paper", "modern"), grids={"paper": (0.01, 0.03, 0.1), "modern": (3e-4, 1e-3)}, epochs=100,
-                    max_extensions=2, max_doublings=1)
+RULES = TuningRules(
+    presets=("paper", "modern"),
+    grids={"paper": (0.01, 0.03, 0.1), "modern": (3e-4, 1e-3)},
+    epochs=100,
+    max_extensions=2,
+    max_doublings=1,
+)
 
 
 def test_every_arm_gets_every_preset_and_lr_and_the_choice_is_on_validation_never_test():
@@ -46,15 +56,27 @@ def test_every_arm_gets_every_preset_and_lr_and_the_choice_is_on_validation_neve
 def test_a_grid_grows_for_every_arm_while_an_arm_picks_its_edge_up_to_the_limit():
     # arm a keeps improving upwards on paper: the grid grows twice (the limit) on the high side, for both arms
     val = {("a", "paper", lr): lr for lr in (0.01, 0.03, 0.1)}
-    val.update({("a", "paper", round(0.1 * (0.1 / 0.03), 6)): 0.4, ("a", "paper", round(0.1 * (0.1 / 0.03) ** 2, 6)): 0.5})
-    val.update({("b", "paper", 0.03): 0.3, ("b", "modern", 3e-4): 0.2, ("b", "modern", 1e-3): 0.25, ("a", "modern", 1e-3): 0.15})
+    val.update(
+        {("a", "paper", round(0.1 * (0.1 / 0.03), 6)): 0.4, ("a", "paper", round(0.1 * (0.1 / 0.03) ** 2, 6)): 0.5}
+    )
+    val.update(
+        {
+            ("b", "paper", 0.03): 0.3,
+            ("b", "modern", 3e-4): 0.2,
+            ("b", "modern", 1e-3): 0.25,
+            ("a", "modern", 1e-3): 0.15,
+        }
+    )
     run_one, calls = fake(val)
     tuned = tune(["a", "b"], run_one, RULES)
     paper = tuned.grids["paper"]
     assert len(paper) == 5 and paper[:3] == [0.01, 0.03, 0.1] and paper[-1] == pytest.approx(0.1 * (0.1 / 0.03) ** 2)
     assert tuned.chosen["a"]["lr"] == pytest.approx(paper[-1])  # still on the edge, but the limit is reached
-    assert {round(lr, 6) for arm, preset, lr, _ in calls if arm == "b" and preset == "paper"} == {round(x, 6) for x in paper}
-    # both arms' best modern rate is its top edge: modern grows upwards once (the new rate scores lower), never downwards
+    assert {round(lr, 6) for arm, preset, lr, _ in calls if arm == "b" and preset == "paper"} == {
+        round(x, 6) for x in paper
+    }
+    # both arms' best modern rate is its top edge: modern grows upwards once (the new rate scores lower), never
+    # downwards
     assert len(tuned.grids["modern"]) == 3 and tuned.grids["modern"][0] == 3e-4
 
 
@@ -67,7 +89,10 @@ def test_the_budget_doubles_while_a_chosen_run_has_not_converged():
     assert [c["epochs"] for c in tuned.convergence] == [100, 200]
     assert not tuned.convergence[0]["b"]["converged"] and tuned.convergence[0]["a"]["converged"]
     assert tuned.convergence[1]["b"]["converged"] and tuned.epochs == 200
-    assert sorted(c for c in calls if c[3] == 200) == [("a", "paper", 0.03, 200), ("b", "paper", 0.03, 200)]  # the chosen runs only
+    assert sorted(c for c in calls if c[3] == 200) == [
+        ("a", "paper", 0.03, 200),
+        ("b", "paper", 0.03, 200),
+    ]  # the chosen runs only
 
 
 def test_the_budget_stops_doubling_at_the_limit():

@@ -51,8 +51,14 @@ def test_strict_round_trip_in_plain_timm(exported, tmp_path):
     run_dir, model = exported
     out = tmp_path / "features.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", PLAIN_TIMM, str(run_dir / "model.safetensors"), str(out)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_TIMM, str(run_dir / "model.safetensors"), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
     torch.manual_seed(0)
     x = torch.randn(2, 3, 28, 28)
@@ -70,7 +76,9 @@ def test_load_backbone_same_size(exported):
 def test_load_backbone_at_another_img_size(exported):
     run_dir, model = exported
     backbone = load_backbone(run_dir / "model.safetensors", img_size=56)  # 4x4 -> 8x8 grid
-    expected = resample_abs_pos_embed(model.encoder.pos_embed.detach(), new_size=(8, 8), old_size=(4, 4), num_prefix_tokens=1)
+    expected = resample_abs_pos_embed(
+        model.encoder.pos_embed.detach(), new_size=(8, 8), old_size=(4, 4), num_prefix_tokens=1
+    )
     assert backbone.pos_embed.shape == (1, 65, 64)
     assert torch.allclose(backbone.pos_embed, expected, atol=1e-6)
     assert torch.equal(backbone.patch_embed.proj.weight, model.encoder.patch_embed.proj.weight)

@@ -1,5 +1,6 @@
 """The wiring between the command line and what trains: each flag the README names, followed through the
 function the recipe calls (pretrain, finetune, open_run) to the model, the optimiser and the run folder."""
+
 import contextlib
 import io
 import json
@@ -10,13 +11,25 @@ import numpy as np
 import pytest
 import torch
 
+from mpp.cli import parse_config, parse_finetune_config, run_cli
+from mpp.models.masking import RANDOM_PATCH
 from mpp.training import finetune as finetune_module
 from mpp.training import pretrain as train
-from mpp.cli import parse_config, parse_finetune_config, run_cli
 from mpp.training.pretrain_config import lr_at
-from mpp.models.masking import RANDOM_PATCH
 
-TINY = ["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "8", "--workers", "0", "--no-progress"]
+TINY = [
+    "--model",
+    "test_vit",
+    "--img-size",
+    "28",
+    "--patch-size",
+    "7",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--no-progress",
+]
 
 
 def save_images(path: Path, splits: dict[str, int]) -> Path:
@@ -29,8 +42,13 @@ def save_images(path: Path, splits: dict[str, int]) -> Path:
     parts = {}
     for split, n in splits.items():
         # class b is brighter than class a: different enough that the classifier's predictions differ
-        images = [PILImage.fromarray(rng.integers(0, 128, (28, 28, 3), dtype=np.uint8) + np.uint8(128 * (i % 2))) for i in range(n)]
-        parts[split] = Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)], "index": list(range(n))}, features=features)
+        images = [
+            PILImage.fromarray(rng.integers(0, 128, (28, 28, 3), dtype=np.uint8) + np.uint8(128 * (i % 2)))
+            for i in range(n)
+        ]
+        parts[split] = Dataset.from_dict(
+            {"image": images, "label": [i % 2 for i in range(n)], "index": list(range(n))}, features=features
+        )
     DatasetDict(parts).save_to_disk(str(path))
     return path
 
@@ -50,7 +68,9 @@ class StepSpy:
 
         def step(*args, **kwargs):
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            self.grad_norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+            self.grad_norms.append(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+            )
             self.lrs.append([g["lr"] for g in optimizer.param_groups])
             self.also.append(also())
             return real(*args, **kwargs)
@@ -60,9 +80,34 @@ class StepSpy:
 
 # --- pretraining: one short run with every flag away from its default ---
 
-PRETRAIN_FLAGS = ["--max-steps", "6", "--warmup-steps", "10", "--lr", "1e-3", "--min-lr", "1e-5", "--clip-grad", "0.01",
-                  "--checkpoint-every", "1", "--keep-checkpoints", "2", "--log-every", "3", "--mask-ratio", "0.25",
-                  "--mask-probs", "0", "1", "0", "--target", "pixels_l2", "--random-from", "image"]
+PRETRAIN_FLAGS = [
+    "--max-steps",
+    "6",
+    "--warmup-steps",
+    "10",
+    "--lr",
+    "1e-3",
+    "--min-lr",
+    "1e-5",
+    "--clip-grad",
+    "0.01",
+    "--checkpoint-every",
+    "1",
+    "--keep-checkpoints",
+    "2",
+    "--log-every",
+    "3",
+    "--mask-ratio",
+    "0.25",
+    "--mask-probs",
+    "0",
+    "1",
+    "0",
+    "--target",
+    "pixels_l2",
+    "--random-from",
+    "image",
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +125,9 @@ def pretrained(images, tmp_path_factory):
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.setattr(train, "build_optimizer", spying)
-        result = train.pretrain(parse_config([*TINY, *PRETRAIN_FLAGS, "--dataset", str(images), "--output-dir", str(out)]))
+        result = train.pretrain(
+            parse_config([*TINY, *PRETRAIN_FLAGS, "--dataset", str(images), "--output-dir", str(out)])
+        )
     assert len(spies) == 1 and len(spies[0].lrs) == 6
     return result, spies[0], printed.getvalue()
 
@@ -117,7 +164,8 @@ def test_warmup_and_cosine_reach_the_optimiser_and_a_cut_warmup_is_said(pretrain
 
 
 def test_without_a_progress_bar_each_logging_window_is_a_line(pretrained):
-    """--no-progress --log-every 3: a line at steps 3 and 6 with the loss metrics.jsonl records, not silence until the end."""
+    """--no-progress --log-every 3: a line at steps 3 and 6 with the loss metrics.jsonl records, not silence until the
+    end."""
     result, _, printed = pretrained
     lines = [line for line in printed.splitlines() if line.startswith("step ")]
     records = [json.loads(r) for r in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -153,8 +201,19 @@ def test_nonfinite_gradients_exit_1_through_the_recipe(images, tmp_path, monkeyp
     monkeypatch.setattr(MPP, "forward", nan_forward)
     monkeypatch.setattr(os, "_exit", leave)
     out = tmp_path / "run"
-    argv = [*TINY, "--dataset", str(images), "--max-steps", "6", "--log-every", "2", "--max-nonfinite-steps", "2",
-            "--output-dir", str(out)]
+    argv = [
+        *TINY,
+        "--dataset",
+        str(images),
+        "--max-steps",
+        "6",
+        "--log-every",
+        "2",
+        "--max-nonfinite-steps",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda a: train.pretrain(parse_config(a)), argv)
     assert exit_info.value.code == 1
@@ -172,13 +231,17 @@ def test_resume_auto_picks_the_newest_run_with_a_complete_checkpoint(tmp_path, m
     from mpp.training.loop import init_processes, open_run
 
     monkeypatch.chdir(tmp_path)
-    runs = {"20250101-000000": ["step_000002"], "20250102-000000": ["step_000002", "step_000004", ".tmp-step_000006"],
-            "20250103-000000": [".tmp-step_000002"]}
+    runs = {
+        "20250101-000000": ["step_000002"],
+        "20250102-000000": ["step_000002", "step_000004", ".tmp-step_000006"],
+        "20250103-000000": [".tmp-step_000002"],
+    }
     for age, (name, folders) in enumerate(runs.items()):
         for folder in folders:
             (tmp_path / "runs" / name / "checkpoints" / folder).mkdir(parents=True)
             (tmp_path / "runs" / name / "checkpoints" / folder / "trainer_state.json").write_text(
-                json.dumps({"step": int(folder.rsplit("_", 1)[1]), "epoch": 0, "batches_in_epoch": 0, "bad_images": 0}))
+                json.dumps({"step": int(folder.rsplit("_", 1)[1]), "epoch": 0, "batches_in_epoch": 0, "bad_images": 0})
+            )
         os.utime(tmp_path / "runs" / name, (1e9 + age, 1e9 + age))  # oldest first
     run = open_run(init_processes(threads=None), None, "auto", grad_accum=1)
     assert run.run_dir.resolve() == (tmp_path / "runs" / "20250102-000000").resolve()
@@ -201,8 +264,22 @@ def run_finetune(images, tmp_path, argv):
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.setattr(finetune_module, "create_optimizer_v2", spying)
-        results = finetune_module.finetune(parse_finetune_config(
-            [*TINY, "--dataset", str(images), "--init", "scratch", "--max-steps", "2", "--output-dir", str(tmp_path / "run"), *argv]))
+        results = finetune_module.finetune(
+            parse_finetune_config(
+                [
+                    *TINY,
+                    "--dataset",
+                    str(images),
+                    "--init",
+                    "scratch",
+                    "--max-steps",
+                    "2",
+                    "--output-dir",
+                    str(tmp_path / "run"),
+                    *argv,
+                ]
+            )
+        )
     assert len(made) == 1
     return results, spies[0], made[0], printed.getvalue()
 
@@ -226,7 +303,10 @@ def top1_of_saved_weights(weights: Path, images: Path) -> tuple[torch.Tensor, fl
     from mpp import load_backbone, read_metadata
 
     meta, test = read_metadata(weights), load_from_disk(str(images))["test"]
-    x = torch.stack([torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) for image in test["image"]]) / 255  # (M, 3, 28, 28)
+    x = (
+        torch.stack([torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) for image in test["image"]])
+        / 255
+    )  # (M, 3, 28, 28)
     x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         predicted = load_backbone(weights, num_classes=2).eval()(x).argmax(1)
@@ -258,7 +338,8 @@ def test_train_fraction_draws_a_seeded_subset(images):
 
     def rows(fraction, seed):
         data = finetune_module.open_labelled_data(
-            FinetuneConfig(dataset=str(images), train_fraction=fraction, subset_seed=seed, batch_size=2), PartialState())
+            FinetuneConfig(dataset=str(images), train_fraction=fraction, subset_seed=seed, batch_size=2), PartialState()
+        )
         return data.train["index"]
 
     a = rows(0.25, 1)
@@ -279,9 +360,19 @@ def test_ci_fails_a_test_skipped_for_a_missing_data_package(tmp_path):
         "import pytest\n\n"
         "@pytest.mark.skipif(True, reason='apt-get install dataset-fashion-mnist')\ndef test_marked():\n    pass\n\n"
         "def test_at_run_time():\n    pytest.skip('apt-get install openclipart-png')\n\n"
-        "@pytest.mark.skipif(True, reason='not on this platform')\ndef test_other():\n    pass\n")
+        "@pytest.mark.skipif(True, reason='not on this platform')\ndef test_other():\n    pass\n"
+    )
 
-    ci = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(tmp_path)],
-                        capture_output=True, text=True, env={**os.environ, "CI": "true"}, cwd=tmp_path, timeout=300)
+    ci = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CI": "true"},
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert ci.returncode == 1 and "1 skipped" in ci.stdout, ci.stdout[-2000:]
-    assert "missing: apt-get install dataset-fashion-mnist" in ci.stdout and "missing: apt-get install openclipart-png" in ci.stdout
+    assert (
+        "missing: apt-get install dataset-fashion-mnist" in ci.stdout
+        and "missing: apt-get install openclipart-png" in ci.stdout
+    )

@@ -4,6 +4,7 @@ A tier of its own (marker `xla`), in a venv with torch_xla: `bash .ci/xla` (READ
 Without torch_xla every test here is skipped. The runs are in this process, so XLA's graph cache
 is shared between them and torch_xla's metrics count the compilations of each run.
 """
+
 import json
 import os
 
@@ -21,10 +22,25 @@ from mpp.training.finetune import finetune  # noqa: E402
 
 pytestmark = pytest.mark.xla
 if os.environ.get("PJRT_DEVICE") != "CPU":
-    pytest.skip("set PJRT_DEVICE=CPU (XLA's CPU backend); a real TPU is not what this tier tests", allow_module_level=True)
+    pytest.skip(
+        "set PJRT_DEVICE=CPU (XLA's CPU backend); a real TPU is not what this tier tests", allow_module_level=True
+    )
 
-TINY = ["--dataset", "mnist5k", "--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "16",
-        "--no-progress", "--workers", "0"]
+TINY = [
+    "--dataset",
+    "mnist5k",
+    "--model",
+    "test_vit",
+    "--img-size",
+    "28",
+    "--patch-size",
+    "7",
+    "--batch-size",
+    "16",
+    "--no-progress",
+    "--workers",
+    "0",
+]
 STEPS, LOG_EVERY, CHECKPOINT_EVERY = 20, 4, 8
 
 
@@ -48,6 +64,7 @@ def pretrain_counting(argv: list[str], monkeypatch) -> list[tuple[int, int, int]
             if on_step:
                 on_step(step)
             rows.append((step, compilations(), host_reads()))
+
         return real_fit(*args, on_step=count, **kwargs)
 
     monkeypatch.setattr(pretrain_module, "fit", fit)
@@ -60,8 +77,20 @@ def uninterrupted(tmp_path_factory):
     """A 20-step run with checkpoints at 8 and 16: (run folder, per-step counts)."""
     run = tmp_path_factory.mktemp("xla") / "a"
     with pytest.MonkeyPatch.context() as mp:
-        rows = pretrain_counting([*TINY, "--max-steps", str(STEPS), "--log-every", str(LOG_EVERY),
-                                  "--checkpoint-every", str(CHECKPOINT_EVERY), "--output-dir", str(run)], mp)
+        rows = pretrain_counting(
+            [
+                *TINY,
+                "--max-steps",
+                str(STEPS),
+                "--log-every",
+                str(LOG_EVERY),
+                "--checkpoint-every",
+                str(CHECKPOINT_EVERY),
+                "--output-dir",
+                str(run),
+            ],
+            mp,
+        )
     return run, rows
 
 
@@ -88,13 +117,29 @@ def test_no_recompilation_or_host_wait_after_warm_up(uninterrupted):
 def test_resume_is_bit_identical(uninterrupted, tmp_path, monkeypatch):
     run, _ = uninterrupted
     resumed = tmp_path / "b"
-    pretrain_counting([*TINY, "--max-steps", str(STEPS), "--log-every", str(LOG_EVERY), "--checkpoint-every", str(CHECKPOINT_EVERY),
-                       "--output-dir", str(resumed), "--resume", str(run / "checkpoints" / f"step_{CHECKPOINT_EVERY:06d}")], monkeypatch)
+    pretrain_counting(
+        [
+            *TINY,
+            "--max-steps",
+            str(STEPS),
+            "--log-every",
+            str(LOG_EVERY),
+            "--checkpoint-every",
+            str(CHECKPOINT_EVERY),
+            "--output-dir",
+            str(resumed),
+            "--resume",
+            str(run / "checkpoints" / f"step_{CHECKPOINT_EVERY:06d}"),
+        ],
+        monkeypatch,
+    )
     a, b = load_file(run / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key  # tolerance 0: same batches, corruptions, optimiser state
-    records = lambda d: [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["step"] > CHECKPOINT_EVERY]
+    records = lambda d: [
+        r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["step"] > CHECKPOINT_EVERY
+    ]
     assert [r["loss"] for r in records(run)] == [r["loss"] for r in records(resumed)]
 
 
@@ -121,7 +166,10 @@ def fresh_accelerator_state():
 def test_bf16_as_accelerate_offers_it(tmp_path, monkeypatch, fresh_accelerator_state):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     run = tmp_path / "bf16"
-    rows = pretrain_counting([*TINY, "--max-steps", "12", "--log-every", "4", "--checkpoint-every", "4", "--output-dir", str(run)], monkeypatch)
+    rows = pretrain_counting(
+        [*TINY, "--max-steps", "12", "--log-every", "4", "--checkpoint-every", "4", "--output-dir", str(run)],
+        monkeypatch,
+    )
     config = json.loads((run / "run_config.json").read_text())
     assert config["derived"]["mixed_precision"] == "bf16"
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
@@ -148,14 +196,31 @@ def test_fine_tuning_from_mpp_weights_and_its_resume(uninterrupted, digits, tmp_
     run, _ = uninterrupted
     # the checkpoint (step 3) is at the end of epoch 0, which is evaluated while torch_xla's loader
     # thread augments epoch 1 (workers 0): the case that needed data.dataset.seeded's lock
-    common = ["--dataset", str(digits), "--init", str(run / "model.safetensors"), "--batch-size", "8", "--max-steps", "6",
-              "--checkpoint-every", "3", "--no-progress", "--workers", "0"]
+    common = [
+        "--dataset",
+        str(digits),
+        "--init",
+        str(run / "model.safetensors"),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "6",
+        "--checkpoint-every",
+        "3",
+        "--no-progress",
+        "--workers",
+        "0",
+    ]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     result = finetune(parse_finetune_config([*common, "--output-dir", str(whole)]))
     assert result is not None
     results = json.loads((whole / "results.json").read_text())
     assert results["steps"] == 6 and results["eval_images"] == 12 and 0.0 <= results["final_top1"] <= 1.0
-    finetune(parse_finetune_config([*common, "--output-dir", str(resumed), "--resume", str(whole / "checkpoints" / "step_000003")]))
+    finetune(
+        parse_finetune_config(
+            [*common, "--output-dir", str(resumed), "--resume", str(whole / "checkpoints" / "step_000003")]
+        )
+    )
     a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -1,4 +1,8 @@
-"""Fine-tune a timm ViT: from scratch, MPP weights or supervised weights.  accelerate launch recipes/finetune.py --help"""
+"""Fine-tune a timm ViT: from scratch, MPP weights or supervised weights.
+
+accelerate launch recipes/finetune.py --help
+"""
+
 from mpp.cli import EXIT_STOPPED, exit_cleanly, parse_finetune_config, run_cli
 from mpp.training.finetune import finetune
 

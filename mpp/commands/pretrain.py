@@ -1,4 +1,5 @@
 """Masked patch prediction pretraining.  accelerate launch recipes/pretrain_mpp.py --help"""
+
 from accelerate.state import PartialState
 
 from mpp.cli import EXIT_STOPPED, exit_cleanly, parse_config, run_cli

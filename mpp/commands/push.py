@@ -1,4 +1,5 @@
 """Push a finished run folder (a timm hub folder) to the Hugging Face Hub.  python -m mpp push --help"""
+
 import argparse
 from pathlib import Path
 
@@ -9,15 +10,21 @@ from mpp.models.publish import check_can_push, check_hub_folder, publish
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="push_to_hub.py",
-        description="Upload a finished pretraining or fine-tuning run folder (model.safetensors, timm's config.json, the model "
-        "card README.md, run_config.json, metrics.jsonl and summary.json, absolute local paths replaced; nothing else) to a "
+        description="Upload a finished pretraining or fine-tuning run folder (model.safetensors, timm's config.json, "
+        "the model "
+        "card README.md, run_config.json, metrics.jsonl and summary.json, absolute local paths replaced; nothing else) "
+        "to a "
         "Hugging Face model repo, created if needed. "
         "It then loads anywhere with timm.create_model('hf-hub:REPO_ID', pretrained=True).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     p.add_argument("repo_id", metavar="REPO_ID", help="USER/NAME or ORG/NAME")
-    p.add_argument("--private", action="store_true", help="the repo must be private: created private, an existing public repo refused")
+    p.add_argument(
+        "--private",
+        action="store_true",
+        help="the repo must be private: created private, an existing public repo refused",
+    )
     return p
 
 

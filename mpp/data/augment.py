@@ -5,7 +5,7 @@ of torchvision's `v2.Compose([v2.RandomResizedCrop, v2.RandomHorizontalFlip])` (
 a seeded sample gets the same box and flip whichever way it is decoded (--decode):
 
 - `pil`: Pillow decodes the whole image, torchvision crops and resizes it as a PIL image (the path
-  before issue 16, bit for bit);
+  that decoded everything first, bit for bit);
 - `cpu` (default), for baseline RGB or grey JPEGs: when the crop is at least twice the output size,
   Pillow decodes at 1/2, 1/4 or 1/8 scale in the DCT domain (`Image.draft`), never below the output
   resolution, and the box is cropped from that at sub-pixel precision (PIL's `resize(box=...)`, same
@@ -17,6 +17,7 @@ a seeded sample gets the same box and flip whichever way it is decoded (--decode
 
 Other images (PNG, CMYK, EXIF-rotated JPEGs, arrays) take the `pil` path in every mode.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ DRAFT_SCALES = (8, 4, 2)  # the DCT-domain reductions libjpeg offers
 @dataclass(frozen=True)
 class CropBox:
     """Where to crop (in the image as it is shown, rotation applied) and whether to flip it."""
+
     top: int
     left: int
     height: int
@@ -44,6 +46,7 @@ class CropBox:
 class EncodedCrop:
     """A JPEG to be decoded by the training process (--decode gpu): its bytes, its crop, the output
     size and the image's name (for the count of unreadable images)."""
+
     data: bytes
     box: CropBox
     size: int
@@ -86,12 +89,25 @@ class CropFlip:
                 image = pil_to_rgb(image)
                 # libjpeg's reduced pixel i averages full pixels [i * scale, (i + 1) * scale): the map is exactly
                 # 1/scale, not reduced size / full size, which ceil() makes larger (a shift to the bottom right)
-                area = (box.left / scale, box.top / scale, (box.left + box.width) / scale, (box.top + box.height) / scale)
+                area = (
+                    box.left / scale,
+                    box.top / scale,
+                    (box.left + box.width) / scale,
+                    (box.top + box.height) / scale,
+                )
                 return self.finish(as_tensor(image.resize((self.size, self.size), PILImage.BILINEAR, box=area)), box)
             if read is not None:
                 return crop_tensor(decode_jpeg_rgb(read()), box, self.size)
-        out = F.resized_crop(pil_to_rgb(image), box.top, box.left, box.height, box.width, [self.size, self.size],
-                             InterpolationMode.BILINEAR, antialias=True)
+        out = F.resized_crop(
+            pil_to_rgb(image),
+            box.top,
+            box.left,
+            box.height,
+            box.width,
+            [self.size, self.size],
+            InterpolationMode.BILINEAR,
+            antialias=True,
+        )
         return self.finish(as_tensor(out), box)
 
     @staticmethod
@@ -101,7 +117,9 @@ class CropFlip:
 
 def crop_tensor(image: torch.Tensor, box: CropBox, size: int) -> torch.Tensor:
     """(3, H, W) uint8 on any device -> its box resized to (3, size, size) (antialiased bilinear), flipped if asked."""
-    out = F.resized_crop(image, box.top, box.left, box.height, box.width, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    out = F.resized_crop(
+        image, box.top, box.left, box.height, box.width, [size, size], InterpolationMode.BILINEAR, antialias=True
+    )
     return CropFlip.finish(out, box)
 
 
@@ -111,10 +129,14 @@ def decode_jpeg_rgb(data, device="cpu"):
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec, not yet a dependency
+    with (
+        warnings.catch_warnings()
+    ):  # torchvision 0.29 deprecates its decoders in favour of TorchCodec, not yet a dependency
         warnings.simplefilter("ignore", DeprecationWarning)
         if isinstance(data, list):
-            return decode_jpeg([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data], mode=ImageReadMode.RGB, device=device)
+            return decode_jpeg(
+                [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data], mode=ImageReadMode.RGB, device=device
+            )
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
 
 
@@ -130,7 +152,12 @@ def orientation(image: PILImage.Image) -> int:
 
 def deferrable(image: PILImage.Image) -> bool:
     """A JPEG that nvJPEG decodes to the same picture as Pillow: RGB or grey, not yet decoded, no EXIF rotation."""
-    return image.format == "JPEG" and image.mode in ("RGB", "L") and bool(getattr(image, "tile", None)) and orientation(image) == 1
+    return (
+        image.format == "JPEG"
+        and image.mode in ("RGB", "L")
+        and bool(getattr(image, "tile", None))
+        and orientation(image) == 1
+    )
 
 
 def draft_jpeg(image: PILImage.Image, box: CropBox, size: int) -> int | None:
@@ -158,7 +185,9 @@ def defer_or_apply(image: PILImage.Image, data: bytes | None, transform: CropFli
     return transform(image)
 
 
-def decode_deferred(pixels: torch.Tensor, encoded: list[tuple[int, EncodedCrop]], size: int) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+def decode_deferred(
+    pixels: torch.Tensor, encoded: list[tuple[int, EncodedCrop]], size: int
+) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """Decode the batch's deferred JPEGs on pixels' device (nvJPEG on CUDA, libjpeg-turbo on CPU), crop,
     resize and flip each into its slot of pixels (B, 3, size, size) uint8: the code of the `cpu` path,
     on the device. Returns pixels and the slots that failed to decode, with why."""

@@ -3,6 +3,7 @@
 Images are stored as uint8 arrays (Array3D, H x W x C), not encoded files: the whole set sits in
 memory and a batch is one Arrow slice, with no per-image PIL decoding.
 """
+
 import gzip
 from pathlib import Path
 
@@ -12,7 +13,18 @@ from datasets import Array3D, ClassLabel, Dataset, Features
 from mpp.data.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, class_of, load_clipart
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 
 
 def _array_dataset(images: np.ndarray, labels: np.ndarray | None, class_names: list[str] | None) -> Dataset:
@@ -147,14 +159,33 @@ CLIPART_SPLITS = ("train", "validation", "test")
 # Disjoint label spaces for the colour transfer setting, 7 of the 14 classes each: snake order over the
 # classes sorted by size (1st, 4th, 5th, 8th, 9th, 12th, 13th upstream), which balances image counts
 # (446 upstream, 407 downstream) and puts animals and food on both sides.
-CLIPART_UPSTREAM = ["animals/mammals", "food/desserts", "transportation/roadsigns", "food/beverages",
-                    "recreation/sports", "animals/birds", "recreation/holiday"]
-CLIPART_DOWNSTREAM = ["food/fruit", "recreation/music", "people/clothing", "computer/hardware",
-                      "transportation/vehicles", "animals/bugs", "buildings/homes"]
+CLIPART_UPSTREAM = [
+    "animals/mammals",
+    "food/desserts",
+    "transportation/roadsigns",
+    "food/beverages",
+    "recreation/sports",
+    "animals/birds",
+    "recreation/holiday",
+]
+CLIPART_DOWNSTREAM = [
+    "food/fruit",
+    "recreation/music",
+    "people/clothing",
+    "computer/hardware",
+    "transportation/vehicles",
+    "animals/bugs",
+    "buildings/homes",
+]
 
 
-def clipart(split: str = "train", root: Path = OPENCLIPART_DIR, classes: list[str] = CLIPART_CLASSES,
-            subset: list[str] | None = None, name: str = "clipart") -> Dataset:
+def clipart(
+    split: str = "train",
+    root: Path = OPENCLIPART_DIR,
+    classes: list[str] = CLIPART_CLASSES,
+    subset: list[str] | None = None,
+    name: str = "clipart",
+) -> Dataset:
     """Clip art of the class folders (mpp/data/clipart.py), 64x64 colour; label = index in `subset`
     (default: all `classes`). Splits 'train', 'validation', 'test' (about 70/15/15 of each class, drawn
     by groups of the same drawing: no drawing is in two splits)."""
@@ -187,15 +218,23 @@ def colour_mix(split: str = "train", root: Path = OPENCLIPART_DIR, photo_crops: 
     if photo_crops is None:
         photo_crops = 4000 if split == "train" else 800
     crops = photos(split, photo_crops)
-    return _array_dataset(np.concatenate([data["images"][keep], np.asarray(crops.with_format("numpy")["image"])]), None, None)
+    return _array_dataset(
+        np.concatenate([data["images"][keep], np.asarray(crops.with_format("numpy")["image"])]), None, None
+    )
 
 
 # The splits of each built-in set, checked with the flags before anything is loaded (each function refuses
 # other names too, naming the same splits).
 BUILTIN_SPLITS = {
-    "mnist5k": ("train",), "fashion-mnist": ("train", "test"), "photos": PHOTOS_SPLITS,
-    "fashion-mnist-upstream": ("train", "validation", "test"), "fashion-mnist-downstream": ("train", "validation", "test"),
-    "clipart": CLIPART_SPLITS, "clipart-upstream": CLIPART_SPLITS, "clipart-downstream": CLIPART_SPLITS, "colour-mix": CLIPART_SPLITS,
+    "mnist5k": ("train",),
+    "fashion-mnist": ("train", "test"),
+    "photos": PHOTOS_SPLITS,
+    "fashion-mnist-upstream": ("train", "validation", "test"),
+    "fashion-mnist-downstream": ("train", "validation", "test"),
+    "clipart": CLIPART_SPLITS,
+    "clipart-upstream": CLIPART_SPLITS,
+    "clipart-downstream": CLIPART_SPLITS,
+    "colour-mix": CLIPART_SPLITS,
 }
 
 
@@ -208,8 +247,13 @@ def check_split(dataset: str, split: str, flag: str) -> None:
 
 
 BUILTIN_DATASETS = {
-    "mnist5k": mnist5k, "fashion-mnist": fashion_mnist, "photos": photos,
-    "fashion-mnist-upstream": fashion_mnist_upstream, "fashion-mnist-downstream": fashion_mnist_downstream,
-    "clipart": clipart, "clipart-upstream": clipart_upstream, "clipart-downstream": clipart_downstream,
+    "mnist5k": mnist5k,
+    "fashion-mnist": fashion_mnist,
+    "photos": photos,
+    "fashion-mnist-upstream": fashion_mnist_upstream,
+    "fashion-mnist-downstream": fashion_mnist_downstream,
+    "clipart": clipart,
+    "clipart-upstream": clipart_upstream,
+    "clipart-downstream": clipart_downstream,
     "colour-mix": colour_mix,
 }

@@ -7,6 +7,7 @@ Dropped: "Linked Image Not Found" placeholders, images blank after compositing, 
 drawing (recoloured, black and white, mirrored, rescaled, renamed: mpp/data/near_duplicates.py) form a
 group, and splits are drawn by group, so no drawing sits in two splits.
 """
+
 import hashlib
 import os
 import sys
@@ -34,14 +35,27 @@ SPLIT_FRACTIONS = {"train": 0.70, "validation": 0.15, "test": 0.15}
 # blue figure), people/smilies (one yellow face), transportation/aiga-symbols (one pictogram style),
 # recreation/party (balloons); and those under 38 (e.g. food/meats_and_eggs 30, plants/flowers 32).
 CLIPART_CLASSES = [
-    "animals/birds", "animals/bugs", "animals/mammals", "buildings/homes", "computer/hardware",
-    "food/beverages", "food/desserts", "food/fruit", "people/clothing", "recreation/holiday",
-    "recreation/music", "recreation/sports", "transportation/roadsigns", "transportation/vehicles",
+    "animals/birds",
+    "animals/bugs",
+    "animals/mammals",
+    "buildings/homes",
+    "computer/hardware",
+    "food/beverages",
+    "food/desserts",
+    "food/fruit",
+    "people/clothing",
+    "recreation/holiday",
+    "recreation/music",
+    "recreation/sports",
+    "transportation/roadsigns",
+    "transportation/vehicles",
 ]
 
 
 def missing_package_error(root: Path) -> FileNotFoundError:
-    return FileNotFoundError(f"openclipart PNGs not found under {root}: install them with 'apt-get install openclipart-png'")
+    return FileNotFoundError(
+        f"openclipart PNGs not found under {root}: install them with 'apt-get install openclipart-png'"
+    )
 
 
 def path_hash(relpath: str) -> int:
@@ -131,14 +145,18 @@ def decode(file: Path, root: Path) -> Decoded:
         return Decoded(path, None, "", "unreadable")
     digest = hashlib.sha1(f"{rgba.size}".encode() + rgba.tobytes()).hexdigest()
     scale = min(1.0, 512 / max(rgba.size))
-    probe = rgba.resize((max(1, round(rgba.width * scale)), max(1, round(rgba.height * scale))), Image.NEAREST)  # keeps pure colours
+    probe = rgba.resize(
+        (max(1, round(rgba.width * scale)), max(1, round(rgba.height * scale))), Image.NEAREST
+    )  # keeps pure colours
     if is_placeholder(np.asarray(probe)):
         return Decoded(path, None, digest, "placeholder")
     image = to_square(rgba)
     if (image == image[0, 0]).all():
         return Decoded(path, None, digest, "blank")
     grey, edges = drawing_descriptors(to_square(rgba, SOURCE_SIZE))
-    return Decoded(path, image, digest, "", grey.astype(np.float16), edges.astype(np.float16))  # as the cache keeps them
+    return Decoded(
+        path, image, digest, "", grey.astype(np.float16), edges.astype(np.float16)
+    )  # as the cache keeps them
 
 
 def class_of(path: str, classes: list[str]) -> int:
@@ -202,17 +220,25 @@ def decode_all(root: Path) -> list[Decoded]:
         return decoded
     say = os.environ.get("RANK", "0") == "0"  # one line per launch, not per process
     if say:  # minutes of silence otherwise, the first time only
-        print(f"clip art: decoding {len(files)} PNGs once into {cache} (a few minutes on 2 cores; later loads read it) ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"clip art: decoding {len(files)} PNGs once into {cache} (a few minutes on 2 cores; later loads read it) "
+            "...",
+            file=sys.stderr,
+            flush=True,
+        )
     decoded = [decode(f, root) for f in files]
     kept = [d for d in decoded if not d.dropped]
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, images=_stack([d.image for d in kept], (SIZE, SIZE, 3), np.uint8),
-             grey=_stack([d.grey for d in kept], (DESCRIPTOR, DESCRIPTOR), np.float16),
-             edges=_stack([d.edges for d in kept], (DESCRIPTOR, DESCRIPTOR), np.float16),
-             paths=np.array([d.path for d in decoded]), sha1=np.array([d.pixels_sha1 for d in decoded]),
-             dropped=np.array([d.dropped for d in decoded]))
+    np.savez(
+        tmp,
+        images=_stack([d.image for d in kept], (SIZE, SIZE, 3), np.uint8),
+        grey=_stack([d.grey for d in kept], (DESCRIPTOR, DESCRIPTOR), np.float16),
+        edges=_stack([d.edges for d in kept], (DESCRIPTOR, DESCRIPTOR), np.float16),
+        paths=np.array([d.path for d in decoded]),
+        sha1=np.array([d.pixels_sha1 for d in decoded]),
+        dropped=np.array([d.dropped for d in decoded]),
+    )
     os.replace(tmp, cache)  # atomic: concurrent builders write the same content
     if say:
         print(f"clip art: {len(kept)} of {len(files)} PNGs kept, cached", file=sys.stderr, flush=True)
@@ -225,8 +251,13 @@ def drawing_groups_cached(root: Path, kept: list[Decoded]) -> np.ndarray:
     decoded images under a key of the kept images and GROUPS_VERSION."""
     paths = [d.path for d in kept]
     grey, edges = (np.stack([getattr(d, k) for d in kept]).astype(np.float32) for k in ("grey", "edges"))
-    key = hashlib.sha1(repr((GROUPS_VERSION, str(root))).encode() + "\0".join(paths).encode() + grey.tobytes() + edges.tobytes())
-    cache = Path(os.environ.get("MPP_CACHE") or Path.home() / ".cache" / "mpp") / f"clipart-{GROUPS_VERSION}-{key.hexdigest()[:16]}.npy"
+    key = hashlib.sha1(
+        repr((GROUPS_VERSION, str(root))).encode() + "\0".join(paths).encode() + grey.tobytes() + edges.tobytes()
+    )
+    cache = (
+        Path(os.environ.get("MPP_CACHE") or Path.home() / ".cache" / "mpp")
+        / f"clipart-{GROUPS_VERSION}-{key.hexdigest()[:16]}.npy"
+    )
     if cache not in _grouped:
         if cache.exists():
             _grouped[cache] = np.load(cache, allow_pickle=False)
@@ -253,5 +284,10 @@ def load_clipart(root: Path = OPENCLIPART_DIR, classes: list[str] = CLIPART_CLAS
     groups = drawing_groups_cached(Path(root), kept) if kept else np.zeros(0, np.int64)
     # the standard classes balance the deal whatever `classes` is asked, so every set built from the
     # package (clipart, its halves, colour-mix) sees the same split of each drawing
-    return {"images": images, "paths": np.array(paths), "groups": groups, "splits": group_splits(paths, groups, CLIPART_CLASSES),
-            "dropped": dropped}
+    return {
+        "images": images,
+        "paths": np.array(paths),
+        "groups": groups,
+        "splits": group_splits(paths, groups, CLIPART_CLASSES),
+        "dropped": dropped,
+    }

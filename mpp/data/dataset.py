@@ -4,6 +4,7 @@
 parquet files, webdataset .tar shards, or a Hugging Face Hub id. Every kind except save_to_disk
 goes through datasets.load_dataset, so the Hub path is the same code as the local ones.
 """
+
 import glob
 import io
 import itertools
@@ -16,7 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Array2D, Array3D, ClassLabel, Dataset, DatasetDict, Image, IterableDataset, load_dataset, load_from_disk
+from datasets import (
+    Array2D,
+    Array3D,
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Image,
+    IterableDataset,
+    load_dataset,
+    load_from_disk,
+)
 from PIL import Image as PILImage
 from PIL import ImageOps
 
@@ -29,8 +40,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 def _looks_like_path(name: str) -> bool:
     """Hub ids are 'name' or 'owner/name'; anything else with path syntax was meant as a path, and so was
     'data/mine' when a local folder 'data' exists (the Hub would be asked, with retries, for nothing)."""
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in (".parquet", ".tar", ".arrow")
-            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()))
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or Path(name).suffix.lower() in (".parquet", ".tar", ".arrow")
+        or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())
+    )
 
 
 def _local_files(path: str) -> list[str]:
@@ -100,7 +115,9 @@ def load_images(
         elif path.is_dir():
             builder, kwargs = "imagefolder", dict(data_dir=str(path))
         else:
-            raise UsageError(f"--dataset {dataset}: expected a folder, .parquet files or .tar shards, found {sorted(suffixes)}")
+            raise UsageError(
+                f"--dataset {dataset}: expected a folder, .parquet files or .tar shards, found {sorted(suffixes)}"
+            )
         return _load(builder, split, streaming, **kwargs)
 
     if _looks_like_path(dataset):
@@ -168,12 +185,16 @@ def to_levels(a: np.ndarray, what: str = "array") -> np.ndarray:
     if np.issubdtype(a.dtype, np.floating):
         low, high = np.min(a), np.max(a)  # NaN propagates, and fails the test below
         if not (low >= 0 and high <= 1):
-            raise ValueError(f"{what}: float values must lie in [0, 1], found {low:g}..{high:g} (store uint8 0..255 or floats 0..1)")
+            raise ValueError(
+                f"{what}: float values must lie in [0, 1], found {low:g}..{high:g} (store uint8 0..255 or floats 0..1)"
+            )
         return np.floor(a.astype(np.float64) * 255 + 0.5).astype(np.uint8)
     if np.issubdtype(a.dtype, np.integer):
         low, high = int(np.min(a)), int(np.max(a))
         if low < 0 or high > 255:
-            raise ValueError(f"{what}: {a.dtype} values must lie in 0..255, found {low}..{high} (only uint16 is read as 16-bit)")
+            raise ValueError(
+                f"{what}: {a.dtype} values must lie in 0..255, found {low}..{high} (only uint16 is read as 16-bit)"
+            )
         return a.astype(np.uint8)
     raise ValueError(f"{what}: unsupported dtype {a.dtype}")
 
@@ -188,7 +209,9 @@ def pil_to_rgb(img: PILImage.Image) -> PILImage.Image:
     if img.mode == "I" or img.mode.startswith("I;16"):
         a = np.asarray(img).astype(np.int64)
         if a.size and (a.min() < 0 or a.max() > 65535):
-            raise ValueError(f"mode {img.mode} values must lie in 0..65535 (read as 16-bit), found {a.min()}..{a.max()}")
+            raise ValueError(
+                f"mode {img.mode} values must lie in 0..65535 (read as 16-bit), found {a.min()}..{a.max()}"
+            )
         img = PILImage.fromarray(to_levels(a.astype(np.uint16), f"mode {img.mode} image"))
     elif img.mode == "F":
         img = PILImage.fromarray(to_levels(np.asarray(img), "mode F image"))
@@ -217,7 +240,9 @@ def _array_to_rgb(a: np.ndarray) -> torch.Tensor | PILImage.Image:
     elif a.ndim == 3:
         first, last = shape[0] in CHANNELS, shape[-1] in CHANNELS
         if first and last:
-            raise ValueError(f"array of shape {shape} is ambiguous: channels first or last? (C must be 1, 3 or 4 at one end only)")
+            raise ValueError(
+                f"array of shape {shape} is ambiguous: channels first or last? (C must be 1, 3 or 4 at one end only)"
+            )
         if not (first or last):
             raise ValueError(f"array of shape {shape}: no channel axis of 1, 3 or 4 at either end")
         if first:
@@ -295,7 +320,11 @@ def augment_value(value, transform, name: str, defer: bool = False):
             if opened is None:
                 return BadImage(name, "empty image entry")
             with opened:
-                return defer_or_apply(opened, read_bytes(value), transform, name) if defer else transform(opened, lambda: read_bytes(value))
+                return (
+                    defer_or_apply(opened, read_bytes(value), transform, name)
+                    if defer
+                    else transform(opened, lambda: read_bytes(value))
+                )
         except Exception as e:  # as open_image: truncated, corrupt, not an image, ...
             return BadImage(name, why(e))
     image, problem = open_image(value)
@@ -363,7 +392,9 @@ class AugmentedImages(torch.utils.data.Dataset):
     """A map-style dataset of augmented (3, H, W) uint8 tensors, with their labels when label_column
     is given; broken images become BadImage."""
 
-    def __init__(self, ds: Dataset, image_column: str, transform, seed: int, label_column: str | None = None, defer: bool = False):
+    def __init__(
+        self, ds: Dataset, image_column: str, transform, seed: int, label_column: str | None = None, defer: bool = False
+    ):
         columns = [image_column] + ([label_column] if label_column else [])
         self.ds = prepare_columns(ds, image_column, columns)
         if isinstance(self.ds.features[image_column], (Array3D, Array2D)):
@@ -392,20 +423,28 @@ class AugmentedImages(torch.utils.data.Dataset):
         rows = self.ds[indices]  # one Arrow read per batch instead of one per image
         # one seed per batch, from its first index (unique within an epoch): the same batches get
         # the same augmentation whatever the number of workers, and after a resume
-        images = seeded(self._augment_all, list(zip(rows[self.column], indices)), sample_seed(self.seed, epoch, indices[0]))
+        images = seeded(
+            self._augment_all, list(zip(rows[self.column], indices)), sample_seed(self.seed, epoch, indices[0])
+        )
         if self.label_column is None:
             return images
-        return [x if isinstance(x, BadImage) else BadImage(f"#{i}", "missing label") if _missing(y) else (x, int(y))
-                for x, y, i in zip(images, rows[self.label_column], indices)]
+        return [
+            x if isinstance(x, BadImage) else BadImage(f"#{i}", "missing label") if _missing(y) else (x, int(y))
+            for x, y, i in zip(images, rows[self.label_column], indices)
+        ]
 
     def _augment_all(self, values_and_indices):
-        return [augment_value(value, self.transform, _describe(value, index), self.defer) for value, index in values_and_indices]
+        return [
+            augment_value(value, self.transform, _describe(value, index), self.defer)
+            for value, index in values_and_indices
+        ]
 
 
 @dataclass
 class StreamPosition:
     """How far a streaming run got into an epoch: the batches each DataLoader worker had delivered
     (each worker reads its own shards of the stream) and the worker whose batch comes next."""
+
     epoch: int = 0
     worker_batches: tuple[int, ...] = (0,)
     next_worker: int = 0
@@ -419,8 +458,11 @@ class StreamPosition:
             b = state["batches_in_epoch"]
             return cls(state["epoch"], tuple(b // n + (w < b % n) for w in range(n)), b % n)
         if len(counts) != n and sum(counts):
-            raise UsageError(f"--workers {workers}: this streaming run was checkpointed with {len(counts) if len(counts) > 1 else 0} "
-                             f"loader workers, and each reads its own part of the stream; resume it with that many")
+            raise UsageError(
+                f"--workers {workers}: this streaming run was checkpointed with "
+                f"{len(counts) if len(counts) > 1 else 0} "
+                f"loader workers, and each reads its own part of the stream; resume it with that many"
+            )
         return cls(state["epoch"], tuple(counts) if len(counts) == n else (0,) * n, state.get("stream_next_worker", 0))
 
 
@@ -438,8 +480,17 @@ class AugmentedStream(torch.utils.data.IterableDataset):
     StreamLoader drops, so the turn order continues where it stopped.
     """
 
-    def __init__(self, ds: IterableDataset, image_column: str, transform, seed: int, rank: int = 0,
-                 batch_size: int = 1, resume: StreamPosition | None = None, defer: bool = False):
+    def __init__(
+        self,
+        ds: IterableDataset,
+        image_column: str,
+        transform,
+        seed: int,
+        rank: int = 0,
+        batch_size: int = 1,
+        resume: StreamPosition | None = None,
+        defer: bool = False,
+    ):
         self.ds = prepare_columns(ds, image_column)
         self.column = image_column
         self.transform = transform
@@ -466,7 +517,11 @@ class AugmentedStream(torch.utils.data.IterableDataset):
         # iterating self.ds in a worker reads that worker's shards only (datasets splits them)
         for j, row in itertools.islice(enumerate(self.ds), consumed, None):  # skipped rows are read, not decoded
             value = row[self.column]
-            yield seeded(lambda v: augment_value(v, self.transform, _describe(v, j), self.defer), value, sample_seed(seed, self.epoch, j))
+            yield seeded(
+                lambda v, j=j: augment_value(v, self.transform, _describe(v, j), self.defer),
+                value,
+                sample_seed(seed, self.epoch, j),
+            )
 
     @staticmethod
     def collate(items: list) -> dict:
@@ -538,7 +593,9 @@ def stack_images(images: list) -> torch.Tensor:
     if all(isinstance(x, torch.Tensor) for x in images):
         return torch.stack(images)
     size = next(x.shape[-1] if isinstance(x, torch.Tensor) else x.size for x in images)
-    return torch.stack([x if isinstance(x, torch.Tensor) else torch.zeros(3, size, size, dtype=torch.uint8) for x in images])
+    return torch.stack(
+        [x if isinstance(x, torch.Tensor) else torch.zeros(3, size, size, dtype=torch.uint8) for x in images]
+    )
 
 
 # The evaluation view: the shorter side resized to the input size (bilinear), then the centre crop
@@ -547,7 +604,9 @@ def stack_images(images: list) -> torch.Tensor:
 EVAL_INTERPOLATION, EVAL_CROP_PCT, EVAL_CROP_MODE = "bilinear", 1.0, "center"
 
 
-def timm_transform(img_size: int, training: bool, crop_scale=(0.35, 1.0), hflip: float = 0.5, auto_augment: str | None = None):
+def timm_transform(
+    img_size: int, training: bool, crop_scale=(0.35, 1.0), hflip: float = 0.5, auto_augment: str | None = None
+):
     """timm's own transforms (RandomResizedCrop, flip, RandAugment; or resize + centre crop for
     evaluation) on RGB PIL images or (3, H, W) uint8 tensors, returning uint8 tensors: normalisation
     happens on the device."""
@@ -555,15 +614,30 @@ def timm_transform(img_size: int, training: bool, crop_scale=(0.35, 1.0), hflip:
     from torchvision.transforms.v2.functional import to_pil_image
 
     if training:
-        tf = create_transform(img_size, is_training=True, scale=tuple(crop_scale), hflip=hflip, auto_augment=auto_augment,
-                              color_jitter=None, normalize=False)
+        tf = create_transform(
+            img_size,
+            is_training=True,
+            scale=tuple(crop_scale),
+            hflip=hflip,
+            auto_augment=auto_augment,
+            color_jitter=None,
+            normalize=False,
+        )
     else:
-        tf = create_transform(img_size, is_training=False, interpolation=EVAL_INTERPOLATION, crop_pct=EVAL_CROP_PCT,
-                              crop_mode=EVAL_CROP_MODE, normalize=False)
+        tf = create_transform(
+            img_size,
+            is_training=False,
+            interpolation=EVAL_INTERPOLATION,
+            crop_pct=EVAL_CROP_PCT,
+            crop_mode=EVAL_CROP_MODE,
+            normalize=False,
+        )
     return lambda image: tf(image if isinstance(image, PILImage.Image) else to_pil_image(image))
 
 
-def train_transform(img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5, decode: str = "cpu"):
+def train_transform(
+    img_size: int, crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5, decode: str = "cpu"
+):
     """Pretraining augmentation: RandomResizedCrop and horizontal flip (augment.CropFlip: torchvision's
     draws; decode 'cpu': JPEGs decoded the cheapest way that keeps the crop's resolution, 'pil': as
     before, by Pillow in full), on RGB PIL images, opened JPEGs or (3, H, W) uint8 tensors, returning
@@ -580,7 +654,9 @@ def resize_square(image: torch.Tensor, img_size: int) -> torch.Tensor:
     return center_crop(resize(image, img_size, antialias=True), img_size)
 
 
-def sample_images(dataset: str, split: str, config: str | None, column: str | None, count: int, seed: int, img_size: int):
+def sample_images(
+    dataset: str, split: str, config: str | None, column: str | None, count: int, seed: int, img_size: int
+):
     """(count, 3, img_size, img_size) uint8: random readable images, resized and centre-cropped."""
     ds = load_images(dataset, split, config)
     column = find_image_column(ds, column)
@@ -606,9 +682,14 @@ def find_label_column(ds, requested: str | None) -> str:
         if requested not in names:
             raise UsageError(f"--label-column {requested!r} not in the dataset; columns: {', '.join(names)}")
         return requested
-    labels = [n for n in names if isinstance(ds.features[n], ClassLabel)] or [n for n in names if n in ("label", "labels")]
+    labels = [n for n in names if isinstance(ds.features[n], ClassLabel)] or [
+        n for n in names if n in ("label", "labels")
+    ]
     if len(labels) != 1:
-        raise UsageError(f"fine-tuning needs labels: found no single label column among {', '.join(names)}; name it with --label-column")
+        raise UsageError(
+            f"fine-tuning needs labels: found no single label column among {', '.join(names)}; name it with "
+            "--label-column"
+        )
     return labels[0]
 
 
@@ -630,7 +711,9 @@ def low_label_subset(ds, label_column: str, per_class: int | None, fraction: flo
     else:
         classes, counts = np.unique(labels, return_counts=True)
         if per_class > counts.min():
-            raise UsageError(f"--train-per-class {per_class}: class {classes[counts.argmin()]} has only {counts.min()} examples")
+            raise UsageError(
+                f"--train-per-class {per_class}: class {classes[counts.argmin()]} has only {counts.min()} examples"
+            )
         picked = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes])
     return ds.select(np.sort(picked))
 
@@ -646,8 +729,15 @@ def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(order[np.argsort(rank[order], kind="stable")][:limit])
 
 
-def labelled_images(dataset: str, split: str, img_size: int, per_class: int | None = None, limit: int | None = None,
-                    seed: int = 0, label_column: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_images(
+    dataset: str,
+    split: str,
+    img_size: int,
+    per_class: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    label_column: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A labelled split as (M, 3, img_size, img_size) uint8 images (resized, centre-cropped) and (M,) labels,
     for frozen-feature evaluation: per_class examples of each class, and/or `limit` examples balanced
     over the classes (both seeded; a folder is stored class by class, so its first rows would not do)."""

@@ -1,7 +1,7 @@
 """The DataLoader of a map-style training set: seeded full batches per epoch, one stream across epochs.
 
 Starting worker processes anew at every epoch cost a GPU run ~half its throughput for the first
-batches of each epoch (../shared/FACTS.md: 1,300 img/s against 3,000 on an H200). Persistent workers
+batches of each epoch (measured on an H200: 1,300 img/s against 3,000). Persistent workers
 alone do not remove the dip: at every epoch the loader's iterator is reset and the first batch waits
 for one worker to build all of it (an H100 run with 20-step epochs still lost ~0.35 s at every epoch
 start, benchmarks/results/bench_loop_cuda.md). So EpochBatches runs on from one epoch into the next
@@ -10,6 +10,7 @@ workers are already building the next epoch's first batches while this epoch's l
 Each index carries its epoch, so the augmentation seeds (data.sample_seed) follow it exactly as with
 an iterator per epoch; a resume skips into the stream as before.
 """
+
 import os
 import signal
 
@@ -35,14 +36,16 @@ class EpochBatches(torch.utils.data.Sampler):
         return self.length // self.batch_size // self.processes * self.processes
 
     def epoch_order(self, epoch: int) -> list[int]:
-        return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
+        return torch.randperm(
+            self.length, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        ).tolist()
 
     def __iter__(self):
         epoch = self.epoch
         while True:
             order = self.epoch_order(epoch)
             for b in range(len(self)):
-                yield [(epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+                yield [(epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
             if not self.span:
                 return
             epoch += 1
@@ -59,8 +62,9 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def training_loader(images, batch_size: int, seed: int, workers: int, device: torch.device, collate_fn,
-                    processes: int = 1) -> torch.utils.data.DataLoader:
+def training_loader(
+    images, batch_size: int, seed: int, workers: int, device: torch.device, collate_fn, processes: int = 1
+) -> torch.utils.data.DataLoader:
     """Shuffled full batches (static shapes: every step sees a full batch) of a map-style dataset whose
     __getitems__ takes (epoch, index) pairs (data.AugmentedImages); loader.batch_sampler is the EpochBatches."""
     return torch.utils.data.DataLoader(

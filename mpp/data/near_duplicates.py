@@ -16,6 +16,7 @@ Two images are linked when any of these holds, and a group is everything linked,
   name a colour variant dropped, each token cut to its first STEM_CHARS letters (spelling variants);
 - they have the same file name in any two folders.
 """
+
 import re
 from pathlib import PurePosixPath
 
@@ -31,8 +32,28 @@ GREY_THRESHOLD = 0.90
 EDGE_THRESHOLD = 0.86
 INK_TOLERANCE = 10  # levels below the background that count as drawn
 STEM_CHARS = 5
-VARIANT_WORDS = {"bw", "colour", "color", "colored", "coloured", "colors", "colours", "grey", "gray", "greyscale", "grayscale",
-                 "outline", "outlined", "lineart", "black", "white", "blackwhite", "mono", "monochrome", "version"}
+VARIANT_WORDS = {
+    "bw",
+    "colour",
+    "color",
+    "colored",
+    "coloured",
+    "colors",
+    "colours",
+    "grey",
+    "gray",
+    "greyscale",
+    "grayscale",
+    "outline",
+    "outlined",
+    "lineart",
+    "black",
+    "white",
+    "blackwhite",
+    "mono",
+    "monochrome",
+    "version",
+}
 
 
 def drawing_box(image: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
@@ -118,5 +139,7 @@ def connected_groups(count: int, pairs: np.ndarray) -> np.ndarray:
 def drawing_groups(grey: np.ndarray, edges: np.ndarray, paths: list[str]) -> np.ndarray:
     """(M,) group id per image (the index of the group's first image): the same drawing by look (grey and
     edge descriptors, each (M, DESCRIPTOR, DESCRIPTOR)) or by name."""
-    pairs = np.concatenate([similar_pairs(grey, GREY_THRESHOLD), similar_pairs(edges, EDGE_THRESHOLD), name_pairs(paths)])
+    pairs = np.concatenate(
+        [similar_pairs(grey, GREY_THRESHOLD), similar_pairs(edges, EDGE_THRESHOLD), name_pairs(paths)]
+    )
     return connected_groups(len(paths), pairs)

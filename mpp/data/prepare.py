@@ -6,6 +6,7 @@ Every split becomes `<split>-NNNNN-of-NNNNN.parquet` files (the Hub's naming) wi
 class names; mpp.data.dataset.load_images reads such a folder split by split. Unreadable images are counted,
 named in the report and left out, never fatal.
 """
+
 import functools
 import io
 import json
@@ -20,7 +21,16 @@ import numpy as np
 from datasets import Array2D, Array3D, ClassLabel, Features, Image, Value
 from PIL import Image as PILImage
 
-from mpp.data.dataset import SPLIT_FILE, _local_files, find_image_column, find_label_column, is_sidecar, load_images, open_image, prepare_columns
+from mpp.data.dataset import (
+    SPLIT_FILE,
+    _local_files,
+    find_image_column,
+    find_label_column,
+    is_sidecar,
+    load_images,
+    open_image,
+    prepare_columns,
+)
 from mpp.errors import UsageError
 
 DEFAULT_SPLITS = ("train", "validation", "test")
@@ -31,7 +41,9 @@ RESAMPLE = PILImage.BICUBIC
 MAX_BAD_EXAMPLES = 10
 
 
-def check_request(dest: str, short_side: int, quality: int, shard_size: int, num_proc: int, splits: list[str] | None) -> None:
+def check_request(
+    dest: str, short_side: int, quality: int, shard_size: int, num_proc: int, splits: list[str] | None
+) -> None:
     """Every argument that can be checked without loading anything; one-line UsageErrors."""
     path = Path(dest).expanduser()
     if path.exists() and not path.is_dir():
@@ -41,7 +53,9 @@ def check_request(dest: str, short_side: int, quality: int, shard_size: int, num
     if short_side < 16:
         raise UsageError(f"--short-side {short_side}: must be at least 16 pixels")
     if not 1 <= quality <= 95:
-        raise UsageError(f"--quality {quality}: must be in 1..95 (Pillow's JPEG quality; above 95 only grows the files)")
+        raise UsageError(
+            f"--quality {quality}: must be in 1..95 (Pillow's JPEG quality; above 95 only grows the files)"
+        )
     if shard_size < 1:
         raise UsageError(f"--shard-size {shard_size}: must be at least 1 image per shard")
     if num_proc < 1:
@@ -57,7 +71,11 @@ def loose_files(source: str) -> bool:
     """Parquet or .tar files not named <split>-NNNNN-of-NNNNN (a README.md or report beside them aside):
     load_images gives them to whatever split is asked, so they are one split (train), not three copies of it."""
     path = Path(source).expanduser()
-    if not (path.exists() or any(c in source for c in "*?[")) or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+    if (
+        not (path.exists() or any(c in source for c in "*?["))
+        or (path / "state.json").exists()
+        or (path / "dataset_dict.json").exists()
+    ):
         return False
     files = [f for f in _local_files(source) if not is_sidecar(f)]
     suffixes = {Path(f).suffix.lower() for f in files}
@@ -113,7 +131,9 @@ def _missing(label) -> bool:
     return label is None or (isinstance(label, (float, np.floating)) and np.isnan(label))
 
 
-def reencode_batch(batch: dict, indices: list[int], image_column: str, label_column: str | None, short_side: int, quality: int) -> dict:
+def reencode_batch(
+    batch: dict, indices: list[int], image_column: str, label_column: str | None, short_side: int, quality: int
+) -> dict:
     """Dataset.map function: each image decoded, shrunk and re-encoded, or left empty with its name and
     why (an unreadable file); labels passed through."""
     out = {"image": [], "bad_name": [], "bad_reason": []}
@@ -134,12 +154,23 @@ def reencode_batch(batch: dict, indices: list[int], image_column: str, label_col
             out["bad_name"].append("")
             out["bad_reason"].append("")
     if label_column is not None:
-        out["label"] = [None if _missing(y) else y.item() if isinstance(y, np.generic) else y for y in batch[label_column]]
+        out["label"] = [
+            None if _missing(y) else y.item() if isinstance(y, np.generic) else y for y in batch[label_column]
+        ]
     return out
 
 
-def prepare_split(ds, split: str, dest: Path, scratch: Path, image_column: str | None, short_side: int, quality: int,
-                  shard_size: int, num_proc: int) -> dict:
+def prepare_split(
+    ds,
+    split: str,
+    dest: Path,
+    scratch: Path,
+    image_column: str | None,
+    short_side: int,
+    quality: int,
+    shard_size: int,
+    num_proc: int,
+) -> dict:
     """Re-encode one split into dest/<split>-NNNNN-of-NNNNN.parquet; returns its report."""
     start = time.perf_counter()
     column = find_image_column(ds, image_column)
@@ -151,14 +182,24 @@ def prepare_split(ds, split: str, dest: Path, scratch: Path, image_column: str |
     if label:
         features["label"] = ds.features[label]  # ClassLabel names (or the source's own label type) kept
     encoded = ds.map(
-        functools.partial(reencode_batch, image_column=column, label_column=label, short_side=short_side, quality=quality),
-        batched=True, batch_size=64, with_indices=True, num_proc=min(num_proc, max(1, len(ds))),
-        remove_columns=ds.column_names, features=Features(features),
+        functools.partial(
+            reencode_batch, image_column=column, label_column=label, short_side=short_side, quality=quality
+        ),
+        batched=True,
+        batch_size=64,
+        with_indices=True,
+        num_proc=min(num_proc, max(1, len(ds))),
+        remove_columns=ds.column_names,
+        features=Features(features),
         # the re-encoded set goes to a scratch folder in DST, deleted at the end, not to the source's cache
-        cache_file_name=str(scratch / f"{split}.arrow"), load_from_cache_file=False, desc=f"re-encoding {split}",
+        cache_file_name=str(scratch / f"{split}.arrow"),
+        load_from_cache_file=False,
+        desc=f"re-encoding {split}",
     )
     bad = encoded.filter(lambda reason: bool(reason), input_columns="bad_reason")
-    good = encoded.filter(lambda reason: not reason, input_columns="bad_reason").select_columns(["image"] + (["label"] if label else []))
+    good = encoded.filter(lambda reason: not reason, input_columns="bad_reason").select_columns(
+        ["image"] + (["label"] if label else [])
+    )
     shards = max(1, math.ceil(len(good) / shard_size))
     written = 0
     for i in range(shards):
@@ -179,15 +220,24 @@ def prepare_split(ds, split: str, dest: Path, scratch: Path, image_column: str |
     }
 
 
-def prepare_dataset(source: str, dest: str, splits: list[str] | None = None, short_side: int = 256, quality: int = 90,
-                    shard_size: int = 1000, num_proc: int = 1, config: str | None = None, image_column: str | None = None) -> dict:
+def prepare_dataset(
+    source: str,
+    dest: str,
+    splits: list[str] | None = None,
+    short_side: int = 256,
+    quality: int = 90,
+    shard_size: int = 1000,
+    num_proc: int = 1,
+    config: str | None = None,
+    image_column: str | None = None,
+) -> dict:
     """Re-encode `source` (anything --dataset accepts) into `dest`: JPEGs whose shorter side is at most
     short_side, in parquet shards of at most shard_size images per split. Returns the report, also
     written to dest/prepare_report.json."""
     check_request(dest, short_side, quality, shard_size, num_proc, splits)
     start = time.perf_counter()
     sources = load_splits(source, splits, config)
-    for split, ds in sources.items():  # refuse a bad --image-column before re-encoding anything
+    for ds in sources.values():  # refuse a bad --image-column before re-encoding anything
         find_image_column(ds, image_column)
     out = Path(dest).expanduser()
     existed = out.exists()
@@ -195,10 +245,17 @@ def prepare_dataset(source: str, dest: str, splits: list[str] | None = None, sho
     scratch.mkdir(parents=True)
     try:
         report = {
-            "source": source, "config": config, "short_side": short_side, "quality": quality, "shard_size": shard_size,
-            "resample": "bicubic", "format": "JPEG 4:2:0",
-            "splits": {split: prepare_split(ds, split, out, scratch, image_column, short_side, quality, shard_size, num_proc)
-                       for split, ds in sources.items()},
+            "source": source,
+            "config": config,
+            "short_side": short_side,
+            "quality": quality,
+            "shard_size": shard_size,
+            "resample": "bicubic",
+            "format": "JPEG 4:2:0",
+            "splits": {
+                split: prepare_split(ds, split, out, scratch, image_column, short_side, quality, shard_size, num_proc)
+                for split, ds in sources.items()
+            },
         }
     except BaseException:  # DST was new or empty: leave it so, not half-written
         for child in out.iterdir() if existed else [out]:

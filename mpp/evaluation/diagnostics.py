@@ -7,6 +7,7 @@
 - mpp_predictions / prediction_grid: what the MPP head predicts for corrupted patches
 Images are (B, 3, H, W), uint8 or float in [0, 1], as MPP takes them.
 """
+
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mpp.models.masking import MASK_TOKEN, RANDOM_PATCH, UNCHANGED, Corruption, 
 from mpp.models.model import MPP
 from mpp.models.mpp_folder import HEAD_FILE, load_objective  # noqa: F401
 from mpp.models.targets import NUM_COLOURS, class_colour, patchify, unpatchify
+
 # outline colour of a corrupted patch, by how it was corrupted
 KIND_RGB = {MASK_TOKEN: (1.0, 0.15, 0.15), RANDOM_PATCH: (1.0, 0.85, 0.0), UNCHANGED: (0.0, 0.9, 1.0)}
 
@@ -130,7 +132,9 @@ def mean_attention_distance(attn, grid: tuple[int, int], patch_size: int, num_pr
     return per_query.mean(-1)
 
 
-def attention_rollout(attn, num_prefix: int, grid: tuple[int, int] | None = None, from_class_token: bool | None = None) -> np.ndarray:
+def attention_rollout(
+    attn, num_prefix: int, grid: tuple[int, int] | None = None, from_class_token: bool | None = None
+) -> np.ndarray:
     """attn (L, B, H, T, T) -> (B, gh, gw) attention rollout (Abnar & Zuidema 2020; ViT Fig. 6).
 
     Heads are averaged, the identity is added for the residual path, rows are renormalised, and
@@ -230,7 +234,9 @@ def outline_patches(image: np.ndarray, kind: np.ndarray, patch: int) -> np.ndarr
     return out
 
 
-def prediction_grid(model: MPP, images_uint8: torch.Tensor, corruption: Corruption | None = None, min_side: int = 112, seed: int = 0) -> np.ndarray:
+def prediction_grid(
+    model: MPP, images_uint8: torch.Tensor, corruption: Corruption | None = None, min_side: int = 112, seed: int = 0
+) -> np.ndarray:
     """(H, W, 3) uint8 picture of MPP predictions, one row per image, for TensorBoard.
 
     Columns: the input with its corrupted patches framed (red: [mask] token, yellow: replaced by a
@@ -241,7 +247,9 @@ def prediction_grid(model: MPP, images_uint8: torch.Tensor, corruption: Corrupti
     pred = mpp_predictions(model, images_uint8, corruption, seed)
     H = pred["input"].shape[1]
     s = max(1, math.ceil(min_side / H))
-    inputs, predicted, true = (pred[k].repeat(s, axis=1).repeat(s, axis=2) for k in ("input", "predicted", "true"))  # (B, sH, sW, 3)
+    inputs, predicted, true = (
+        pred[k].repeat(s, axis=1).repeat(s, axis=2) for k in ("input", "predicted", "true")
+    )  # (B, sH, sW, 3)
     framed = np.stack([outline_patches(im, k, pred["patch_size"] * s) for im, k in zip(inputs, pred["kind"])])
     sep = np.ones_like(framed[:, :, :2])  # white columns between panels
     row = np.concatenate([framed, sep, predicted, sep, true], axis=2)

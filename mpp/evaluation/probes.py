@@ -1,10 +1,10 @@
 """Frozen-feature evaluation: the paper's few-shot linear probe (§4.1) and k-NN, on two readouts of the tokens."""
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mpp.errors import UsageError
-
 
 READOUTS = ("cls", "mean")
 
@@ -17,7 +17,11 @@ def describe_readouts(encoder) -> dict[str, str]:
     """What each readout of `extract_features` is for this encoder, in words (for reports)."""
     prefix = encoder.num_prefix_tokens
     if has_class_token(encoder):
-        normed = "after the final norm" if not isinstance(encoder.norm, torch.nn.Identity) else "the model has no norm on its tokens"
+        normed = (
+            "after the final norm"
+            if not isinstance(encoder.norm, torch.nn.Identity)
+            else "the model has no norm on its tokens"
+        )
         cls = f"class token of forward_features ({normed})"
     else:
         cls = f"timm's pooled pre-logits (global_pool {encoder.global_pool!r}; the model has no class token)"
@@ -65,7 +69,9 @@ def predict_least_squares(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1) @ w).argmax(1)
 
 
-def few_shot_accuracy(train_x, train_y, test_x, test_y, shots: int, draws: int = 5, seed: int = 0, l2: float = 1.0) -> tuple[float, float]:
+def few_shot_accuracy(
+    train_x, train_y, test_x, test_y, shots: int, draws: int = 5, seed: int = 0, l2: float = 1.0
+) -> tuple[float, float]:
     """Mean and std of test accuracy over `draws` random draws of `shots` training examples per class."""
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     counts = torch.bincount(train_y.long(), minlength=num_classes)
@@ -78,8 +84,13 @@ def few_shot_accuracy(train_x, train_y, test_x, test_y, shots: int, draws: int =
     rng = np.random.default_rng(seed)
     scores = []
     for _ in range(draws):
-        picked = np.concatenate([rng.choice(np.flatnonzero(train_y.numpy() == c), shots, replace=False)
-                                 for c in range(num_classes) if counts[c] > 0])
+        picked = np.concatenate(
+            [
+                rng.choice(np.flatnonzero(train_y.numpy() == c), shots, replace=False)
+                for c in range(num_classes)
+                if counts[c] > 0
+            ]
+        )
         w = fit_least_squares(train_x[picked], train_y[picked], num_classes, l2)
         scores.append((predict_least_squares(w, test_x) == test_y).double().mean().item())
     return float(np.mean(scores)), float(np.std(scores))
@@ -100,8 +111,18 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, batch_size: int 
     return correct / len(test_x)
 
 
-def frozen_feature_report(encoder, train_images, train_labels, test_images, test_labels, mean, std,
-                          shots=(1, 5, 10, 25), draws: int = 5, seed: int = 0) -> dict:
+def frozen_feature_report(
+    encoder,
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    mean,
+    std,
+    shots=(1, 5, 10, 25),
+    draws: int = 5,
+    seed: int = 0,
+) -> dict:
     """k-NN (k=20) and few-shot linear accuracies of an encoder's frozen features, per readout:
     keys knn20_cls, knn20_mean, linear_5shot_cls, linear_5shot_cls_std (over draws), ..."""
     train = extract_features(encoder, train_images, mean, std)

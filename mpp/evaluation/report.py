@@ -3,6 +3,7 @@
 Figures are bare matplotlib.figure.Figure objects, rendered by Agg on savefig: no pyplot state,
 no display needed, nothing to close.
 """
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def plot_predictions(pred: dict, path: Path) -> None:
                 ax.set_title(title, fontsize=8)
         for (r, c), k in np.ndenumerate(pred["kind"][i]):
             if k >= 0:
-                axes[i, 0].add_patch(Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, lw=1.2, ec=dg.KIND_RGB[int(k)]))
+                axes[i, 0].add_patch(
+                    Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, lw=1.2, ec=dg.KIND_RGB[int(k)])
+                )
     handles = [Patch(fc="none", ec=dg.KIND_RGB[k], label=n) for k, n in KIND_NAMES.items()]
     fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=7, frameon=False)
     _save(fig, path)
@@ -112,7 +115,9 @@ def plot_rollout(images: np.ndarray, rollout: np.ndarray, path: Path) -> None:
         up = np.kron(m, np.ones((H // m.shape[0], W // m.shape[1])))  # (H, W) one value per patch
         axes[0, i].imshow(images[i], interpolation="nearest")
         axes[1, i].imshow(images[i] * up[..., None], interpolation="nearest")
-        axes[2, i].imshow(rollout[i], cmap="viridis", interpolation="nearest")  # own colour range: shows faint structure
+        axes[2, i].imshow(
+            rollout[i], cmap="viridis", interpolation="nearest"
+        )  # own colour range: shows faint structure
         for ax in axes[:, i]:
             ax.set_axis_off()
     for ax, title in zip(axes[:, 0], ("input", "input x rollout / max", "rollout (own scale)")):
@@ -126,12 +131,21 @@ def distance_over(encoder, images: torch.Tensor, batch_size: int = 8) -> np.ndar
     grid, p = tuple(encoder.patch_embed.grid_size), token_region(encoder)[0]
     total = 0.0
     for chunk in images.split(batch_size):
-        d = dg.mean_attention_distance(dg.attention_maps(encoder, chunk), grid, p, encoder.num_prefix_tokens)  # (L, b, H)
+        d = dg.mean_attention_distance(
+            dg.attention_maps(encoder, chunk), grid, p, encoder.num_prefix_tokens
+        )  # (L, b, H)
         total = total + d.sum(axis=1)
     return total / len(images)
 
 
-def write_report(out_dir: Path, title: str, notes: list[str], figures: list[ReportFigure], skipped: list[Skipped], tables: list[str] = ()) -> Path:
+def write_report(
+    out_dir: Path,
+    title: str,
+    notes: list[str],
+    figures: list[ReportFigure],
+    skipped: list[Skipped],
+    tables: list[str] = (),
+) -> Path:
     """report.md linking each PNG with its caption, then what was skipped and why."""
     lines = [f"# {title}", ""] + [f"- {n}" for n in notes] + [""]
     for f in figures:
@@ -146,11 +160,27 @@ def write_report(out_dir: Path, title: str, notes: list[str], figures: list[Repo
 
 def _layer_table(distance: np.ndarray) -> str:
     rows = [f"| {i + 1} | {d.mean():.1f} | {d.min():.1f} | {d.max():.1f} |" for i, d in enumerate(distance)]
-    return "\n".join(["## Mean attention distance per layer", "", "| layer | mean over heads (px) | min | max |", "|---|---|---|---|", *rows, ""])
+    return "\n".join(
+        [
+            "## Mean attention distance per layer",
+            "",
+            "| layer | mean over heads (px) | min | max |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
 
 
-def inspect_model(model: MPP, head_loaded: bool, images: torch.Tensor, distance_images: torch.Tensor,
-                  out_dir: Path, notes: list[str], seed: int = 0) -> tuple[Path, list[Skipped]]:
+def inspect_model(
+    model: MPP,
+    head_loaded: bool,
+    images: torch.Tensor,
+    distance_images: torch.Tensor,
+    out_dir: Path,
+    notes: list[str],
+    seed: int = 0,
+) -> tuple[Path, list[Skipped]]:
     """Every figure that this model allows, written to out_dir; (report.md path, what was skipped).
 
     images (B, 3, H, W) uint8 are shown; distance_images (M, 3, H, W) uint8 give the attention distances.
@@ -163,16 +193,35 @@ def inspect_model(model: MPP, head_loaded: bool, images: torch.Tensor, distance_
     if head_loaded:
         pred = dg.mpp_predictions(model, images, seed=seed)
         plot_predictions(pred, out_dir / "mpp_predictions.png")
-        figures.append(ReportFigure("mpp_predictions.png", f"MPP predictions ({pred['target']}): corrupted patches framed, predicted and true contents painted in; masked accuracy {pred['accuracy']:.3f} on these images."))
+        figures.append(
+            ReportFigure(
+                "mpp_predictions.png",
+                f"MPP predictions ({pred['target']}): corrupted patches framed, predicted and true contents painted "
+                "in; "
+                f"masked accuracy {pred['accuracy']:.3f} on these images.",
+            )
+        )
     else:
-        skipped.append(Skipped("MPP predictions", f"no {dg.HEAD_FILE} beside the weights, so the mask token and prediction head are unknown"))
+        skipped.append(
+            Skipped(
+                "MPP predictions",
+                f"no {dg.HEAD_FILE} beside the weights, so the mask token and prediction head are unknown",
+            )
+        )
 
     plot_components(dg.patch_embed_components(enc, 28), out_dir / "patch_embed_pca.png")
-    figures.append(ReportFigure("patch_embed_pca.png", "Figure 7 left: first principal components of the patch-embedding filters."))
+    figures.append(
+        ReportFigure("patch_embed_pca.png", "Figure 7 left: first principal components of the patch-embedding filters.")
+    )
 
     try:
         plot_pos_similarity(dg.pos_embed_similarity(enc), out_dir / "pos_embed_similarity.png")
-        figures.append(ReportFigure("pos_embed_similarity.png", "Figure 7 centre: cosine similarity of each patch's position embedding with all others."))
+        figures.append(
+            ReportFigure(
+                "pos_embed_similarity.png",
+                "Figure 7 centre: cosine similarity of each patch's position embedding with all others.",
+            )
+        )
     except ValueError as e:
         skipped.append(Skipped("position-embedding similarity", str(e)))
 
@@ -183,11 +232,20 @@ def inspect_model(model: MPP, head_loaded: bool, images: torch.Tensor, distance_
         skipped += [Skipped("mean attention distance", str(e)), Skipped("attention rollout", str(e))]
     else:
         plot_attention_distance(distance, out_dir / "attention_distance.png", img_size)
-        figures.append(ReportFigure("attention_distance.png", f"Figure 7 right: mean attention distance of each head by layer, over {len(distance_images)} images."))
+        figures.append(
+            ReportFigure(
+                "attention_distance.png",
+                f"Figure 7 right: mean attention distance of each head by layer, over {len(distance_images)} images.",
+            )
+        )
         tables.append(_layer_table(distance))
-        rollout = dg.attention_rollout(maps, enc.num_prefix_tokens, tuple(enc.patch_embed.grid_size), from_class_token=enc.has_class_token)
+        rollout = dg.attention_rollout(
+            maps, enc.num_prefix_tokens, tuple(enc.patch_embed.grid_size), from_class_token=enc.has_class_token
+        )
         plot_rollout(images.permute(0, 2, 3, 1).numpy() / 255, rollout, out_dir / "attention_rollout.png")
         source = "the class token" if enc.has_class_token else "the mean over patch tokens (no class token)"
-        figures.append(ReportFigure("attention_rollout.png", f"Figure 6: attention rollout from {source} onto the input."))
+        figures.append(
+            ReportFigure("attention_rollout.png", f"Figure 6: attention rollout from {source} onto the input.")
+        )
 
     return write_report(out_dir, "What the ViT learned", notes, figures, skipped, tables), skipped

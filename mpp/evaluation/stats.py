@@ -3,6 +3,7 @@
 With three seeds a sample std (ddof=1) and a Student-t interval (2 degrees of freedom, t = 4.30)
 are the honest summary; np.std's default (ddof=0) understates the spread by a factor sqrt(3/2).
 """
+
 import math
 from dataclasses import asdict, dataclass
 
@@ -69,7 +70,9 @@ def verdict(diff: PairedDifference) -> str:
     return "agrees" if diff.mean > 0 else "disagrees"
 
 
-def two_level_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> dict:
+def two_level_bootstrap(
+    a: np.ndarray, b: np.ndarray, resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> dict:
     """Mean of a - b over seeds and test images, with a percentile interval that covers both sources of
     chance: a and b are (seeds, images) 0/1 correctness of two arms, paired by seed and image. Each
     resample draws seeds with replacement and, independently, test images with replacement (seeds and
@@ -80,13 +83,20 @@ def two_level_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, c
     stats = np.empty(resamples)
     for start in range(0, resamples, 500):
         n = min(500, resamples - start)
-        image_weights = rng.multinomial(images, np.full(images, 1 / images), size=n) / images  # (n, N): one image draw each
+        image_weights = (
+            rng.multinomial(images, np.full(images, 1 / images), size=n) / images
+        )  # (n, N): one image draw each
         per_seed = image_weights @ d.T  # (n, S): each seed's mean difference on that image draw
         seed_weights = rng.multinomial(seeds, np.full(seeds, 1 / seeds), size=n) / seeds  # (n, S)
         stats[start : start + n] = (per_seed * seed_weights).sum(1)
     tail = (1 - confidence) / 2
-    return {"mean": float(d.mean()), "low": float(np.quantile(stats, tail)), "high": float(np.quantile(stats, 1 - tail)),
-            "resamples": resamples, "confidence": confidence}
+    return {
+        "mean": float(d.mean()),
+        "low": float(np.quantile(stats, tail)),
+        "high": float(np.quantile(stats, 1 - tail)),
+        "resamples": resamples,
+        "confidence": confidence,
+    }
 
 
 def power_of_paired_t(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
@@ -133,4 +143,9 @@ def converged(curve: list, budget: float, tail: float = 0.2, window: float = 0.1
     if in_tail.all() or not in_tail.any():
         return {"converged": False, "best_tail": None, "best_before": None, "window_points": points}
     best_tail, best_before = float(smooth[in_tail].max()), float(smooth[~in_tail].max())
-    return {"converged": best_tail <= best_before + tolerance, "best_tail": best_tail, "best_before": best_before, "window_points": points}
+    return {
+        "converged": best_tail <= best_before + tolerance,
+        "best_tail": best_tail,
+        "best_before": best_before,
+        "window_points": points,
+    }

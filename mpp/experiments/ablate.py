@@ -13,7 +13,7 @@ budget doubles (up to --gate-doublings times). Without a passed gate, every find
 The default, the best setting and scratch are then fine-tuned with experiments/tuning.py's rules. The
 protocol is written before the first run.
 """
-import json
+
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,13 +23,33 @@ import torch
 
 from mpp.errors import UsageError
 from mpp.evaluation.stats import paired_difference, verdict
-from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, command,
-                                     record_protocol, reusing, run_in_process, summarise_finetune, summary_over_seeds, table, write_json)
+from mpp.experiments.harness import (
+    check_fresh_output_dir,
+    check_seeds,
+    command,
+    pm,
+    power_table,
+    provenance,
+    provenance_lines,
+    record_protocol,
+    reusing,
+    run_in_process,
+    summarise_finetune,
+    summary_over_seeds,
+    table,
+    write_json,
+)
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
 
 # The paper's setting (App. B.1.2): 50% of patches, 80% [mask] / 10% random patch / 10% unchanged,
 # 3-bit mean colour, corruption of the patch embeddings.
-DEFAULT = {"target": "mean3bit", "mask_ratio": 0.5, "mask_probs": (0.8, 0.1, 0.1), "corrupt_at": "embedding", "length": 1.0}
+DEFAULT = {
+    "target": "mean3bit",
+    "mask_ratio": 0.5,
+    "mask_probs": (0.8, 0.1, 0.1),
+    "corrupt_at": "embedding",
+    "length": 1.0,
+}
 AXES = {
     "target": [("target", "mean3bit_4x4"), ("target", "pixels_l2")],
     "corruption rate": [("mask_ratio", 0.15), ("mask_ratio", 0.75)],
@@ -77,17 +97,41 @@ class Finding:
 
 DEFAULT_NAME = "default"
 FINDINGS = [
-    Finding("a1", "3-bit mean colour beats the 4×4 3-bit target in few-shot", "App. B.1.2: option 1 'has shown best few-shot performance'",
-            [(1, "default")], [(1, setting_name("target", "mean3bit_4x4"))]),
-    Finding("a2", "3-bit mean colour beats L2 regression on the pixels", "App. B.1.2: 'all worked quite well, though L2 was slightly worse'",
-            [(1, "default")], [(1, setting_name("target", "pixels_l2"))]),
-    Finding("b", "50% corruption beats BERT's 15%", "App. B.1.2: 15% 'results were also slightly worse on our few-shot metrics'",
-            [(1, "default")], [(1, setting_name("mask_ratio", 0.15))]),
-    Finding("c", "the 80/10/10 mix beats all-[mask] (100/0/0)", "the paper's choice, taken from BERT; the paper reports no ablation of it",
-            [(1, "default")], [(1, setting_name("mask_probs", (1.0, 0.0, 0.0)))]),
-    Finding("d", "diminishing returns: doubling 25%→50% of the steps gains more than doubling 100%→200%",
-            "App. B.1.2: 'diminishing returns on downstream performance after 100k pretraining steps'",
-            [(1, setting_name("length", 0.5)), (-1, setting_name("length", 0.25))], [(1, setting_name("length", 2.0)), (-1, "default")]),
+    Finding(
+        "a1",
+        "3-bit mean colour beats the 4×4 3-bit target in few-shot",
+        "App. B.1.2: option 1 'has shown best few-shot performance'",
+        [(1, "default")],
+        [(1, setting_name("target", "mean3bit_4x4"))],
+    ),
+    Finding(
+        "a2",
+        "3-bit mean colour beats L2 regression on the pixels",
+        "App. B.1.2: 'all worked quite well, though L2 was slightly worse'",
+        [(1, "default")],
+        [(1, setting_name("target", "pixels_l2"))],
+    ),
+    Finding(
+        "b",
+        "50% corruption beats BERT's 15%",
+        "App. B.1.2: 15% 'results were also slightly worse on our few-shot metrics'",
+        [(1, "default")],
+        [(1, setting_name("mask_ratio", 0.15))],
+    ),
+    Finding(
+        "c",
+        "the 80/10/10 mix beats all-[mask] (100/0/0)",
+        "the paper's choice, taken from BERT; the paper reports no ablation of it",
+        [(1, "default")],
+        [(1, setting_name("mask_probs", (1.0, 0.0, 0.0)))],
+    ),
+    Finding(
+        "d",
+        "diminishing returns: doubling 25%→50% of the steps gains more than doubling 100%→200%",
+        "App. B.1.2: 'diminishing returns on downstream performance after 100k pretraining steps'",
+        [(1, setting_name("length", 0.5)), (-1, setting_name("length", 0.25))],
+        [(1, setting_name("length", 2.0)), (-1, "default")],
+    ),
 ]
 # compared and reported, without a paper finding to judge; each doubling of the length with its own sign
 OBSERVATIONS = [
@@ -101,7 +145,9 @@ OBSERVATIONS = [
 
 @dataclass
 class AblateConfig:
-    pretrain_dataset: str = "colour-mix"  # unlabelled colour images (clip art of every folder, train split, + photo crops)
+    pretrain_dataset: str = (
+        "colour-mix"  # unlabelled colour images (clip art of every folder, train split, + photo crops)
+    )
     downstream: str = "clipart-downstream"
     model: str = "test_vit"
     img_size: int = 32
@@ -134,7 +180,9 @@ def choose_settings(names: list[str]) -> dict:
     by_any = {**{n: n for n in every}, **{folder_of(n): n for n in every}}
     unknown = [n for n in names if n not in by_any]
     if unknown:
-        raise UsageError(f"--settings {unknown[0]!r} is not a setting; choose from: {', '.join(folder_of(n) for n in every)}")
+        raise UsageError(
+            f"--settings {unknown[0]!r} is not a setting; choose from: {', '.join(folder_of(n) for n in every)}"
+        )
     chosen = {"default", *(by_any[n] for n in names)}
     return {n: s for n, s in every.items() if n in chosen}
 
@@ -142,7 +190,15 @@ def choose_settings(names: list[str]) -> dict:
 def quick(cfg: AblateConfig) -> AblateConfig:
     """Every setting for a few steps, one seed, one fine-tuning lr (tests: a few minutes). The pretraining
     images are the clip art alone (colour-mix's photo crops take ~10 s to make)."""
-    cfg.steps, cfg.batch, cfg.seeds, cfg.finetune_epochs, cfg.eval_every, cfg.lr_grid, cfg.gate_doublings = 4, 32, (0,), 1, 1, (0.1,), 0
+    cfg.steps, cfg.batch, cfg.seeds, cfg.finetune_epochs, cfg.eval_every, cfg.lr_grid, cfg.gate_doublings = (
+        4,
+        32,
+        (0,),
+        1,
+        1,
+        (0.1,),
+        0,
+    )
     cfg.grid_extensions, cfg.budget_doublings = 0, 0
     if cfg.pretrain_dataset == AblateConfig.pretrain_dataset:
         cfg.pretrain_dataset = "clipart"
@@ -164,7 +220,9 @@ def validate(cfg: AblateConfig) -> None:
     if cfg.protocol_note and not cfg.resume:
         raise UsageError("--protocol-note says why a resumed ablation's protocol changed: give it with --resume")
     if not cfg.resume:
-        check_fresh_output_dir(Path(cfg.runs_dir))  # the results files in --output-dir are replaced, the runs never mixed
+        check_fresh_output_dir(
+            Path(cfg.runs_dir)
+        )  # the results files in --output-dir are replaced, the runs never mixed
 
 
 def materialise(cfg: AblateConfig, folder: Path) -> Path:
@@ -177,30 +235,91 @@ def materialise(cfg: AblateConfig, folder: Path) -> Path:
     return folder
 
 
-def pretrain_command(cfg: AblateConfig, setting: dict, seed: int, out: Path, dataset: str | Path | None = None,
-                     steps: int | None = None) -> list[str]:
+def pretrain_command(
+    cfg: AblateConfig, setting: dict, seed: int, out: Path, dataset: str | Path | None = None, steps: int | None = None
+) -> list[str]:
     steps = max(1, round((steps or cfg.steps) * setting["length"]))
-    return command("pretrain", "--dataset", dataset or cfg.pretrain_dataset, "--split", "train", "--model", cfg.model,
-                  "--img-size", cfg.img_size, "--patch-size", cfg.patch_size, "--target", setting["target"],
-                  "--mask-ratio", setting["mask_ratio"], "--mask-probs", *setting["mask_probs"], "--corrupt-at", setting["corrupt_at"],
-                  "--max-steps", steps, "--batch-size", cfg.batch, "--lr", cfg.lr, "--warmup-steps", max(1, steps // 15),
-                  "--log-every", max(1, steps // 20), "--checkpoint-every", steps, "--seed", seed, "--no-progress", "--output-dir", out)
+    return command(
+        "pretrain",
+        "--dataset",
+        dataset or cfg.pretrain_dataset,
+        "--split",
+        "train",
+        "--model",
+        cfg.model,
+        "--img-size",
+        cfg.img_size,
+        "--patch-size",
+        cfg.patch_size,
+        "--target",
+        setting["target"],
+        "--mask-ratio",
+        setting["mask_ratio"],
+        "--mask-probs",
+        *setting["mask_probs"],
+        "--corrupt-at",
+        setting["corrupt_at"],
+        "--max-steps",
+        steps,
+        "--batch-size",
+        cfg.batch,
+        "--lr",
+        cfg.lr,
+        "--warmup-steps",
+        max(1, steps // 15),
+        "--log-every",
+        max(1, steps // 20),
+        "--checkpoint-every",
+        steps,
+        "--seed",
+        seed,
+        "--no-progress",
+        "--output-dir",
+        out,
+    )
 
 
 def finetune_command(cfg: AblateConfig, seed: int, init: Path | str) -> list[str]:
     """Without --preset, --lr, --epochs and --output-dir (tuning.py adds them); a scratch init takes the
     pretrainings' architecture."""
     arch = ["--model", cfg.model, "--patch-size", cfg.patch_size] if str(init) == "scratch" else []
-    return command("finetune", "--dataset", cfg.downstream, "--train-split", "train", "--eval-split", "validation", "--test-split", "test",
-                  "--init", init, *arch, "--img-size", cfg.img_size, "--batch-size", cfg.finetune_batch, "--eval-every", cfg.eval_every,
-                  "--log-every", 10, "--checkpoint-every", 1_000_000, "--seed", seed, "--no-progress")
+    return command(
+        "finetune",
+        "--dataset",
+        cfg.downstream,
+        "--train-split",
+        "train",
+        "--eval-split",
+        "validation",
+        "--test-split",
+        "test",
+        "--init",
+        init,
+        *arch,
+        "--img-size",
+        cfg.img_size,
+        "--batch-size",
+        cfg.finetune_batch,
+        "--eval-every",
+        cfg.eval_every,
+        "--log-every",
+        10,
+        "--checkpoint-every",
+        1_000_000,
+        "--seed",
+        seed,
+        "--no-progress",
+    )
 
 
 def load_probe_data(cfg: AblateConfig, seed: int) -> dict:
     from mpp.data.dataset import labelled_images
 
     train = labelled_images(cfg.downstream, "train", cfg.img_size, seed=seed)
-    return {split: (*train, *labelled_images(cfg.downstream, split, cfg.img_size, seed=seed)) for split in ("validation", "test")}
+    return {
+        split: (*train, *labelled_images(cfg.downstream, split, cfg.img_size, seed=seed))
+        for split in ("validation", "test")
+    }
 
 
 def probe_encoder(cfg: AblateConfig, encoder, data: dict, seed: int) -> dict:
@@ -208,8 +327,14 @@ def probe_encoder(cfg: AblateConfig, encoder, data: dict, seed: int) -> dict:
     from mpp.evaluation.probes import frozen_feature_report
 
     mean, std = encoder.pretrained_cfg["mean"], encoder.pretrained_cfg["std"]
-    return {split: {k: v for k, v in frozen_feature_report(encoder, *d, mean, std, cfg.shots, draws=5, seed=seed).items()
-                    if not k.endswith("_std")} for split, d in data.items()}
+    return {
+        split: {
+            k: v
+            for k, v in frozen_feature_report(encoder, *d, mean, std, cfg.shots, draws=5, seed=seed).items()
+            if not k.endswith("_std")
+        }
+        for split, d in data.items()
+    }
 
 
 def probe(cfg: AblateConfig, weights: Path, data: dict, seed: int) -> dict:
@@ -232,8 +357,10 @@ def combine(terms: list, values: dict, metric: str) -> float:
 
 def paired(per_seed: dict, better: list, worse: list, metric: str, split: str):
     seeds = list(per_seed)
-    return paired_difference([combine(better, {n: per_seed[s][n][split] for n in per_seed[s]}, metric) for s in seeds],
-                             [combine(worse, {n: per_seed[s][n][split] for n in per_seed[s]}, metric) for s in seeds])
+    return paired_difference(
+        [combine(better, {n: per_seed[s][n][split] for n in per_seed[s]}, metric) for s in seeds],
+        [combine(worse, {n: per_seed[s][n][split] for n in per_seed[s]}, metric) for s in seeds],
+    )
 
 
 def gate_check(per_seed: dict, metric: str, split: str = "validation") -> dict:
@@ -254,8 +381,15 @@ def judge(per_seed: dict, metric: str, split: str = "test", gate: dict | None = 
             continue
         d = paired(per_seed, f.better, f.worse, metric, split)
         judged = gate is None or gate["passed"]
-        findings[f.key] = {"claim": f.claim, "source": f.source, "difference": d.to_dict(), "verdict": verdict(d) if judged else "not judged"}
-    observations = {name: paired(per_seed, b, w, metric, split).to_dict() for name, b, w in OBSERVATIONS if needs_run(b + w)}
+        findings[f.key] = {
+            "claim": f.claim,
+            "source": f.source,
+            "difference": d.to_dict(),
+            "verdict": verdict(d) if judged else "not judged",
+        }
+    observations = {
+        name: paired(per_seed, b, w, metric, split).to_dict() for name, b, w in OBSERVATIONS if needs_run(b + w)
+    }
     return {"findings": findings, "observations": observations}
 
 
@@ -268,17 +402,30 @@ def floors(cfg: AblateConfig, data: dict, seed: int) -> dict:
 
 def protocol(cfg: AblateConfig, test_images: int, classes: int) -> dict:
     return {
-        "pretraining": f"{cfg.pretrain_dataset}, {cfg.model} at {cfg.img_size} px / patch {cfg.patch_size}, batch {cfg.batch}, AdamW lr "
-                       f"{cfg.lr:g}, {cfg.steps} steps at the default length before the gate",
-        "settings": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()} for name, s in cfg.settings.items()},
-        "seeds": list(cfg.seeds), "metric": cfg.metric, "downstream": cfg.downstream, "classes": classes,
-        "gate": (f"the default must beat the {RANDOM} on {cfg.metric} on the validation split with a paired 95% t-interval above 0; "
-                 f"else the budget doubles (up to {cfg.gate_doublings} times); without a passed gate no finding is judged"),
-        "verdicts": "on the test split: agrees when the paired interval lies above 0, disagrees when below, inconclusive when it covers 0",
+        "pretraining": f"{cfg.pretrain_dataset}, {cfg.model} at {cfg.img_size} px / patch {cfg.patch_size}, batch "
+        f"{cfg.batch}, AdamW lr "
+        f"{cfg.lr:g}, {cfg.steps} steps at the default length before the gate",
+        "settings": {
+            name: {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()} for name, s in cfg.settings.items()
+        },
+        "seeds": list(cfg.seeds),
+        "metric": cfg.metric,
+        "downstream": cfg.downstream,
+        "classes": classes,
+        "gate": (
+            f"the default must beat the {RANDOM} on {cfg.metric} on the validation split with a paired 95% t-interval "
+            "above 0; "
+            f"else the budget doubles (up to {cfg.gate_doublings} times); without a passed gate no finding is judged"
+        ),
+        "verdicts": "on the test split: agrees when the paired interval lies above 0, disagrees when below, "
+        "inconclusive when it covers 0",
         "best_setting": f"the highest mean {cfg.metric} on the validation split",
-        "fine_tuning": (f"default, the best setting and scratch; paper preset, lr grid {list(cfg.lr_grid)} grown at an edge up to "
-                        f"{cfg.grid_extensions} times a side, {cfg.finetune_epochs:g} epochs doubled up to {cfg.budget_doublings} times while a "
-                        f"chosen run has not converged, chosen on seed {cfg.seeds[0]}'s validation split"),
+        "fine_tuning": (
+            f"default, the best setting and scratch; paper preset, lr grid {list(cfg.lr_grid)} grown at an edge up to "
+            f"{cfg.grid_extensions} times a side, {cfg.finetune_epochs:g} epochs doubled up to {cfg.budget_doublings} "
+            "times while a "
+            f"chosen run has not converged, chosen on seed {cfg.seeds[0]}'s validation split"
+        ),
         "floors": ["chance (1 / classes)", "majority class", "raw-pixel k-NN and few-shot linear", RANDOM],
         "power": power_table(len(cfg.seeds), test_images),
     }
@@ -290,7 +437,9 @@ SCRIPT = "recipes/ablate.py"
 def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
     validate(cfg)
     start = time.time()
-    origin = provenance(SCRIPT, argv or [])  # the code as it was at the start: a commit made mid-run must not be recorded
+    origin = provenance(
+        SCRIPT, argv or []
+    )  # the code as it was at the start: a commit made mid-run must not be recorded
     runs = Path(cfg.runs_dir)
     run = reusing(run_in_process, reused := []) if cfg.resume else run_in_process
     data = {seed: load_probe_data(cfg, seed) for seed in cfg.seeds}
@@ -298,7 +447,9 @@ def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
     plan = protocol(cfg, len(first_test[2]), int(first_test[1].max()) + 1)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plan = record_protocol(out / "ablation_protocol.json", plan, origin, cfg.resume, cfg.protocol_note)  # before the first run
+    plan = record_protocol(
+        out / "ablation_protocol.json", plan, origin, cfg.resume, cfg.protocol_note
+    )  # before the first run
     images = runs / "pretrain_images"
     if not (cfg.resume and (images / "state.json").is_file()):
         materialise(cfg, images)
@@ -309,8 +460,10 @@ def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
         for seed in cfg.seeds:
             folder = runs / f"seed{seed}" / f"{folder_of(name)}_s{steps}"
             print(f"[seed {seed}] pretrain {name} ({steps} steps at 100%) ...", flush=True)
-            timings[f"{seed}/{name}/{steps}"] = run(pretrain_command(cfg, cfg.settings[name], seed, folder, images, steps),
-                                                     folder.parent / "logs" / f"{folder.name}.log")
+            timings[f"{seed}/{name}/{steps}"] = run(
+                pretrain_command(cfg, cfg.settings[name], seed, folder, images, steps),
+                folder.parent / "logs" / f"{folder.name}.log",
+            )
             per_seed[seed][name] = probe(cfg, folder / "model.safetensors", data[seed], seed)
 
     steps, gates = cfg.steps, []
@@ -320,23 +473,50 @@ def run_ablation(cfg: AblateConfig, argv: list[str] | None = None) -> dict:
         if gates[-1]["passed"] or attempt == cfg.gate_doublings:
             break
         steps *= 2
-    gate = {"passed": gates[-1]["passed"], "steps": steps, "trials": gates, "on_test": gate_check(per_seed, cfg.metric, "test")}
+    gate = {
+        "passed": gates[-1]["passed"],
+        "steps": steps,
+        "trials": gates,
+        "on_test": gate_check(per_seed, cfg.metric, "test"),
+    }
     for name in cfg.settings:
         if name != "default":
             pretrain_and_probe(name, steps)
     names = [*cfg.settings, RANDOM]
     metrics = list(per_seed[cfg.seeds[0]]["default"]["test"])
-    summary = {name: {split: summary_over_seeds([per_seed[s][name][split] for s in cfg.seeds]) for split in ("validation", "test")}
-               for name in names}
+    summary = {
+        name: {
+            split: summary_over_seeds([per_seed[s][name][split] for s in cfg.seeds]) for split in ("validation", "test")
+        }
+        for name in names
+    }
     best = max(cfg.settings, key=lambda n: summary[n]["validation"][cfg.metric]["mean"])
     floor_values = {seed: floors(cfg, data[seed], seed) for seed in cfg.seeds}
-    floor_summary = {split: summary_over_seeds([floor_values[s][split] for s in cfg.seeds]) for split in ("validation", "test")}
-    report = {"protocol": plan, "config": {**asdict(cfg), "settings": cfg.settings}, "metrics": metrics, "per_seed": per_seed,
-              "summary": summary, "floors": floor_summary, "chance": 1 / plan["classes"], "gate": gate, "budget_steps": steps,
-              "best_setting": best, **judge(per_seed, cfg.metric, gate=gate),
-              "verdicts_by_metric": {m: {k: v["verdict"] for k, v in judge(per_seed, m, gate=gate)["findings"].items()} for m in metrics},
-              "versus_default": {n: paired(per_seed, [(1, n)], [(1, "default")], cfg.metric, "test").to_dict() for n in names if n != "default"},
-              "pretrain_seconds": timings}
+    floor_summary = {
+        split: summary_over_seeds([floor_values[s][split] for s in cfg.seeds]) for split in ("validation", "test")
+    }
+    report = {
+        "protocol": plan,
+        "config": {**asdict(cfg), "settings": cfg.settings},
+        "metrics": metrics,
+        "per_seed": per_seed,
+        "summary": summary,
+        "floors": floor_summary,
+        "chance": 1 / plan["classes"],
+        "gate": gate,
+        "budget_steps": steps,
+        "best_setting": best,
+        **judge(per_seed, cfg.metric, gate=gate),
+        "verdicts_by_metric": {
+            m: {k: v["verdict"] for k, v in judge(per_seed, m, gate=gate)["findings"].items()} for m in metrics
+        },
+        "versus_default": {
+            n: paired(per_seed, [(1, n)], [(1, "default")], cfg.metric, "test").to_dict()
+            for n in names
+            if n != "default"
+        },
+        "pretrain_seconds": timings,
+    }
     if cfg.finetune:
         report["finetune"] = finetune_rows(cfg, runs, best, steps, run)
     report.update(wall_time_s=time.time() - start, **origin, reused_stages=reused if cfg.resume else [])
@@ -353,31 +533,64 @@ def finetune_rows(cfg: AblateConfig, runs: Path, best: str, steps: int, run=None
     per_seed, tuned = {arm: {} for arm in arms}, None
     for seed in cfg.seeds:
         root, logs = runs / f"seed{seed}", runs / f"seed{seed}" / "logs"
-        inits = {arm: "scratch" if arm == "scratch" else root / f"{folder_of(arm)}_s{steps}" / "model.safetensors" for arm in arms}
-        runner = finetune_runner({arm: finetune_command(cfg, seed, inits[arm]) for arm in arms}, root, logs, run or run_in_process,
-                                 summarise_finetune)
+        inits = {
+            arm: "scratch" if arm == "scratch" else root / f"{folder_of(arm)}_s{steps}" / "model.safetensors"
+            for arm in arms
+        }
+        runner = finetune_runner(
+            {arm: finetune_command(cfg, seed, inits[arm]) for arm in arms},
+            root,
+            logs,
+            run or run_in_process,
+            summarise_finetune,
+        )
         named = {arm: folder_of(arm) for arm in arms}
         if tuned is None:
             print(f"[seed {seed}] tune the fine-tuning of {', '.join(arms)} ...", flush=True)
-            rules = TuningRules(("paper",), {"paper": cfg.lr_grid}, cfg.finetune_epochs, cfg.grid_extensions, cfg.budget_doublings)
+            rules = TuningRules(
+                ("paper",), {"paper": cfg.lr_grid}, cfg.finetune_epochs, cfg.grid_extensions, cfg.budget_doublings
+            )
             tuned = tune([named[a] for a in arms], runner_for(runner, named), rules)
             results = {arm: tuned.chosen[named[arm]] for arm in arms}
         else:
             print(f"[seed {seed}] fine-tune {', '.join(arms)} ...", flush=True)
-            results = {arm: {"preset": "paper", "lr": tuned.chosen[named[arm]]["lr"],
-                             **runner_for(runner, named)(named[arm], "paper", tuned.chosen[named[arm]]["lr"], tuned.epochs)} for arm in arms}
+            results = {
+                arm: {
+                    "preset": "paper",
+                    "lr": tuned.chosen[named[arm]]["lr"],
+                    **runner_for(runner, named)(named[arm], "paper", tuned.chosen[named[arm]]["lr"], tuned.epochs),
+                }
+                for arm in arms
+            }
         for arm in arms:
-            per_seed[arm][seed] = {k: results[arm][k] for k in ("test_top1", "best_val_top1", "lr", "best_epoch", "train_acc_last")}
-    summary = {arm: summary_over_seeds([{k: r[k] for k in ("test_top1", "best_val_top1")} for r in per_seed[arm].values()]) for arm in arms}
+            per_seed[arm][seed] = {
+                k: results[arm][k] for k in ("test_top1", "best_val_top1", "lr", "best_epoch", "train_acc_last")
+            }
+    summary = {
+        arm: summary_over_seeds([{k: r[k] for k in ("test_top1", "best_val_top1")} for r in per_seed[arm].values()])
+        for arm in arms
+    }
     seeds = list(cfg.seeds)
-    differences = {f"{arm} − scratch": paired_difference([per_seed[arm][s]["test_top1"] for s in seeds],
-                                                         [per_seed["scratch"][s]["test_top1"] for s in seeds]).to_dict()
-                   for arm in arms if arm != "scratch"}
+    differences = {
+        f"{arm} − scratch": paired_difference(
+            [per_seed[arm][s]["test_top1"] for s in seeds], [per_seed["scratch"][s]["test_top1"] for s in seeds]
+        ).to_dict()
+        for arm in arms
+        if arm != "scratch"
+    }
     if best != "default":
-        differences[f"{best} − default"] = paired_difference([per_seed[best][s]["test_top1"] for s in seeds],
-                                                             [per_seed["default"][s]["test_top1"] for s in seeds]).to_dict()
-    return {"arms": arms, "per_seed": per_seed, "summary": summary, "differences": differences, "epochs": tuned.epochs,
-            "convergence": tuned.convergence, "grid": tuned.grids["paper"]}
+        differences[f"{best} − default"] = paired_difference(
+            [per_seed[best][s]["test_top1"] for s in seeds], [per_seed["default"][s]["test_top1"] for s in seeds]
+        ).to_dict()
+    return {
+        "arms": arms,
+        "per_seed": per_seed,
+        "summary": summary,
+        "differences": differences,
+        "epochs": tuned.epochs,
+        "convergence": tuned.convergence,
+        "grid": tuned.grids["paper"],
+    }
 
 
 def runner_for(runner, named: dict):
@@ -390,9 +603,15 @@ def protocol_changes(plan: dict) -> list[str]:
     """The protocols this one replaced, with the reason given, for the record."""
     if not plan.get("earlier_protocols"):
         return []
-    earlier = "; ".join(f"{old.get('date', '?')[:16]}: settings {', '.join(old['settings'])}, seeds {old['seeds']}"
-                        for old in plan["earlier_protocols"])
-    return [f"**The protocol changed after it started**: {plan.get('protocol_note') or '(no reason given)'}. Earlier: {earlier}.", ""]
+    earlier = "; ".join(
+        f"{old.get('date', '?')[:16]}: settings {', '.join(old['settings'])}, seeds {old['seeds']}"
+        for old in plan["earlier_protocols"]
+    )
+    return [
+        f"**The protocol changed after it started**: {plan.get('protocol_note') or '(no reason given)'}. Earlier: "
+        f"{earlier}.",
+        "",
+    ]
 
 
 VERDICT_LETTERS = {"agrees": "a", "disagrees": "d", "inconclusive": "i", "not judged": "n", "not run": "−"}
@@ -404,60 +623,136 @@ def markdown(report: dict) -> str:
     default = cfg["settings"]["default"]
     gate = report["gate"]
     g = gate["trials"][-1]["difference"]
-    pixel_floor = lambda m: "pixels_knn20" if m.startswith("knn20") else f"pixels_{'_'.join(m.split('_')[:2])}"  # noqa: E731
+    pixel_floor = lambda m: "pixels_knn20" if m.startswith("knn20") else f"pixels_{'_'.join(m.split('_')[:2])}"
     rows = [[name, *(pm(summary[name]["test"][m]) for m in metrics)] for name in [*cfg["settings"], RANDOM]]
-    rows += [["majority class", *(pm(floors_["test"]["majority"]) for _ in metrics)],
-             ["raw pixels", *(pm(floors_["test"][pixel_floor(m)]) for m in metrics)],
-             ["chance", *(f"{report['chance']:.3f}" for _ in metrics)]]
-    gate_line = (f"**Gate {'passed' if gate['passed'] else 'NOT passed'}** at {gate['steps']} steps: default − {RANDOM} on `{primary}` "
-                 f"(validation) {g['phrase']}" + "".join(f"; at {t['steps']} steps {t['difference']['phrase']}" for t in gate["trials"][:-1])
-                 + f". On the test split: {gate['on_test']['difference']['phrase']}.")
-    if not gate["passed"]:
-        gate_line += (" The verdict metric could not show that pretraining beats a random encoder at the largest budget allowed, so it "
-                      "cannot tell two pretrainings apart either: no finding is judged.")
-    lines = [
-        "# MPP ablations in miniature (ViT paper, Appendix B.1.2)", "", *provenance_lines(report), "",
-        "## Protocol (written to ablation_protocol.json before the first run)", "",
-        f"Pretraining: `{cfg['pretrain_dataset']}` (train split, no labels), {cfg['model']} at {cfg['img_size']} px / patch "
-        f"{cfg['patch_size']}, batch {cfg['batch']}, AdamW lr {cfg['lr']:g}; {report['budget_steps']} steps at the default length (the gate "
-        f"settled on it). Default: target {default['target']}, {round(100 * default['mask_ratio'])}% of patches corrupted, mix "
-        f"{'/'.join(str(round(100 * p)) for p in default['mask_probs'])} ([mask]/random/unchanged), at the {default['corrupt_at']}; "
-        "every other row changes one thing.", "",
-        f"Probes of the frozen encoder on `{cfg['downstream']}` (fit on its train split, scored on validation and test): few-shot "
-        f"linear (closed form, mean of 5 draws) and k-NN (k=20); `cls` = class-token readout, `mean` = mean of the patch tokens. "
-        f"Seeds {list(cfg['seeds'])}; mean ± sample std (ddof=1). {report['protocol']['gate'][0].upper() + report['protocol']['gate'][1:]}. "
-        f"Verdicts: {report['protocol']['verdicts']}. Power: with {len(cfg['seeds'])} seeds a paired t-test detects with 80% power "
-        + ", ".join(f"{v:.3f} at a per-seed spread of {k}" for k, v in report["protocol"]["power"]["detectable_by_spread"].items() if v)
-        + f"; the {report['protocol']['power']['test_images']} test images alone spread a per-seed difference by about "
-        f"{report['protocol']['power']['test_image_spread_by_disagreement']['0.2']:.3f} (20% of images disagreeing).", "",
-        *protocol_changes(report["protocol"]),
-        "## The gate", "", gate_line, "",
-        "## Test split", "",
-        f"The setting with the best validation `{primary}`: {report['best_setting']}.", "",
-        *table(["setting", *metrics], rows), "",
-        f"Each setting − the default on `{primary}` (test), paired per seed:", "",
-        *table(["setting", "difference"], [[n, d["phrase"]] for n, d in report["versus_default"].items()]), "",
-        "## The paper's findings", "",
-        f"Paired per-seed difference of `{primary}` on the test split (better − worse as the paper has it), 95% t-interval.", "",
-        *table(["", "finding", "difference", "verdict", "source"],
-               [[k, f["claim"], f["difference"]["phrase"] if f["difference"] else "—", f"**{f['verdict']}**", f["source"]]
-                for k, f in report["findings"].items()]), "",
-        "The same verdicts under every probe metric (a = agrees, d = disagrees, i = inconclusive, n = not judged, − = not run):", "",
-        *table(["metric", *report["findings"]], [[m, *(VERDICT_LETTERS[report["verdicts_by_metric"][m][k]] for k in report["findings"])]
-                                                 for m in metrics]), "",
-        "Compared without a paper finding to judge (each doubling of the length with its own sign):", "",
-        *table(["comparison", "difference"], [[n, d["phrase"]] for n, d in report["observations"].items()]), "",
+    rows += [
+        ["majority class", *(pm(floors_["test"]["majority"]) for _ in metrics)],
+        ["raw pixels", *(pm(floors_["test"][pixel_floor(m)]) for m in metrics)],
+        ["chance", *(f"{report['chance']:.3f}" for _ in metrics)],
     ]
+    gate_line = (
+        f"**Gate {'passed' if gate['passed'] else 'NOT passed'}** at {gate['steps']} steps: default − {RANDOM} on "
+        f"`{primary}` "
+        f"(validation) {g['phrase']}"
+        + "".join(f"; at {t['steps']} steps {t['difference']['phrase']}" for t in gate["trials"][:-1])
+        + f". On the test split: {gate['on_test']['difference']['phrase']}."
+    )
+    if not gate["passed"]:
+        gate_line += (
+            " The verdict metric could not show that pretraining beats a random encoder at the largest budget allowed, "
+            "so it "
+            "cannot tell two pretrainings apart either: no finding is judged."
+        )
+    lines = [
+        "# MPP ablations in miniature (ViT paper, Appendix B.1.2)",
+        "",
+        *provenance_lines(report),
+        "",
+        "## Protocol (written to ablation_protocol.json before the first run)",
+        "",
+        f"Pretraining: `{cfg['pretrain_dataset']}` (train split, no labels), {cfg['model']} at {cfg['img_size']} px / "
+        "patch "
+        f"{cfg['patch_size']}, batch {cfg['batch']}, AdamW lr {cfg['lr']:g}; {report['budget_steps']} steps at the "
+        "default length (the gate "
+        f"settled on it). Default: target {default['target']}, {round(100 * default['mask_ratio'])}% of patches "
+        "corrupted, mix "
+        f"{'/'.join(str(round(100 * p)) for p in default['mask_probs'])} ([mask]/random/unchanged), at the "
+        f"{default['corrupt_at']}; "
+        "every other row changes one thing.",
+        "",
+        f"Probes of the frozen encoder on `{cfg['downstream']}` (fit on its train split, scored on validation and "
+        "test): few-shot "
+        "linear (closed form, mean of 5 draws) and k-NN (k=20); `cls` = class-token readout, `mean` = mean of the "
+        "patch tokens. "
+        f"Seeds {list(cfg['seeds'])}; mean ± sample std (ddof=1). "
+        f"{report['protocol']['gate'][0].upper() + report['protocol']['gate'][1:]}. "
+        f"Verdicts: {report['protocol']['verdicts']}. Power: with {len(cfg['seeds'])} seeds a paired t-test detects "
+        "with 80% power "
+        + ", ".join(
+            f"{v:.3f} at a per-seed spread of {k}"
+            for k, v in report["protocol"]["power"]["detectable_by_spread"].items()
+            if v
+        )
+        + f"; the {report['protocol']['power']['test_images']} test images alone spread a per-seed difference by about "
+        f"{report['protocol']['power']['test_image_spread_by_disagreement']['0.2']:.3f} (20% of images disagreeing).",
+        "",
+        *protocol_changes(report["protocol"]),
+        "## The gate",
+        "",
+        gate_line,
+        "",
+        "## Test split",
+        "",
+        f"The setting with the best validation `{primary}`: {report['best_setting']}.",
+        "",
+        *table(["setting", *metrics], rows),
+        "",
+        f"Each setting − the default on `{primary}` (test), paired per seed:",
+        "",
+        *table(["setting", "difference"], [[n, d["phrase"]] for n, d in report["versus_default"].items()]),
+        "",
+        "## The paper's findings",
+        "",
+        f"Paired per-seed difference of `{primary}` on the test split (better − worse as the paper has it), 95% "
+        "t-interval.",
+        "",
+        *table(
+            ["", "finding", "difference", "verdict", "source"],
+            [
+                [
+                    k,
+                    f["claim"],
+                    f["difference"]["phrase"] if f["difference"] else "—",
+                    f"**{f['verdict']}**",
+                    f["source"],
+                ]
+                for k, f in report["findings"].items()
+            ],
+        ),
+        "",
+        "The same verdicts under every probe metric (a = agrees, d = disagrees, i = inconclusive, n = not judged, − = "
+        "not run):",
+        "",
+        *table(
+            ["metric", *report["findings"]],
+            [[m, *(VERDICT_LETTERS[report["verdicts_by_metric"][m][k]] for k in report["findings"])] for m in metrics],
+        ),
+        "",
+    ]
+    if report["observations"]:  # --settings may leave out every setting they need
+        lines += [
+            "Compared without a paper finding to judge (each doubling of the length with its own sign):",
+            "",
+            *table(["comparison", "difference"], [[n, d["phrase"]] for n, d in report["observations"].items()]),
+            "",
+        ]
     if "finetune" in report:
         ft = report["finetune"]
-        lines += ["## Fine-tuning", "",
-                  f"`{cfg['downstream']}`, preset paper, lr from {[float(f'{x:.3g}') for x in ft['grid']]} chosen on seed {cfg['seeds'][0]}'s "
-                  f"validation split, {ft['epochs']:g} epochs (validation every {cfg['eval_every']}); the test split scored once with the best "
-                  "validation epoch's weights.", "",
-                  *table(["init", "test top-1", "best validation top-1", "lr"],
-                         [[arm, pm(ft["summary"][arm]["test_top1"]), pm(ft["summary"][arm]["best_val_top1"]),
-                           f"{next(iter(ft['per_seed'][arm].values()))['lr']:.3g}"] for arm in ft["arms"]]), "",
-                  *table(["comparison (test top-1)", "difference"], [[n, d["phrase"]] for n, d in ft["differences"].items()]), ""]
+        lines += [
+            "## Fine-tuning",
+            "",
+            f"`{cfg['downstream']}`, preset paper, lr from {[float(f'{x:.3g}') for x in ft['grid']]} chosen on seed "
+            f"{cfg['seeds'][0]}'s "
+            f"validation split, {ft['epochs']:g} epochs (validation every {cfg['eval_every']}); the test split scored "
+            "once with the best "
+            "validation epoch's weights.",
+            "",
+            *table(
+                ["init", "test top-1", "best validation top-1", "lr"],
+                [
+                    [
+                        arm,
+                        pm(ft["summary"][arm]["test_top1"]),
+                        pm(ft["summary"][arm]["best_val_top1"]),
+                        f"{next(iter(ft['per_seed'][arm].values()))['lr']:.3g}",
+                    ]
+                    for arm in ft["arms"]
+                ],
+            ),
+            "",
+            *table(["comparison (test top-1)", "difference"], [[n, d["phrase"]] for n, d in ft["differences"].items()]),
+            "",
+        ]
     lines += [f"Wall time {report['wall_time_s'] / 60:.1f} min.", "", "![ablation](ablation.png)", ""]
     return "\n".join(lines)
 
@@ -474,7 +769,9 @@ def figure(report: dict, path: Path) -> None:
     fig = Figure(figsize=(3 * len(AXES), 3.4), layout="constrained")
     axes = fig.subplots(1, len(AXES), sharey=True)
     for ax, (axis, changes) in zip(axes, AXES.items()):
-        names = ["default"] + [n for n in (setting_name(k, v) for k, v in changes) if n in summary]  # --settings may leave some out
+        names = ["default"] + [
+            n for n in (setting_name(k, v) for k, v in changes) if n in summary
+        ]  # --settings may leave some out
         if axis == "pretraining length":
             names = sorted(names, key=lambda n: cfg["settings"][n]["length"])
         means = [summary[n]["test"][metric]["mean"] for n in names]
@@ -483,14 +780,23 @@ def figure(report: dict, path: Path) -> None:
             d = report["versus_default"].get(n)
             if d and d["low"] is not None:  # the paired interval of (setting − default), placed on the setting's bar
                 errors[:, i] = [d["mean"] - d["low"], d["high"] - d["mean"]]
-        ax.bar(range(len(names)), means, yerr=errors, capsize=3, color=["C1" if n == "default" else "C0" for n in names])
-        for value, style, label in ((report["chance"], "k:", "chance"), (floors_["majority"]["mean"], "k-.", "majority class"),
-                                    (summary[RANDOM]["test"][metric]["mean"], "g--", RANDOM), (floors_[pixel]["mean"], "r--", "raw pixels")):
+        ax.bar(
+            range(len(names)), means, yerr=errors, capsize=3, color=["C1" if n == "default" else "C0" for n in names]
+        )
+        for value, style, label in (
+            (report["chance"], "k:", "chance"),
+            (floors_["majority"]["mean"], "k-.", "majority class"),
+            (summary[RANDOM]["test"][metric]["mean"], "g--", RANDOM),
+            (floors_[pixel]["mean"], "r--", "raw pixels"),
+        ):
             ax.axhline(value, linestyle=style[1:], color=style[0], lw=1, label=label)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(axis, fontsize=9)
     axes[0].set_ylabel(f"{metric} (test)")
     axes[-1].legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"bars: mean over seeds; error bars: 95% paired interval of setting − default; {'gate passed' if report['gate']['passed'] else 'gate NOT passed: not judged'}",
-                 fontsize=8)
+    fig.suptitle(
+        "bars: mean over seeds; error bars: 95% paired interval of setting − default; "
+        f"{'gate passed' if report['gate']['passed'] else 'gate NOT passed: not judged'}",
+        fontsize=8,
+    )
     fig.savefig(path, dpi=120)

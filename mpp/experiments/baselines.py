@@ -3,6 +3,7 @@
 A pretrained encoder that does not beat the raw pixels has learnt nothing a classifier could not read
 off the input; a metric on which no encoder beats a random one cannot show a difference at all.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -20,15 +21,21 @@ def majority_accuracy(train_labels: torch.Tensor, test_labels: torch.Tensor) -> 
     return float((test_labels == majority).double().mean())
 
 
-def pixel_baselines(train_images, train_labels, test_images, test_labels, shots=(5, 10), draws: int = 5, seed: int = 0) -> dict:
+def pixel_baselines(
+    train_images, train_labels, test_images, test_labels, shots=(5, 10), draws: int = 5, seed: int = 0
+) -> dict:
     """{'majority', 'pixels_knn1', 'pixels_knn20', 'pixels_linear_{n}shot'}: the floors on a test split, with
     the probes' own k-NN (cosine) and few-shot linear code."""
     train_x, test_x = pixel_features(train_images), pixel_features(test_images)
-    report = {"majority": majority_accuracy(train_labels, test_labels),
-              "pixels_knn1": knn_accuracy(train_x, train_labels, test_x, test_labels, k=1),
-              "pixels_knn20": knn_accuracy(train_x, train_labels, test_x, test_labels, k=20)}
+    report = {
+        "majority": majority_accuracy(train_labels, test_labels),
+        "pixels_knn1": knn_accuracy(train_x, train_labels, test_x, test_labels, k=1),
+        "pixels_knn20": knn_accuracy(train_x, train_labels, test_x, test_labels, k=20),
+    }
     for n in shots:
-        report[f"pixels_linear_{n}shot"] = few_shot_accuracy(train_x, train_labels, test_x, test_labels, n, draws, seed)[0]
+        report[f"pixels_linear_{n}shot"] = few_shot_accuracy(
+            train_x, train_labels, test_x, test_labels, n, draws, seed
+        )[0]
     return report
 
 
@@ -36,6 +43,7 @@ def near_twins(reference: torch.Tensor, queries: torch.Tensor, threshold: float 
     """How many query images (M, 3, H, W) have a reference image whose pixels correlate above `threshold`
     with theirs, as they are or mirrored: an independent check that no held-out image has a copy in the
     training images."""
+
     def standardised(x):
         x = pixel_features(x)
         return F.normalize(x - x.mean(1, keepdim=True), dim=1)
@@ -44,4 +52,3 @@ def near_twins(reference: torch.Tensor, queries: torch.Tensor, threshold: float 
     q = standardised(queries)
     best = torch.cat([(q[i : i + batch] @ ref.T).max(1).values for i in range(0, len(q), batch)])
     return int((best > threshold).sum())
-

@@ -6,6 +6,7 @@
 The section sits between EVIDENCE_START and EVIDENCE_END; tests check that it equals what this module
 writes from benchmarks/results/.
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -29,46 +30,106 @@ def rates(grid: list[float]) -> str:
 
 def commit_line(r: dict) -> str:
     git = r["git"]
-    code = "unknown code" if git["commit"] is None else f"code at {git['commit'][:7]}" + (" with uncommitted changes" if git["dirty"] else "")
-    return f"`{r['command']}`, {code}, started {r['date'][:16].replace('T', ' ')} UTC, {r['wall_time_s'] / 60:.0f} min on {r['machine']}"
+    code = (
+        "unknown code"
+        if git["commit"] is None
+        else f"code at {git['commit'][:7]}" + (" with uncommitted changes" if git["dirty"] else "")
+    )
+    started = r["date"][:16].replace("T", " ")
+    return f"`{r['command']}`, {code}, started {started} UTC, {r['wall_time_s'] / 60:.0f} min on {r['machine']}"
+
+
+def protocol_history(plan: dict) -> list[str]:
+    """A line on the protocols a result replaced (with the reason recorded) and the relaunches after stops."""
+    said = []
+    if plan.get("earlier_protocols"):
+        dates = ", ".join(old.get("date", "?")[:16].replace("T", " ") for old in plan["earlier_protocols"])
+        said.append(
+            f"The protocol changed after it started (earlier ones from {dates}, kept in the protocol file): "
+            f"{plan.get('protocol_note') or '(no reason recorded)'}."
+        )
+    if plan.get("relaunches"):
+        said.append(
+            f"Relaunched {len(plan['relaunches'])} time(s) after a stop, the plan unchanged, finished runs reused."
+        )
+    return [" ".join(said), ""] if said else []
 
 
 def gap_section(r: dict, title: str) -> list[str]:
     cfg, s, floors, primary = r["config"], r["summary"], r["floors"], r["primary"]
     boot, t = primary.get("bootstrap"), primary["per_seed_t"]
     tuning = r["tuning"]
-    probe = "linear_10shot_mean" if "linear_10shot_mean" in s["mpp"] else next(m for m in s["mpp"] if m.startswith("linear_"))
+    probe = (
+        "linear_10shot_mean"
+        if "linear_10shot_mean" in s["mpp"]
+        else next(m for m in s["mpp"] if m.startswith("linear_"))
+    )
     pixel_probe = f"pixels_{'_'.join(probe.split('_')[:2])}"
     rows = [[arm, pm(s[arm]["test_top1"]), pm(s[arm]["knn20_mean"]), pm(s[arm][probe])] for arm in ARMS]
-    rows += [["majority class", pm(floors["majority"]), pm(floors["majority"]), pm(floors["majority"])],
-             ["raw pixels (1-NN in the first column)", pm(floors["pixels_knn1"]), pm(floors["pixels_knn20"]), pm(floors[pixel_probe])]]
+    rows += [
+        ["majority class", pm(floors["majority"]), pm(floors["majority"]), pm(floors["majority"])],
+        [
+            "raw pixels (1-NN in the first column)",
+            pm(floors["pixels_knn1"]),
+            pm(floors["pixels_knn20"]),
+            pm(floors[pixel_probe]),
+        ],
+    ]
     hygiene = [v["hygiene"] for v in r["per_seed"].values()]
     converged = tuning["convergence"][-1]
     power = r["protocol"]["power"]
     lines = [
         f"**{title}** — {commit_line(r)}. `{cfg['upstream']}` → `{cfg['downstream']}` "
-        f"({'disjoint' if r['protocol']['label_spaces']['disjoint'] else 'SHARED'} label spaces), {cfg['model']} at {cfg['img_size']} px / "
-        f"patch {cfg['patch_size']}; pretraining {cfg['pretrain_steps']} steps of {cfg['pretrain_batch']} for MPP and supervised alike; "
+        f"({'disjoint' if r['protocol']['label_spaces']['disjoint'] else 'SHARED'} label spaces), {cfg['model']} at "
+        f"{cfg['img_size']} px / "
+        f"patch {cfg['patch_size']}; pretraining {cfg['pretrain_steps']} steps of {cfg['pretrain_batch']} for MPP and "
+        "supervised alike; "
         f"{cfg['train_per_class'] or 'all'} labelled images per class downstream; seeds {list(cfg['seeds'])}; "
-        f"{hygiene[0]['test_images']} test images.", "",
-        *table(["init", "fine-tuned test top-1", "k-NN (k=20), mean readout", f"{probe.replace('_', ' ')}"], rows), "",
-        f"Primary comparison, fixed before the run: **MPP − scratch, fine-tuned test top-1 {interval(t)}** (paired per-seed t-interval)"
-        + (f"; two-level bootstrap over seeds and test images [{boot['low']:+.3f}, {boot['high']:+.3f}]." if boot else "."),
+        f"{hygiene[0]['test_images']} test images.",
+        "",
+        *protocol_history(r["protocol"]),
+        *table(["init", "fine-tuned test top-1", "k-NN (k=20), mean readout", f"{probe.replace('_', ' ')}"], rows),
+        "",
+        f"Primary comparison, fixed before the run: **MPP − scratch, fine-tuned test top-1 {interval(t)}** (paired "
+        "per-seed t-interval)"
+        + (
+            f"; two-level bootstrap over seeds and test images [{boot['low']:+.3f}, {boot['high']:+.3f}]."
+            if boot
+            else "."
+        ),
         f"Power computed before the run: with {power['seeds']} seeds a true difference of "
-        f"{power['detectable_by_spread']['0.01'] or float('nan'):.3f} is found 80% of the time when per-seed differences spread by "
+        f"{power['detectable_by_spread']['0.01'] or float('nan'):.3f} is found 80% of the time when per-seed "
+        "differences spread by "
         f"0.01 ({power['detectable_by_spread']['0.02'] or float('nan'):.3f} at 0.02); the spread observed was "
-        f"{t['std'] if t['std'] is not None else float('nan'):.3f}.", "",
+        f"{t['std'] if t['std'] is not None else float('nan'):.3f}.",
+        "",
         "Exploratory (no correction for multiple comparisons): "
-        + "; ".join(f"{name.split(' (')[0]} {interval(d['test_top1'])}" for name, d in r["differences"].items() if name != primary["comparison"])
+        + "; ".join(
+            f"{name.split(' (')[0]} {interval(d['test_top1'])}"
+            for name, d in r["differences"].items()
+            if name != primary["comparison"]
+        )
         + "; MPP's frozen encoder − the random-init encoder: "
-        + ", ".join(f"{m} {interval(d)}" for m, d in r["probes_versus_random_init"]["mpp"].items() if m in ("knn20_mean", probe)) + ".", "",
-        "Tuning on seed " + str(cfg["seeds"][0]) + "'s validation split: "
+        + ", ".join(
+            f"{m} {interval(d)}" for m, d in r["probes_versus_random_init"]["mpp"].items() if m in ("knn20_mean", probe)
+        )
+        + ".",
+        "",
+        "Tuning on seed "
+        + str(cfg["seeds"][0])
+        + "'s validation split: "
         + "; ".join(f"{a} {c['preset']} lr {c['lr']:.3g}" for a, c in tuning["chosen"].items())
-        + "; grids " + ", ".join(f"{p} {rates(g)}" for p, g in tuning["grids"].items()) + "; budget "
-        + " → ".join(f"{c['epochs']:g}" for c in tuning["convergence"]) + " epochs; at the final budget "
-        + ", ".join(f"{a} {'converged' if converged[a]['converged'] else 'NOT converged'}" for a in ARMS) + ". "
-        + f"Test images with a near-twin in the labelled training images: {max(h['test_with_a_twin_in_train'] for h in hygiene)} "
-        f"(most over seeds), in validation: {max(h['test_with_a_twin_in_validation'] for h in hygiene)}.", "",
+        + "; grids "
+        + ", ".join(f"{p} {rates(g)}" for p, g in tuning["grids"].items())
+        + "; budget "
+        + " → ".join(f"{c['epochs']:g}" for c in tuning["convergence"])
+        + " epochs; at the final budget "
+        + ", ".join(f"{a} {'converged' if converged[a]['converged'] else 'NOT converged'}" for a in ARMS)
+        + ". "
+        + "Test images with a near-twin in the labelled training images: "
+        f"{max(h['test_with_a_twin_in_train'] for h in hygiene)} "
+        f"(most over seeds), in validation: {max(h['test_with_a_twin_in_validation'] for h in hygiene)}.",
+        "",
     ]
     return lines
 
@@ -77,28 +138,63 @@ def ablation_section(r: dict) -> list[str]:
     cfg, s, floors, gate, metric = r["config"], r["summary"], r["floors"]["test"], r["gate"], r["config"]["metric"]
     pixel = "pixels_knn20" if metric.startswith("knn20") else f"pixels_{'_'.join(metric.split('_')[:2])}"
     trial = gate["trials"][-1]
-    rows = [[name, pm(s[name]["test"][metric]), interval(r["versus_default"][name]) if name in r["versus_default"] else "—"]
-            for name in s]
-    rows += [["majority class", pm(floors["majority"]), "—"], ["raw pixels", pm(floors[pixel]), "—"], ["chance", f"{r['chance']:.3f}", "—"]]
+    rows = [
+        [name, pm(s[name]["test"][metric]), interval(r["versus_default"][name]) if name in r["versus_default"] else "—"]
+        for name in s
+    ]
+    rows += [
+        ["majority class", pm(floors["majority"]), "—"],
+        ["raw pixels", pm(floors[pixel]), "—"],
+        ["chance", f"{r['chance']:.3f}", "—"],
+    ]
     lines = [
-        f"**Appendix B.1.2 in miniature** — {commit_line(r)}. Pretrained on `{cfg['pretrain_dataset']}`, probed on `{cfg['downstream']}` "
-        f"({r['protocol']['power']['test_images']} test images); verdict metric `{metric}`; seeds {list(cfg['seeds'])}.", "",
-        f"Gate (the default must beat the random-init encoder on validation): **{'passed' if gate['passed'] else 'NOT passed'}** at "
+        f"**Appendix B.1.2 in miniature** — {commit_line(r)}. Pretrained on `{cfg['pretrain_dataset']}`, probed on "
+        f"`{cfg['downstream']}` "
+        f"({r['protocol']['power']['test_images']} test images); verdict metric `{metric}`; seeds "
+        f"{list(cfg['seeds'])}.",
+        "",
+        *protocol_history(r["protocol"]),
+        "Gate (the default must beat the random-init encoder on validation): "
+        f"**{'passed' if gate['passed'] else 'NOT passed'}** at "
         f"{gate['steps']} steps, default − random {interval(trial['difference'])}"
         + "".join(f" (at {t['steps']} steps {interval(t['difference'])})" for t in gate["trials"][:-1])
         + f"; on test {interval(gate['on_test']['difference'])}."
-        + ("" if gate["passed"] else " So no finding is judged: a metric that cannot show pretraining beating a random encoder "
-                                      "cannot tell two pretrainings apart."), "",
-        *table(["setting", f"{metric} (test)", "− default, paired"], rows), "",
-        *table(["the paper's finding", "difference", "verdict"], [[f["claim"], interval(f["difference"]) if f["difference"] else "—", f["verdict"]]
-                                                                  for f in r["findings"].values()]), "",
-        "Each doubling of the pretraining length, with its sign: "
-        + "; ".join(f"{n} {interval(d)}" for n, d in r["observations"].items() if n.startswith("length")) + ".", "",
+        + (
+            ""
+            if gate["passed"]
+            else " So no finding is judged: a metric that cannot show pretraining beating a random encoder "
+            "cannot tell two pretrainings apart."
+        ),
+        "",
+        *table(["setting", f"{metric} (test)", "− default, paired"], rows),
+        "",
+        *table(
+            ["the paper's finding", "difference", "verdict"],
+            [
+                [f["claim"], interval(f["difference"]) if f["difference"] else "—", f["verdict"]]
+                for f in r["findings"].values()
+            ],
+        ),
+        "",
     ]
+    lengths = {n: d for n, d in r["observations"].items() if n.startswith("length")}
+    if lengths:
+        lines += [
+            "Each doubling of the pretraining length, with its sign: "
+            + "; ".join(f"{n} {interval(d)}" for n, d in lengths.items())
+            + ".",
+            "",
+        ]
     if "finetune" in r:
         ft = r["finetune"]
-        lines += ["Fine-tuned test top-1: " + "; ".join(f"{a} {pm(ft['summary'][a]['test_top1'])}" for a in ft["arms"])
-                  + " — " + "; ".join(f"{n} {interval(d)}" for n, d in ft["differences"].items()) + ".", ""]
+        lines += [
+            "Fine-tuned test top-1: "
+            + "; ".join(f"{a} {pm(ft['summary'][a]['test_top1'])}" for a in ft["arms"])
+            + " — "
+            + "; ".join(f"{n} {interval(d)}" for n, d in ft["differences"].items())
+            + ".",
+            "",
+        ]
     return lines
 
 

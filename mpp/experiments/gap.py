@@ -10,6 +10,7 @@ scored once per run, with its best-validation weights, image by image. The froze
 pixels) on the same images. The protocol, power included, is written before the first run. Every stage
 is a real recipe's main(), called in this process with its output in a log.
 """
+
 import json
 import time
 from dataclasses import asdict, dataclass, fields
@@ -20,25 +21,61 @@ import torch
 
 from mpp.errors import UsageError
 from mpp.evaluation.stats import detectable_difference, paired_difference, two_level_bootstrap
-from mpp.experiments.harness import (check_fresh_output_dir, check_seeds, pm, power_table, provenance, provenance_lines, command,
-                                     record_protocol, reusing,
-                                     run_in_process, summarise_finetune, summary_over_seeds, table, write_json)
+from mpp.experiments.harness import (
+    check_fresh_output_dir,
+    check_seeds,
+    command,
+    pm,
+    power_table,
+    provenance,
+    provenance_lines,
+    record_protocol,
+    reusing,
+    run_in_process,
+    summarise_finetune,
+    summary_over_seeds,
+    table,
+    write_json,
+)
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
 
 INITS = ("scratch", "mpp", "supervised")
 PRIMARY = ("MPP − scratch", "mpp", "scratch")  # the one comparison the experiment is powered for: fine-tuned test top-1
-EXPLORATORY = {"supervised − MPP": ("supervised", "mpp"),
-               "supervised − scratch (a positive control: labels upstream must help)": ("supervised", "scratch")}
+EXPLORATORY = {
+    "supervised − MPP": ("supervised", "mpp"),
+    "supervised − scratch (a positive control: labels upstream must help)": ("supervised", "scratch"),
+}
 
 # Per setting: the data and the sizes that fit it. grey (the headline): Fashion-MNIST classes 0-4
 # upstream, 5-9 downstream (5,000 test, 3,000 validation images); colour (an illustration): clip-art
 # classes split in two disjoint halves (about 60 test images).
 SETTINGS = {
-    "grey": dict(upstream="fashion-mnist-upstream", downstream="fashion-mnist-downstream", train_per_class=100, img_size=28,
-                 patch_size=7, pretrain_steps=500, pretrain_batch=256, finetune_epochs=100, finetune_batch=100, eval_every=5,
-                 seeds=(0, 1, 2, 3, 4)),
-    "colour": dict(upstream="clipart-upstream", downstream="clipart-downstream", train_per_class=None, img_size=32, patch_size=8,
-                   pretrain_steps=1000, pretrain_batch=128, finetune_epochs=200, finetune_batch=64, eval_every=5, seeds=(0, 1, 2)),
+    "grey": dict(
+        upstream="fashion-mnist-upstream",
+        downstream="fashion-mnist-downstream",
+        train_per_class=100,
+        img_size=28,
+        patch_size=7,
+        pretrain_steps=500,
+        pretrain_batch=256,
+        finetune_epochs=100,
+        finetune_batch=100,
+        eval_every=5,
+        seeds=(0, 1, 2, 3, 4),
+    ),
+    "colour": dict(
+        upstream="clipart-upstream",
+        downstream="clipart-downstream",
+        train_per_class=None,
+        img_size=32,
+        patch_size=8,
+        pretrain_steps=1000,
+        pretrain_batch=128,
+        finetune_epochs=200,
+        finetune_batch=64,
+        eval_every=5,
+        seeds=(0, 1, 2),
+    ),
 }
 
 
@@ -67,7 +104,9 @@ class GapConfig:
     bootstrap: int = 10_000  # resamples of the two-level (seeds x test images) bootstrap
     output_dir: str = "runs/gap"
     eval_limit: int | None = None  # probes on a stratified part of the test split (quick mode)
-    resume: bool = False  # continue in output_dir: finished stages are kept (harness.reusing), the earlier protocol recorded
+    resume: bool = (
+        False  # continue in output_dir: finished stages are kept (harness.reusing), the earlier protocol recorded
+    )
     protocol_note: str | None = None  # why the protocol differs from the one already in output_dir (with resume)
 
     def grids(self) -> dict:
@@ -105,7 +144,10 @@ def validate(cfg: GapConfig) -> None:
         if not grid or any(not lr > 0 for lr in grid) or len(set(grid)) != len(grid):
             raise UsageError(f"--{preset}-lr-grid needs distinct positive learning rates, got {list(grid)}")
     if cfg.train_per_class is not None and max(cfg.shots) > cfg.train_per_class:
-        raise UsageError(f"--shots {max(cfg.shots)} is more than the {cfg.train_per_class} labelled images per class (--train-per-class)")
+        raise UsageError(
+            f"--shots {max(cfg.shots)} is more than the {cfg.train_per_class} labelled images per class "
+            "(--train-per-class)"
+        )
     if cfg.pretrain_steps < 1 or cfg.finetune_epochs <= 0 or cfg.eval_every < 1:
         raise UsageError("--pretrain-steps, --finetune-epochs and --eval-every must be positive")
     if cfg.grid_extensions < 0 or cfg.budget_doublings < 0 or cfg.bootstrap < 100:
@@ -119,18 +161,68 @@ def validate(cfg: GapConfig) -> None:
 def pretrain_commands(cfg: GapConfig, seed: int, root: Path) -> dict[str, list[str]]:
     """MPP and supervised pretraining on the same upstream training images, with the same steps,
     batch, lr schedule, AdamW settings, clipping and augmentation."""
-    arch = ["--model", cfg.model, "--img-size", cfg.img_size, "--patch-size", cfg.patch_size, "--seed", seed, "--no-progress"]
-    shared = ["--max-steps", cfg.pretrain_steps, "--batch-size", cfg.pretrain_batch, "--lr", cfg.pretrain_lr,
-              "--warmup-steps", max(1, cfg.pretrain_steps // 15), "--min-lr", 0, "--weight-decay", 0.05, "--clip-grad", 1,
-              "--crop-scale", 0.35, 1.0, "--hflip", 0.5, "--log-every", max(1, cfg.pretrain_steps // 30),
-              "--checkpoint-every", cfg.pretrain_steps]
+    arch = [
+        "--model",
+        cfg.model,
+        "--img-size",
+        cfg.img_size,
+        "--patch-size",
+        cfg.patch_size,
+        "--seed",
+        seed,
+        "--no-progress",
+    ]
+    shared = [
+        "--max-steps",
+        cfg.pretrain_steps,
+        "--batch-size",
+        cfg.pretrain_batch,
+        "--lr",
+        cfg.pretrain_lr,
+        "--warmup-steps",
+        max(1, cfg.pretrain_steps // 15),
+        "--min-lr",
+        0,
+        "--weight-decay",
+        0.05,
+        "--clip-grad",
+        1,
+        "--crop-scale",
+        0.35,
+        1.0,
+        "--hflip",
+        0.5,
+        "--log-every",
+        max(1, cfg.pretrain_steps // 30),
+        "--checkpoint-every",
+        cfg.pretrain_steps,
+    ]
     return {
-        "mpp": command("pretrain", "--dataset", cfg.upstream, "--split", "train", *arch, *shared, "--output-dir", root / "mpp"),
+        "mpp": command(
+            "pretrain", "--dataset", cfg.upstream, "--split", "train", *arch, *shared, "--output-dir", root / "mpp"
+        ),
         # the fine-tuning recipe on the upstream labels; validation is never looked at (--eval-every
         # beyond the run), the final weights are the init
-        "supervised": command("finetune", "--dataset", cfg.upstream, "--train-split", "train", "--eval-split", "validation",
-                             "--init", "scratch", *arch, *shared, "--opt", "adamw", "--no-zero-head", "--eval-every", 1_000_000,
-                             "--output-dir", root / "supervised"),
+        "supervised": command(
+            "finetune",
+            "--dataset",
+            cfg.upstream,
+            "--train-split",
+            "train",
+            "--eval-split",
+            "validation",
+            "--init",
+            "scratch",
+            *arch,
+            *shared,
+            "--opt",
+            "adamw",
+            "--no-zero-head",
+            "--eval-every",
+            1_000_000,
+            "--output-dir",
+            root / "supervised",
+        ),
     }
 
 
@@ -142,10 +234,39 @@ def finetune_command(cfg: GapConfig, seed: int, init: str) -> list[str]:
     """The downstream fine-tuning of one arm, without --preset, --lr, --epochs and --output-dir (the tuning
     adds them): identical for the three arms but for --init."""
     subset = ["--train-per-class", cfg.train_per_class] if cfg.train_per_class else []
-    return command("finetune", "--dataset", cfg.downstream, "--train-split", "train", "--eval-split", "validation",
-                  "--test-split", "test", *subset, "--subset-seed", seed, "--init", init, "--model", cfg.model,
-                  "--img-size", cfg.img_size, "--patch-size", cfg.patch_size, "--batch-size", cfg.finetune_batch,
-                  "--eval-every", cfg.eval_every, "--log-every", 10, "--checkpoint-every", 1_000_000, "--seed", seed, "--no-progress")
+    return command(
+        "finetune",
+        "--dataset",
+        cfg.downstream,
+        "--train-split",
+        "train",
+        "--eval-split",
+        "validation",
+        "--test-split",
+        "test",
+        *subset,
+        "--subset-seed",
+        seed,
+        "--init",
+        init,
+        "--model",
+        cfg.model,
+        "--img-size",
+        cfg.img_size,
+        "--patch-size",
+        cfg.patch_size,
+        "--batch-size",
+        cfg.finetune_batch,
+        "--eval-every",
+        cfg.eval_every,
+        "--log-every",
+        10,
+        "--checkpoint-every",
+        1_000_000,
+        "--seed",
+        seed,
+        "--no-progress",
+    )
 
 
 def probe_data(cfg: GapConfig, seed: int):
@@ -165,14 +286,19 @@ def probe_encoders(cfg: GapConfig, seed: int, root: Path, data) -> dict[str, dic
     from mpp.models.weights import load_backbone
 
     torch.manual_seed(seed)
-    encoders = {"scratch": create_encoder(cfg.model, cfg.img_size, cfg.patch_size),
-                "mpp": load_backbone(root / "mpp" / "model.safetensors"),
-                "supervised": load_backbone(root / "supervised" / "model.safetensors")}
+    encoders = {
+        "scratch": create_encoder(cfg.model, cfg.img_size, cfg.patch_size),
+        "mpp": load_backbone(root / "mpp" / "model.safetensors"),
+        "supervised": load_backbone(root / "supervised" / "model.safetensors"),
+    }
     reports = {}
     for name, encoder in encoders.items():
         mean, std = encoder.pretrained_cfg["mean"], encoder.pretrained_cfg["std"]
-        reports[name] = {k: v for k, v in frozen_feature_report(encoder, *data, mean, std, cfg.shots, draws=5, seed=seed).items()
-                         if not k.endswith("_std")}
+        reports[name] = {
+            k: v
+            for k, v in frozen_feature_report(encoder, *data, mean, std, cfg.shots, draws=5, seed=seed).items()
+            if not k.endswith("_std")
+        }
     reports["readouts"] = describe_readouts(encoders["mpp"])
     return reports
 
@@ -185,9 +311,12 @@ def hygiene(cfg: GapConfig, seed: int, data) -> dict:
 
     train_images, _, test_images, _ = data
     validation = labelled_images(cfg.downstream, "validation", cfg.img_size)[0]
-    return {"test_images": len(test_images), "test_with_a_twin_in_train": near_twins(train_images, test_images),
-            "test_with_a_twin_in_validation": near_twins(validation, test_images),
-            "validation_with_a_twin_in_train": near_twins(train_images, validation)}
+    return {
+        "test_images": len(test_images),
+        "test_with_a_twin_in_train": near_twins(train_images, test_images),
+        "test_with_a_twin_in_validation": near_twins(validation, test_images),
+        "validation_with_a_twin_in_train": near_twins(train_images, validation),
+    }
 
 
 def label_spaces(cfg: GapConfig) -> dict:
@@ -203,27 +332,52 @@ def label_spaces(cfg: GapConfig) -> dict:
 def check_shots(cfg: GapConfig, train_labels: torch.Tensor) -> None:
     smallest = int(torch.bincount(train_labels.long()).min())
     if max(cfg.shots) > smallest:
-        raise UsageError(f"--shots {max(cfg.shots)} is more than the {smallest} training images of the smallest downstream class")
+        raise UsageError(
+            f"--shots {max(cfg.shots)} is more than the {smallest} training images of the smallest downstream class"
+        )
 
 
 def protocol(cfg: GapConfig, spaces: dict, test_images: int) -> dict:
     """The plan, fixed before the first run."""
     return {
-        "setting": cfg.setting, "upstream": cfg.upstream, "downstream": cfg.downstream, "seeds": list(cfg.seeds),
-        "pretraining": f"MPP and supervised, {cfg.pretrain_steps} steps of {cfg.pretrain_batch}, AdamW lr {cfg.pretrain_lr:g}",
-        "fine_tuning": {"labelled_per_class": cfg.train_per_class, "presets": list(cfg.presets),
-                        "lr_grids": {p: list(g) for p, g in cfg.grids().items()}, "starting_epochs": cfg.finetune_epochs,
-                        "eval_every": cfg.eval_every, "batch": cfg.finetune_batch},
-        "selection": (f"seed {cfg.seeds[0]} chooses each arm's (preset, lr) by best validation top-1 over every preset and lr; a grid "
-                      f"grows by one step a side (up to {cfg.grid_extensions}) while an arm's best lr in it is on that edge, for every arm; "
-                      "the chosen runs must be converged (validation smoothed over 10% of the budget: the best of the last 20% no more "
-                      f"than 0.005 above the best before), else the budget doubles (up to {cfg.budget_doublings} times); the other "
-                      "seeds fine-tune with the choice and the final budget. The test split is scored once per run, with its "
-                      "best-validation weights."),
-        "primary": f"{PRIMARY[0]}, fine-tuned test top-1: paired per-seed t-interval and a two-level (seeds x test images) bootstrap",
+        "setting": cfg.setting,
+        "upstream": cfg.upstream,
+        "downstream": cfg.downstream,
+        "seeds": list(cfg.seeds),
+        "pretraining": f"MPP and supervised, {cfg.pretrain_steps} steps of {cfg.pretrain_batch}, AdamW lr "
+        f"{cfg.pretrain_lr:g}",
+        "fine_tuning": {
+            "labelled_per_class": cfg.train_per_class,
+            "presets": list(cfg.presets),
+            "lr_grids": {p: list(g) for p, g in cfg.grids().items()},
+            "starting_epochs": cfg.finetune_epochs,
+            "eval_every": cfg.eval_every,
+            "batch": cfg.finetune_batch,
+        },
+        "selection": (
+            f"seed {cfg.seeds[0]} chooses each arm's (preset, lr) by best validation top-1 over every preset and lr; a "
+            "grid "
+            f"grows by one step a side (up to {cfg.grid_extensions}) while an arm's best lr in it is on that edge, for "
+            "every arm; "
+            "the chosen runs must be converged (validation smoothed over 10% of the budget: the best of the last 20% "
+            "no "
+            "more "
+            f"than 0.005 above the best before), else the budget doubles (up to {cfg.budget_doublings} times); the "
+            "other "
+            "seeds fine-tune with the choice and the final budget. The test split is scored once per run, with its "
+            "best-validation weights."
+        ),
+        "primary": f"{PRIMARY[0]}, fine-tuned test top-1: paired per-seed t-interval and a two-level (seeds x test "
+        "images) bootstrap",
         "exploratory": [*EXPLORATORY, "every probe: each pretrained encoder − the random-init encoder"],
-        "floors": ["majority class", "raw-pixel k-NN (k = 1 and 20)", "raw-pixel few-shot linear", "random-init frozen encoder"],
-        "label_spaces": spaces, "power": power_table(len(cfg.seeds), test_images),
+        "floors": [
+            "majority class",
+            "raw-pixel k-NN (k = 1 and 20)",
+            "raw-pixel few-shot linear",
+            "random-init frozen encoder",
+        ],
+        "label_spaces": spaces,
+        "power": power_table(len(cfg.seeds), test_images),
     }
 
 
@@ -233,14 +387,18 @@ SCRIPT = "recipes/gap.py"
 def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
     validate(cfg)
     start = time.time()
-    origin = provenance(SCRIPT, argv or [])  # the code as it was at the start: a commit made mid-run must not be recorded
+    origin = provenance(
+        SCRIPT, argv or []
+    )  # the code as it was at the start: a commit made mid-run must not be recorded
     out = Path(cfg.output_dir)
     spaces = label_spaces(cfg)
     first = probe_data(cfg, cfg.seeds[0])
     check_shots(cfg, first[1])  # before any training
     from mpp.data.dataset import load_images
 
-    plan = protocol(cfg, spaces, len(load_images(cfg.downstream, "test")))  # the fine-tunings score the whole test split
+    plan = protocol(
+        cfg, spaces, len(load_images(cfg.downstream, "test"))
+    )  # the fine-tunings score the whole test split
     out.mkdir(parents=True, exist_ok=True)
     reused: list[str] = []
     run = reusing(run_in_process, reused) if cfg.resume else run_in_process
@@ -252,33 +410,70 @@ def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
         for name, cmd in pretrain_commands(cfg, seed, root).items():
             print(f"[seed {seed}] pretrain {name} ...", flush=True)
             run(cmd, logs / f"pretrain_{name}.log")
-        runner = finetune_runner({arm: finetune_command(cfg, seed, init_of(arm, root)) for arm in INITS}, root, logs, run, summarise_finetune)
+        runner = finetune_runner(
+            {arm: finetune_command(cfg, seed, init_of(arm, root)) for arm in INITS}, root, logs, run, summarise_finetune
+        )
         if tuned is None:
             print(f"[seed {seed}] tune every arm over {', '.join(cfg.presets)} ...", flush=True)
-            rules = TuningRules(cfg.presets, cfg.grids(), cfg.finetune_epochs, cfg.grid_extensions, cfg.budget_doublings)
+            rules = TuningRules(
+                cfg.presets, cfg.grids(), cfg.finetune_epochs, cfg.grid_extensions, cfg.budget_doublings
+            )
             tuned = tune(list(INITS), runner, rules)
             finetuned = tuned.chosen
         else:
             print(f"[seed {seed}] fine-tune with the chosen recipes ...", flush=True)
-            finetuned = {arm: {"preset": c["preset"], "lr": c["lr"], **runner(arm, c["preset"], c["lr"], tuned.epochs)}
-                         for arm, c in tuned.chosen.items()}
+            finetuned = {
+                arm: {"preset": c["preset"], "lr": c["lr"], **runner(arm, c["preset"], c["lr"], tuned.epochs)}
+                for arm, c in tuned.chosen.items()
+            }
         probes = probe_encoders(cfg, seed, root, data)
-        per_seed[seed] = {arm: {"test_top1": finetuned[arm]["test_top1"], "best_val_top1": finetuned[arm]["best_val_top1"],
-                                "preset": finetuned[arm]["preset"], "lr": finetuned[arm]["lr"], "best_epoch": finetuned[arm]["best_epoch"],
-                                "train_acc_last": finetuned[arm]["train_acc_last"], **probes[arm]} for arm in INITS}
+        per_seed[seed] = {
+            arm: {
+                "test_top1": finetuned[arm]["test_top1"],
+                "best_val_top1": finetuned[arm]["best_val_top1"],
+                "preset": finetuned[arm]["preset"],
+                "lr": finetuned[arm]["lr"],
+                "best_epoch": finetuned[arm]["best_epoch"],
+                "train_acc_last": finetuned[arm]["train_acc_last"],
+                **probes[arm],
+            }
+            for arm in INITS
+        }
         per_seed[seed]["floors"] = floors(cfg, seed, data)
         per_seed[seed]["hygiene"] = hygiene(cfg, seed, data)
-        predictions[seed] = {arm: json.loads((Path(finetuned[arm]["run_dir"]) / "test_predictions.json").read_text()) for arm in INITS}
+        predictions[seed] = {
+            arm: json.loads((Path(finetuned[arm]["run_dir"]) / "test_predictions.json").read_text()) for arm in INITS
+        }
         readouts = probes["readouts"]
-        print(f"[seed {seed}] test top-1: " + ", ".join(f"{a} {per_seed[seed][a]['test_top1']:.4f}" for a in INITS), flush=True)
-    report = {"protocol": plan, "config": asdict(cfg), "readouts": readouts, "per_seed": per_seed,
-              "tuning": {"chosen": {a: {k: c[k] for k in ("preset", "lr")} for a, c in tuned.chosen.items()}, "epochs": tuned.epochs,
-                         "grids": tuned.grids, "convergence": tuned.convergence,
-                         "trials": [{k: v for k, v in t.items() if k not in ("val_curve", "run_dir")} for t in tuned.trials]},
-              **summarise(per_seed, predictions, cfg.bootstrap), "wall_time_s": time.time() - start, "reused_stages": len(reused), **origin}
+        print(
+            f"[seed {seed}] test top-1: " + ", ".join(f"{a} {per_seed[seed][a]['test_top1']:.4f}" for a in INITS),
+            flush=True,
+        )
+    report = {
+        "protocol": plan,
+        "config": asdict(cfg),
+        "readouts": readouts,
+        "per_seed": per_seed,
+        "tuning": {
+            "chosen": {a: {k: c[k] for k in ("preset", "lr")} for a, c in tuned.chosen.items()},
+            "epochs": tuned.epochs,
+            "grids": tuned.grids,
+            "convergence": tuned.convergence,
+            "trials": [{k: v for k, v in t.items() if k not in ("val_curve", "run_dir")} for t in tuned.trials],
+        },
+        **summarise(per_seed, predictions, cfg.bootstrap),
+        "wall_time_s": time.time() - start,
+        "reused_stages": len(reused),
+        **origin,
+    }
     write_json(out / "results.json", report)
-    write_json(out / "predictions.json", {"labels": next(iter(predictions.values()))["mpp"]["labels"],
-                                          "per_seed": {s: {a: p["predictions"] for a, p in v.items()} for s, v in predictions.items()}})
+    write_json(
+        out / "predictions.json",
+        {
+            "labels": next(iter(predictions.values()))["mpp"]["labels"],
+            "per_seed": {s: {a: p["predictions"] for a, p in v.items()} for s, v in predictions.items()},
+        },
+    )
     (out / "results.md").write_text(markdown(report))
     bar_chart(report, out / "gap.png")
     return report
@@ -312,8 +507,14 @@ def summarise(per_seed: dict, predictions: dict | None = None, resamples: int = 
     comparison also gets the two-level bootstrap over seeds and test images when predictions are given."""
     seeds = list(per_seed)
     metrics = metric_names(per_seed)
-    summary = {arm: {m: v for m, v in summary_over_seeds([per_seed[s][arm] for s in seeds]).items() if m in metrics + ["best_epoch"]}
-               for arm in INITS}
+    summary = {
+        arm: {
+            m: v
+            for m, v in summary_over_seeds([per_seed[s][arm] for s in seeds]).items()
+            if m in metrics + ["best_epoch"]
+        }
+        for arm in INITS
+    }
 
     def diff(a, b, m):
         return paired_difference([per_seed[s][a][m] for s in seeds], [per_seed[s][b][m] for s in seeds]).to_dict()
@@ -326,7 +527,12 @@ def summarise(per_seed: dict, predictions: dict | None = None, resamples: int = 
     differences.update({n: {m: diff(x, y, m) for m in metrics} for n, (x, y) in EXPLORATORY.items()})
     probes = [m for m in metrics if m.startswith(("knn", "linear_"))]
     versus_random = {arm: {m: diff(arm, "scratch", m) for m in probes} for arm in ("mpp", "supervised")}
-    out = {"summary": summary, "primary": primary, "differences": differences, "probes_versus_random_init": versus_random}
+    out = {
+        "summary": summary,
+        "primary": primary,
+        "differences": differences,
+        "probes_versus_random_init": versus_random,
+    }
     if "floors" in per_seed[seeds[0]]:
         out["floors"] = summary_over_seeds([per_seed[s]["floors"] for s in seeds])
     return out
@@ -338,7 +544,11 @@ def markdown(report: dict) -> str:
     metrics = [m for m in s["scratch"] if m not in ("best_epoch", "best_val_top1")]
     floors_ = report.get("floors", {})
     spaces = plan["label_spaces"]
-    subset = f"{cfg['train_per_class']} labelled images per class" if cfg["train_per_class"] else "all its labelled training images"
+    subset = (
+        f"{cfg['train_per_class']} labelled images per class"
+        if cfg["train_per_class"]
+        else "all its labelled training images"
+    )
     primary = report["primary"]
     boot = primary.get("bootstrap")
     tuning = report["tuning"]
@@ -350,72 +560,170 @@ def markdown(report: dict) -> str:
             return pm(floors_[f"pixels_{metric.split('_')[0]}_{metric.split('_')[1]}"])
         return "—"
 
-    rows = [[arm if arm != "scratch" else "scratch (probes: the random-init encoder)", *(pm(s[arm][m]) for m in metrics)] for arm in INITS]
+    rows = [
+        [arm if arm != "scratch" else "scratch (probes: the random-init encoder)", *(pm(s[arm][m]) for m in metrics)]
+        for arm in INITS
+    ]
     if floors_:
-        rows += [["majority class", *(pm(floors_["majority"]) for _ in metrics)],
-                 ["raw pixels (test top-1 column: 1-NN on the labelled images)",
-                  *(pm(floors_["pixels_knn1"]) if m == "test_top1" else floor_cell(m) for m in metrics)]]
+        rows += [
+            ["majority class", *(pm(floors_["majority"]) for _ in metrics)],
+            [
+                "raw pixels (test top-1 column: 1-NN on the labelled images)",
+                *(pm(floors_["pixels_knn1"]) if m == "test_top1" else floor_cell(m) for m in metrics),
+            ],
+        ]
     power = plan["power"]
     observed_sd = primary["per_seed_t"]["std"]
     lines = [
-        f"# Gap experiment ({cfg['setting']}): fine-tuning from scratch vs MPP vs supervised pretraining", "",
-        *provenance_lines(report), "",
-        "## Protocol (written to protocol.json before the first run)", "",
+        f"# Gap experiment ({cfg['setting']}): fine-tuning from scratch vs MPP vs supervised pretraining",
+        "",
+        *provenance_lines(report),
+        "",
+        "## Protocol (written to protocol.json before the first run)",
+        "",
         f"Upstream `{cfg['upstream']}` (train split): MPP without labels and supervised pretraining on its labels, "
         f"{cfg['pretrain_steps']} steps of {cfg['pretrain_batch']} each, AdamW lr {cfg['pretrain_lr']:g}. "
-        f"Label spaces {'disjoint' if spaces['disjoint'] else 'SHARED (not a transfer)'}: upstream {', '.join(spaces['upstream'])}; "
-        f"downstream {', '.join(spaces['downstream'])}.", "",
-        f"Downstream `{cfg['downstream']}` with {subset}: model {cfg['model']} at {cfg['img_size']} px / patch {cfg['patch_size']}, "
-        f"batch {cfg['finetune_batch']}, validation top-1 every {cfg['eval_every']} epochs. {plan['selection']}", "",
+        f"Label spaces {'disjoint' if spaces['disjoint'] else 'SHARED (not a transfer)'}: upstream "
+        f"{', '.join(spaces['upstream'])}; "
+        f"downstream {', '.join(spaces['downstream'])}.",
+        "",
+        f"Downstream `{cfg['downstream']}` with {subset}: model {cfg['model']} at {cfg['img_size']} px / patch "
+        f"{cfg['patch_size']}, "
+        f"batch {cfg['finetune_batch']}, validation top-1 every {cfg['eval_every']} epochs. {plan['selection']}",
+        "",
         *protocol_changes(plan),
-        f"Primary comparison: **{plan['primary']}**. Exploratory (no correction for multiple comparisons; read as leads, not "
-        f"findings): {'; '.join(plan['exploratory'])}. Seeds {list(cfg['seeds'])}.", "",
-        f"Power, computed before the run: with {power['seeds']} seeds, a paired t-test detects with 80% power a true difference of "
-        + ", ".join(f"{_num(v, 3)} when per-seed differences spread by {k}" for k, v in power["detectable_by_spread"].items())
+        f"Primary comparison: **{plan['primary']}**. Exploratory (no correction for multiple comparisons; read as "
+        "leads, not "
+        f"findings): {'; '.join(plan['exploratory'])}. Seeds {list(cfg['seeds'])}.",
+        "",
+        f"Power, computed before the run: with {power['seeds']} seeds, a paired t-test detects with 80% power a true "
+        "difference of "
+        + ", ".join(
+            f"{_num(v, 3)} when per-seed differences spread by {k}" for k, v in power["detectable_by_spread"].items()
+        )
         + f". The {power['test_images']} test images alone spread a per-seed difference by "
-        + ", ".join(f"{v:.4f} (arms disagreeing on {float(k):.0%} of images)" for k, v in power["test_image_spread_by_disagreement"].items())
-        + (f". Observed spread of the per-seed differences: {observed_sd:.4f}, so this run could detect "
-           f"{detectable_difference(observed_sd, len(seeds)):.3f}." if observed_sd else ". (One seed: no test.)"), "",
-        "## Result", "",
+        + ", ".join(
+            f"{v:.4f} (arms disagreeing on {float(k):.0%} of images)"
+            for k, v in power["test_image_spread_by_disagreement"].items()
+        )
+        + (
+            f". Observed spread of the per-seed differences: {observed_sd:.4f}, so this run could detect "
+            f"{detectable_difference(observed_sd, len(seeds)):.3f}."
+            if observed_sd
+            else ". (One seed: no test.)"
+        ),
+        "",
+        "## Result",
+        "",
         f"**{primary['comparison']}, fine-tuned test top-1: {primary['per_seed_t']['phrase']}**"
-        + (f"; two-level bootstrap over seeds and test images ({boot['resamples']} resamples): 95% interval "
-           f"[{boot['low']:+.3f}, {boot['high']:+.3f}]." if boot else "."), "",
-        f"Mean ± sample std (ddof=1) over seeds. Probes: frozen encoders on the seed's labelled training images (k-NN, k=20, cosine; "
-        f"few-shot linear, closed form, mean of 5 draws), scored on the test split; readouts `cls` = {report['readouts']['cls']}, "
-        f"`mean` = {report['readouts']['mean']}. Floors on the same images: the majority class, raw pixels through the same k-NN "
-        "and linear probes.", "",
-        *table(["init", *metrics], rows), "",
-        "Exploratory paired per-seed differences (mean ± sample std, 95% t-interval):", "",
-        *table(["metric", *report["differences"]], [[m, *(report["differences"][c][m]["phrase"] for c in report["differences"])]
-                                                      for m in metrics]), "",
-        "Each pretrained encoder − the random-init encoder, on the probes (can the probe metric fail? it can only pass if pretraining "
-        "beats a random encoder):", "",
-        *table(["probe", *report["probes_versus_random_init"]],
-               [[m, *(report["probes_versus_random_init"][a][m]["phrase"] for a in report["probes_versus_random_init"])]
-                for m in report["probes_versus_random_init"]["mpp"]]), "",
-        "Paper (ViT-B/16, JFT -> ImageNet): MPP about +2 points over scratch, supervised about +4 over MPP.", "",
-        "## Tuning and convergence", "",
+        + (
+            f"; two-level bootstrap over seeds and test images ({boot['resamples']} resamples): 95% interval "
+            f"[{boot['low']:+.3f}, {boot['high']:+.3f}]."
+            if boot
+            else "."
+        ),
+        "",
+        "Mean ± sample std (ddof=1) over seeds. Probes: frozen encoders on the seed's labelled training images (k-NN, "
+        "k=20, cosine; "
+        "few-shot linear, closed form, mean of 5 draws), scored on the test split; readouts `cls` = "
+        f"{report['readouts']['cls']}, "
+        f"`mean` = {report['readouts']['mean']}. Floors on the same images: the majority class, raw pixels through the "
+        "same k-NN "
+        "and linear probes.",
+        "",
+        *table(["init", *metrics], rows),
+        "",
+        "Exploratory paired per-seed differences (mean ± sample std, 95% t-interval):",
+        "",
+        *table(
+            ["metric", *report["differences"]],
+            [[m, *(report["differences"][c][m]["phrase"] for c in report["differences"])] for m in metrics],
+        ),
+        "",
+        "Each pretrained encoder − the random-init encoder, on the probes (can the probe metric fail? it can only pass "
+        "if pretraining "
+        "beats a random encoder):",
+        "",
+        *table(
+            ["probe", *report["probes_versus_random_init"]],
+            [
+                [m, *(report["probes_versus_random_init"][a][m]["phrase"] for a in report["probes_versus_random_init"])]
+                for m in report["probes_versus_random_init"]["mpp"]
+            ],
+        ),
+        "",
+        "Paper (ViT-B/16, JFT -> ImageNet): MPP about +2 points over scratch, supervised about +4 over MPP.",
+        "",
+        "## Tuning and convergence",
+        "",
         f"Chosen on seed {cfg['seeds'][0]}'s validation split: "
         + "; ".join(f"{a}: {c['preset']} at lr {c['lr']:g}" for a, c in tuning["chosen"].items())
         + f". Final budget {tuning['epochs']:g} epochs; final grids "
-        + "; ".join(f"{p} {[float(f'{x:.3g}') for x in g]}" for p, g in tuning["grids"].items()) + ".", "",
-        *table(["budget (epochs)", *INITS], [[c["epochs"], *(f"{'converged' if c[a]['converged'] else 'NOT converged'} "
-                                                           f"(smoothed best: last 20% {_num(c[a]['best_tail'], 3)}, before "
-                                                           f"{_num(c[a]['best_before'], 3)})" for a in INITS)]
-                                             for c in tuning["convergence"]]), "",
-        "Validation top-1 of every tuning run (best epoch of the run):", "",
-        *table(["preset", "lr", "budget", *INITS], tuning_rows(tuning["trials"])), "",
-        "Per seed (test top-1; chosen recipe; best validation epoch; last logged training accuracy):", "",
-        *table(["seed", *INITS], [[seed, *(f"{per_seed[seed][a]['test_top1']:.4f}; {per_seed[seed][a]['preset']} lr "
-                                           f"{per_seed[seed][a]['lr']:g}; epoch {per_seed[seed][a]['best_epoch']}; train acc "
-                                           f"{_num(per_seed[seed][a]['train_acc_last'])}" for a in INITS)] for seed in seeds]), "",
-        "## Split hygiene", "",
-        "Test images with a near-twin (raw-pixel correlation above 0.98, mirrored too) among the seed's labelled training images "
-        "and among the validation images:", "",
-        *table(["seed", "test images", "twin in train", "twin in validation", "validation with a twin in train"],
-               [[seed, h["test_images"], h["test_with_a_twin_in_train"], h["test_with_a_twin_in_validation"], h["validation_with_a_twin_in_train"]]
-                for seed, h in ((seed, per_seed[seed]["hygiene"]) for seed in seeds)]), "",
-        f"Wall time {report['wall_time_s'] / 60:.1f} min.", "", "![gap](gap.png)", "",
+        + "; ".join(f"{p} {[float(f'{x:.3g}') for x in g]}" for p, g in tuning["grids"].items())
+        + ".",
+        "",
+        *table(
+            ["budget (epochs)", *INITS],
+            [
+                [
+                    c["epochs"],
+                    *(
+                        f"{'converged' if c[a]['converged'] else 'NOT converged'} "
+                        f"(smoothed best: last 20% {_num(c[a]['best_tail'], 3)}, before "
+                        f"{_num(c[a]['best_before'], 3)})"
+                        for a in INITS
+                    ),
+                ]
+                for c in tuning["convergence"]
+            ],
+        ),
+        "",
+        "Validation top-1 of every tuning run (best epoch of the run):",
+        "",
+        *table(["preset", "lr", "budget", *INITS], tuning_rows(tuning["trials"])),
+        "",
+        "Per seed (test top-1; chosen recipe; best validation epoch; last logged training accuracy):",
+        "",
+        *table(
+            ["seed", *INITS],
+            [
+                [
+                    seed,
+                    *(
+                        f"{per_seed[seed][a]['test_top1']:.4f}; {per_seed[seed][a]['preset']} lr "
+                        f"{per_seed[seed][a]['lr']:g}; epoch {per_seed[seed][a]['best_epoch']}; train acc "
+                        f"{_num(per_seed[seed][a]['train_acc_last'])}"
+                        for a in INITS
+                    ),
+                ]
+                for seed in seeds
+            ],
+        ),
+        "",
+        "## Split hygiene",
+        "",
+        "Test images with a near-twin (raw-pixel correlation above 0.98, mirrored too) among the seed's labelled "
+        "training images "
+        "and among the validation images:",
+        "",
+        *table(
+            ["seed", "test images", "twin in train", "twin in validation", "validation with a twin in train"],
+            [
+                [
+                    seed,
+                    h["test_images"],
+                    h["test_with_a_twin_in_train"],
+                    h["test_with_a_twin_in_validation"],
+                    h["validation_with_a_twin_in_train"],
+                ]
+                for seed, h in ((seed, per_seed[seed]["hygiene"]) for seed in seeds)
+            ],
+        ),
+        "",
+        f"Wall time {report['wall_time_s'] / 60:.1f} min.",
+        "",
+        "![gap](gap.png)",
+        "",
     ]
     return "\n".join(lines)
 
@@ -424,7 +732,10 @@ def protocol_changes(plan: dict) -> list[str]:
     """The protocols this one replaced, with the reason given, for the record."""
     if not plan.get("earlier_protocols"):
         return []
-    lines = [f"**The protocol changed after results were seen**: {plan.get('protocol_note') or '(no reason given)'}. Earlier:"]
+    lines = [
+        f"**The protocol changed after results were seen**: {plan.get('protocol_note') or '(no reason given)'}. "
+        "Earlier:"
+    ]
     for old in plan["earlier_protocols"]:
         lines.append(f"{old.get('date', '?')[:16]}: {old['selection']}")
     return [" ".join(lines), ""]
@@ -434,8 +745,15 @@ def tuning_rows(trials: list[dict]) -> list[list]:
     by_config: dict[tuple, dict] = {}
     for t in trials:
         by_config.setdefault((t["preset"], t["lr"], t["epochs"]), {})[t["arm"]] = t
-    return [[p, f"{lr:.3g}", f"{e:g}", *(f"{c[a]['best_val_top1']:.4f} ({c[a]['best_epoch']})" if a in c else "—" for a in INITS)]
-            for (p, lr, e), c in sorted(by_config.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1]))]
+    return [
+        [
+            p,
+            f"{lr:.3g}",
+            f"{e:g}",
+            *(f"{c[a]['best_val_top1']:.4f} ({c[a]['best_epoch']})" if a in c else "—" for a in INITS),
+        ]
+        for (p, lr, e), c in sorted(by_config.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1]))
+    ]
 
 
 def _num(x, digits: int = 2) -> str:
@@ -459,7 +777,13 @@ def bar_chart(report: dict, path: Path) -> None:
         span = [j - width / 2, j + (len(INITS) - 0.5) * width]
         if floors_:
             ax.plot(span, [floors_["majority"]["mean"]] * 2, "k:", lw=1, label="majority class" if j == 0 else None)
-            pixel = "pixels_knn1" if m == "test_top1" else "pixels_knn20" if m.startswith("knn20") else f"pixels_{'_'.join(m.split('_')[:2])}"
+            pixel = (
+                "pixels_knn1"
+                if m == "test_top1"
+                else "pixels_knn20"
+                if m.startswith("knn20")
+                else f"pixels_{'_'.join(m.split('_')[:2])}"
+            )
             if pixel in floors_:
                 ax.plot(span, [floors_[pixel]["mean"]] * 2, "r--", lw=1, label="raw pixels" if j == 0 else None)
     ax.set_xticks(np.arange(len(metrics)) + width, metrics, rotation=30, ha="right", fontsize=8)

@@ -1,6 +1,7 @@
 """What the experiments (recipes/gap.py, recipes/ablate.py) share: running the real recipes (their
 main(), in this process) with a log each, choosing a fine-tuning lr on the validation split, the provenance
 every results file records, and writing JSON and markdown tables."""
+
 import json
 import math
 import os
@@ -59,7 +60,9 @@ def run_in_process(cmd: list[str], log: Path) -> float:
 
 def finished(out: Path) -> bool:
     """A stage's run folder holds its final output: results.json (fine-tuning) or model.safetensors (pretraining)."""
-    return (out / "results.json").is_file() or ((out / "model.safetensors").is_file() and not (out / "best.safetensors").exists())
+    return (out / "results.json").is_file() or (
+        (out / "model.safetensors").is_file() and not (out / "best.safetensors").exists()
+    )
 
 
 def reusing(run=None, reused: list | None = None):
@@ -100,7 +103,12 @@ def record_protocol(path: Path, plan: dict, origin: dict, resume: bool, note: st
             relaunch = {k: origin[k] for k in ("command", "date", "git")}
             plan = {**earlier, "relaunches": [*earlier.get("relaunches", []), relaunch]}
         else:
-            plan = {**plan, "earlier_protocols": [*earlier.pop("earlier_protocols", []), earlier], "protocol_note": note, **origin}
+            plan = {
+                **plan,
+                "earlier_protocols": [*earlier.pop("earlier_protocols", []), earlier],
+                "protocol_note": note,
+                **origin,
+            }
     else:
         plan = {**plan, **origin}
     write_json(path, plan)
@@ -123,6 +131,7 @@ def option_value(cmd: list[str], flag: str) -> str | None:
 
 
 # --- choosing the fine-tuning lr on validation ------------------------------------------------
+
 
 def finetune_over_grid(base_cmd: list[str], lrs, root: Path, log_dir: Path, name: str, run=None) -> dict:
     """Fine-tunes once per lr (base_cmd must carry --eval-split validation --test-split test), and
@@ -147,8 +156,11 @@ def finetune_at(base_cmd: list[str], lr: float, root: Path, log_dir: Path, name:
 def choose(by_lr: dict) -> dict:
     chosen = max(by_lr, key=lambda lr: by_lr[lr]["best_val_top1"])  # max keeps the first of equals
     picked = by_lr[chosen]
-    return {"chosen_lr": chosen, **{k: picked[k] for k in ("best_val_top1", "best_epoch", "test_top1", "epochs", "train_acc_last")},
-            "by_lr": {f"{lr:g}": r for lr, r in by_lr.items()}}
+    return {
+        "chosen_lr": chosen,
+        **{k: picked[k] for k in ("best_val_top1", "best_epoch", "test_top1", "epochs", "train_acc_last")},
+        "by_lr": {f"{lr:g}": r for lr, r in by_lr.items()},
+    }
 
 
 def summarise_finetune(run_dir: Path) -> dict:
@@ -158,9 +170,14 @@ def summarise_finetune(run_dir: Path) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_acc = [r["train_acc"] for r in records if "train_acc" in r]
-    return {"best_val_top1": results["best_val_top1"], "best_epoch": results["best_epoch"], "test_top1": results["test_top1"],
-            "epochs": results["config"]["epochs"], "train_acc_last": train_acc[-1] if train_acc else None,
-            "val_curve": [[h["epoch"], h["top1"]] for h in results.get("history", [])]}
+    return {
+        "best_val_top1": results["best_val_top1"],
+        "best_epoch": results["best_epoch"],
+        "test_top1": results["test_top1"],
+        "epochs": results["config"]["epochs"],
+        "train_acc_last": train_acc[-1] if train_acc else None,
+        "val_curve": [[h["epoch"], h["top1"]] for h in results.get("history", [])],
+    }
 
 
 def power_table(seeds: int, test_images: int) -> dict:
@@ -168,15 +185,22 @@ def power_table(seeds: int, test_images: int) -> dict:
     seeds finds 80% of the time, for per-seed differences of a given spread; and the spread that the test
     images alone put into a per-seed difference of accuracies (sqrt(share of disagreeing images / N))."""
     spreads = (0.005, 0.01, 0.02, 0.03)
-    return {"seeds": seeds, "test_images": test_images, "power": 0.8, "alpha": 0.05,
-            "detectable_by_spread": {f"{s:g}": detectable_difference(s, seeds) for s in spreads},
-            "test_image_spread_by_disagreement": {f"{d:g}": math.sqrt(d / test_images) for d in (0.1, 0.2, 0.3)}}
+    return {
+        "seeds": seeds,
+        "test_images": test_images,
+        "power": 0.8,
+        "alpha": 0.05,
+        "detectable_by_spread": {f"{s:g}": detectable_difference(s, seeds) for s in spreads},
+        "test_image_spread_by_disagreement": {f"{d:g}": math.sqrt(d / test_images) for d in (0.1, 0.2, 0.3)},
+    }
 
 
 # --- provenance ---------------------------------------------------------------------------------
 
+
 def git_state(repo: Path = REPO) -> dict:
     """{'commit', 'dirty'} of the checkout the code runs from; dirty = tracked files differ from the commit."""
+
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
 
@@ -196,32 +220,57 @@ def versions() -> dict:
     import scipy
     import timm
 
-    return {"mpp": __version__, "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "accelerate": accelerate.__version__, "datasets": datasets.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__}
+    return {
+        "mpp": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+    }
 
 
 def machine() -> str:
     gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {gpu}"
+    threads = torch.get_num_threads()
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {threads} torch threads, {gpu}"
 
 
 def provenance(script: str, argv: list[str]) -> dict:
-    """Where and how a run started. script: its recipe (recipes/NAME.py); under `python -m mpp NAME` the command says so."""
+    """Where and how a run started. script: its recipe (recipes/NAME.py); under `python -m mpp NAME` the command says
+    so."""
     from mpp.cli import started_as_module
 
     launch = ["python", "-m", "mpp", Path(script).stem] if started_as_module() else ["python", script]
-    return {"command": " ".join([*launch, *argv]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(), "versions": versions(), "git": git_state()}
+    return {
+        "command": " ".join([*launch, *argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(),
+        "git": git_state(),
+    }
 
 
 def provenance_lines(p: dict) -> list[str]:
     git = p["git"]
-    tree = "unknown" if git["commit"] is None else git["commit"][:12] + (" (with uncommitted changes)" if git["dirty"] else "")
-    return [f"Command: `{p['command']}`", "", f"Commit {tree}; run {p['date']} on {p['machine']}.", "",
-            "Versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()) + "."]
+    tree = (
+        "unknown"
+        if git["commit"] is None
+        else git["commit"][:12] + (" (with uncommitted changes)" if git["dirty"] else "")
+    )
+    return [
+        f"Command: `{p['command']}`",
+        "",
+        f"Commit {tree}; run {p['date']} on {p['machine']}.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()) + ".",
+    ]
 
 
 # --- writing ------------------------------------------------------------------------------------
+
 
 def _finite(tree):
     """NaN and inf become None: strict JSON has no NaN."""
@@ -251,4 +300,6 @@ def pm(summary: dict, digits: int = 3) -> str:
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(map(str, r)) + " |" for r in rows
+    ]

@@ -9,6 +9,7 @@ at its end, the epoch budget doubles and the chosen runs are repeated at it, up 
 The test split is never looked at: each run's test top-1 is the one score of its best-validation
 weights, carried along for the report.
 """
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class TuningRules:
 @dataclass
 class Tuned:
     """Per arm: the chosen (preset, lr) and its run's summary; the final epoch budget; every run tried."""
+
     chosen: dict  # arm -> {"preset", "lr", **summary}
     epochs: float
     grids: dict  # preset -> the grid as it finally was
@@ -89,23 +91,31 @@ def tune(arms: list[str], run_one, rules: TuningRules) -> Tuned:
     epochs, checks = rules.epochs, []
     for doubling in range(rules.max_doublings + 1):
         summaries = {arm: ensure(arm, *chosen[arm], epochs) for arm in arms}
-        check = {arm: converged(summaries[arm]["val_curve"], epochs, rules.tail, rules.window, rules.tolerance) for arm in arms}
+        check = {
+            arm: converged(summaries[arm]["val_curve"], epochs, rules.tail, rules.window, rules.tolerance)
+            for arm in arms
+        }
         checks.append({"epochs": epochs, **check})
         if all(c["converged"] for c in check.values()) or doubling == rules.max_doublings:
             break
         epochs *= 2
-    final = {arm: {"preset": chosen[arm][0], "lr": chosen[arm][1], **results[(arm, *chosen[arm], epochs)]} for arm in arms}
+    final = {
+        arm: {"preset": chosen[arm][0], "lr": chosen[arm][1], **results[(arm, *chosen[arm], epochs)]} for arm in arms
+    }
     return Tuned(final, epochs, grids, trials, checks)
 
 
 def finetune_runner(base_cmds: dict, root: Path, log_dir: Path, run, summarise):
     """A run_one for tune(): base_cmds[arm] is the arm's fine-tuning command without --preset, --lr, --epochs
     and --output-dir; `run(cmd, log)` runs it and `summarise(run_dir)` reads its results."""
+
     def run_one(arm, preset, lr, epochs):
         name = run_name(arm, preset, lr, epochs)
         out = root / name
-        run(base_cmds[arm] + ["--preset", preset, "--lr", str(lr), "--epochs", str(epochs), "--output-dir", str(out)],
-            log_dir / f"{name}.log")
+        run(
+            base_cmds[arm] + ["--preset", preset, "--lr", str(lr), "--epochs", str(epochs), "--output-dir", str(out)],
+            log_dir / f"{name}.log",
+        )
         return {**summarise(out), "run_dir": str(out)}
 
     return run_one

@@ -6,8 +6,9 @@ VisionTransformerDistilled (DeiT, class + distillation token), hybrid ViTs (a Re
 the transformer through HybridEmbed, e.g. vit_small_r26_s32_224) and Eva (EVA-02, vit_*_rope_*,
 vit_*_dinov3: RoPE is computed in Eva._pos_embed and handed to every block).
 """
+
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import timm
 import torch
@@ -18,7 +19,10 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models._registry import model_entrypoint
 from timm.models.eva import Eva
 
-SUPPORTED = "VisionTransformer (class/register tokens or none), DeiT distilled, hybrid ViTs (vit_*_r*_*), Eva (eva02_*, vit_*_rope_*, vit_*_dinov3)"
+SUPPORTED = (
+    "VisionTransformer (class/register tokens or none), DeiT distilled, hybrid ViTs (vit_*_r*_*), "
+    "Eva (eva02_*, vit_*_rope_*, vit_*_dinov3)"
+)
 
 
 def create_encoder(model_name: str, img_size: int | None = None, patch_size: int | None = None, **kwargs) -> nn.Module:
@@ -35,10 +39,20 @@ def create_encoder(model_name: str, img_size: int | None = None, patch_size: int
     except TypeError:  # architectures without img_size / patch_size arguments are not ViTs
         encoder = None
     except AssertionError as e:  # e.g. a hybrid's feature map that the patch size does not divide
-        hint = " (for a hybrid, --patch-size is the patch on the CNN feature map, usually 1)" if is_hybrid_name(model_name) else ""
-        raise ValueError(f"timm cannot build {model_name!r} at img_size {img_size}, patch_size {patch_size}: {e or 'assertion failed'}{hint}") from None
+        hint = (
+            " (for a hybrid, --patch-size is the patch on the CNN feature map, usually 1)"
+            if is_hybrid_name(model_name)
+            else ""
+        )
+        raise ValueError(
+            f"timm cannot build {model_name!r} at img_size {img_size}, patch_size {patch_size}: "
+            f"{e or 'assertion failed'}{hint}"
+        ) from None
     if not isinstance(encoder, (VisionTransformer, Eva)):
-        raise ValueError(f"{model_name!r} is not a timm VisionTransformer or Eva (try vit_tiny_patch16_224, eva02_tiny_patch14_224, ...)")
+        raise ValueError(
+            f"{model_name!r} is not a timm VisionTransformer or Eva (try vit_tiny_patch16_224, eva02_tiny_patch14_224, "
+            "...)"
+        )
     return encoder
 
 
@@ -72,8 +86,11 @@ def sees_only_its_region(encoder: nn.Module) -> bool:
     if isinstance(pe, HybridEmbed) or not isinstance(pe, PatchEmbed):
         return False
     proj = pe.proj
-    return (isinstance(proj, nn.Conv2d) and tuple(proj.kernel_size) == tuple(proj.stride) == token_region(encoder)
-            and tuple(proj.padding) == (0, 0))
+    return (
+        isinstance(proj, nn.Conv2d)
+        and tuple(proj.kernel_size) == tuple(proj.stride) == token_region(encoder)
+        and tuple(proj.padding) == (0, 0)
+    )
 
 
 def resolve_corrupt_at(encoder: nn.Module, corrupt_at: str) -> str:
@@ -87,7 +104,9 @@ def resolve_corrupt_at(encoder: nn.Module, corrupt_at: str) -> str:
     return corrupt_at
 
 
-def run_encoder(encoder: nn.Module, x: torch.Tensor, corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def run_encoder(
+    encoder: nn.Module, x: torch.Tensor, corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
     """timm's forward_features with corrupt() applied to the patch embeddings (B, N, D) before
     position embeddings (absolute and RoPE) and class/register tokens. x (B, 3, H, W) -> (B, prefix + N, D)."""
     x = encoder.patch_embed(x)  # (B, N, D), or (B, gh, gw, D) with dynamic_img_size
@@ -123,7 +142,11 @@ def _eva_blocks(enc: Eva, x: torch.Tensor) -> torch.Tensor:
 def checkpoint_filter(model: nn.Module) -> Callable:
     """timm's checkpoint_filter_fn of the model's own family (position-embedding resampling, key renames)."""
     name = model.pretrained_cfg.get("architecture") if getattr(model, "pretrained_cfg", None) else None
-    module = sys.modules[model_entrypoint(name).__module__] if name and timm.is_model(name) else sys.modules[type(model).__module__]
+    module = (
+        sys.modules[model_entrypoint(name).__module__]
+        if name and timm.is_model(name)
+        else sys.modules[type(model).__module__]
+    )
     fn = getattr(module, "checkpoint_filter_fn", None)
     if fn is None:
         from timm.models.vision_transformer import checkpoint_filter_fn as fn

@@ -9,6 +9,7 @@
 So `timm.create_model("local-dir:RUN", pretrained=True)` builds and loads the model with nothing of
 mpp, and the same folder on the Hub loads as "hf-hub:USER/NAME".
 """
+
 import json
 from pathlib import Path, PurePath, PureWindowsPath
 
@@ -33,8 +34,20 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 # The pretrained_cfg keys that describe these weights: how to build, feed and read the model. The rest of
 # the architecture's default pretrained config (its tag, licence, source, paper) describes other weights.
-DESCRIBES_THESE_WEIGHTS = ("input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
-                           "num_classes", "pool_size", "first_conv", "classifier", "custom_load")
+DESCRIBES_THESE_WEIGHTS = (
+    "input_size",
+    "fixed_input_size",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "num_classes",
+    "pool_size",
+    "first_conv",
+    "classifier",
+    "custom_load",
+)
 
 
 def preprocessing(meta: dict) -> dict:
@@ -42,11 +55,19 @@ def preprocessing(meta: dict) -> dict:
     from mpp.data.dataset import EVAL_CROP_MODE, EVAL_CROP_PCT, EVAL_INTERPOLATION
 
     size = meta["img_size"]
-    return {"input_size": (3, size, size), "interpolation": EVAL_INTERPOLATION, "crop_pct": EVAL_CROP_PCT,
-            "crop_mode": EVAL_CROP_MODE, "mean": tuple(meta["mean"]), "std": tuple(meta["std"])}
+    return {
+        "input_size": (3, size, size),
+        "interpolation": EVAL_INTERPOLATION,
+        "crop_pct": EVAL_CROP_PCT,
+        "crop_mode": EVAL_CROP_MODE,
+        "mean": tuple(meta["mean"]),
+        "std": tuple(meta["std"]),
+    }
 
 
-def write_timm_config(run_dir: str | Path, model: torch.nn.Module, meta: dict, label_names: list[str] | None = None) -> None:
+def write_timm_config(
+    run_dir: str | Path, model: torch.nn.Module, meta: dict, label_names: list[str] | None = None
+) -> None:
     """timm's own config.json (timm.models._hub.save_config_for_hf, what timm's push_to_hf_hub writes), with the
     run's preprocessing, so that timm.data.resolve_data_config + create_transform build the run's evaluation view,
     and nothing of the architecture's default pretrained weights (tag, licence)."""
@@ -54,8 +75,13 @@ def write_timm_config(run_dir: str | Path, model: torch.nn.Module, meta: dict, l
 
     path = Path(run_dir) / TIMM_CONFIG
     tmp = path.with_name(path.name + ".tmp")
-    save_config_for_hf(model, str(tmp), model_config={"label_names": list(label_names)} if label_names else None,
-                       model_args={"img_size": meta["img_size"], "patch_size": meta["patch_size"]}, data_config=preprocessing(meta))
+    save_config_for_hf(
+        model,
+        str(tmp),
+        model_config={"label_names": list(label_names)} if label_names else None,
+        model_args={"img_size": meta["img_size"], "patch_size": meta["patch_size"]},
+        data_config=preprocessing(meta),
+    )
     config = json.loads(tmp.read_text())
     config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k in DESCRIBES_THESE_WEIGHTS}
     path.write_text(json.dumps(config, indent=2))
@@ -79,34 +105,66 @@ def public_path(value: str | None) -> str | None:
     return "/".join(["<local>", *path.parts[1:][-2:]])  # parts[0] is the anchor: "/", "C:\\" or "~"
 
 
-def write_model_card(run_dir: str | Path, *, title: str, summary: str, facts: dict, metrics: dict, tags: list[str],
-                     datasets: list[str], use: list[str], note: str) -> None:
-    """README.md: YAML front matter (library_name, tags, license, datasets), what was trained, final metrics, how to load
+def write_model_card(
+    run_dir: str | Path,
+    *,
+    title: str,
+    summary: str,
+    facts: dict,
+    metrics: dict,
+    tags: list[str],
+    datasets: list[str],
+    use: list[str],
+    note: str,
+) -> None:
+    """README.md: YAML front matter (library_name, tags, license, datasets), what was trained, final metrics, how to
+    load
     and use it: `use`, code lines that follow the loading code (x: one transformed image), and a `note` about them. The
-    folder appears by a placeholder path: the card is uploaded too and names no path of the machine it was written on."""
+    folder appears by a placeholder path: the card is uploaded too and names no path of the machine it was written
+    on."""
     run_dir = Path(run_dir)
-    front = ["---", "library_name: timm", "license: other  # the weights follow the license of the data they were trained on",
-             "tags:", *[f"- {t}" for t in tags]]
+    front = [
+        "---",
+        "library_name: timm",
+        "license: other  # the weights follow the license of the data they were trained on",
+        "tags:",
+        *[f"- {t}" for t in tags],
+    ]
     if datasets:
         front += ["datasets:", *[f"- {d}" for d in datasets]]
     front.append("---")
     body = [
-        f"# {title}", "", summary, "",
-        "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts.items()], "",
-        "## Final metrics", "", "| metric | value |", "|---|---|",
-        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()], "",
-        "## How to load it", "",
-        "With timm alone (no mpp needed), from this folder or, once pushed, from the Hub:", "",
+        f"# {title}",
+        "",
+        summary,
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in facts.items()],
+        "",
+        "## Final metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()],
+        "",
+        "## How to load it",
+        "",
+        "With timm alone (no mpp needed), from this folder or, once pushed, from the Hub:",
+        "",
         "```python",
         "import timm",
         f'model = timm.create_model("local-dir:path/to/{run_dir.name}", pretrained=True).eval()  # this folder',
         '# model = timm.create_model("hf-hub:USER/NAME", pretrained=True).eval()',
-        "config = timm.data.resolve_data_config({}, model=model)  # the run's evaluation view: size, resize, centre crop, mean, std",
+        "config = timm.data.resolve_data_config({}, model=model)  # the run's evaluation view: size, resize, centre "
+        "crop, mean, std",
         "transform = timm.data.create_transform(**config)",
         'x = transform(image.convert("RGB")).unsqueeze(0)  # image: a PIL image',
         *use,
-        "```", "",
-        note, "",
+        "```",
+        "",
+        note,
+        "",
         "Trained with mpp (masked patch prediction pretraining of timm ViTs; Dosovitskiy et al., ICLR 2021, §4.6). "
         f"The run's full configuration is in `{RUN_CONFIG}`; `--config {RUN_CONFIG}` replays it.",
         "",

@@ -10,6 +10,7 @@ minimum and maximum makes the host wait for the device, so check="auto" reads th
 on the CPU (where nothing runs ahead) and on the first float batch on a GPU or TPU (a wrong
 transform is wrong from its first batch), and never while torch.compile traces (a graph break).
 """
+
 import torch
 
 INPUTS = ("pixels", "normalised")
@@ -47,8 +48,13 @@ def check_range(pixels: torch.Tensor, inputs: str, mean: tuple, std: tuple) -> N
     if lo >= -TOLERANCE and hi <= 1 + TOLERANCE:
         return
     if inputs == "pixels":
-        raise ValueError(f"float images must be pixels in [0, 1] (inputs='pixels'), but this batch spans [{lo:.4g}, {hi:.4g}]; "
-                         "for images normalised with a mean and std (e.g. by timm's create_transform) create MPP with inputs='normalised'")
-    raise ValueError(f"these images, declared normalised (inputs='normalised', mean {mean}, std {std}), un-normalise to "
-                     f"[{lo:.4g}, {hi:.4g}], not [0, 1]: pass the input_mean and input_std they were normalised with, "
-                     "or inputs='pixels' for images in [0, 1]")
+        raise ValueError(
+            f"float images must be pixels in [0, 1] (inputs='pixels'), but this batch spans [{lo:.4g}, {hi:.4g}]; "
+            "for images normalised with a mean and std (e.g. by timm's create_transform) create MPP with "
+            "inputs='normalised'"
+        )
+    raise ValueError(
+        f"these images, declared normalised (inputs='normalised', mean {mean}, std {std}), un-normalise to "
+        f"[{lo:.4g}, {hi:.4g}], not [0, 1]: pass the input_mean and input_std they were normalised with, "
+        "or inputs='pixels' for images in [0, 1]"
+    )

@@ -9,6 +9,7 @@ runs on XLA.
 The same Corruption applies in embedding space (apply_corruption on patch embeddings, the paper's)
 or in pixel space (apply_pixel_corruption on the normalised image, before the patch embedding).
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,9 @@ def apply_corruption(tokens: torch.Tensor, corruption: Corruption, mask_token: t
     return tokens.scatter(1, ids, new)  # (B, N, D)
 
 
-def apply_pixel_corruption(images: torch.Tensor, corruption: Corruption, mask_colour: torch.Tensor, region: tuple[int, int]) -> torch.Tensor:
+def apply_pixel_corruption(
+    images: torch.Tensor, corruption: Corruption, mask_colour: torch.Tensor, region: tuple[int, int]
+) -> torch.Tensor:
     """images (B, C, H, W) normalised; returns a copy whose corrupted regions hold the [mask] colour
     (C,) everywhere, the pixels of the source region, or their own pixels (same rules as apply_corruption)."""
     B, C, H, W = images.shape

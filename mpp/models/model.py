@@ -6,6 +6,7 @@ a linear head, and the loss on the corrupted patches.
     out.loss.backward()
     mpp.save_pretrained("out")   # timm.create_model("local-dir:out", pretrained=True) loads the encoder
 """
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mpp.models.families import SUPPORTED, create_encoder, resolve_corrupt_at, run_encoder, token_grid, token_region  # noqa: F401
+from mpp.models.families import (  # noqa: F401 (SUPPORTED: re-exported)
+    SUPPORTED,
+    create_encoder,
+    resolve_corrupt_at,
+    run_encoder,
+    token_grid,
+    token_region,
+)
 from mpp.models.inputs import INPUTS, InputCheck, check_choice, check_range
 from mpp.models.masking import RANDOM_FROM, Corruption, apply_corruption, apply_pixel_corruption, sample_corruption
 from mpp.models.targets import get_target
@@ -33,7 +41,8 @@ class MPPOutput:
 
 
 def encoder_stats(encoder: nn.Module) -> tuple[tuple, tuple]:
-    """(mean, std) the encoder's input is normalised with: its pretrained_cfg's, as timm's create_transform uses them."""
+    """(mean, std) the encoder's input is normalised with: its pretrained_cfg's, as timm's create_transform uses
+    them."""
     cfg = getattr(encoder, "pretrained_cfg", None) or {}
     return tuple(cfg.get("mean", DEFAULT_STATS)), tuple(cfg.get("std", DEFAULT_STATS))
 
@@ -42,8 +51,15 @@ def check_settings(mask_ratio: float, mask_probs, random_from: str) -> None:
     """ValueError naming the argument, for settings that would make a meaningless objective."""
     if not 0 < mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-    if len(mask_probs) != 3 or any(not (p >= 0 and math.isfinite(p)) for p in mask_probs) or abs(sum(mask_probs) - 1) > 1e-6:
-        raise ValueError(f"mask_probs must be three non-negative numbers (mask, random, unchanged) summing to 1, got {tuple(mask_probs)}")
+    if (
+        len(mask_probs) != 3
+        or any(not (p >= 0 and math.isfinite(p)) for p in mask_probs)
+        or abs(sum(mask_probs) - 1) > 1e-6
+    ):
+        raise ValueError(
+            "mask_probs must be three non-negative numbers (mask, random, unchanged) summing to 1, got "
+            f"{tuple(mask_probs)}"
+        )
     check_choice("random_from", random_from, RANDOM_FROM)
 
 
@@ -88,7 +104,9 @@ class MPP(nn.Module):
         if built_here:
             encoder = create_encoder(encoder, **timm_kwargs)
         elif timm_kwargs:
-            raise TypeError(f"MPP got an encoder module and timm arguments {sorted(timm_kwargs)}: those are for a model name")
+            raise TypeError(
+                f"MPP got an encoder module and timm arguments {sorted(timm_kwargs)}: those are for a model name"
+            )
         self.target = get_target(target)
         check_settings(mask_ratio, mask_probs, random_from)
         self.encoder = encoder
@@ -101,7 +119,9 @@ class MPP(nn.Module):
             raise ValueError(f"a {self.grid[0]}x{self.grid[1]} token grid has one token; MPP needs at least 2")
         self.corrupt_at = resolve_corrupt_at(encoder, corrupt_at)
         if getattr(getattr(encoder, "patch_drop", None), "prob", 0) > 0:
-            raise ValueError("patch dropout removes tokens that MPP predicts: create the encoder with patch_drop_rate=0")
+            raise ValueError(
+                "patch dropout removes tokens that MPP predicts: create the encoder with patch_drop_rate=0"
+            )
         dim = encoder.embed_dim
         mean, std = encoder_stats(encoder)
         # only the one in use exists, so that DDP sees no unused parameter
@@ -134,7 +154,9 @@ class MPP(nn.Module):
         input_mean = tuple(mean if input_mean is None else input_mean)
         input_std = tuple(std if input_std is None else input_std)
         if len(input_mean) != len(mean) or len(input_std) != len(std) or not all(s > 0 for s in input_std):
-            raise ValueError(f"input_mean and input_std need {len(mean)} values each (std > 0), got {input_mean} and {input_std}")
+            raise ValueError(
+                f"input_mean and input_std need {len(mean)} values each (std > 0), got {input_mean} and {input_std}"
+            )
         self.inputs = inputs
         self.input_stats = (input_mean, input_std)  # for messages: read without a host-device synchronisation
         # normalised with the encoder's own statistics: fed to the encoder as they are, bit for bit
@@ -144,8 +166,12 @@ class MPP(nn.Module):
 
     def unused_parameter_names(self) -> list[str]:
         """Names of the encoder's parameters that MPP never trains: its pooling and classifier."""
-        return [f"encoder.{part}.{name}" for part in UNUSED_PARTS if isinstance(getattr(self.encoder, part, None), nn.Module)
-                for name, _ in getattr(self.encoder, part).named_parameters()]
+        return [
+            f"encoder.{part}.{name}"
+            for part in UNUSED_PARTS
+            if isinstance(getattr(self.encoder, part, None), nn.Module)
+            for name, _ in getattr(self.encoder, part).named_parameters()
+        ]
 
     def freeze_unused(self) -> "MPP":
         """requires_grad_(False) on unused_parameter_names(): for DDP around a module that holds MPP."""
@@ -167,8 +193,13 @@ class MPP(nn.Module):
     @property
     def settings(self) -> dict:
         """The objective's settings, as the constructor takes them (what save_pretrained records)."""
-        return {"target": self.target.name, "mask_ratio": self.mask_ratio, "mask_probs": list(self.mask_probs),
-                "random_from": self.random_from, "corrupt_at": self.corrupt_at}
+        return {
+            "target": self.target.name,
+            "mask_ratio": self.mask_ratio,
+            "mask_probs": list(self.mask_probs),
+            "random_from": self.random_from,
+            "corrupt_at": self.corrupt_at,
+        }
 
     def encode(self, x: torch.Tensor, corruption: Corruption | None = None) -> torch.Tensor:
         """timm's forward_features with corruption between patch projection and position embedding
@@ -187,8 +218,11 @@ class MPP(nn.Module):
         Raises ValueError for a batch outside the declared range (when check_inputs has it checked)."""
         if images.dtype == torch.uint8:
             if self.inputs == "normalised":
-                raise ValueError("uint8 images are pixels, but this MPP was created with inputs='normalised' (float (x - mean) / std); "
-                                 "create it with inputs='pixels' for uint8 or [0, 1] images")
+                raise ValueError(
+                    "uint8 images are pixels, but this MPP was created with inputs='normalised' (float (x - mean) / "
+                    "std); "
+                    "create it with inputs='pixels' for uint8 or [0, 1] images"
+                )
             return images.float().div_(255)
         if not images.is_floating_point():
             raise ValueError(f"images must be uint8 or float, got {images.dtype}")
@@ -204,7 +238,9 @@ class MPP(nn.Module):
         pixels = self.pixels(images)  # (B, 3, H, W) in [0, 1]
         B = pixels.shape[0]
         if corruption is None:
-            corruption = sample_corruption(B, self.num_patches, self.mask_ratio, self.mask_probs, self.random_from, pixels.device)
+            corruption = sample_corruption(
+                B, self.num_patches, self.mask_ratio, self.mask_probs, self.random_from, pixels.device
+            )
         target = self.target.compute(pixels, self.region)  # (B, N, ...) from the uncorrupted image
         x = images.float() if self.inputs_are_encoder_input else (pixels - self.pixel_mean) / self.pixel_std
         tokens = self.encode(x, corruption)

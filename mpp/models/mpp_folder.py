@@ -9,6 +9,7 @@ The metadata also records the objective's settings (mpp_target, mpp_corrupt_at, 
 mpp_mask_probs, mpp_random_from). Folders written before those keys read them from the run's
 run_config.json; folders without timm's config.json load through the weight file's metadata.
 """
+
 import json
 from pathlib import Path
 
@@ -28,7 +29,10 @@ MASK_PARAMETERS = ("mask_token", "mask_colour")  # the one in use exists
 def square_size(value, what: str) -> int:
     h, w = (value, value) if isinstance(value, int) else tuple(value)
     if h != w:
-        raise ValueError(f"save_pretrained records square images (timm's config.json input_size), but the encoder's {what} is {h}x{w}")
+        raise ValueError(
+            f"save_pretrained records square images (timm's config.json input_size), but the encoder's {what} is "
+            f"{h}x{w}"
+        )
     return int(h)
 
 
@@ -39,13 +43,25 @@ def objective_metadata(model) -> dict:
     enc = model.encoder
     architecture = (getattr(enc, "pretrained_cfg", None) or {}).get("architecture")
     if not architecture:
-        raise ValueError(f"{type(enc).__name__} has no pretrained_cfg['architecture']: save_pretrained needs an encoder made by timm.create_model")
+        raise ValueError(
+            f"{type(enc).__name__} has no pretrained_cfg['architecture']: save_pretrained needs an encoder made by "
+            "timm.create_model"
+        )
     mean, std = encoder_stats(enc)
     settings = model.settings
-    meta = {"timm_model": architecture, "img_size": square_size(enc.patch_embed.img_size, "image size"),
-            "patch_size": square_size(enc.patch_embed.patch_size, "patch size"), "mean": list(mean), "std": list(std),
-            "mpp_target": settings["target"], "mpp_corrupt_at": settings["corrupt_at"], "mpp_mask_ratio": settings["mask_ratio"],
-            "mpp_mask_probs": settings["mask_probs"], "mpp_random_from": settings["random_from"], "mpp_version": __version__}
+    meta = {
+        "timm_model": architecture,
+        "img_size": square_size(enc.patch_embed.img_size, "image size"),
+        "patch_size": square_size(enc.patch_embed.patch_size, "patch size"),
+        "mean": list(mean),
+        "std": list(std),
+        "mpp_target": settings["target"],
+        "mpp_corrupt_at": settings["corrupt_at"],
+        "mpp_mask_ratio": settings["mask_ratio"],
+        "mpp_mask_probs": settings["mask_probs"],
+        "mpp_random_from": settings["random_from"],
+        "mpp_version": __version__,
+    }
     if getattr(enc, "num_classes", 0):
         meta["num_classes"] = enc.num_classes  # the encoder's own classifier, kept as it is
     return meta
@@ -75,9 +91,11 @@ def check_timm_rebuilds(directory: Path, encoder: nn.Module) -> None:
         (directory / TIMM_CONFIG).unlink()
         differ = sorted(set(want) ^ set(got)) + sorted(k for k in set(want) & set(got) if want[k] != got[k])
         args = json.loads(json.dumps(getattr(encoder, "_model_args", {})))
-        raise ValueError(f"timm would rebuild this encoder from config.json with other weights ({', '.join(differ[:4])}"
-                         f"{' ...' if len(differ) > 4 else ''}): it was not made by timm.create_model with all its arguments "
-                         f"recorded (recorded: {args}); create it with MPP(name, **timm_arguments) or timm.create_model")
+        raise ValueError(
+            f"timm would rebuild this encoder from config.json with other weights ({', '.join(differ[:4])}"
+            f"{' ...' if len(differ) > 4 else ''}): it was not made by timm.create_model with all its arguments "
+            f"recorded (recorded: {args}); create it with MPP(name, **timm_arguments) or timm.create_model"
+        )
 
 
 def locate(path: Path) -> tuple[Path, Path]:
@@ -104,11 +122,13 @@ def saved_settings(path: Path) -> dict:
     folder, weights = locate(path)
     meta = read_metadata(weights)
     run = read_run_config(folder)
-    return {"target": meta.get("mpp_target", "mean3bit"),
-            "corrupt_at": meta.get("mpp_corrupt_at", "embedding"),  # files from before the option were embedding-corrupted
-            "mask_ratio": meta.get("mpp_mask_ratio", run.get("mask_ratio", 0.5)),
-            "mask_probs": tuple(meta.get("mpp_mask_probs", run.get("mask_probs", (0.8, 0.1, 0.1)))),
-            "random_from": meta.get("mpp_random_from", run.get("random_from", "batch"))}
+    return {
+        "target": meta.get("mpp_target", "mean3bit"),
+        "corrupt_at": meta.get("mpp_corrupt_at", "embedding"),  # files from before the option were embedding-corrupted
+        "mask_ratio": meta.get("mpp_mask_ratio", run.get("mask_ratio", 0.5)),
+        "mask_probs": tuple(meta.get("mpp_mask_probs", run.get("mask_probs", (0.8, 0.1, 0.1)))),
+        "random_from": meta.get("mpp_random_from", run.get("random_from", "batch")),
+    }
 
 
 def load_head(model, head_file: Path) -> None:
@@ -116,8 +136,10 @@ def load_head(model, head_file: Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(load_tensors(head_file), strict=False)
     except RuntimeError as e:  # shape mismatch: a head for another target or width
-        raise ValueError(f"{head_file} does not fit {model.encoder.pretrained_cfg.get('architecture')} with target "
-                         f"{model.target.name}: {str(e).splitlines()[-1].strip()}") from None
+        raise ValueError(
+            f"{head_file} does not fit {model.encoder.pretrained_cfg.get('architecture')} with target "
+            f"{model.target.name}: {str(e).splitlines()[-1].strip()}"
+        ) from None
     # only the encoder (loaded already) may be missing; anything else means a foreign file
     wrong = [k for k in missing if not k.startswith("encoder.")] + list(unexpected)
     if wrong:
@@ -129,13 +151,20 @@ def load_objective(cls, path: Path, overrides: dict, head_required: bool = True)
     Without mpp_head.safetensors: FileNotFoundError, or a fresh head where head_required is False."""
     folder, weights = locate(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such folder (expected one written by save_pretrained or a pretraining run, or its {WEIGHTS_FILE})")
+        raise FileNotFoundError(
+            f"{path}: no such folder (expected one written by save_pretrained or a pretraining run, or its "
+            f"{WEIGHTS_FILE})"
+        )
     if not weights.is_file():
-        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} there (expected a folder written by save_pretrained or a pretraining run)")
+        raise FileNotFoundError(
+            f"{folder}: no {WEIGHTS_FILE} there (expected a folder written by save_pretrained or a pretraining run)"
+        )
     head_file = folder / HEAD_FILE
     if head_required and not head_file.is_file():
-        raise FileNotFoundError(f"{folder} has no {HEAD_FILE}, so it holds no MPP objective; its encoder loads with "
-                                f"timm.create_model('local-dir:{folder}', pretrained=True), and MPP(encoder) starts a new objective on it")
+        raise FileNotFoundError(
+            f"{folder} has no {HEAD_FILE}, so it holds no MPP objective; its encoder loads with "
+            f"timm.create_model('local-dir:{folder}', pretrained=True), and MPP(encoder) starts a new objective on it"
+        )
     model = cls(load_encoder(path), **{**saved_settings(path), **overrides})
     model.freeze_unused()  # the encoder was built here: nothing else will train its pooling or classifier
     if head_file.is_file():

@@ -4,6 +4,7 @@ check_can_push runs before any training: a run that cannot be published at its e
 a read-only token, a private push into a public repo) is refused with one line, not discovered after hours.
 push_run uploads an allow-list of the folder's files, with no path of the machine the run was made on.
 """
+
 import json
 import os
 import re
@@ -21,7 +22,10 @@ ABSOLUTE_PATH = re.compile(r"(?:(?<=^)|(?<=[\s'\"(\[=]))(?:/|~/|[A-Za-z]:\\)[^\s
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def check_can_push(repo_id: str, flag: str = "--push-to-hub", private: bool = False) -> None:
@@ -34,7 +38,9 @@ def check_can_push(repo_id: str, flag: str = "--push-to-hub", private: bool = Fa
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise UsageError(f"{flag} {repo_id}: not a Hub repo id (USER/NAME or ORG/NAME): {str(e).splitlines()[0]}") from None
+        raise UsageError(
+            f"{flag} {repo_id}: not a Hub repo id (USER/NAME or ORG/NAME): {str(e).splitlines()[0]}"
+        ) from None
     if _offline():
         raise UsageError(f"{flag} {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it{instead}")
     if not get_token():
@@ -66,7 +72,11 @@ def cannot_write(me: dict, repo_id: str) -> str | None:
     if role == "fineGrained":
         fine = token.get("fineGrained") or {}
         namespace = repo_id.split("/")[0]
-        scopes = [s.get("permissions", []) for s in fine.get("scoped", []) if (s.get("entity") or {}).get("name") in (namespace, repo_id)]
+        scopes = [
+            s.get("permissions", [])
+            for s in fine.get("scoped", [])
+            if (s.get("entity") or {}).get("name") in (namespace, repo_id)
+        ]
         if not any("repo.write" in p for p in scopes) and "repo.write" not in fine.get("global", []):
             return f"the fine-grained token has no repo.write permission for {namespace}"
     return None
@@ -81,18 +91,30 @@ def check_private(api, repo_id: str, flag: str) -> None:
     except RepositoryNotFoundError:
         return
     except Exception as e:
-        raise UsageError(f"{flag} {repo_id} with --hub-private: cannot tell whether the repo is private ({_reason(e)})") from None
+        raise UsageError(
+            f"{flag} {repo_id} with --hub-private: cannot tell whether the repo is private ({_reason(e)})"
+        ) from None
     if not info.private:
-        raise UsageError(f"{flag} {repo_id} with --hub-private: the repo exists and is public, so the upload would be public; "
-                         "make it private on the Hub first, or choose another repo")
+        raise UsageError(
+            f"{flag} {repo_id} with --hub-private: the repo exists and is public, so the upload would be public; "
+            "make it private on the Hub first, or choose another repo"
+        )
 
 
 def check_hub_folder(run_dir: Path) -> None:
-    """A finished run folder: model.safetensors and timm's config.json (runs from before mpp wrote one have a run config there)."""
+    """A finished run folder: model.safetensors and timm's config.json (runs from before mpp wrote one have a run config
+    there)."""
     config = run_dir / TIMM_CONFIG
-    if not (run_dir / "model.safetensors").is_file() or not config.is_file() or "architecture" not in json.loads(config.read_text()):
-        raise UsageError(f"RUN_DIR {run_dir}: not a finished run folder with model.safetensors and timm's config.json "
-                         "(runs made before mpp wrote timm's config.json: fine-tune or pretrain again, or load the file with mpp.load_backbone)")
+    if (
+        not (run_dir / "model.safetensors").is_file()
+        or not config.is_file()
+        or "architecture" not in json.loads(config.read_text())
+    ):
+        raise UsageError(
+            f"RUN_DIR {run_dir}: not a finished run folder with model.safetensors and timm's config.json "
+            "(runs made before mpp wrote timm's config.json: fine-tune or pretrain again, or load the file with "
+            "mpp.load_backbone)"
+        )
 
 
 def without_local_paths(value):
@@ -115,7 +137,9 @@ def public_copy(path: Path) -> bytes | str:
     if path.suffix == ".json":
         text = json.dumps(without_local_paths(json.loads(text)), indent=2)
     elif path.suffix == ".jsonl":
-        text = "".join(json.dumps(without_local_paths(json.loads(line))) + "\n" for line in text.splitlines() if line.strip())
+        text = "".join(
+            json.dumps(without_local_paths(json.loads(line))) + "\n" for line in text.splitlines() if line.strip()
+        )
     return text.encode()
 
 
@@ -126,15 +150,23 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, message: 
     run_dir = Path(run_dir)
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=public_copy(run_dir / name))
-                  for name in UPLOADED if (run_dir / name).is_file()]
-    commit = api.create_commit(repo_id, operations, commit_message=message or f"mpp run {run_dir.name}", repo_type="model")
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=public_copy(run_dir / name))
+        for name in UPLOADED
+        if (run_dir / name).is_file()
+    ]
+    commit = api.create_commit(
+        repo_id, operations, commit_message=message or f"mpp run {run_dir.name}", repo_type="model"
+    )
     return str(getattr(commit, "commit_url", commit))
 
 
 def publish(run_dir: Path, repo_id: str, private: bool = False) -> str:
     """push_run with a line saying where the run went (the end of --push-to-hub and of `python -m mpp push`)."""
     url = push_run(run_dir, repo_id, private)
-    print(f"pushed {run_dir} to https://huggingface.co/{repo_id} ({url}); load it with "
-          f"timm.create_model(\"hf-hub:{repo_id}\", pretrained=True)", flush=True)
+    print(
+        f"pushed {run_dir} to https://huggingface.co/{repo_id} ({url}); load it with "
+        f'timm.create_model("hf-hub:{repo_id}", pretrained=True)',
+        flush=True,
+    )
     return url

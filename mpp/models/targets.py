@@ -8,6 +8,7 @@ the image region each token stands for: region = image size / the patch embeddin
 - pixels_l2: the patch's pixels, regressed with a mean squared error.
 Grey images are fed as RGB with r = g = b, so only the 8 grey classes of the 512 occur.
 """
+
 import torch
 import torch.nn.functional as F
 

@@ -6,6 +6,7 @@ folder (hub_folder.py), loads as timm.create_model("local-dir:RUN", pretrained=T
                       img_size=..., patch_size=...,
                       pretrained_cfg_overlay=dict(file=path, num_classes=0, custom_load=False, mean=..., std=...))
 """
+
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # Metadata values that are JSON (safetensors metadata is str -> str).
-_JSON_KEYS = ("img_size", "patch_size", "mean", "std", "steps", "num_classes", "class_names", "mpp_mask_ratio", "mpp_mask_probs")
+_JSON_KEYS = (
+    "img_size",
+    "patch_size",
+    "mean",
+    "std",
+    "steps",
+    "num_classes",
+    "class_names",
+    "mpp_mask_ratio",
+    "mpp_mask_probs",
+)
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -102,11 +113,19 @@ def load_encoder_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor
 
     state = checkpoint_filter_fn({k: v for k, v in tensors.items() if not k.startswith("head.")}, model)
     own = model.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     if shapes:
-        raise UsageError(f"{source}: weights of another architecture: " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
+        raise UsageError(
+            f"{source}: weights of another architecture: " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else "")
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = {k for k in own if k.startswith("head.")}
     not_head = sorted(set(missing) - head)
     if not_head or unexpected:
-        raise UsageError(f"{source}: only the head may be missing; missing {not_head[:8]}, unexpected {sorted(unexpected)[:8]}")
+        raise UsageError(
+            f"{source}: only the head may be missing; missing {not_head[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )

@@ -7,6 +7,7 @@ A folder gets its final name only after every process has written its part and t
 file's size and checksum) is written, so a kill at any moment leaves the previous checkpoint as the
 newest complete one; a resume checks the manifest before it loads anything (usable_checkpoint).
 """
+
 import json
 import re
 import shutil
@@ -67,17 +68,23 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, trainer_state: dict
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         reason = f"{error.strerror or error}" if error else "failed on another process"
-        accelerator.print(f"checkpoint at step {step} could not be written ({reason}); "
-                          f"the newest valid checkpoint is still {previous}")
+        accelerator.print(
+            f"checkpoint at step {step} could not be written ({reason}); "
+            f"the newest valid checkpoint is still {previous}"
+        )
         accelerator.wait_for_everyone()
         return None
     if accelerator.is_main_process:
         try:
-            write_manifest(tmp)  # last, once every process's files are there (the reduce above): a folder with one is complete
+            write_manifest(
+                tmp
+            )  # last, once every process's files are there (the reduce above): a folder with one is complete
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            accelerator.print(f"checkpoint at step {step} could not be written ({e.strerror or e}); "
-                              f"the newest valid checkpoint is still {latest_checkpoint(run_dir)}")
+            accelerator.print(
+                f"checkpoint at step {step} could not be written ({e.strerror or e}); "
+                f"the newest valid checkpoint is still {latest_checkpoint(run_dir)}"
+            )
             final = None
         else:
             if final.exists():  # the same step saved again (e.g. the final step after a resume)
@@ -101,8 +108,14 @@ def usable_checkpoint(run_dir: Path, say) -> Path | None:
         shutil.rmtree(aside, ignore_errors=True)
         checkpoint.rename(aside)
         earlier = complete_checkpoints(run_dir)
-        say(f"checkpoint {checkpoint} is damaged ({problem}); set aside as {aside.name}, "
-            + (f"resuming from {earlier[-1].name}" if earlier else "and no earlier checkpoint is left: starting from step 0"))
+        say(
+            f"checkpoint {checkpoint} is damaged ({problem}); set aside as {aside.name}, "
+            + (
+                f"resuming from {earlier[-1].name}"
+                if earlier
+                else "and no earlier checkpoint is left: starting from step 0"
+            )
+        )
     return None
 
 
@@ -110,8 +123,10 @@ def check_checkpoint(path: Path, flag: str) -> None:
     """A checkpoint named on the command line is used as it is or refused, never replaced by another."""
     problem = damage(path)
     if problem:
-        raise UsageError(f"{flag} {path}: the checkpoint is damaged ({problem}); pass --resume auto for the newest "
-                         "undamaged checkpoint of the run, or another checkpoint")
+        raise UsageError(
+            f"{flag} {path}: the checkpoint is damaged ({problem}); pass --resume auto for the newest "
+            "undamaged checkpoint of the run, or another checkpoint"
+        )
 
 
 def read_trainer_state(checkpoint: Path) -> dict:

@@ -1,19 +1,44 @@
 """Configuration of a fine-tuning run: the `paper` and `modern` presets, every knob overridable."""
+
 import math
 from dataclasses import asdict, dataclass, field
 
-from mpp.training.pretrain_config import validate_run
 from mpp.errors import UsageError
+from mpp.training.pretrain_config import validate_run
 
 # ViT paper §4 / App. B.1.1: SGD momentum 0.9, no weight decay, clip at global norm 1, cosine with
 # warmup, zero-initialised head. `modern`: MAE / DeiT-style fine-tuning from timm's own parts.
 # RandAugment's magnitude is capped at 9 (mmax9): at 10, timm's increasing posterize asks PIL for
 # 0 bits, which Pillow >= 10 refuses.
 PRESETS = {
-    "paper": dict(opt="momentum", lr=0.03, weight_decay=0.0, layer_decay=None, drop_path=0.0, label_smoothing=0.0,
-                  mixup=0.0, cutmix=0.0, auto_augment=None, clip_grad=1.0, warmup_steps=50, zero_head=True),
-    "modern": dict(opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75, drop_path=0.1, label_smoothing=0.1,
-                   mixup=0.8, cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1-mmax9", clip_grad=0.0, warmup_steps=50, zero_head=False),
+    "paper": dict(
+        opt="momentum",
+        lr=0.03,
+        weight_decay=0.0,
+        layer_decay=None,
+        drop_path=0.0,
+        label_smoothing=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+        auto_augment=None,
+        clip_grad=1.0,
+        warmup_steps=50,
+        zero_head=True,
+    ),
+    "modern": dict(
+        opt="adamw",
+        lr=1e-3,
+        weight_decay=0.05,
+        layer_decay=0.75,
+        drop_path=0.1,
+        label_smoothing=0.1,
+        mixup=0.8,
+        cutmix=1.0,
+        auto_augment="rand-m9-mstd0.5-inc1-mmax9",
+        clip_grad=0.0,
+        warmup_steps=50,
+        zero_head=False,
+    ),
 }
 PRESET_KEYS = tuple(PRESETS["paper"])
 
@@ -78,7 +103,9 @@ class FinetuneConfig:
     derived: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.eval_split is None:  # with a test split, the held-out split that selects the epoch is the validation split
+        if (
+            self.eval_split is None
+        ):  # with a test split, the held-out split that selects the epoch is the validation split
             self.eval_split = "validation" if self.test_split else "test"
 
     def resolved(self, key: str):
@@ -100,10 +127,17 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         raise UsageError(f"--preset {cfg.preset!r} is not one of: {', '.join(PRESETS)}")
     if cfg.test_split is not None and cfg.test_split in (cfg.eval_split, cfg.train_split):
         which = "--eval-split" if cfg.test_split == cfg.eval_split else "--train-split"
-        raise UsageError(f"--test-split {cfg.test_split} is also the {which}: the test split must be held out from training and model selection")
+        raise UsageError(
+            f"--test-split {cfg.test_split} is also the {which}: the test split must be held out from training and "
+            "model selection"
+        )
     from mpp.data.builtin import check_split
 
-    for flag, split in [("--train-split", cfg.train_split), ("--eval-split", cfg.eval_split), ("--test-split", cfg.test_split)]:
+    for flag, split in [
+        ("--train-split", cfg.train_split),
+        ("--eval-split", cfg.eval_split),
+        ("--test-split", cfg.test_split),
+    ]:
         if split is not None:
             check_split(cfg.dataset, split, flag)
     if cfg.train_per_class is not None and cfg.train_fraction is not None:
@@ -131,4 +165,6 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if (cfg.resolved("mixup") > 0 or cfg.resolved("cutmix") > 0) and cfg.batch_size % 2:
         raise UsageError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size}")
     if cfg.resolved("opt") not in ("momentum", "sgd", "adamw", "adam", "lamb", "lars"):
-        raise UsageError(f"--opt {cfg.resolved('opt')!r}: use momentum (SGD), sgd (Nesterov), adamw, adam, lamb or lars")
+        raise UsageError(
+            f"--opt {cfg.resolved('opt')!r}: use momentum (SGD), sgd (Nesterov), adamw, adam, lamb or lars"
+        )

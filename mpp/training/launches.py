@@ -11,6 +11,7 @@ RUN/run_config.json            the configuration the run was started with (what 
 RUN/launches/launch-001.json   one file per launch, the first included: its configuration, the
                                checkpoint it resumed from (or none), when it started
 """
+
 import json
 from datetime import datetime
 from pathlib import Path
@@ -22,15 +23,54 @@ from mpp.models.hub_folder import RUN_CONFIG
 # run goes, not what is trained. (--threads, --compile and --grad-checkpointing can change the
 # floating-point rounding; --workers does not change a map-style dataset's batches, which are seeded
 # per batch, but does change a stream's sharding, so it is checked for --streaming.)
-ACCEPTED = frozenset({
-    "output_dir", "resume", "config", "progress", "report_to", "push_to_hub", "hub_private", "log_every",
-    "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "strict_data", "threads", "compile",
-    "grad_checkpointing", "workers", "derived",
-})
+ACCEPTED = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "config",
+        "progress",
+        "report_to",
+        "push_to_hub",
+        "hub_private",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+        "strict_data",
+        "threads",
+        "compile",
+        "grad_checkpointing",
+        "workers",
+        "derived",
+    }
+)
 # the order in which a difference is reported when several differ
-FIRST = ("processes", "batch_size", "grad_accum", "dataset", "dataset_config", "split", "train_split", "eval_split", "test_split",
-         "streaming", "train_per_class", "train_fraction", "subset_seed", "model", "init", "img_size", "patch_size", "target",
-         "mask_ratio", "mask_probs", "random_from", "corrupt_at", "seed", "mixed_precision")
+FIRST = (
+    "processes",
+    "batch_size",
+    "grad_accum",
+    "dataset",
+    "dataset_config",
+    "split",
+    "train_split",
+    "eval_split",
+    "test_split",
+    "streaming",
+    "train_per_class",
+    "train_fraction",
+    "subset_seed",
+    "model",
+    "init",
+    "img_size",
+    "patch_size",
+    "target",
+    "mask_ratio",
+    "mask_probs",
+    "random_from",
+    "corrupt_at",
+    "seed",
+    "mixed_precision",
+)
 
 
 def launch_record(config: dict, processes: int, mixed_precision: str) -> dict:
@@ -63,8 +103,11 @@ def check_resume(saved: dict | None, now: dict, checkpoint: Path) -> None:
     if not differing:
         return
     key = min(differing, key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k))
-    raise UsageError(f"--resume: {checkpoint} was made with {_setting(key, saved.get(key))}, this launch has "
-                     f"{_setting(key, now.get(key))}; resume with the checkpoint's setting, or start a new run in another --output-dir")
+    raise UsageError(
+        f"--resume: {checkpoint} was made with {_setting(key, saved.get(key))}, this launch has "
+        f"{_setting(key, now.get(key))}; resume with the checkpoint's setting, or start a new run in another "
+        "--output-dir"
+    )
 
 
 def record_launch(run_dir: Path, config: dict, resumed_from: Path | None) -> Path:
@@ -74,8 +117,16 @@ def record_launch(run_dir: Path, config: dict, resumed_from: Path | None) -> Pat
     folder = run_dir / "launches"
     folder.mkdir(exist_ok=True)
     path = folder / f"launch-{1 + len(list(folder.glob('launch-*.json'))):03d}.json"
-    path.write_text(json.dumps({"started": datetime.now().isoformat(timespec="seconds"),
-                                "resumed_from": str(resumed_from) if resumed_from else None, "config": config}, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "started": datetime.now().isoformat(timespec="seconds"),
+                "resumed_from": str(resumed_from) if resumed_from else None,
+                "config": config,
+            },
+            indent=2,
+        )
+    )
     if resumed_from is None or not (run_dir / RUN_CONFIG).exists():
         (run_dir / RUN_CONFIG).write_text(json.dumps(config, indent=2))
     return path

@@ -2,6 +2,7 @@
 
 The recipes (pretraining, fine-tuning) differ only in their model, data and `step_fn`.
 """
+
 import itertools
 import json
 import math
@@ -9,23 +10,41 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object, parse_flag_from_env
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    TorchDynamoPlugin,
+    broadcast_object_list,
+    gather_object,
+    parse_flag_from_env,
+)
 from tqdm.auto import tqdm
 
-from mpp.training.checkpoint import (STATE_FILE, check_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint,
-                                     usable_checkpoint)
 from mpp.errors import UsageError
+from mpp.training.checkpoint import (
+    STATE_FILE,
+    check_checkpoint,
+    latest_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+    usable_checkpoint,
+)
 from mpp.training.launches import check_resume, launch_record, record_launch
 from mpp.training.run_dir import claim_run_dir
 from mpp.training.terminal import CtrlCForTheLoop
 from mpp.training.trackers import PROJECT, build_trackers
-from mpp.training.xla import is_xla, load_models_through_cpu, make_loader_checkpointable, refuse_compile_on_xla, seed_micro_batch
+from mpp.training.xla import (
+    is_xla,
+    load_models_through_cpu,
+    make_loader_checkpointable,
+    refuse_compile_on_xla,
+    seed_micro_batch,
+)
 
 FRESH_STATE = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_images": 0}
 
@@ -51,7 +70,11 @@ def check_resume_path(resume: str | None) -> Path | None:
         return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise UsageError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use 'auto' or a checkpoints/step_N folder")
+        raise UsageError(
+            f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use 'auto' or a "
+            "checkpoints/step_N "
+            "folder"
+        )
     return path
 
 
@@ -65,8 +88,15 @@ class Run:
     records: int = 0  # metrics.jsonl records so far (main process); each checkpoint stores the count
 
 
-def open_run(dist: PartialState, output_dir: str | None, resume: str | None, grad_accum: int, compile: bool = False,
-             report_to: str = "tensorboard", settings: dict | None = None) -> Run:
+def open_run(
+    dist: PartialState,
+    output_dir: str | None,
+    resume: str | None,
+    grad_accum: int,
+    compile: bool = False,
+    report_to: str = "tensorboard",
+    settings: dict | None = None,
+) -> Run:
     """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator.
     settings: the run's configuration; a resume that changes what it trains is refused (launches.py)."""
     resume_from = check_resume_path(resume)
@@ -97,7 +127,9 @@ def open_run(dist: PartialState, output_dir: str | None, resume: str | None, gra
         # accelerate compiles in prepare() and unwraps for saving; `accelerate launch --dynamo_backend` works too
         **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor")} if compile else {}),
     )
-    launch = launch_record(settings, accelerator.num_processes, accelerator.mixed_precision) if settings is not None else {}
+    launch = (
+        launch_record(settings, accelerator.num_processes, accelerator.mixed_precision) if settings is not None else {}
+    )
     if resume_from:
         check_resume(state.get("launch"), launch, resume_from)
     if is_xla(accelerator.device):
@@ -164,6 +196,7 @@ def gather_lists(accelerator: Accelerator, items: list) -> list:
         return list(items)
     if is_xla(accelerator.device):
         import torch_xla.core.xla_model as xm
+
         return xm.mesh_reduce("mpp.gather_lists", items, lambda parts: [x for part in parts for x in part])
     return [x for part in gather_object([items]) for x in part]
 
@@ -192,7 +225,9 @@ class LoopSettings:
     max_nonfinite: int = 5  # consecutive optimiser steps with a non-finite gradient before giving up; 0: no check
     strict_data: bool = False  # an unreadable image stops the run instead of being skipped
     clock: Callable[[], float] = time.perf_counter  # seconds; tests pass a deterministic one
-    prepare_batch: Callable[[dict], dict] | None = None  # e.g. decoding on the device (--decode gpu), before the batch is counted
+    prepare_batch: Callable[[dict], dict] | None = (
+        None  # e.g. decoding on the device (--decode gpu), before the batch is counted
+    )
     seed: int = 0  # on XLA, each micro-batch's device RNG seed derives from it (xla.seed_micro_batch)
 
 
@@ -307,8 +342,10 @@ class NonFiniteGuard:
             self.skipped += int(new)
             say(f"step {step}: {int(new)} optimiser step(s) skipped for a non-finite gradient since the last report")
         if longest >= self.max_in_a_row:
-            raise NonFiniteError(f"{int(longest)} optimiser steps in a row with a non-finite gradient (found at step {step}); "
-                                 f"the last good checkpoint in {run_dir / 'checkpoints'} is intact (lower --lr or check the data)")
+            raise NonFiniteError(
+                f"{int(longest)} optimiser steps in a row with a non-finite gradient (found at step {step}); "
+                f"the last good checkpoint in {run_dir / 'checkpoints'} is intact (lower --lr or check the data)"
+            )
 
 
 def capped_warmup(requested: int, total_steps: int, say: Callable[[str], None]) -> int:
@@ -347,8 +384,17 @@ class WaitClock:
             yield batch
 
 
-def fit(run: Run, model, optimizer, loader, images, step_fn: Callable, s: LoopSettings,
-        on_epoch_end: Callable[[int, int], dict] | None = None, on_step: Callable[[int], None] | None = None) -> LoopResult:
+def fit(
+    run: Run,
+    model,
+    optimizer,
+    loader,
+    images,
+    step_fn: Callable,
+    s: LoopSettings,
+    on_epoch_end: Callable[[int, int], dict] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> LoopResult:
     """Train until s.total_steps optimiser steps, resuming at run.state; every process calls this.
 
     step_fn(model, batch) -> (loss, metric) scalar tensors. on_epoch_end(epoch, step) -> extra
@@ -363,7 +409,13 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
     acc = run.accelerator
     step, epoch, batches_in_epoch = run.state["step"], run.state["epoch"], run.state["batches_in_epoch"]
     bad_total, bad_new, bad_examples = run.state["bad_images"], 0, []  # all processes; this one's since the last count
-    progress = tqdm(total=s.total_steps, initial=step, disable=not (acc.is_main_process and s.progress), desc=s.desc, dynamic_ncols=True)
+    progress = tqdm(
+        total=s.total_steps,
+        initial=step,
+        disable=not (acc.is_main_process and s.progress),
+        desc=s.desc,
+        dynamic_ncols=True,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     window = torch.zeros(4, device=acc.device)  # loss sum, metric sum, micro-batches, stop requests
     window_images, window_start, waiting = 0, s.clock(), WaitClock(s.clock)
@@ -398,7 +450,9 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 loader.set_epoch(epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch)  # accelerate's set_epoch does not reach it through a multi-process shard
-            batches = acc.skip_first_batches(loader, batches_in_epoch) if batches_in_epoch and not s.streaming else loader
+            batches = (
+                acc.skip_first_batches(loader, batches_in_epoch) if batches_in_epoch and not s.streaming else loader
+            )
             if spanning:
                 stream = iter(batches)
         if spanning:
@@ -429,8 +483,14 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 if step_allowed:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window += torch.stack([loss.detach().float(), metric.detach().float(), torch.ones((), device=window.device),
-                                   torch.tensor(float(signals.received is not None), device=window.device)])
+            window += torch.stack(
+                [
+                    loss.detach().float(),
+                    metric.detach().float(),
+                    torch.ones((), device=window.device),
+                    torch.tensor(float(signals.received is not None), device=window.device),
+                ]
+            )
             window_images += batch["pixels"].shape[0]
             if not acc.sync_gradients:
                 continue
@@ -448,15 +508,28 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 if guard:
                     guard.check(step, run.run_dir, acc.print)
                 elapsed = s.clock() - window_start
-                record = {"step": step, "epoch": epoch, "loss": loss_sum / n, s.metric: metric_sum / n, "lr": lr,
-                          "images_per_sec": window_images * acc.num_processes / elapsed,
-                          "data_wait_share": waiting.seconds / elapsed,  # this process's; near 0: the loader keeps up
-                          "bad_images": bad_total,
-                          "skipped_steps": skipped_steps()}
-                progress.set_postfix(loss=f"{record['loss']:.3f}", **{s.metric: f"{record[s.metric]:.3f}"}, img_s=f"{record['images_per_sec']:.0f}")
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss_sum / n,
+                    s.metric: metric_sum / n,
+                    "lr": lr,
+                    "images_per_sec": window_images * acc.num_processes / elapsed,
+                    "data_wait_share": waiting.seconds / elapsed,  # this process's; near 0: the loader keeps up
+                    "bad_images": bad_total,
+                    "skipped_steps": skipped_steps(),
+                }
+                progress.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    **{s.metric: f"{record[s.metric]:.3f}"},
+                    img_s=f"{record['images_per_sec']:.0f}",
+                )
                 if not s.progress:  # no bar (logs, batch jobs): one line per logging window instead
-                    acc.print(f"step {step}/{s.total_steps} loss {record['loss']:.4f} {s.metric} {record[s.metric]:.4f} "
-                              f"lr {lr:.3g} {record['images_per_sec']:.0f} img/s", flush=True)
+                    acc.print(
+                        f"step {step}/{s.total_steps} loss {record['loss']:.4f} {s.metric} {record[s.metric]:.4f} "
+                        f"lr {lr:.3g} {record['images_per_sec']:.0f} img/s",
+                        flush=True,
+                    )
                 write_record(run, record)
                 window.zero_()
                 window_images, window_start, waiting.seconds = 0, s.clock(), 0.0
@@ -464,14 +537,23 @@ def _fit(run, model, optimizer, loader, images, step_fn, s, on_epoch_end, on_ste
                 bad_total, bad_new = bad_total + count_all(acc, bad_new), 0
                 if guard:  # never checkpoint a run that is about to stop for non-finite gradients
                     guard.check(step, run.run_dir, acc.print)
-                trainer_state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "bad_images": bad_total,
-                                 "skipped_steps": skipped_steps(), "launch": run.launch, "metrics_records": run.records,
-                                 **(loader.position() if hasattr(loader, "position") else {})}  # a stream's per-worker place
+                trainer_state = {
+                    "step": step,
+                    "epoch": epoch,
+                    "batches_in_epoch": batches_in_epoch,
+                    "bad_images": bad_total,
+                    "skipped_steps": skipped_steps(),
+                    "launch": run.launch,
+                    "metrics_records": run.records,
+                    **(loader.position() if hasattr(loader, "position") else {}),
+                }  # a stream's per-worker place
                 saved = save_checkpoint(acc, run.run_dir, trainer_state, s.keep_checkpoints)
             if stop_now:
                 stopped_by = signals.received or "a signal to another process"
-                acc.print(f"stopped by {stopped_by} after step {step}; checkpoint {saved or latest_checkpoint(run.run_dir)}. "
-                          f"Continue with the same command plus --resume auto --output-dir {run.run_dir}")
+                acc.print(
+                    f"stopped by {stopped_by} after step {step}; checkpoint {saved or latest_checkpoint(run.run_dir)}. "
+                    f"Continue with the same command plus --resume auto --output-dir {run.run_dir}"
+                )
                 break
             if step >= s.total_steps:
                 break
@@ -503,8 +585,13 @@ def epoch_batches_of(loader):
 
 def write_summary(run: Run, result: LoopResult, extra: dict | None = None) -> None:
     if run.accelerator.is_main_process:
-        summary = {"steps": result.step, "bad_images": result.bad_images, "bad_examples": result.bad_examples,
-                   **({"stopped_by": result.stopped_by} if result.stopped_by else {}), **(extra or {})}
+        summary = {
+            "steps": result.step,
+            "bad_images": result.bad_images,
+            "bad_examples": result.bad_examples,
+            **({"stopped_by": result.stopped_by} if result.stopped_by else {}),
+            **(extra or {}),
+        }
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if result.bad_images:
             shown = "; ".join(f"{n}: {r}" for n, r in result.bad_examples[:3])

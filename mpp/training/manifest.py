@@ -6,6 +6,7 @@ a damaged checkpoint from a good one before accelerate loads it: a truncated opt
 flipped byte in the weights would otherwise load, or fail deep inside torch.load, or resume from
 wrong numbers.
 """
+
 import hashlib
 import json
 from pathlib import Path
@@ -25,8 +26,11 @@ def sha256_of(path: Path) -> str:
 def write_manifest(folder: Path) -> None:
     """Describe every file under folder (the manifest itself aside); call it once the rest is written."""
     folder = Path(folder)
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 

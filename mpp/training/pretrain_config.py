@@ -1,4 +1,5 @@
 """The resolved configuration of a pretraining run, and its checks (run before any heavy work)."""
+
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -84,15 +85,25 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.img_size % cfg.patch_size:
         raise UsageError(f"--img-size {cfg.img_size} is not divisible by --patch-size {cfg.patch_size}")
     if (cfg.img_size // cfg.patch_size) ** 2 < 2:
-        raise UsageError(f"--img-size {cfg.img_size} / --patch-size {cfg.patch_size} gives one patch; MPP needs at least 2")
+        raise UsageError(
+            f"--img-size {cfg.img_size} / --patch-size {cfg.patch_size} gives one patch; MPP needs at least 2"
+        )
     if not 0 < cfg.mask_ratio < 1:
         raise UsageError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
     if len(cfg.mask_probs) != 3 or any(p < 0 or not math.isfinite(p) for p in cfg.mask_probs):
-        raise UsageError(f"--mask-probs needs three non-negative numbers (mask, random, unchanged), got {cfg.mask_probs}")
+        raise UsageError(
+            f"--mask-probs needs three non-negative numbers (mask, random, unchanged), got {cfg.mask_probs}"
+        )
     if abs(sum(cfg.mask_probs) - 1) > 1e-6:
-        raise UsageError(f"--mask-probs must sum to 1, got {' '.join(map(str, cfg.mask_probs))} (sum {sum(cfg.mask_probs):g})")
+        raise UsageError(
+            f"--mask-probs must sum to 1, got {' '.join(map(str, cfg.mask_probs))} (sum {sum(cfg.mask_probs):g})"
+        )
     if not timm.is_model(cfg.model):
-        raise UsageError(f"--model {cfg.model!r} is not a timm model; supported: timm VisionTransformer, DeiT distilled, hybrid ViTs and Eva, e.g. vit_tiny_patch16_224")
+        raise UsageError(
+            f"--model {cfg.model!r} is not a timm model; supported: timm VisionTransformer, DeiT distilled, hybrid "
+            "ViTs "
+            "and Eva, e.g. vit_tiny_patch16_224"
+        )
     if cfg.target not in TARGETS:
         raise UsageError(f"--target {cfg.target!r} is not one of: {', '.join(TARGETS)}")
     if cfg.random_from not in ("batch", "image"):
@@ -112,13 +123,18 @@ def validate(cfg: PretrainConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise UsageError("--decode gpu needs a CUDA GPU (nvJPEG) and this machine has none; use --decode cpu (the default) or pil")
+            raise UsageError(
+                "--decode gpu needs a CUDA GPU (nvJPEG) and this machine has none; use --decode cpu (the default) or "
+                "pil"
+            )
     from mpp.data.builtin import BUILTIN_SPLITS, check_split
 
     check_split(cfg.dataset, cfg.split, "--split")
     if not {"train", "test"} <= set(BUILTIN_SPLITS.get(cfg.eval_dataset, ("train", "test"))):
-        raise UsageError(f"--eval-dataset needs a labelled set with train and test splits: {cfg.eval_dataset} has the splits "
-                         f"{', '.join(BUILTIN_SPLITS[cfg.eval_dataset])}")
+        raise UsageError(
+            f"--eval-dataset needs a labelled set with train and test splits: {cfg.eval_dataset} has the splits "
+            f"{', '.join(BUILTIN_SPLITS[cfg.eval_dataset])}"
+        )
     if cfg.streaming and cfg.max_steps is None:
         raise UsageError("--streaming needs --max-steps (a stream has no known length)")
     if cfg.lr is not None and cfg.base_lr is not None:
@@ -134,8 +150,13 @@ def validate(cfg: PretrainConfig) -> None:
 
 def validate_run(cfg) -> None:
     """Checks of the flags both recipes have (cli.add_run_flags)."""
-    for flag, value in [("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum), ("--log-every", cfg.log_every),
-                        ("--checkpoint-every", cfg.checkpoint_every), ("--keep-checkpoints", cfg.keep_checkpoints)]:
+    for flag, value in [
+        ("--batch-size", cfg.batch_size),
+        ("--grad-accum", cfg.grad_accum),
+        ("--log-every", cfg.log_every),
+        ("--checkpoint-every", cfg.checkpoint_every),
+        ("--keep-checkpoints", cfg.keep_checkpoints),
+    ]:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
@@ -161,11 +182,15 @@ def check_batch_fits(batch_size: int, processes: int, images: int, what: str, gr
     """drop_last batches: the dataset must fill at least one batch, and one accumulation of
     --grad-accum batches, on every process."""
     if images < batch_size * processes:
-        raise UsageError(f"--batch-size {batch_size} x {processes} processes is more than the {images} images of {what}")
+        raise UsageError(
+            f"--batch-size {batch_size} x {processes} processes is more than the {images} images of {what}"
+        )
     batches = images // (batch_size * processes)  # per process and epoch, as the prepared loader deals them
     if batches < grad_accum:
-        raise UsageError(f"--grad-accum {grad_accum} is more than the {batches} batches of {batch_size} per process in an epoch of "
-                         f"{what}; lower --grad-accum or --batch-size")
+        raise UsageError(
+            f"--grad-accum {grad_accum} is more than the {batches} batches of {batch_size} per process in an epoch of "
+            f"{what}; lower --grad-accum or --batch-size"
+        )
 
 
 def optimizer_steps(epochs: float, batches_per_epoch: int, grad_accum: int) -> int:

@@ -10,6 +10,7 @@ Taking a folder is an exclusive create, never a look followed by a use:
   and the emptiness check above cannot race with another launch. The kernel drops the lock when the
   process ends, however it ends.
 """
+
 import fcntl
 import os
 from datetime import datetime
@@ -40,7 +41,9 @@ def claim_run_dir(output_dir: str | None, resume: str | None, runs_root: str | P
     _lock(path)
     if not made:
         if resume is None and any(path.iterdir()):
-            raise UsageError(f"--output-dir {path} is not empty; pass --resume auto to continue that run, or choose another folder")
+            raise UsageError(
+                f"--output-dir {path} is not empty; pass --resume auto to continue that run, or choose another folder"
+            )
         try:
             probe = path / f".write-test-{os.getpid()}"
             probe.write_text("ok")
@@ -80,5 +83,7 @@ def _lock(path: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UsageError(f"the run folder {path} is in use by another launch; wait for it to end, or choose another --output-dir") from None
+        raise UsageError(
+            f"the run folder {path} is in use by another launch; wait for it to end, or choose another --output-dir"
+        ) from None
     _held[key] = fd

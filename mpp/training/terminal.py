@@ -19,6 +19,7 @@ session of its own, without a terminal); its parent is accelerate's launcher and
 group, which is the terminal's foreground group; the terminal does not stop background writers
 (`stty tostop`), since the launcher and tee write from the background meanwhile.
 """
+
 import os
 import signal
 import termios
@@ -30,8 +31,11 @@ import psutil
 def launched_by_accelerate(cmdline: list[str]) -> bool:
     """`accelerate launch ...`, `accelerate-launch ...` or `python -m accelerate.commands.launch ...`."""
     names = [os.path.basename(part) for part in cmdline]
-    return ("accelerate.commands.launch" in cmdline or "accelerate-launch" in names
-            or any(name == "accelerate" and nxt == "launch" for name, nxt in zip(names, names[1:])))
+    return (
+        "accelerate.commands.launch" in cmdline
+        or "accelerate-launch" in names
+        or any(name == "accelerate" and nxt == "launch" for name, nxt in zip(names, names[1:]))
+    )
 
 
 @contextmanager
@@ -62,8 +66,14 @@ class CtrlCForTheLoop:
             return self
         try:
             job, parent = os.getpgrp(), psutil.Process().parent()
-            if (parent is None or job == os.getpid() or os.getpgid(parent.pid) != job or os.tcgetpgrp(tty) != job
-                    or termios.tcgetattr(tty)[3] & termios.TOSTOP or not launched_by_accelerate(parent.cmdline())):
+            if (
+                parent is None
+                or job == os.getpid()
+                or os.getpgid(parent.pid) != job
+                or os.tcgetpgrp(tty) != job
+                or termios.tcgetattr(tty)[3] & termios.TOSTOP
+                or not launched_by_accelerate(parent.cmdline())
+            ):
                 os.close(tty)
                 return self
         except (OSError, psutil.Error):

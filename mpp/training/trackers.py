@@ -5,6 +5,7 @@ TensorBoard in RUN/tensorboard/ (as before), a W&B run and an MLflow run named a
 folder in the project / experiment "mpp". MLflow writes to MLFLOW_TRACKING_URI, else to a file
 store beside the run folders (runs/mlruns, MLFLOW_ALLOW_FILE_STORE set for MLflow 3), so it works offline.
 """
+
 import os
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def build_trackers(report_to: str, run_dir: Path, resumed_at: int | None = None)
             purge = {"purge_step": resumed_at + 1} if resumed_at is not None else {}
             trackers.append(TensorBoardTracker("tensorboard", run_dir, **purge))  # RUN/tensorboard/
         elif name == "wandb":
-            trackers.append(WandBTracker(PROJECT, name=run_dir.name, dir=str(run_dir)))  # offline too: WANDB_MODE=offline
+            trackers.append(
+                WandBTracker(PROJECT, name=run_dir.name, dir=str(run_dir))
+            )  # offline too: WANDB_MODE=offline
         elif name == "mlflow":
             if "MLFLOW_TRACKING_URI" not in os.environ:  # a local file store beside the run folders, offline
                 os.environ["MLFLOW_TRACKING_URI"] = (run_dir.resolve().parent / "mlruns").as_uri()

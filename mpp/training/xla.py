@@ -2,6 +2,7 @@
 
 Nothing here imports torch_xla unless the run's device is an XLA device.
 """
+
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ def is_xla(device: torch.device) -> bool:
 def refuse_compile_on_xla(compile: bool, device: torch.device) -> None:
     """torch.compile's inductor backend does not target XLA devices; XLA compiles every step graph itself."""
     if compile and is_xla(device):
-        raise UsageError("--compile is for CUDA and CPU runs; on XLA (TPU) the step is already compiled by XLA: leave it out")
+        raise UsageError(
+            "--compile is for CUDA and CPU runs; on XLA (TPU) the step is already compiled by XLA: leave it out"
+        )
 
 
 def seed_micro_batch(device: torch.device, seed: int, process: int, epoch: int, batch: int) -> None:
@@ -77,7 +80,9 @@ def sync_free_on_xla(optimizer, device: torch.device):
         return optimizer
     from torch_xla.amp import syncfree
 
-    cls = {torch.optim.AdamW: syncfree.AdamW, torch.optim.Adam: syncfree.Adam, torch.optim.SGD: syncfree.SGD}.get(type(optimizer))
+    cls = {torch.optim.AdamW: syncfree.AdamW, torch.optim.Adam: syncfree.Adam, torch.optim.SGD: syncfree.SGD}.get(
+        type(optimizer)
+    )
     if cls is None:
         return optimizer
     allowed = cls.__init__.__code__.co_varnames
@@ -100,7 +105,8 @@ def _found_inf_attribute(cls):
 
         def load_state_dict(self, state_dict):
             super().load_state_dict(state_dict)
-            # torch puts a loaded 'step' on the CPU (what its own optimisers want); the sync-free kernels read it on the device
+            # torch puts a loaded 'step' on the CPU (what its own optimisers want); the sync-free kernels read it on the
+            # device
             for param, state in self.state.items():
                 if torch.is_tensor(state.get("step")) and state["step"].device != param.device:
                     state["step"] = state["step"].to(param.device)
