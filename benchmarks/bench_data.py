@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from results_io import provenance, provenance_lines, write_results
 
-from mpp.data.dataset import AugmentedImages, collate_images, find_image_column, load_images, train_transform
+from mpp.data.images import AugmentedImages, collate_images
 from mpp.data.loader import EpochBatches
+from mpp.data.sources import find_image_column, load_images
+from mpp.data.transforms import train_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

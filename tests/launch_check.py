@@ -10,13 +10,13 @@ import sys
 import torch
 from accelerate.state import PartialState
 
-import mpp.data.dataset
+import mpp.data.images
 import mpp.models.model
 from mpp.cli import exit_cleanly, parse_config
 from mpp.training.pretrain import pretrain
 
 seen, initial = [], []
-getitems, forward = mpp.data.dataset.AugmentedImages.__getitems__, mpp.models.model.MPP.forward
+getitems, forward = mpp.data.images.AugmentedImages.__getitems__, mpp.models.model.MPP.forward
 
 
 def recording_getitems(self, indices):
@@ -33,7 +33,7 @@ def watched_forward(self, *args, **kwargs):
     return forward(self, *args, **kwargs)
 
 
-mpp.data.dataset.AugmentedImages.__getitems__ = recording_getitems
+mpp.data.images.AugmentedImages.__getitems__ = recording_getitems
 mpp.models.model.MPP.forward = watched_forward
 result = pretrain(parse_config(sys.argv[1:]))
 state = PartialState()

@@ -30,8 +30,8 @@ from mpp.data.clipart import (
     load_clipart,
     to_square,
 )
-from mpp.data.dataset import load_images
 from mpp.data.near_duplicates import connected_groups, name_stem
+from mpp.data.sources import load_images
 from mpp.errors import UsageError
 
 FAKE_CLASSES = ["animals/birds", "food/fruit"]

@@ -12,19 +12,11 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from mpp.data.builtin import FASHION_MNIST_DIR, mnist5k, photos, read_idx
-from mpp.data.dataset import (
-    AugmentedImages,
-    BadImage,
-    as_tensor,
-    collate_images,
-    decode_image,
-    find_image_column,
-    labelled_images,
-    load_images,
-    open_image,
-    seeded,
-    train_transform,
-)
+from mpp.data.decode import BadImage, as_tensor, decode_image, open_image
+from mpp.data.heldout import labelled_images
+from mpp.data.images import AugmentedImages, collate_images, seeded
+from mpp.data.sources import find_image_column, load_images
+from mpp.data.transforms import train_transform
 from mpp.errors import UsageError
 from mpp.models.targets import Mean3Bit
 
@@ -77,7 +69,7 @@ def test_unknown_builtin_split_and_missing_path():
 def test_a_missing_folder_under_a_local_one_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
     """'data/mine' with a local folder 'data' was meant as a path: refused at once, never sent to the Hub;
     'owner/name' with no such local folder goes to the Hub, whose failure says no local folder exists either."""
-    import mpp.data.dataset as dataset_module
+    import mpp.data.sources as dataset_module
 
     asked = []
     monkeypatch.setattr(

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mpp import load_backbone
-from mpp.data.dataset import BadImage, collate_images
+from mpp.data.decode import BadImage
+from mpp.data.images import collate_images
 from mpp.models.model import create_encoder
 from mpp.models.weights import load_encoder_weights
 from mpp.training.finetune import eval_history, save_classifier, top1

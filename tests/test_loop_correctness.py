@@ -234,7 +234,8 @@ def test_randaugment_depends_only_on_the_batch_seed():
 
     from PIL import Image as PILImage
 
-    from mpp.data.dataset import seeded, timm_transform
+    from mpp.data.images import seeded
+    from mpp.data.transforms import timm_transform
     from mpp.training.finetune_config import PRESETS
 
     tf = timm_transform(28, True, auto_augment=PRESETS["modern"]["auto_augment"])
@@ -275,7 +276,7 @@ def stream_loader(data: str, workers: int, run_state: dict | None = None):
     """The streaming (images, loader) pair exactly as pretrain() builds it, on one process."""
     from types import SimpleNamespace
 
-    from mpp.data.dataset import find_image_column, load_images
+    from mpp.data.sources import find_image_column, load_images
 
     cfg = PretrainConfig(
         dataset=data, streaming=True, max_steps=100, batch_size=8, workers=workers, img_size=28, seed=3

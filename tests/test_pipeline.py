@@ -13,8 +13,9 @@ from torchvision.transforms import v2
 
 from mpp.cli import parse_config
 from mpp.data.augment import CropFlip, EncodedCrop, decode_deferred, draft_jpeg
-from mpp.data.dataset import collate_images, load_images, seeded
+from mpp.data.images import collate_images, seeded
 from mpp.data.loader import EpochBatches, default_workers
+from mpp.data.sources import load_images
 from mpp.errors import UsageError
 from mpp.training.loop import epoch_batches_of
 from mpp.training.pretrain import build_loader, device_decoder

@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 
 from mpp.cli import run_cli
 from mpp.data import prepare
-from mpp.data.dataset import load_images
+from mpp.data.sources import load_images
 from mpp.errors import UsageError
 
 ROOT = Path(__file__).parents[1]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from mpp.cli import parse_finetune_config
 from mpp.commands.pretrain import main as pretrain_main
-from mpp.data.dataset import timm_transform
+from mpp.data.transforms import timm_transform
 from mpp.models.model import MPP, create_encoder
 from mpp.training.finetune import finetune
 

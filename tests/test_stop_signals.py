@@ -20,8 +20,9 @@ def tiny_labelled(n: int = 24):
 
 
 def training(tmp_path):
-    from mpp.data.dataset import AugmentedImages, collate_images, train_transform
+    from mpp.data.images import AugmentedImages, collate_images
     from mpp.data.loader import training_loader
+    from mpp.data.transforms import train_transform
 
     images = AugmentedImages(tiny_labelled(), "image", train_transform(28, (0.35, 1.0), 0.5), seed=0)
     return training_loader(images, 4, 0, 1, torch.device("cpu"), collate_images)
@@ -37,7 +38,7 @@ def held_out(tmp_path):
 
 
 def streaming(tmp_path):
-    from mpp.data.dataset import find_image_column, load_images
+    from mpp.data.sources import find_image_column, load_images
     from mpp.training.pretrain import build_loader
     from mpp.training.pretrain_config import PretrainConfig
 

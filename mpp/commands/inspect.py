@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mpp.cli import OneLineParser, run_cli
-from mpp.data.dataset import sample_images
+from mpp.data.heldout import sample_images
 from mpp.errors import UsageError
 from mpp.evaluation.diagnostics import load_mpp_model
 from mpp.evaluation.report import inspect_model

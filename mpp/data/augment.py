@@ -26,6 +26,8 @@ from PIL import Image as PILImage
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
+from mpp.data.decode import BadImage, as_tensor, open_encoded, open_image, pil_to_rgb, read_bytes, why
+
 DECODE_MODES = ("cpu", "pil", "gpu")
 EXIF_ORIENTATION = 0x0112
 DRAFT_SCALES = (8, 4, 2)  # the DCT-domain reductions libjpeg offers
@@ -77,7 +79,6 @@ class CropFlip:
     def __call__(self, image, read=None) -> torch.Tensor:
         """image: PIL (decoded, or opened only) or (3, H, W) uint8; read(): the encoded file's bytes, for the
         libjpeg-turbo path of an opened JPEG (without it that path is not taken)."""
-        from mpp.data.dataset import as_tensor, pil_to_rgb
 
         if isinstance(image, torch.Tensor):  # (3, H, W) uint8
             box = self.sample(*image.shape[-2:])
@@ -209,3 +210,24 @@ def decode_deferred(
             continue
         pixels[slot] = crop_tensor(image, e.box, size)
     return pixels, failed
+
+
+def augment_value(value, transform, name: str, defer: bool = False):
+    """One stored image -> its augmented (3, S, S) uint8 tensor, or (defer: --decode gpu) an EncodedCrop
+    for the training process to decode, or a BadImage saying why not. A transform that opens images
+    itself (augment.CropFlip) gets encoded files undecoded, so that it decodes only what its crop needs."""
+    if getattr(transform, "opens_images", False) and isinstance(value, dict):
+        try:
+            opened = open_encoded(value)
+            if opened is None:
+                return BadImage(name, "empty image entry")
+            with opened:
+                return (
+                    defer_or_apply(opened, read_bytes(value), transform, name)
+                    if defer
+                    else transform(opened, lambda: read_bytes(value))
+                )
+        except Exception as e:  # as open_image: truncated, corrupt, not an image, ...
+            return BadImage(name, why(e))
+    image, problem = open_image(value)
+    return BadImage(name, problem) if image is None else as_tensor(transform(image))

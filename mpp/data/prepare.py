@@ -3,7 +3,7 @@ training then decodes small JPEGs instead of full-size photos.
 
 Every split becomes `<split>-NNNNN-of-NNNNN.parquet` files (the Hub's naming) with an `image` column
 (datasets Image(), JPEG bytes) and, when the source is labelled, a `label` column with the source's
-class names; mpp.data.dataset.load_images reads such a folder split by split. Unreadable images are counted,
+class names; mpp.data.sources.load_images reads such a folder split by split. Unreadable images are counted,
 named in the report and left out, never fatal.
 """
 
@@ -21,14 +21,14 @@ import numpy as np
 from datasets import Array2D, Array3D, ClassLabel, Features, Image, Value
 from PIL import Image as PILImage
 
-from mpp.data.dataset import (
+from mpp.data.decode import open_image
+from mpp.data.sources import (
     SPLIT_FILE,
     _local_files,
     find_image_column,
     find_label_column,
     is_sidecar,
     load_images,
-    open_image,
     prepare_columns,
 )
 from mpp.errors import UsageError

@@ -229,7 +229,7 @@ def materialise(cfg: AblateConfig, folder: Path) -> Path:
     """The pretraining images saved once (save_to_disk), so that each of the many pretraining
     processes memory-maps them instead of rebuilding the built-in set (colour-mix makes its photo
     crops anew on every load)."""
-    from mpp.data.dataset import load_images
+    from mpp.data.sources import load_images
 
     load_images(cfg.pretrain_dataset, "train").save_to_disk(str(folder))
     return folder
@@ -313,7 +313,7 @@ def finetune_command(cfg: AblateConfig, seed: int, init: Path | str) -> list[str
 
 
 def load_probe_data(cfg: AblateConfig, seed: int) -> dict:
-    from mpp.data.dataset import labelled_images
+    from mpp.data.heldout import labelled_images
 
     train = labelled_images(cfg.downstream, "train", cfg.img_size, seed=seed)
     return {

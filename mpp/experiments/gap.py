@@ -272,7 +272,7 @@ def finetune_command(cfg: GapConfig, seed: int, init: str) -> list[str]:
 def probe_data(cfg: GapConfig, seed: int):
     """The downstream images the probes and the floors read: the seed's labelled training images (the
     fine-tuning's own subset) and the test split."""
-    from mpp.data.dataset import labelled_images
+    from mpp.data.heldout import labelled_images
 
     train = labelled_images(cfg.downstream, "train", cfg.img_size, per_class=cfg.train_per_class, seed=seed)
     test = labelled_images(cfg.downstream, "test", cfg.img_size, limit=cfg.eval_limit, seed=seed)
@@ -306,7 +306,7 @@ def probe_encoders(cfg: GapConfig, seed: int, root: Path, data) -> dict[str, dic
 def hygiene(cfg: GapConfig, seed: int, data) -> dict:
     """Near-twins by raw-pixel correlation (> 0.98, mirrored too) of the test images among the seed's
     labelled training images and among the validation images: an independent check of the splits."""
-    from mpp.data.dataset import labelled_images
+    from mpp.data.heldout import labelled_images
     from mpp.experiments.baselines import near_twins
 
     train_images, _, test_images, _ = data
@@ -320,7 +320,7 @@ def hygiene(cfg: GapConfig, seed: int, data) -> dict:
 
 
 def label_spaces(cfg: GapConfig) -> dict:
-    from mpp.data.dataset import class_names_of, find_label_column, load_images
+    from mpp.data.sources import class_names_of, find_label_column, load_images
 
     names = {}
     for side in ("upstream", "downstream"):
@@ -394,7 +394,7 @@ def run_gap(cfg: GapConfig, argv: list[str] | None = None) -> dict:
     spaces = label_spaces(cfg)
     first = probe_data(cfg, cfg.seeds[0])
     check_shots(cfg, first[1])  # before any training
-    from mpp.data.dataset import load_images
+    from mpp.data.sources import load_images
 
     plan = protocol(
         cfg, spaces, len(load_images(cfg.downstream, "test"))

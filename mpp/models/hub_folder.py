@@ -52,7 +52,7 @@ DESCRIBES_THESE_WEIGHTS = (
 
 def preprocessing(meta: dict) -> dict:
     """The run's evaluation view as timm names it (resolve_data_config's keys): its size, resize, crop, mean and std."""
-    from mpp.data.dataset import EVAL_CROP_MODE, EVAL_CROP_PCT, EVAL_INTERPOLATION
+    from mpp.data.transforms import EVAL_CROP_MODE, EVAL_CROP_PCT, EVAL_INTERPOLATION
 
     size = meta["img_size"]
     return {

@@ -14,17 +14,11 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 
 from mpp import __version__
-from mpp.data.dataset import (
-    AugmentedImages,
-    class_names_of,
-    collate_images,
-    find_image_column,
-    find_label_column,
-    load_images,
-    low_label_subset,
-    timm_transform,
-)
+from mpp.data.heldout import low_label_subset
+from mpp.data.images import AugmentedImages, collate_images
 from mpp.data.loader import default_workers, leave_stop_signals_to_main, training_loader
+from mpp.data.sources import class_names_of, find_image_column, find_label_column, load_images
+from mpp.data.transforms import timm_transform
 from mpp.errors import UsageError
 from mpp.models.hub_folder import hub_dataset_ids, public_path, write_model_card, write_timm_config
 from mpp.models.publish import publish

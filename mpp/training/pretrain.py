@@ -10,17 +10,11 @@ from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 
 from mpp import __version__
-from mpp.data.dataset import (
-    AugmentedImages,
-    AugmentedStream,
-    StreamLoader,
-    StreamPosition,
-    collate_images,
-    find_image_column,
-    load_images,
-    train_transform,
-)
+from mpp.data.images import AugmentedImages, collate_images
 from mpp.data.loader import default_workers, leave_stop_signals_to_main, training_loader
+from mpp.data.sources import find_image_column, load_images
+from mpp.data.stream import AugmentedStream, StreamLoader, StreamPosition
+from mpp.data.transforms import train_transform
 from mpp.errors import UsageError
 from mpp.models.hub_folder import hub_dataset_ids, public_path, write_model_card
 from mpp.models.model import MPP, create_encoder
@@ -279,7 +273,7 @@ def picture_logger(cfg: PretrainConfig, accelerator, model):
             "logged"
         )
         return None
-    from mpp.data.dataset import sample_images
+    from mpp.data.heldout import sample_images
     from mpp.evaluation.diagnostics import prediction_grid
 
     images = sample_images(cfg.dataset, cfg.split, cfg.dataset_config, cfg.image_column, 8, cfg.seed, cfg.img_size)
@@ -326,7 +320,7 @@ def load_monitor_data(cfg: PretrainConfig):
     its train split, the first 2,000 of its test split."""
     if not cfg.eval_dataset:
         return None
-    from mpp.data.dataset import labelled_images
+    from mpp.data.heldout import labelled_images
 
     try:
         train = labelled_images(cfg.eval_dataset, "train", cfg.img_size, per_class=50, seed=cfg.seed)
