@@ -29,8 +29,8 @@ import torch
 from results_io import provenance, provenance_lines, write_results
 
 from mpp.models.model import create_encoder
-from mpp.training.loop import fused_optimizer_kwargs
 from mpp.training.pretrain_config import PretrainConfig
+from mpp.training.schedule import fused_optimizer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -29,7 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def measure(model_name: str, img_size: int, patch: int, batch: int, grad_ckpt: bool, steps: int, device: str) -> dict:
     """In this process: images/s and memory of the MPP training step (see the module docstring for the two columns)."""
     from mpp.models.model import MPP, create_encoder
-    from mpp.training.loop import fused_optimizer_kwargs
+    from mpp.training.schedule import fused_optimizer_kwargs
 
     torch.manual_seed(0)
     encoder = create_encoder(model_name, img_size, patch)

@@ -33,7 +33,7 @@ from results_io import load_average, package_versions, provenance, provenance_li
 
 from mpp.evaluation.stats import paired_difference
 from mpp.models.model import MPP, create_encoder
-from mpp.training.loop import fused_optimizer_kwargs
+from mpp.training.schedule import fused_optimizer_kwargs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

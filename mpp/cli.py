@@ -525,7 +525,7 @@ EXIT_STOPPED = 75
 def run_cli(main, argv: list[str] | None = None):
     """Call main(argv); a UsageError becomes one line on stderr and exit code 2, a RunError exit code 1."""
     from mpp.console import survive_closed_readers
-    from mpp.training.loop import RunError
+    from mpp.training.guards import RunError
 
     survive_closed_readers()  # a closed pipe (| tee ended by Ctrl-C) must not end the run before its checkpoint
     try:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mpp.errors import UsageError
-from mpp.training.loop import LoopSettings, fit, init_processes, open_run
+from mpp.training.loop import LoopSettings, fit
 from mpp.training.manifest import MANIFEST, damage
+from mpp.training.run_setup import init_processes, open_run
 
 
 class Images:

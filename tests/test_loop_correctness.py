@@ -116,8 +116,9 @@ def test_each_optimiser_step_is_the_mean_gradient_of_its_own_micro_batches(tmp_p
     the gradient of the mean loss of its micro-batches (plain SGD, checked against torch by hand)."""
     from accelerate import Accelerator
 
-    from mpp.training.loop import FRESH_STATE, LoopSettings, Run, fit
+    from mpp.training.loop import LoopSettings, fit
     from mpp.training.pretrain_config import optimizer_steps
+    from mpp.training.run_setup import FRESH_STATE, Run
 
     torch.manual_seed(0)
     x, y = torch.randn(12, 3), torch.randn(12, 2)

@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mpp.training.loop import LoopSettings, NonFiniteError, NonFiniteGuard, fit, init_processes, open_run
+from mpp.training.guards import NonFiniteError, NonFiniteGuard
+from mpp.training.loop import LoopSettings, fit
+from mpp.training.run_setup import init_processes, open_run
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -737,7 +739,7 @@ def test_a_second_signal_interrupts_at_once(tmp_path, recognisable_handlers, mon
     """The first SIGINT asks for a stop after the step (checkpoint, stopped_by); one more after the grace
     period reaches the handler that was there before the loop (Python's KeyboardInterrupt; here a
     recognisable exception)."""
-    from mpp.training.loop import StopSignals
+    from mpp.training.guards import StopSignals
 
     monkeypatch.setattr(StopSignals, "grace", 0.2)
     dist = init_processes(threads=None)
@@ -806,7 +808,7 @@ def test_fp16_on_cpu_keeps_the_nonfinite_guard(tmp_path, fresh_accelerate_state)
     between a NaN gradient and the weights, so it must stay on."""
     from accelerate import Accelerator
 
-    from mpp.training.loop import FRESH_STATE, Run
+    from mpp.training.run_setup import FRESH_STATE, Run
 
     acc = Accelerator(mixed_precision="fp16", cpu=True)
     assert acc.mixed_precision == "fp16" and acc.scaler is None
@@ -834,7 +836,7 @@ def test_fp16_with_a_grad_scaler_leaves_nonfinite_steps_to_it(tmp_path, fresh_ac
     step) nor stops. Not tested on CPU: fp16 autocast kernels and accelerate's own choice of scaler."""
     from accelerate import Accelerator
 
-    from mpp.training.loop import FRESH_STATE, Run
+    from mpp.training.run_setup import FRESH_STATE, Run
 
     acc = Accelerator(mixed_precision="fp16", cpu=True)
     acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**8)  # what accelerate does on a GPU

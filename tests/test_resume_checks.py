@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from mpp.errors import UsageError
-from mpp.training.loop import LoopSettings, fit, init_processes, open_run, start_logging
+from mpp.training.loop import LoopSettings, fit
 from mpp.training.manifest import write_manifest
 from mpp.training.pretrain_config import PretrainConfig
+from mpp.training.run_setup import init_processes, open_run, start_logging
 
 SETTINGS = PretrainConfig(model="test_vit", batch_size=16, max_steps=4, output_dir="x").to_dict()
 

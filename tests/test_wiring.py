@@ -228,7 +228,7 @@ def test_nonfinite_gradients_exit_1_through_the_recipe(images, tmp_path, monkeyp
 def test_resume_auto_picks_the_newest_run_with_a_complete_checkpoint(tmp_path, monkeypatch):
     """Without --output-dir, --resume auto continues the newest run under runs/ that has a complete
     checkpoint, from its newest complete checkpoint; a newer run with only a half-written one is passed over."""
-    from mpp.training.loop import init_processes, open_run
+    from mpp.training.run_setup import init_processes, open_run
 
     monkeypatch.chdir(tmp_path)
     runs = {

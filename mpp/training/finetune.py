@@ -23,19 +23,11 @@ from mpp.errors import UsageError
 from mpp.models.hub_folder import hub_dataset_ids, public_path, write_model_card, write_timm_config
 from mpp.models.publish import publish
 from mpp.models.weights import load_encoder_weights, load_tensors, read_metadata, save_weights
-from mpp.training.loop import (
-    LoopSettings,
-    RunError,
-    capped_warmup,
-    finish,
-    fit,
-    fused_optimizer_kwargs,
-    init_processes,
-    open_run,
-    start_logging,
-    write_summary,
-)
+from mpp.training.guards import RunError
+from mpp.training.loop import LoopSettings, fit, write_summary
 from mpp.training.pretrain_config import check_batch_fits, lr_at, optimizer_steps
+from mpp.training.run_setup import finish, init_processes, open_run, start_logging
+from mpp.training.schedule import capped_warmup, fused_optimizer_kwargs
 from mpp.training.xla import sync_free_on_xla
 
 

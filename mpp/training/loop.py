@@ -1,212 +1,29 @@
-"""What every training recipe shares: processes, the run folder, resume, and the accelerate loop.
-
-The recipes (pretraining, fine-tuning) differ only in their model, data and `step_fn`.
+"""The accelerate training loop both recipes run: steps, logging windows, checkpoints and stops, in a fixed order
+(the order of RNG draws and barriers is what makes a resume bit-identical).
 """
 
 import itertools
 import json
 import math
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import (
-    DataLoaderConfiguration,
-    TorchDynamoPlugin,
-    broadcast_object_list,
-    gather_object,
-    parse_flag_from_env,
-)
 from tqdm.auto import tqdm
 
-from mpp.errors import UsageError
 from mpp.training.checkpoint import (
-    STATE_FILE,
-    check_checkpoint,
     latest_checkpoint,
-    read_trainer_state,
     save_checkpoint,
-    usable_checkpoint,
 )
-from mpp.training.launches import check_resume, launch_record, record_launch
-from mpp.training.run_dir import claim_run_dir
+from mpp.training.guards import BadDataError, NonFiniteGuard, StopSignals
+from mpp.training.records import count_all, gather_lists
+from mpp.training.run_setup import Run, write_record
+from mpp.training.schedule import short_accumulation_scale
 from mpp.training.terminal import CtrlCForTheLoop
-from mpp.training.trackers import PROJECT, build_trackers
 from mpp.training.xla import (
-    is_xla,
-    load_models_through_cpu,
-    make_loader_checkpointable,
-    refuse_compile_on_xla,
     seed_micro_batch,
 )
-
-FRESH_STATE = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_images": 0}
-
-
-def init_processes(threads: int | None, compile: bool = False) -> PartialState:
-    """Start the process group and give each CPU process its share of the cores; refuse what the
-    device cannot do (--compile on XLA) before any heavy work.
-
-    AcceleratorState honours ACCELERATE_USE_CPU, a bare PartialState does not. accelerate launch
-    without a config sets OMP_NUM_THREADS=1, which would halve a 2-core CPU run.
-    """
-    dist = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    refuse_compile_on_xla(compile, dist.device)
-    if dist.device.type == "cpu" or threads:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.num_processes))
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
-    return dist
-
-
-def check_resume_path(resume: str | None) -> Path | None:
-    """--resume PATH must be a complete checkpoint; 'auto' is resolved once the run folder is known."""
-    if not resume or resume == "auto":
-        return None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise UsageError(
-            f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use 'auto' or a "
-            "checkpoints/step_N "
-            "folder"
-        )
-    return path
-
-
-@dataclass
-class Run:
-    accelerator: Accelerator
-    run_dir: Path
-    resume_from: Path | None
-    state: dict  # step, epoch, batches_in_epoch, bad_images at the start
-    launch: dict = field(default_factory=dict)  # what each checkpoint records and a resume must keep (launches.py)
-    records: int = 0  # metrics.jsonl records so far (main process); each checkpoint stores the count
-
-
-def open_run(
-    dist: PartialState,
-    output_dir: str | None,
-    resume: str | None,
-    grad_accum: int,
-    compile: bool = False,
-    report_to: str = "tensorboard",
-    settings: dict | None = None,
-) -> Run:
-    """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator.
-    settings: the run's configuration; a resume that changes what it trains is refused (launches.py)."""
-    resume_from = check_resume_path(resume)
-    # The main process makes and holds the run folder and checks the checkpoint's files against its
-    # manifest; every process takes its answers (a refusal too) before accelerate's trackers need them.
-    claimed = [None, None, None]  # run folder, checkpoint, refusal
-    if dist.is_main_process:
-        try:
-            run_dir = claim_run_dir(output_dir, resume)
-            if resume == "auto":
-                resume_from = usable_checkpoint(run_dir, lambda line: print(line, flush=True))
-            elif resume_from is not None:
-                check_checkpoint(resume_from, "--resume")
-            claimed = [str(run_dir), str(resume_from) if resume_from else None, None]
-        except UsageError as e:
-            claimed[2] = str(e)
-    run_dir, resume_from, refused = broadcast_object_list(claimed)
-    if refused:
-        raise UsageError(refused)
-    run_dir, resume_from = Path(run_dir), Path(resume_from) if resume_from else None
-    state = read_trainer_state(resume_from) if resume_from else dict(FRESH_STATE)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=grad_accum,
-        log_with=build_trackers(report_to, run_dir, resumed_at=state["step"] if resume_from else None),  # --report-to
-        project_dir=str(run_dir),
-        # non_blocking: batches from pinned memory are copied while the previous step still runs (GPU)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
-        # accelerate compiles in prepare() and unwraps for saving; `accelerate launch --dynamo_backend` works too
-        **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor")} if compile else {}),
-    )
-    launch = (
-        launch_record(settings, accelerator.num_processes, accelerator.mixed_precision) if settings is not None else {}
-    )
-    if resume_from:
-        check_resume(state.get("launch"), launch, resume_from)
-    if is_xla(accelerator.device):
-        make_loader_checkpointable()
-        accelerator.register_load_state_pre_hook(load_models_through_cpu)
-    return Run(accelerator, run_dir, resume_from, state, launch)
-
-
-def read_records(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a last line cut short by a kill in mid-write is left out."""
-    records = []
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:
-                raise
-    return records
-
-
-def trim_metrics(path: Path, state: dict, own_checkpoint: bool) -> bool:
-    """Keep the records written up to the checkpoint the run resumes from; later ones are logged again.
-    The checkpoint says how many records metrics.jsonl held when it was written. Records at its step written
-    after it are the evaluation at the end of its epoch: they are kept, and True tells the loop that this
-    evaluation is logged already (it runs again on resume, but is not written twice). A checkpoint of
-    another folder, or one written before these counts: the records up to its step are kept."""
-    if not path.is_file():
-        return False
-    records, step, count = read_records(path), state["step"], state.get("metrics_records")
-    if own_checkpoint and count is not None and count <= len(records):
-        after = list(itertools.takewhile(lambda r: r["step"] == step, records[count:]))
-        kept, logged = records[:count] + after, bool(after)
-    else:
-        kept, logged = [r for r in records if r["step"] <= step], False
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return logged
-
-
-def start_logging(run: Run, config: dict) -> None:
-    """This launch's configuration (launches.record_launch), metrics.jsonl trimmed to the checkpoint, the
-    --report-to trackers through accelerate."""
-    if run.accelerator.is_main_process:
-        record_launch(run.run_dir, config, run.resume_from)
-        own = run.resume_from is not None and run.resume_from.resolve().parent.parent == run.run_dir.resolve()
-        run.state["epoch_end_logged"] = trim_metrics(run.run_dir / "metrics.jsonl", run.state, own)
-        run.records = len(read_records(run.run_dir / "metrics.jsonl"))
-    # TensorBoard hparams take scalars and strings only
-    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items() if k != "derived"}
-    run.accelerator.init_trackers(PROJECT, config=flat)
-    if run.resume_from:
-        run.accelerator.print(f"resumed from {run.resume_from} at step {run.state['step']}")
-
-
-def count_all(accelerator: Accelerator, count: int) -> int:
-    """A count summed over all processes."""
-    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum").item())
-
-
-def gather_lists(accelerator: Accelerator, items: list) -> list:
-    """Every process's list, joined in process order. accelerate's gather_object refuses XLA
-    (NotImplementedError); torch_xla's mesh_reduce does the same job there."""
-    if accelerator.num_processes == 1:
-        return list(items)
-    if is_xla(accelerator.device):
-        import torch_xla.core.xla_model as xm
-
-        return xm.mesh_reduce("mpp.gather_lists", items, lambda parts: [x for part in parts for x in part])
-    return [x for part in gather_object([items]) for x in part]
-
-
-def write_record(run: Run, record: dict) -> None:
-    run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-    if run.accelerator.is_main_process:
-        with open(run.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        run.records += 1
 
 
 @dataclass
@@ -238,131 +55,6 @@ class LoopResult:
     bad_examples: list = field(default_factory=list)  # (name, reason), the first few
     skipped_steps: int = 0  # optimiser steps skipped for a non-finite gradient
     stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when the run was asked to stop early
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on: reported as one line, exit code 1, the last checkpoint left as it was."""
-
-
-class NonFiniteError(RunError):
-    """Too many consecutive non-finite gradients."""
-
-
-class BadDataError(RunError):
-    """An unreadable image or missing label under --strict-data."""
-
-
-class StopSignals:
-    """SIGTERM / SIGINT (pre-emption, Ctrl-C) ask the loop to stop after the current step.
-
-    Signals within `grace` seconds of the first are the same request: accelerate's launcher answers a
-    terminal's Ctrl-C with a SIGTERM of its own a moment later, and a scheduler may signal both the
-    launcher (which forwards it) and the training process. A signal after that interrupts at once,
-    through the handler that was there before the loop. This handler stays installed until the loop
-    ends, and the loop does not end within the grace period: a handler swapped while a signal is on
-    its way loses that signal ("OSError: Signal 15 ignored due to race condition"), and with it the
-    exit code 75.
-    """
-
-    grace = 1.0  # seconds
-
-    def __init__(self):
-        self.received: str | None = None
-        self._first_at = 0.0
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is None:
-            self.received, self._first_at = signal.Signals(signum).name, time.monotonic()
-            return
-        if time.monotonic() - self._first_at < self.grace:
-            return  # the same request, delivered twice
-        previous = self._previous.get(signum, signal.SIG_DFL)
-        if callable(previous):  # e.g. Python's KeyboardInterrupt for SIGINT
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:  # end the way the signal would have ended the process
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    def __exit__(self, *exc):
-        if self.received is not None:  # a duplicate still on its way is absorbed here, not by the default handler
-            time.sleep(max(0.0, self._first_at + self.grace - time.monotonic()))
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
-FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")  # where torch has fused Adam/AdamW kernels
-
-
-def fused_optimizer_kwargs(opt: str, device: torch.device) -> dict:
-    """{'fused': True} for timm's create_optimizer_v2 where torch has a fused kernel: one kernel for
-    all parameters (the AdamW step is 3x faster on CPU) that also takes `found_inf`, which lets a
-    non-finite step be skipped without the host waiting for the device (NonFiniteGuard)."""
-    return {"fused": True} if opt in ("adam", "adamw") and device.type in FUSED_OPTIMIZER_DEVICES else {}
-
-
-class NonFiniteGuard:
-    """Skips optimiser steps whose gradient norm is NaN/inf and stops the run after too many in a row.
-
-    With a fused optimiser the skip happens inside its kernel through `found_inf`, the way torch's
-    GradScaler does it, so no step waits for the device; the counts stay on the device and are read
-    at logging and checkpoint steps only. Other optimisers need the verdict on the host: one
-    synchronisation per step.
-    """
-
-    def __init__(self, optimizer, max_in_a_row: int, skipped: int, device: torch.device):
-        self.inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
-        self.on_device = getattr(self.inner, "_step_supports_amp_scaling", False)  # GradScaler's test for found_inf
-        self.max_in_a_row = max_in_a_row
-        self.skipped = skipped  # read so far, over the whole run
-        self.counts = torch.zeros(3, device=device)  # skipped since the last read, current streak, longest streak since
-
-    def allows_step(self, grad_norm: torch.Tensor) -> bool:
-        """Records one optimiser step's gradient norm; False: skip optimizer.step() (host path only)."""
-        bad = (~torch.isfinite(grad_norm)).float().reshape(())
-        streak = (self.counts[1] + bad) * bad
-        self.counts = torch.stack([self.counts[0] + bad, streak, torch.maximum(self.counts[2], streak)])
-        if self.on_device:
-            self.inner.found_inf = bad  # the fused kernel leaves weights and moments alone when it is 1
-            return True
-        return not bool(bad)
-
-    def check(self, step: int, run_dir: Path, say: Callable[[str], None]) -> None:
-        """Reads the counts (one synchronisation); raises NonFiniteError after max_in_a_row bad steps in a row."""
-        new, streak, longest = self.counts.tolist()
-        self.counts = torch.tensor([0.0, streak, streak], device=self.counts.device)
-        if new:
-            self.skipped += int(new)
-            say(f"step {step}: {int(new)} optimiser step(s) skipped for a non-finite gradient since the last report")
-        if longest >= self.max_in_a_row:
-            raise NonFiniteError(
-                f"{int(longest)} optimiser steps in a row with a non-finite gradient (found at step {step}); "
-                f"the last good checkpoint in {run_dir / 'checkpoints'} is intact (lower --lr or check the data)"
-            )
-
-
-def capped_warmup(requested: int, total_steps: int, say: Callable[[str], None]) -> int:
-    """Warmup takes at most half the run, so that the cosine has room; said aloud when it is cut."""
-    warmup = min(requested, total_steps // 2)
-    if warmup < requested:
-        say(f"--warmup-steps {requested} is more than half of the {total_steps} steps: warming up over {warmup} steps")
-    return warmup
-
-
-def short_accumulation_scale(batch: int, per_epoch: int | None, grad_accum: int) -> float:
-    """The factor for micro-batch `batch` (1-based in its epoch) that makes each optimiser step's
-    gradient the mean over its own micro-batches. accelerate divides every loss by grad_accum, but
-    also steps at each epoch's end, after a short last accumulation of k < grad_accum micro-batches:
-    those get grad_accum / k."""
-    short = per_epoch % grad_accum if per_epoch else 0
-    return grad_accum / short if short and batch > per_epoch - short else 1.0
 
 
 class WaitClock:
@@ -596,8 +288,3 @@ def write_summary(run: Run, result: LoopResult, extra: dict | None = None) -> No
         if result.bad_images:
             shown = "; ".join(f"{n}: {r}" for n, r in result.bad_examples[:3])
             run.accelerator.print(f"skipped {result.bad_images} unreadable images, e.g. {shown}")
-
-
-def finish(run: Run) -> None:
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()  # closes the trackers (and, in accelerate >= 1.x, the process group)

@@ -20,18 +20,10 @@ from mpp.models.hub_folder import hub_dataset_ids, public_path, write_model_card
 from mpp.models.model import MPP, create_encoder
 from mpp.models.mpp_folder import save_objective
 from mpp.models.publish import publish
-from mpp.training.loop import (
-    LoopSettings,
-    capped_warmup,
-    finish,
-    fit,
-    fused_optimizer_kwargs,
-    init_processes,
-    open_run,
-    start_logging,
-    write_summary,
-)
+from mpp.training.loop import LoopSettings, fit, write_summary
 from mpp.training.pretrain_config import PretrainConfig, check_batch_fits, lr_at, optimizer_steps, resolve_lr, validate
+from mpp.training.run_setup import finish, init_processes, open_run, start_logging, write_record
+from mpp.training.schedule import capped_warmup, fused_optimizer_kwargs
 from mpp.training.trackers import tracker_names
 from mpp.training.xla import sync_free_on_xla
 
@@ -296,7 +288,6 @@ def feature_monitor(cfg: PretrainConfig, run, model, labelled):
     if labelled is None or not run.accelerator.is_main_process:
         return None
     from mpp.evaluation.probes import frozen_feature_report
-    from mpp.training.loop import write_record
 
     def evaluate(step: int) -> None:
         if step % cfg.eval_every_steps == 0:
