@@ -40,13 +40,16 @@ def commit_line(r: dict) -> str:
 
 
 def protocol_history(plan: dict) -> list[str]:
-    """A line on the protocols a result replaced (with the reason recorded) and the relaunches after stops."""
+    """A line on each change of protocol after the experiment started (the reasons recorded, oldest first) and on
+    the relaunches after stops."""
     said = []
-    if plan.get("earlier_protocols"):
-        dates = ", ".join(old.get("date", "?")[:16].replace("T", " ") for old in plan["earlier_protocols"])
+    earlier = plan.get("earlier_protocols") or []
+    reasons = [old["protocol_note"] for old in earlier if old.get("protocol_note")] + [plan.get("protocol_note")]
+    if earlier:
+        started = earlier[0].get("date", "?")[:16].replace("T", " ")
         said.append(
-            f"The protocol changed after it started (earlier ones from {dates}, kept in the protocol file): "
-            f"{plan.get('protocol_note') or '(no reason recorded)'}."
+            f"The protocol changed {len(earlier)} time(s) after the experiment started on {started} (every version "
+            "kept in its protocol file): " + "; then: ".join(r or "(no reason recorded)" for r in reasons) + "."
         )
     if plan.get("relaunches"):
         said.append(
