@@ -30,10 +30,10 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is reported in one line (no usage block) with exit code 2. Its name is
     the recipe's, or `python -m mpp COMMAND` when the process was started that way."""
 
-    def __init__(self, *args, prog: str | None = None, **kwargs):
+    def __init__(self, prog: str | None = None, *args, **kwargs):
         if started_as_module() and prog in RECIPE_COMMANDS:
             prog = f"python -m mpp {RECIPE_COMMANDS[prog]}"
-        super().__init__(*args, prog=prog, **kwargs)
+        super().__init__(prog, *args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
