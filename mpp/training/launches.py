@@ -33,6 +33,7 @@ ACCEPTED = frozenset(
         "push_to_hub",
         "hub_private",
         "log_every",
+        "log_images_every",  # pictures of predictions: main process only, from their own seeded generator
         "checkpoint_every",
         "keep_checkpoints",
         "max_nonfinite_steps",
