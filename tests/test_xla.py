@@ -1,6 +1,6 @@
 """The XLA (TPU) path on XLA's CPU backend: train, checkpoint, resume, export, fine-tune, bf16.
 
-A tier of its own (marker `xla`), in a venv with torch_xla: `bash .ci/xla` (README, "TPUs").
+A tier of its own (marker `xla`), in a venv with torch_xla: `bash .ci/xla` (docs/tpus.md).
 Without torch_xla every test here is skipped. The runs are in this process, so XLA's graph cache
 is shared between them and torch_xla's metrics count the compilations of each run.
 """

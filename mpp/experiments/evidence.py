@@ -1,10 +1,11 @@
-"""The README's evidence section, written from the committed results files, so it cannot drift from them.
+"""The evidence in the docs, written from the committed results files, so it cannot drift from them.
 
-    python -m mpp.experiments.evidence             # print the section
-    python -m mpp.experiments.evidence --write README.md   # replace it between the markers
+    python -m mpp.experiments.evidence                                     # print the full section
+    python -m mpp.experiments.evidence --write README.md docs/evidence.md  # replace each between its markers
 
-The section sits between EVIDENCE_START and EVIDENCE_END; tests check that it equals what this module
-writes from benchmarks/results/.
+Two sections: the full one (docs/evidence.md, between EVIDENCE_START and EVIDENCE_END) and the README's
+headline (between HEADLINE_START and HEADLINE_END). Tests check that both equal what this module writes from
+benchmarks/results/.
 """
 
 import argparse
@@ -15,6 +16,8 @@ from mpp.experiments.harness import pm, table
 
 EVIDENCE_START = "<!-- evidence: written by python -m mpp.experiments.evidence; edit the results, not this text -->"
 EVIDENCE_END = "<!-- evidence: end -->"
+HEADLINE_START = "<!-- headline: written by python -m mpp.experiments.evidence; edit the results, not this text -->"
+HEADLINE_END = "<!-- headline: end -->"
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 FILES = {"grey": "gap_grey.json", "colour": "gap_colour.json", "ablation": "ablation.json"}
 ARMS = ("scratch", "mpp", "supervised")
@@ -36,7 +39,11 @@ def commit_line(r: dict) -> str:
         else f"code at {git['commit'][:7]}" + (" with uncommitted changes" if git["dirty"] else "")
     )
     started = r["date"][:16].replace("T", " ")
-    return f"`{r['command']}`, {code}, started {started} UTC, {r['wall_time_s'] / 60:.0f} min on {r['machine']}"
+    # the reason for a protocol change is stated in the protocol history; the command names only the flag
+    command = r["command"].split(" --protocol-note ")[0] + (
+        " --protocol-note …" if "--protocol-note" in r["command"] else ""
+    )
+    return f"`{command}`, {code}, started {started} UTC, {r['wall_time_s'] / 60:.0f} min on {r['machine']}"
 
 
 def protocol_history(plan: dict) -> list[str]:
@@ -214,21 +221,64 @@ def render(results: Path = RESULTS) -> str:
     return "\n".join(lines + [EVIDENCE_END])
 
 
-def replace_section(text: str, section: str) -> str:
-    start, end = text.index(EVIDENCE_START), text.index(EVIDENCE_END) + len(EVIDENCE_END)
+def render_headline(results: Path = RESULTS) -> str:
+    """The README's few lines: the primary comparison, its positive control, the metric shown able to fail, and
+    the ablation's findings that were judged (markdown)."""
+    lines = [HEADLINE_START, ""]
+    rows = []
+    grey_file, ablation_file = results / FILES["grey"], results / FILES["ablation"]
+    if grey_file.is_file():
+        r = json.loads(grey_file.read_text())
+        cfg, primary = r["config"], r["primary"]
+        control = next(d for name, d in r["differences"].items() if name.startswith("supervised − scratch"))
+        probe = r["probes_versus_random_init"]["mpp"].get("linear_10shot_mean")
+        where = f"{cfg['upstream']} → {cfg['downstream']}, {len(cfg['seeds'])} seeds"
+        rows += [
+            [f"MPP − scratch, fine-tuned top-1 (primary; {where})", interval(primary["per_seed_t"])],
+            ["supervised − scratch, fine-tuned top-1 (positive control)", interval(control["test_top1"])],
+        ]
+        if probe:
+            rows.append(["MPP encoder − random-init encoder, 10-shot linear probe", interval(probe)])
+    if ablation_file.is_file():
+        r = json.loads(ablation_file.read_text())
+        rows += [
+            [f"ablation: {f['claim']} ({r['config']['metric']})", f"{interval(f['difference'])}: {f['verdict']}"]
+            for f in r["findings"].values()
+            if f["difference"] and f["verdict"] in ("agrees", "disagrees")
+        ]
+    if rows:
+        lines += table(["comparison", "difference [95% interval]"], rows) + [""]
+    return "\n".join(lines + [HEADLINE_END])
+
+
+SECTIONS = ((EVIDENCE_START, EVIDENCE_END, render), (HEADLINE_START, HEADLINE_END, render_headline))
+
+
+def replace_section(text: str, section: str, start_marker: str = EVIDENCE_START, end_marker: str = EVIDENCE_END):
+    start, end = text.index(start_marker), text.index(end_marker) + len(end_marker)
     return text[:start] + section + text[end:]
 
 
+def rewrite(path: Path, results: Path = RESULTS) -> int:
+    """Replace every section whose markers `path` holds; how many it held."""
+    text, held = path.read_text(), 0
+    for start, end, render_section in SECTIONS:
+        if start in text:
+            text, held = replace_section(text, render_section(results), start, end), held + 1
+    path.write_text(text)
+    return held
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Write the evidence section from benchmarks/results/.")
+    p = argparse.ArgumentParser(description="Write the evidence sections from benchmarks/results/.")
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--write", type=Path, help="a markdown file holding the section between its markers")
+    p.add_argument("--write", type=Path, nargs="+", help="markdown files holding a section between its markers")
     args = p.parse_args(argv)
-    section = render(args.results)
-    if args.write:
-        args.write.write_text(replace_section(args.write.read_text(), section))
-    else:
-        print(section)
+    for path in args.write or []:
+        if not rewrite(path, args.results):
+            p.error(f"{path} holds neither section's markers ({EVIDENCE_START!r} or {HEADLINE_START!r})")
+    if not args.write:
+        print(render(args.results))
 
 
 if __name__ == "__main__":
