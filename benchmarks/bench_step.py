@@ -33,6 +33,7 @@ from results_io import load_average, package_versions, provenance, provenance_li
 
 from mpp.evaluation.stats import paired_difference
 from mpp.models.model import MPP, create_encoder
+from mpp.training.fast_paths import FP8_LAYERS, SDPA_BACKENDS, convert_to_fp8, sdpa_backend
 from mpp.training.schedule import fused_optimizer_kwargs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,6 +80,45 @@ def mpp_step(model, optimizer, images):
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+# Each lever is one more MPP arm, alone on top of the "mpp" arm's settings (compiled when --compile is given):
+# fp8-RECIPE[-LAYERS] (torchao float8 training, mpp.training.fast_paths), sdpa-BACKEND (one attention kernel),
+# compile-MODE (torch.compile with that mode, e.g. max-autotune, which adds CUDA graphs).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+LEVERS = (
+    [
+        f"fp8-{r}" + ("" if layers == "auto" else f"-{layers}")
+        for r in ("tensorwise", "rowwise")
+        for layers in FP8_LAYERS
+    ]
+    + [f"sdpa-{b}" for b in SDPA_BACKENDS if b != "auto"]
+    + [f"compile-{m}" for m in COMPILE_MODES]
+)
+
+
+def lever_arm(lever: str, build_mpp, device: str, images, compile: bool):
+    """(step, what changed): a fresh MPP model with one lever applied, its optimiser and its step."""
+    model, backend, mode, changed = build_mpp(), "auto", None, {}
+    if lever.startswith("fp8-"):
+        recipe, _, layers = lever.removeprefix("fp8-").partition("-")
+        changed["fp8_layers"] = convert_to_fp8(model.encoder, recipe, layers or "auto")
+        if not changed["fp8_layers"]:
+            changed["note"] = "no layer passed the filter: the arm is the plain MPP step"
+    elif lever.startswith("sdpa-"):
+        backend = lever.removeprefix("sdpa-")
+    else:
+        mode = lever.removeprefix("compile-")
+    optimizer = adamw([q for q in model.parameters() if q.requires_grad], device)
+    if compile or mode:
+        model = torch.compile(model, mode=None if mode == "default" else mode)
+    step = mpp_step(model, optimizer, images)
+
+    def run():
+        with sdpa_backend(backend):
+            step()
+
+    return run, changed
 
 
 PEER_PACKAGES = ["transformers", "vit-pytorch"]
@@ -175,10 +215,18 @@ def arm_orders(names: list[str], repeats: int, seed: int) -> list[list[str]]:
 
 def time_arms(arms: dict, gemm, steps: int, repeats: int, warmup: int, device: str, batch: int, seed: int) -> dict:
     """Per repeat, the arms and one GEMM round (gemm()) in that repeat's rotated order. Returns the
-    per-repeat images/s of every arm, the GEMM readings of every round, and the orders used."""
-    for fn in arms.values():
+    per-repeat images/s of every arm, the GEMM readings of every round, the orders used, and on CUDA each arm's
+    peak memory over its warm-up steps (what its activations and optimiser state need)."""
+    peak_bytes = {}
+    for name, fn in arms.items():
+        if device == "cuda":
+            sync(device)
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(warmup):
             fn()
+        if device == "cuda":
+            sync(device)
+            peak_bytes[name] = torch.cuda.max_memory_allocated()
     sync(device)
     rates = {name: [] for name in arms}
     gemm_rounds, orders = [], arm_orders([*arms, GEMM], repeats, seed)
@@ -193,7 +241,7 @@ def time_arms(arms: dict, gemm, steps: int, repeats: int, warmup: int, device: s
                 arms[name]()
             sync(device)
             rates[name].append(batch * steps / (time.perf_counter() - start))
-    return {"rates": rates, "gemm_rounds": gemm_rounds, "orders": orders}
+    return {"rates": rates, "gemm_rounds": gemm_rounds, "orders": orders, "peak_bytes": peak_bytes}
 
 
 def paired_ratio(rates: list[float], reference: list[float], confidence: float = 0.95) -> dict:
@@ -230,6 +278,14 @@ def main(argv=None):
         "--peers",
         action="store_true",
         help="also time HF ViTForMaskedImageModeling and vit-pytorch MPP when installed (eager)",
+    )
+    p.add_argument(
+        "--levers",
+        nargs="+",
+        default=[],
+        choices=LEVERS,
+        metavar="LEVER",
+        help="one more MPP arm per lever, each alone on top of the mpp arm: " + ", ".join(LEVERS),
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
@@ -286,6 +342,12 @@ def main(argv=None):
         return run
 
     arms = {"bare_timm": autocast(bare_step(enc_fwd, opt_a, x)), "mpp": autocast(mpp_step(model_b, opt_b, images))}
+    lever_changes = {}
+    for lever in args.levers:
+        torch.manual_seed(args.seed)  # the same initial weights as every other MPP arm
+        build = lambda: MPP(create_encoder(args.model, args.img_size, args.patch_size, **arch)).to(device)
+        step, lever_changes[lever] = lever_arm(lever, build, device, images, args.compile)
+        arms[lever] = autocast(step)
     if args.peers:
         arms.update(peer_steps(args, device, dtype, args.batch_size))
     n = mpp.num_patches
@@ -324,6 +386,8 @@ def main(argv=None):
                 "vs_bare": paired_ratio(r, timed["rates"]["bare_timm"]),
                 "mfu_vs_spec_peak": median * train_flops_per_image / spec["flops_per_sec"] if spec else None,
                 "mfu_vs_best_measured_gemm": median * train_flops_per_image / best["flops_per_sec"],
+                "peak_memory_bytes": timed["peak_bytes"].get(name),
+                **({"lever": lever_changes[name]} if name in lever_changes else {}),
             }
         )
     report = {
@@ -379,18 +443,27 @@ def markdown(r: dict) -> str:
         + "; ".join(" ".join(o) for o in r["arm_orders"]),
         "",
         "| arm | images/s (median) | min–max | vs bare timm step: mean of per-repeat ratios [95% t-interval] "
-        "| MFU vs spec peak | MFU vs best measured GEMM |",
-        "|---|---|---|---|---|---|",
+        "| MFU vs spec peak | MFU vs best measured GEMM | peak memory |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         v = row["vs_bare"]
         interval = f" [{v['low']:.3f}, {v['high']:.3f}]" if v["low"] is not None else " (one repeat: no interval)"
         spec_mfu = f"{row['mfu_vs_spec_peak']:.1%}" if row["mfu_vs_spec_peak"] is not None else "n/a"
+        memory = f"{row['peak_memory_bytes'] / 2**30:.2f} GiB" if row.get("peak_memory_bytes") else "n/a"
         lines.append(
             f"| {row['arm']} | {row['images_per_sec']:.1f} | {row['min']:.1f}–{row['max']:.1f} | "
             f"{v['mean']:.3f}{interval} "
-            f"| {spec_mfu} | {row['mfu_vs_best_measured_gemm']:.1%} |"
+            f"| {spec_mfu} | {row['mfu_vs_best_measured_gemm']:.1%} | {memory} |"
         )
+    for row in r["rows"]:
+        lever = row.get("lever") or {}
+        if "fp8_layers" in lever:
+            names = sorted({n.split(".")[-1] for n in lever["fp8_layers"]})
+            lines.append(
+                f"\n{row['arm']}: {len(lever['fp8_layers'])} Linear layers in FP8 ({', '.join(names) or 'none'} of "
+                f"each block){'; ' + lever['note'] if lever.get('note') else ''}."
+            )
     return "\n".join(lines) + "\n"
 
 
