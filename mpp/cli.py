@@ -5,17 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from mpp.commands import COMMANDS
 from mpp.errors import UsageError
 
-RECIPE_COMMANDS = {
-    "pretrain_mpp.py": "pretrain",
-    "finetune.py": "finetune",
-    "gap.py": "gap",
-    "ablate.py": "ablate",
-    "inspect_run.py": "inspect",
-    "prepare_data.py": "prepare",
-    "push_to_hub.py": "push",
-}  # recipes/X: python -m mpp Y
+RECIPE_COMMANDS = {c.recipe: name for name, c in COMMANDS.items()}  # recipes/X: python -m mpp Y
 
 
 def started_as_module() -> bool:

@@ -1,10 +1,13 @@
 """Each flag is declared once, on its config field: every setting of a run has exactly one flag with its help, the
-parsers are built from those fields and argument lists for them are checked against them."""
+parsers are built from those fields, the experiments' argument lists are checked against them, and the command table
+names every recipe."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
+from mpp.commands import COMMANDS
 from mpp.commands.finetune import build_parser as build_finetune_parser
 from mpp.commands.pretrain import build_parser
 from mpp.flags import FLAG, argv_for
@@ -59,3 +62,8 @@ def test_an_argument_list_from_settings_parses_back_to_them():
 def test_an_argument_list_refuses_a_name_that_is_no_flag():
     with pytest.raises(TypeError, match="--eval-every-steps"):
         argv_for(FinetuneConfig, eval_every_steps=10)  # a pretraining flag
+
+
+def test_the_command_table_names_every_recipe():
+    recipes = {p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.py")}
+    assert {c.recipe for c in COMMANDS.values()} == recipes

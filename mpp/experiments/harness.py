@@ -41,10 +41,10 @@ def run_in_process(cmd: list[str], log: Path) -> float:
     import contextlib
     import importlib
 
-    from mpp.__main__ import COMMANDS
+    from mpp.commands import COMMANDS
 
     log.parent.mkdir(parents=True, exist_ok=True)
-    main = importlib.import_module(COMMANDS[command_name(cmd)][0]).main
+    main = importlib.import_module(COMMANDS[command_name(cmd)].module).main
     start = time.time()
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         print("in-process: " + " ".join(cmd), flush=True)
