@@ -17,6 +17,8 @@ import torch
 from mpp import __version__
 from mpp.errors import UsageError
 from mpp.evaluation.stats import detectable_difference, mean_std
+from mpp.flags import argv_for, option
+from mpp.training.finetune_config import FinetuneConfig
 
 REPO = Path(__file__).resolve().parents[2]  # mpp/experiments/harness.py -> the checkout, when run from one
 
@@ -73,7 +75,7 @@ def reusing(run=None, reused: list | None = None):
     run = run or run_in_process
 
     def run_or_reuse(cmd: list[str], log: Path) -> float:
-        out = Path(option_value(cmd, "--output-dir"))
+        out = Path(option_value(cmd, option("output_dir")))
         if finished(out):
             if reused is not None:
                 reused.append(str(out))
@@ -143,7 +145,10 @@ def finetune_over_grid(base_cmd: list[str], lrs, root: Path, log_dir: Path, name
     by_lr = {}
     for lr in lrs:
         out = root / f"{name}_lr{lr:g}"
-        run(base_cmd + ["--lr", str(lr), "--output-dir", str(out)], log_dir / f"{name}_lr{lr:g}.log")
+        run(
+            base_cmd + argv_for(FinetuneConfig, lr=lr, output_dir=out),
+            log_dir / f"{name}_lr{lr:g}.log",
+        )
         by_lr[lr] = summarise_finetune(out)
     return choose(by_lr)
 
