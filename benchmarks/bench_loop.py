@@ -193,7 +193,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
     extra = args.recipe_args.split()
-    from mpp.cli import parse_config
+    from mpp.commands.pretrain import parse_config
 
     cfg = parse_config(extra)
     if args.device == "cpu":

@@ -8,26 +8,12 @@ python -m mpp finetune --init runs/RUN/model.safetensors --dataset DIR
 import importlib
 import sys
 
-COMMANDS = {  # command: (module, what it does)
-    "pretrain": ("mpp.commands.pretrain", "MPP pretraining of a timm ViT (recipes/pretrain_mpp.py)"),
-    "finetune": ("mpp.commands.finetune", "fine-tune from scratch, MPP or supervised weights (recipes/finetune.py)"),
-    "gap": (
-        "mpp.commands.gap",
-        "the transfer gap experiment: scratch vs MPP vs supervised over seeds (recipes/gap.py)",
-    ),
-    "ablate": ("mpp.commands.ablate", "Appendix B.1.2 in miniature, with verdicts (recipes/ablate.py)"),
-    "inspect": ("mpp.commands.inspect", "figures and a report of what a run learned (recipes/inspect_run.py)"),
-    "prepare": (
-        "mpp.commands.prepare",
-        "re-encode a dataset once into small-JPEG parquet shards (recipes/prepare_data.py)",
-    ),
-    "push": ("mpp.commands.push", "upload a finished run folder to the Hugging Face Hub (recipes/push_to_hub.py)"),
-}
+from mpp.commands import COMMANDS
 
 
 def usage() -> str:
     return "usage: python -m mpp COMMAND [--help]\n" + "\n".join(
-        f"  {name:9s} {what}" for name, (_, what) in COMMANDS.items()
+        f"  {name:9s} {c.what} (recipes/{c.recipe})" for name, c in COMMANDS.items()
     )
 
 
@@ -42,7 +28,7 @@ def main(argv=None):
             file=sys.stderr,
         )
         return 2
-    return importlib.import_module(COMMANDS[argv[0]][0]).cli(argv[1:])
+    return importlib.import_module(COMMANDS[argv[0]].module).cli(argv[1:])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from mpp.config_files import BOOLEAN_ACTIONS
 from mpp.errors import UsageError
+from mpp.flags import values_of
 
 
 @dataclass
@@ -33,7 +35,7 @@ class RunResult:
 def pretrain(config=None, /, **settings) -> RunResult:
     """One MPP pretraining run (see the module's docstring); its folder is a timm hub folder that
     MPP.from_pretrained(run.run_dir) and timm.create_model("local-dir:...") load."""
-    from mpp.cli import build_parser
+    from mpp.commands.pretrain import build_parser
     from mpp.training.pretrain import pretrain as run_pretraining
     from mpp.training.pretrain_config import PretrainConfig, validate
 
@@ -44,11 +46,11 @@ def pretrain(config=None, /, **settings) -> RunResult:
 
 def finetune(config=None, /, **settings) -> RunResult:
     """One fine-tuning run (see the module's docstring); RunResult.results holds its results.json."""
-    from mpp.cli import build_finetune_parser
+    from mpp.commands.finetune import build_parser
     from mpp.training.finetune import finetune as run_finetuning
     from mpp.training.finetune_config import FinetuneConfig, validate_finetune
 
-    cfg = resolve_config(build_finetune_parser(), FinetuneConfig, validate_finetune, config, settings, "mpp.finetune")
+    cfg = resolve_config(build_parser(), FinetuneConfig, validate_finetune, config, settings, "mpp.finetune")
     results = run_finetuning(cfg)
     run_dir = Path(cfg.derived["run_dir"])
     stopped_by = results.get("stopped_by")
@@ -76,18 +78,12 @@ def resolve_config(parser: argparse.ArgumentParser, config_class, validate, conf
     parser.error = refuse
     values = vars(parser.parse_args(as_flags(parser, given, caller)))
     values.pop("config", None)
-    for f in fields(config_class):  # nargs flags give lists, the config holds tuples
-        if isinstance(f.default, tuple) and isinstance(values.get(f.name), list):
-            values[f.name] = tuple(values[f.name])
-    cfg = config_class(**values)
+    cfg = config_class(**values_of(config_class, values))
     try:
         validate(cfg)
     except UsageError as e:
         raise UsageError(f"{caller}: {e}") from None
     return cfg
-
-
-BOOLEAN_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
 
 
 def as_flags(parser: argparse.ArgumentParser, settings: dict, caller: str) -> list[str]:

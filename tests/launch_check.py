@@ -12,7 +12,8 @@ from accelerate.state import PartialState
 
 import mpp.data.images
 import mpp.models.model
-from mpp.cli import exit_cleanly, parse_config
+from mpp.cli import exit_cleanly
+from mpp.commands.pretrain import parse_config
 from mpp.training.pretrain import pretrain
 
 seen, initial = [], []

@@ -5,7 +5,8 @@ import sys
 from accelerate.state import PartialState
 
 import mpp.models.model
-from mpp.cli import parse_config, run_cli
+from mpp.cli import run_cli
+from mpp.commands.pretrain import parse_config
 from mpp.training.pretrain import pretrain
 
 forward = mpp.models.model.MPP.forward

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mpp.cli import parse_config
+from mpp.commands.pretrain import parse_config
 from mpp.data.clipart import OPENCLIPART_DIR
 from mpp.errors import UsageError
 from mpp.experiments.ablate import (

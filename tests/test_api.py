@@ -9,7 +9,9 @@ import pytest
 
 import mpp
 from mpp.api import resolve_config
-from mpp.cli import build_finetune_parser, build_parser, parse_config, parse_finetune_config
+from mpp.commands.finetune import build_parser as build_finetune_parser
+from mpp.commands.finetune import parse_config as parse_finetune_config
+from mpp.commands.pretrain import build_parser, parse_config
 from mpp.errors import UsageError
 from mpp.training.finetune_config import FinetuneConfig, validate_finetune
 from mpp.training.pretrain_config import PretrainConfig, validate

@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from mpp.cli import parse_config, parse_finetune_config
+from mpp.commands.finetune import parse_config as parse_finetune_config
+from mpp.commands.pretrain import parse_config
 from mpp.data import builtin
 from mpp.data.builtin import BUILTIN_DATASETS, BUILTIN_SPLITS, photos
 from mpp.training.finetune import finetune

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mpp.cli import parse_config, run_cli
+from mpp.cli import run_cli
+from mpp.commands.pretrain import parse_config
 from mpp.training.pretrain import pretrain
 from mpp.training.pretrain_config import PretrainConfig, lr_at, resolve_lr
 

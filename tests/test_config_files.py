@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpp.cli import parse_config, parse_finetune_config
+from mpp.commands.finetune import parse_config as parse_finetune_config
+from mpp.commands.pretrain import parse_config
 from mpp.errors import UsageError
 from mpp.training.pretrain_config import PretrainConfig
 

@@ -193,7 +193,7 @@ BAD = [
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_finetune_invocations(args, message, refused):
-    from mpp.cli import parse_finetune_config
+    from mpp.commands.finetune import parse_config as parse_finetune_config
     from mpp.training.finetune import finetune
 
     assert message in refused(

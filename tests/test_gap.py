@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mpp.cli import parse_config, parse_finetune_config, run_cli
+from mpp.cli import run_cli
+from mpp.commands.finetune import parse_config as parse_finetune_config
+from mpp.commands.pretrain import parse_config
 from mpp.data.builtin import FASHION_MNIST_DIR
 from mpp.data.clipart import OPENCLIPART_DIR
 from mpp.experiments import harness as experiment

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mpp.cli import parse_finetune_config
+from mpp.commands.finetune import parse_config as parse_finetune_config
 from mpp.models.hub_folder import RUN_CONFIG, read_run_config
 from mpp.models.weights import read_metadata
 from mpp.training.finetune import finetune

@@ -196,7 +196,8 @@ def test_pretraining_with_grad_accum_runs_the_epochs_asked_for(tmp_path):
 
 
 def test_a_loader_shorter_than_one_accumulation_is_refused(tmp_path, refused, capsys):
-    from mpp.cli import parse_config, parse_finetune_config
+    from mpp.commands.finetune import parse_config as parse_finetune_config
+    from mpp.commands.pretrain import parse_config
     from mpp.training.finetune import finetune
 
     data = str(tiny_images(tmp_path / "data", 16))

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from PIL import Image
 from torchvision.transforms import v2
 
-from mpp.cli import parse_config
+from mpp.commands.pretrain import parse_config
 from mpp.data.augment import CropFlip, EncodedCrop, decode_deferred, draft_jpeg
 from mpp.data.images import collate_images, seeded
 from mpp.data.loader import EpochBatches, default_workers

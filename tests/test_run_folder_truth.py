@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mpp.cli import parse_finetune_config
+from mpp.commands.finetune import parse_config as parse_finetune_config
 from mpp.commands.pretrain import main as pretrain_main
 from mpp.data.transforms import timm_transform
 from mpp.models.model import MPP, create_encoder

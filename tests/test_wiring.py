@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpp.cli import parse_config, parse_finetune_config, run_cli
+from mpp.cli import run_cli
+from mpp.commands.finetune import parse_config as parse_finetune_config
+from mpp.commands.pretrain import parse_config
 from mpp.models.masking import RANDOM_PATCH
 from mpp.training import finetune as finetune_module
 from mpp.training import pretrain as train

@@ -17,7 +17,8 @@ import torch_xla.debug.metrics as met  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import mpp.training.pretrain as pretrain_module  # noqa: E402
-from mpp.cli import parse_config, parse_finetune_config  # noqa: E402
+from mpp.commands.finetune import parse_config as parse_finetune_config  # noqa: E402
+from mpp.commands.pretrain import parse_config  # noqa: E402
 from mpp.training.finetune import finetune  # noqa: E402
 
 pytestmark = pytest.mark.xla

@@ -40,6 +40,9 @@ from mpp.experiments.harness import (
     write_json,
 )
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
+from mpp.flags import argv_for
+from mpp.training.finetune_config import FinetuneConfig
+from mpp.training.pretrain_config import PretrainConfig
 
 # The paper's setting (App. B.1.2): 50% of patches, 80% [mask] / 10% random patch / 10% unchanged,
 # 3-bit mean colour, corruption of the patch embeddings.
@@ -241,74 +244,52 @@ def pretrain_command(
     steps = max(1, round((steps or cfg.steps) * setting["length"]))
     return command(
         "pretrain",
-        "--dataset",
-        dataset or cfg.pretrain_dataset,
-        "--split",
-        "train",
-        "--model",
-        cfg.model,
-        "--img-size",
-        cfg.img_size,
-        "--patch-size",
-        cfg.patch_size,
-        "--target",
-        setting["target"],
-        "--mask-ratio",
-        setting["mask_ratio"],
-        "--mask-probs",
-        *setting["mask_probs"],
-        "--corrupt-at",
-        setting["corrupt_at"],
-        "--max-steps",
-        steps,
-        "--batch-size",
-        cfg.batch,
-        "--lr",
-        cfg.lr,
-        "--warmup-steps",
-        max(1, steps // 15),
-        "--log-every",
-        max(1, steps // 20),
-        "--checkpoint-every",
-        steps,
-        "--seed",
-        seed,
-        "--no-progress",
-        "--output-dir",
-        out,
+        *argv_for(
+            PretrainConfig,
+            dataset=dataset or cfg.pretrain_dataset,
+            split="train",
+            model=cfg.model,
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            target=setting["target"],
+            mask_ratio=setting["mask_ratio"],
+            mask_probs=setting["mask_probs"],
+            corrupt_at=setting["corrupt_at"],
+            max_steps=steps,
+            batch_size=cfg.batch,
+            lr=cfg.lr,
+            warmup_steps=max(1, steps // 15),
+            log_every=max(1, steps // 20),
+            checkpoint_every=steps,
+            seed=seed,
+            progress=False,
+            output_dir=out,
+        ),
     )
 
 
 def finetune_command(cfg: AblateConfig, seed: int, init: Path | str) -> list[str]:
     """Without --preset, --lr, --epochs and --output-dir (tuning.py adds them); a scratch init takes the
     pretrainings' architecture."""
-    arch = ["--model", cfg.model, "--patch-size", cfg.patch_size] if str(init) == "scratch" else []
+    arch = dict(model=cfg.model, patch_size=cfg.patch_size) if str(init) == "scratch" else {}
     return command(
         "finetune",
-        "--dataset",
-        cfg.downstream,
-        "--train-split",
-        "train",
-        "--eval-split",
-        "validation",
-        "--test-split",
-        "test",
-        "--init",
-        init,
-        *arch,
-        "--img-size",
-        cfg.img_size,
-        "--batch-size",
-        cfg.finetune_batch,
-        "--eval-every",
-        cfg.eval_every,
-        "--log-every",
-        10,
-        "--checkpoint-every",
-        1_000_000,
-        "--seed",
-        seed,
-        "--no-progress",
+        *argv_for(
+            FinetuneConfig,
+            dataset=cfg.downstream,
+            train_split="train",
+            eval_split="validation",
+            test_split="test",
+            init=init,
+            **arch,
+            img_size=cfg.img_size,
+            batch_size=cfg.finetune_batch,
+            eval_every=cfg.eval_every,
+            log_every=10,
+            checkpoint_every=1_000_000,
+            seed=seed,
+            progress=False,
+        ),
     )
 
 

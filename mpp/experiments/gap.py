@@ -38,6 +38,9 @@ from mpp.experiments.harness import (
     write_json,
 )
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
+from mpp.flags import argv_for
+from mpp.training.finetune_config import FinetuneConfig
+from mpp.training.pretrain_config import PretrainConfig
 
 INITS = ("scratch", "mpp", "supervised")
 PRIMARY = ("MPP − scratch", "mpp", "scratch")  # the one comparison the experiment is powered for: fine-tuned test top-1
@@ -161,67 +164,42 @@ def validate(cfg: GapConfig) -> None:
 def pretrain_commands(cfg: GapConfig, seed: int, root: Path) -> dict[str, list[str]]:
     """MPP and supervised pretraining on the same upstream training images, with the same steps,
     batch, lr schedule, AdamW settings, clipping and augmentation."""
-    arch = [
-        "--model",
-        cfg.model,
-        "--img-size",
-        cfg.img_size,
-        "--patch-size",
-        cfg.patch_size,
-        "--seed",
-        seed,
-        "--no-progress",
-    ]
-    shared = [
-        "--max-steps",
-        cfg.pretrain_steps,
-        "--batch-size",
-        cfg.pretrain_batch,
-        "--lr",
-        cfg.pretrain_lr,
-        "--warmup-steps",
-        max(1, cfg.pretrain_steps // 15),
-        "--min-lr",
-        0,
-        "--weight-decay",
-        0.05,
-        "--clip-grad",
-        1,
-        "--crop-scale",
-        0.35,
-        1.0,
-        "--hflip",
-        0.5,
-        "--log-every",
-        max(1, cfg.pretrain_steps // 30),
-        "--checkpoint-every",
-        cfg.pretrain_steps,
-    ]
+    arch = dict(model=cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, seed=seed, progress=False)
+    shared = dict(
+        max_steps=cfg.pretrain_steps,
+        batch_size=cfg.pretrain_batch,
+        lr=cfg.pretrain_lr,
+        warmup_steps=max(1, cfg.pretrain_steps // 15),
+        min_lr=0,
+        weight_decay=0.05,
+        clip_grad=1,
+        crop_scale=(0.35, 1.0),
+        hflip=0.5,
+        log_every=max(1, cfg.pretrain_steps // 30),
+        checkpoint_every=cfg.pretrain_steps,
+    )
     return {
         "mpp": command(
-            "pretrain", "--dataset", cfg.upstream, "--split", "train", *arch, *shared, "--output-dir", root / "mpp"
+            "pretrain",
+            *argv_for(PretrainConfig, dataset=cfg.upstream, split="train", **arch, **shared, output_dir=root / "mpp"),
         ),
         # the fine-tuning recipe on the upstream labels; validation is never looked at (--eval-every
         # beyond the run), the final weights are the init
         "supervised": command(
             "finetune",
-            "--dataset",
-            cfg.upstream,
-            "--train-split",
-            "train",
-            "--eval-split",
-            "validation",
-            "--init",
-            "scratch",
-            *arch,
-            *shared,
-            "--opt",
-            "adamw",
-            "--no-zero-head",
-            "--eval-every",
-            1_000_000,
-            "--output-dir",
-            root / "supervised",
+            *argv_for(
+                FinetuneConfig,
+                dataset=cfg.upstream,
+                train_split="train",
+                eval_split="validation",
+                init="scratch",
+                **arch,
+                **shared,
+                opt="adamw",
+                zero_head=False,
+                eval_every=1_000_000,
+                output_dir=root / "supervised",
+            ),
         ),
     }
 
@@ -233,39 +211,28 @@ def init_of(arm: str, root: Path) -> str:
 def finetune_command(cfg: GapConfig, seed: int, init: str) -> list[str]:
     """The downstream fine-tuning of one arm, without --preset, --lr, --epochs and --output-dir (the tuning
     adds them): identical for the three arms but for --init."""
-    subset = ["--train-per-class", cfg.train_per_class] if cfg.train_per_class else []
+    subset = dict(train_per_class=cfg.train_per_class) if cfg.train_per_class else {}
     return command(
         "finetune",
-        "--dataset",
-        cfg.downstream,
-        "--train-split",
-        "train",
-        "--eval-split",
-        "validation",
-        "--test-split",
-        "test",
-        *subset,
-        "--subset-seed",
-        seed,
-        "--init",
-        init,
-        "--model",
-        cfg.model,
-        "--img-size",
-        cfg.img_size,
-        "--patch-size",
-        cfg.patch_size,
-        "--batch-size",
-        cfg.finetune_batch,
-        "--eval-every",
-        cfg.eval_every,
-        "--log-every",
-        10,
-        "--checkpoint-every",
-        1_000_000,
-        "--seed",
-        seed,
-        "--no-progress",
+        *argv_for(
+            FinetuneConfig,
+            dataset=cfg.downstream,
+            train_split="train",
+            eval_split="validation",
+            test_split="test",
+            **subset,
+            subset_seed=seed,
+            init=init,
+            model=cfg.model,
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            batch_size=cfg.finetune_batch,
+            eval_every=cfg.eval_every,
+            log_every=10,
+            checkpoint_every=1_000_000,
+            seed=seed,
+            progress=False,
+        ),
     )
 
 

@@ -17,6 +17,8 @@ import torch
 from mpp import __version__
 from mpp.errors import UsageError
 from mpp.evaluation.stats import detectable_difference, mean_std
+from mpp.flags import argv_for, option
+from mpp.training.finetune_config import FinetuneConfig
 
 REPO = Path(__file__).resolve().parents[2]  # mpp/experiments/harness.py -> the checkout, when run from one
 
@@ -41,10 +43,10 @@ def run_in_process(cmd: list[str], log: Path) -> float:
     import contextlib
     import importlib
 
-    from mpp.__main__ import COMMANDS
+    from mpp.commands import COMMANDS
 
     log.parent.mkdir(parents=True, exist_ok=True)
-    main = importlib.import_module(COMMANDS[command_name(cmd)][0]).main
+    main = importlib.import_module(COMMANDS[command_name(cmd)].module).main
     start = time.time()
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         print("in-process: " + " ".join(cmd), flush=True)
@@ -73,7 +75,7 @@ def reusing(run=None, reused: list | None = None):
     run = run or run_in_process
 
     def run_or_reuse(cmd: list[str], log: Path) -> float:
-        out = Path(option_value(cmd, "--output-dir"))
+        out = Path(option_value(cmd, option("output_dir")))
         if finished(out):
             if reused is not None:
                 reused.append(str(out))
@@ -143,7 +145,10 @@ def finetune_over_grid(base_cmd: list[str], lrs, root: Path, log_dir: Path, name
     by_lr = {}
     for lr in lrs:
         out = root / f"{name}_lr{lr:g}"
-        run(base_cmd + ["--lr", str(lr), "--output-dir", str(out)], log_dir / f"{name}_lr{lr:g}.log")
+        run(
+            base_cmd + argv_for(FinetuneConfig, lr=lr, output_dir=out),
+            log_dir / f"{name}_lr{lr:g}.log",
+        )
         by_lr[lr] = summarise_finetune(out)
     return choose(by_lr)
 

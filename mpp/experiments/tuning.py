@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mpp.evaluation.stats import converged
+from mpp.flags import argv_for
+from mpp.training.finetune_config import FinetuneConfig
 
 
 @dataclass
@@ -113,7 +115,7 @@ def finetune_runner(base_cmds: dict, root: Path, log_dir: Path, run, summarise):
         name = run_name(arm, preset, lr, epochs)
         out = root / name
         run(
-            base_cmds[arm] + ["--preset", preset, "--lr", str(lr), "--epochs", str(epochs), "--output-dir", str(out)],
+            base_cmds[arm] + argv_for(FinetuneConfig, preset=preset, lr=lr, epochs=epochs, output_dir=out),
             log_dir / f"{name}.log",
         )
         return {**summarise(out), "run_dir": str(out)}

@@ -4,7 +4,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from mpp.errors import UsageError
-from mpp.training.pretrain_config import validate_run
+from mpp.flags import flag, with_default
+from mpp.training.run_config import RunConfig, validate_run
 
 # ViT paper §4 / App. B.1.1: SGD momentum 0.9, no weight decay, clip at global norm 1, cosine with
 # warmup, zero-initialised head. `modern`: MAE / DeiT-style fine-tuning from timm's own parts.
@@ -43,63 +44,83 @@ PRESETS = {
 PRESET_KEYS = tuple(PRESETS["paper"])
 
 
+def preset_flag(key: str):
+    """An optimisation knob left unset (None) takes the --preset's value; its help shows each preset's."""
+    shown = ", ".join(f"{name} {PRESETS[name][key]}" for name in PRESETS)
+    return flag(None, group="optimisation", help=f"(preset: {shown})")
+
+
 @dataclass
-class FinetuneConfig:
-    # data
-    dataset: str = "fashion-mnist"
-    dataset_config: str | None = None
-    train_split: str = "train"
-    eval_split: str | None = None  # default: "test", or "validation" when test_split is given
-    test_split: str | None = None  # given: --eval-split selects the epoch, this split is scored once
-    image_column: str | None = None
-    label_column: str | None = None
-    train_per_class: int | None = None
-    train_fraction: float | None = None
-    subset_seed: int = 0
-    workers: int | None = None
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    hflip: float = 0.5
-    strict_data: bool = False
-    # model
-    init: str = "scratch"
-    model: str = "vit_tiny_patch16_224"  # scratch only; otherwise the weights' metadata decides
-    img_size: int | None = None  # default: the weights' (scratch: 28)
-    patch_size: int | None = None  # scratch only (default 7)
-    grad_checkpointing: bool = False
-    # optimisation: None takes the preset's value
-    preset: str = "paper"
-    opt: str | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    layer_decay: float | None = None
-    drop_path: float | None = None
-    label_smoothing: float | None = None
-    mixup: float | None = None
-    cutmix: float | None = None
-    auto_augment: str | None = None
-    clip_grad: float | None = None
-    warmup_steps: int | None = None
-    zero_head: bool | None = None
-    min_lr: float = 0.0
-    batch_size: int = 128
-    grad_accum: int = 1
-    epochs: float = 30.0
-    max_steps: int | None = None
-    # run
-    output_dir: str | None = None
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str | None = None
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 1  # epochs
-    threads: int | None = None
-    progress: bool = True
-    compile: bool = False
-    report_to: str = "tensorboard"  # accelerate trackers: tensorboard, wandb, mlflow, all, none
-    push_to_hub: str | None = None  # Hub repo id the finished run folder is uploaded to
-    hub_private: bool = False
-    max_nonfinite_steps: int = 5
+class FinetuneConfig(RunConfig):
+    dataset: str = flag(
+        "fashion-mnist",
+        group="data",
+        help="labelled dataset: built-in (mnist5k, fashion-mnist[-upstream|-downstream], "
+        "clipart[-upstream|-downstream]), local folder, parquet, Hub id",
+    )
+    dataset_config: str | None = flag(None, group="data", help="the Hub dataset's configuration name")
+    train_split: str = flag("train", group="data", help="split to train on")
+    eval_split: str | None = flag(
+        None,
+        group="data",
+        help="held-out split for top-1 (default: test; with --test-split it is the validation split, default: "
+        "validation)",
+    )
+    test_split: str | None = flag(
+        None,
+        group="data",
+        help="test split, scored once at the end with the weights of the best --eval-split top-1, which become "
+        "model.safetensors (the last weights: last.safetensors); never used to choose anything",
+    )
+    image_column: str | None = flag(None, group="data", help="image column (detected when there is only one)")
+    label_column: str | None = flag(None, group="data", help="label column (detected: the only ClassLabel column)")
+    train_per_class: int | None = flag(None, group="data", help="low-label regime: N training images per class")
+    train_fraction: float | None = flag(
+        None, group="data", help="low-label regime: this fraction of the training split"
+    )
+    subset_seed: int = flag(0, group="data", help="seed of the low-label draw")
+    init: str = flag(
+        "scratch",
+        group="model",
+        help="scratch, a run folder or a .safetensors file (from pretrain_mpp.py or finetune.py) or timm:NAME.TAG",
+    )
+    model: str = flag(
+        "vit_tiny_patch16_224",
+        group="model",
+        help="timm ViT for --init scratch (otherwise the weights' metadata decides)",
+    )
+    img_size: int | None = flag(
+        None, group="model", help="resolution (default: the weights'; larger interpolates position embeddings)"
+    )  # scratch: 28
+    patch_size: int | None = flag(None, group="model", help="patch size for --init scratch (default 7)")
+    grad_checkpointing: bool = flag(False, group="model", help="timm's activation checkpointing")
+    preset: str = flag(
+        "paper",
+        group="optimisation",
+        choices=list(PRESETS),
+        help="paper: SGD momentum, no wd, clip 1, zero head; modern: AdamW, layer decay, drop path, label smoothing, "
+        "mixup/cutmix, RandAugment",
+    )
+    opt: str | None = preset_flag("opt")
+    lr: float | None = preset_flag("lr")
+    weight_decay: float | None = preset_flag("weight_decay")
+    layer_decay: float | None = preset_flag("layer_decay")
+    drop_path: float | None = preset_flag("drop_path")
+    label_smoothing: float | None = preset_flag("label_smoothing")
+    mixup: float | None = preset_flag("mixup")
+    cutmix: float | None = preset_flag("cutmix")
+    auto_augment: str | None = preset_flag("auto_augment")
+    clip_grad: float | None = preset_flag("clip_grad")
+    warmup_steps: int | None = preset_flag("warmup_steps")
+    zero_head: bool | None = flag(
+        None, group="optimisation", help="zero-initialise the head (preset: paper yes, modern no)"
+    )
+    min_lr: float = flag(0.0, group="optimisation", help="learning rate at the end of the cosine")
+    eval_every: int = flag(1, group="run", help="epochs between held-out evaluations")
+    # the shared flags whose default differs from pretraining's
+    epochs: float = with_default(RunConfig, "epochs", 30.0)
+    checkpoint_every: int = with_default(RunConfig, "checkpoint_every", 500)
+    keep_checkpoints: int = with_default(RunConfig, "keep_checkpoints", 2)
     derived: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -133,13 +154,13 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         )
     from mpp.data.builtin import check_split
 
-    for flag, split in [
+    for flag_name, split in [
         ("--train-split", cfg.train_split),
         ("--eval-split", cfg.eval_split),
         ("--test-split", cfg.test_split),
     ]:
         if split is not None:
-            check_split(cfg.dataset, split, flag)
+            check_split(cfg.dataset, split, flag_name)
     if cfg.train_per_class is not None and cfg.train_fraction is not None:
         raise UsageError("give --train-per-class or --train-fraction, not both")
     if cfg.train_per_class is not None and cfg.train_per_class < 1:

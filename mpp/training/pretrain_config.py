@@ -7,75 +7,105 @@ import timm
 
 from mpp.data.augment import DECODE_MODES
 from mpp.errors import UsageError
+from mpp.flags import flag
+from mpp.models.families import SUPPORTED
 from mpp.models.targets import TARGETS
-from mpp.training.trackers import check_trackers
+from mpp.training.run_config import RunConfig, validate_run
 
 # Reference batch of the paper's learning rate (Appendix B.1.2: Adam, 2e-4 at batch 4096).
 PAPER_BASE_LR, PAPER_REF_BATCH = 2e-4, 4096
 
 
+DEFAULT_LR = 3e-4  # best of 1e-4, 3e-4, 1e-3, 3e-3 on mnist5k with these defaults (README, "Defaults")
+
+
 @dataclass
-class PretrainConfig:
-    # data
-    dataset: str = "mnist5k"
-    dataset_config: str | None = None
-    split: str = "train"
-    image_column: str | None = None
-    streaming: bool = False
-    workers: int | None = None  # None: 0 on CPU machines with <= 4 cores, else the process's cores but one
-    decode: str = "cpu"  # cpu | pil | gpu: see augment.py
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    hflip: float = 0.5
-    strict_data: bool = False
-    # model
-    model: str = "vit_tiny_patch16_224"
-    img_size: int = 28
-    patch_size: int = 7
-    grad_checkpointing: bool = False
-    # objective
-    target: str = "mean3bit"
-    mask_ratio: float = 0.5
-    mask_probs: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    random_from: str = "batch"
-    corrupt_at: str = "auto"  # embedding | pixels | auto: embedding for plain patch embeddings, pixels for hybrids
-    # optimisation
-    batch_size: int = 128
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: float = 8.0
-    lr: float | None = None
-    base_lr: float | None = None
-    ref_batch: int = PAPER_REF_BATCH
-    warmup_steps: int = 30
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 1.0
-    # run
-    output_dir: str | None = None
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    resume: str | None = None
-    seed: int = 0
-    log_every: int = 10
-    log_images_every: int = 0  # steps between prediction pictures in TensorBoard (0: never)
-    eval_dataset: str | None = None  # labelled set with train/test splits for frozen-feature monitoring
-    eval_every_steps: int = 100
-    progress: bool = True
-    threads: int | None = None  # CPU threads per process; None: the machine's cores / processes on it
-    compile: bool = False
-    report_to: str = "tensorboard"  # accelerate trackers: tensorboard, wandb, mlflow, all, none
-    push_to_hub: str | None = None  # Hub repo id the finished run folder is uploaded to
-    hub_private: bool = False
-    max_nonfinite_steps: int = 5  # 0: no finiteness check (and no host-device sync per step)
+class PretrainConfig(RunConfig):
+    dataset: str = flag(
+        "mnist5k",
+        group="data",
+        help="built-in (mnist5k, fashion-mnist[-upstream|-downstream], photos, clipart[-upstream|-downstream], "
+        "colour-mix), a local folder (imagefolder or save_to_disk), parquet files, .tar webdataset shards, or a "
+        "Hub id",
+    )
+    dataset_config: str | None = flag(None, group="data", help="the Hub dataset's configuration name")
+    split: str = flag("train", group="data", help="dataset split to pretrain on")
+    image_column: str | None = flag(None, group="data", help="image column (detected when there is only one)")
+    streaming: bool = flag(
+        False, group="data", help="stream the dataset (iterable, sharded per process); needs --max-steps"
+    )
+    decode: str = flag(
+        "cpu",
+        group="data",
+        choices=DECODE_MODES,
+        help="how JPEGs are decoded: cpu (at 1/2-1/8 scale in the DCT domain when the crop is at least twice the "
+        "output, else libjpeg-turbo through torchvision and torch's resize), pil (Pillow, the whole image, as "
+        "before), gpu (nvJPEG on the training device; needs CUDA). Other formats always take the pil path",
+    )
+    model: str = flag(
+        "vit_tiny_patch16_224",
+        group="model",
+        help=f"a timm ViT of a supported family: {SUPPORTED}; ResNets, ConvNeXt, Swin and other non-ViTs are refused",
+    )
+    img_size: int = flag(28, group="model", help="input resolution")
+    patch_size: int = flag(
+        7,
+        group="model",
+        help="patch size (must divide --img-size); timm's argument, so for a hybrid it is the patch on the CNN "
+        "feature map (usually 1) and each token stands for img-size / grid pixels",
+    )
+    grad_checkpointing: bool = flag(
+        False, group="model", help="timm's activation checkpointing (less memory, ~30%% slower)"
+    )
+    target: str = flag("mean3bit", group="objective", choices=list(TARGETS), help="what each corrupted patch predicts")
+    mask_ratio: float = flag(0.5, group="objective", help="share of patches corrupted per image")
+    mask_probs: tuple[float, float, float] = flag(
+        (0.8, 0.1, 0.1),
+        group="objective",
+        metavar=("MASK", "RANDOM", "KEEP"),
+        help="of the corrupted: [mask] token / random other patch / unchanged",
+    )
+    random_from: str = flag(
+        "batch", group="objective", choices=["batch", "image"], help="where random replacement patches come from"
+    )
+    corrupt_at: str = flag(
+        "auto",
+        group="objective",
+        choices=["auto", "embedding", "pixels"],
+        help="embedding: corrupt patch embeddings after the projection (the paper's, with a learnable [mask] "
+        "embedding); pixels: corrupt the regions' pixels before the patch embedding (a learnable [mask] colour, "
+        "starting at the normalisation mean); auto: embedding for plain patch embeddings, pixels for hybrids, whose "
+        "CNN stem sees across region borders and would read a hidden region's colour from its neighbours",
+    )
+    lr: float | None = flag(
+        None,
+        group="optimisation",
+        help=f"peak learning rate at the actual global batch (default {DEFAULT_LR:g} unless --base-lr)",
+    )
+    base_lr: float | None = flag(
+        None, group="optimisation", help="instead of --lr: lr = base_lr x global_batch / ref_batch (paper: 2e-4)"
+    )
+    ref_batch: int = flag(
+        PAPER_REF_BATCH, group="optimisation", help=f"reference batch of --base-lr (paper: {PAPER_REF_BATCH})"
+    )
+    warmup_steps: int = flag(30, group="optimisation", help="linear warmup steps, then cosine decay")
+    min_lr: float = flag(0.0, group="optimisation", help="learning rate at the end of the cosine")
+    weight_decay: float = flag(0.05, group="optimisation", help="AdamW weight decay (not on biases, norms, embeddings)")
+    betas: tuple[float, float] = flag((0.9, 0.999), group="optimisation", help="AdamW betas")
+    clip_grad: float = flag(1.0, group="optimisation", help="global gradient-norm clip (0: off)")
+    log_images_every: int = flag(0, group="run", help="steps between MPP prediction pictures in TensorBoard (0: never)")
+    eval_dataset: str | None = flag(
+        None,
+        group="run",
+        help="labelled set (train and test splits, e.g. fashion-mnist) on which k-NN and 10-shot linear accuracy of "
+        "the frozen encoder are logged every --eval-every-steps",
+    )
+    eval_every_steps: int = flag(100, group="run", help="steps between frozen-feature evaluations")
     # filled in by resolve()
     derived: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-DEFAULT_LR = 3e-4  # best of 1e-4, 3e-4, 1e-3, 3e-3 on mnist5k with these defaults (README, "Defaults")
 
 
 def validate(cfg: PretrainConfig) -> None:
@@ -139,43 +169,13 @@ def validate(cfg: PretrainConfig) -> None:
         raise UsageError("--streaming needs --max-steps (a stream has no known length)")
     if cfg.lr is not None and cfg.base_lr is not None:
         raise UsageError("give --lr (the rate at the global batch) or --base-lr (scaled from --ref-batch), not both")
-    for flag, value in [("--lr", cfg.lr), ("--base-lr", cfg.base_lr)]:
+    for flag_name, value in [("--lr", cfg.lr), ("--base-lr", cfg.base_lr)]:
         if value is not None and not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"{flag} must be a positive number, got {value}")
+            raise UsageError(f"{flag_name} must be a positive number, got {value}")
     if cfg.warmup_steps < 0 or cfg.weight_decay < 0 or cfg.min_lr < 0 or cfg.clip_grad < 0:
         raise UsageError("--warmup-steps, --weight-decay, --min-lr and --clip-grad must not be negative")
     if not all(0 <= b < 1 for b in cfg.betas):
         raise UsageError(f"--betas must be two numbers in [0, 1), got {cfg.betas}")
-
-
-def validate_run(cfg) -> None:
-    """Checks of the flags both recipes have (cli.add_run_flags)."""
-    for flag, value in [
-        ("--batch-size", cfg.batch_size),
-        ("--grad-accum", cfg.grad_accum),
-        ("--log-every", cfg.log_every),
-        ("--checkpoint-every", cfg.checkpoint_every),
-        ("--keep-checkpoints", cfg.keep_checkpoints),
-    ]:
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if not cfg.epochs > 0:
-        raise UsageError(f"--epochs must be positive, got {cfg.epochs}")
-    if (cfg.workers or 0) < 0 or (cfg.threads or 0) < 0 or cfg.max_nonfinite_steps < 0:
-        raise UsageError("--workers, --threads and --max-nonfinite-steps must not be negative")
-    check_trackers(cfg.report_to)
-    if cfg.push_to_hub:
-        from mpp.models.publish import check_can_push
-
-        # network, token, write access, a private repo: before any heavy work, not after hours of training
-        check_can_push(cfg.push_to_hub, private=cfg.hub_private)
-    lo, hi = cfg.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise UsageError(f"--crop-scale needs 0 < min <= max <= 1, got {lo} {hi}")
-    if not 0 <= cfg.hflip <= 1:
-        raise UsageError(f"--hflip is a probability in [0, 1], got {cfg.hflip}")
 
 
 def check_batch_fits(batch_size: int, processes: int, images: int, what: str, grad_accum: int = 1) -> None:
