@@ -27,6 +27,7 @@ def test_unknown_values_are_refused_in_one_line():
 
 
 def test_fp8_is_refused_without_a_gpu_that_has_fp8_tensor_cores(monkeypatch):
+    monkeypatch.delenv(fast_paths.EMULATE_ON_CPU, raising=False)
     check_fp8("none", cuda=False)  # the default asks for nothing
     with pytest.raises(UsageError, match="needs a CUDA GPU with FP8 tensor cores.*has none"):
         check_fp8("tensorwise", cuda=False)
@@ -121,3 +122,43 @@ def test_the_module_docstring_states_the_filter_as_tested():
     """The layer list the docs give is the one the tests check."""
     doc = fast_paths.__doc__
     assert "ViT-B/16's qkv (768 -> 2304) and\n              fc1 (768 -> 3072)" in doc and "ViT-H/14's fc1" in doc
+
+
+def test_emulation_on_cpu_is_asked_for_by_name(monkeypatch):
+    monkeypatch.setenv(fast_paths.EMULATE_ON_CPU, "1")
+    check_fp8("tensorwise", cuda=False)
+    monkeypatch.setenv(fast_paths.EMULATE_ON_CPU, "0")
+    with pytest.raises(UsageError, match="needs a CUDA GPU"):
+        check_fp8("tensorwise", cuda=False)
+
+
+def test_an_fp8_run_writes_a_folder_plain_timm_loads_strictly(tmp_path, monkeypatch):
+    """The whole recipe with --fp8 (emulated on this CPU): the layers the filter picks are converted before
+    training, the run trains, and its folder loads into timm with no torchao module and the trained weights."""
+    import json
+
+    import mpp
+    from mpp.models.weights import read_metadata
+
+    monkeypatch.setenv(fast_paths.EMULATE_ON_CPU, "1")
+    run = mpp.pretrain(
+        model="test_vit",
+        img_size=32,
+        patch_size=8,
+        batch_size=8,
+        max_steps=2,
+        fp8="tensorwise",
+        fp8_layers="all",
+        sdpa_backend="math",
+        workers=0,
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+    )
+    derived = json.loads((run.run_dir / "run_config.json").read_text())["derived"]
+    blocks = len(timm.create_model("test_vit").blocks)
+    assert len(derived["fp8_layers_converted"]) == 4 * blocks
+    plain = timm.create_model(f"local-dir:{run.run_dir}", pretrained=True)
+    assert not any(type(m).__module__.startswith("torchao") for m in plain.modules())
+    fresh = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=0)
+    assert plain.state_dict().keys() == fresh.state_dict().keys()
+    assert read_metadata(run.run_dir / "model.safetensors")["steps"] == 2

@@ -14,6 +14,7 @@ the exported safetensors and timm's strict load are the same with and without FP
 
 import contextlib
 import importlib.util
+import os
 
 import torch
 
@@ -23,18 +24,25 @@ FP8_RECIPES = ("none", "tensorwise", "rowwise")
 FP8_LAYERS = ("auto", "all")
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
+EMULATE_ON_CPU = "MPP_FP8_EMULATE_ON_CPU"
 
 
 def check_fp8(recipe: str, layers: str = "auto", cuda: bool | None = None) -> None:
-    """One-line refusals, before anything is built: an unknown recipe or layer set, no CUDA device with FP8
-    tensor cores, torchao not installed. `cuda`: whether the run will be on a CUDA device (default: torch sees one)."""
+    """One-line refusals, before anything is built: an unknown recipe or layer set, torchao not installed, no CUDA
+    device with FP8 tensor cores. `cuda`: whether the run will be on a CUDA device (default: torch sees one).
+    MPP_FP8_EMULATE_ON_CPU=1 lets a CPU run convert anyway (torchao emulates the FP8 GEMMs, slowly): for tests and
+    rehearsals of a GPU script, never for speed."""
     if recipe not in FP8_RECIPES:
         raise UsageError(f"--fp8 {recipe}: one of {', '.join(FP8_RECIPES)}")
     if layers not in FP8_LAYERS:
         raise UsageError(f"--fp8-layers {layers}: one of {', '.join(FP8_LAYERS)}")
     if recipe == "none":
         return
+    if importlib.util.find_spec("torchao") is None:
+        raise UsageError(f"--fp8 {recipe}: needs torchao (pip install 'vit-mpp[fp8]')")
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda and os.environ.get(EMULATE_ON_CPU) == "1":
+        return
     if not cuda:
         raise UsageError(
             f"--fp8 {recipe}: FP8 training needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or later); "
@@ -46,8 +54,11 @@ def check_fp8(recipe: str, layers: str = "auto", cuda: bool | None = None) -> No
             f"--fp8 {recipe}: this GPU ({torch.cuda.get_device_name()}) has compute capability "
             f"{capability[0]}.{capability[1]}; FP8 tensor cores need 8.9 or later (H100, L4, RTX 4090, ...)"
         )
-    if importlib.util.find_spec("torchao") is None:
-        raise UsageError(f"--fp8 {recipe}: needs torchao (pip install 'vit-mpp[fp8]')")
+
+
+def check_sdpa_backend(name: str) -> None:
+    if name not in SDPA_BACKENDS:
+        raise UsageError(f"--sdpa-backend {name}: one of {', '.join(SDPA_BACKENDS)}")
 
 
 def fp8_filter(recipe: str, layers: str = "auto", skip: tuple[str, ...] = ()):
@@ -85,8 +96,7 @@ def convert_to_fp8(module: torch.nn.Module, recipe: str, layers: str = "auto", s
 
 def sdpa_backend(name: str):
     """A context in which torch's scaled_dot_product_attention uses only this kernel ("auto": torch's choice)."""
-    if name not in SDPA_BACKENDS:
-        raise UsageError(f"--sdpa-backend {name}: one of {', '.join(SDPA_BACKENDS)}")
+    check_sdpa_backend(name)
     if name == "auto":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -20,6 +20,7 @@ from mpp.models.hub_folder import hub_dataset_ids, public_path, write_model_card
 from mpp.models.model import MPP, create_encoder
 from mpp.models.mpp_folder import save_objective
 from mpp.models.publish import publish
+from mpp.training.fast_paths import convert_to_fp8, sdpa_backend
 from mpp.training.loop import LoopSettings, fit, write_summary
 from mpp.training.pretrain_config import PretrainConfig, check_batch_fits, lr_at, optimizer_steps, resolve_lr, validate
 from mpp.training.run_setup import finish, init_processes, open_run, start_logging, write_record
@@ -349,6 +350,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         raise UsageError(f"--model {cfg.model} at --img-size {cfg.img_size}: {e}") from None
     # the run's own encoder: its pooling and classifier stay out of the optimiser, as in earlier runs' checkpoints
     model.freeze_unused()
+    # FP8 swaps Linear modules and keeps their parameters: the optimiser, checkpoints and the export see no change
+    fp8_converted = convert_to_fp8(model.encoder, cfg.fp8, cfg.fp8_layers)
     ds, column = open_dataset(cfg, dist)
     labelled = load_monitor_data(cfg) if dist.is_main_process else None
     run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to, settings=cfg.to_dict())
@@ -384,6 +387,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         torch=torch.__version__,
         num_patches=accelerator.unwrap_model(model).num_patches,
         loader_workers=default_workers(accelerator.device) if cfg.workers is None else cfg.workers,
+        **({"fp8_layers_converted": fp8_converted} if cfg.fp8 != "none" else {}),
     )
     start_logging(run, cfg.to_dict())
 
@@ -409,9 +413,10 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         prepare_batch=device_decoder(cfg.img_size, accelerator.device) if cfg.decode == "gpu" else None,
     )
     callbacks = [c for c in (picture_logger(cfg, accelerator, model), feature_monitor(cfg, run, model, labelled)) if c]
-    result = fit(
-        run, model, optimizer, loader, images, mpp_step, settings, on_step=lambda step: [c(step) for c in callbacks]
-    )
+    with sdpa_backend(cfg.sdpa_backend):
+        result = fit(
+            run, model, optimizer, loader, images, mpp_step, settings, on_step=lambda step: [c(step) for c in callbacks]
+        )
     if accelerator.is_main_process and not result.stopped_by:  # weights only for a finished run
         export_weights(accelerator.unwrap_model(model), cfg, run.run_dir, result.step)
     trained = result.step - run.state["step"]  # this invocation's steps (a resumed run did the rest before)

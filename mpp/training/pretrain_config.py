@@ -10,6 +10,7 @@ from mpp.errors import UsageError
 from mpp.flags import flag
 from mpp.models.families import SUPPORTED
 from mpp.models.targets import TARGETS
+from mpp.training.fast_paths import FP8_LAYERS, FP8_RECIPES, SDPA_BACKENDS, check_fp8, check_sdpa_backend
 from mpp.training.run_config import RunConfig, validate_run
 
 # Reference batch of the paper's learning rate (Appendix B.1.2: Adam, 2e-4 at batch 4096).
@@ -56,6 +57,26 @@ class PretrainConfig(RunConfig):
     )
     grad_checkpointing: bool = flag(
         False, group="model", help="timm's activation checkpointing (less memory, ~30%% slower)"
+    )
+    fp8: str = flag(
+        "none",
+        group="model",
+        choices=list(FP8_RECIPES),
+        help="FP8 linear layers through torchao's float8 training, scaled per tensor or per row (a CUDA GPU with "
+        "FP8 tensor cores; pip install 'vit-mpp[fp8]'); the weights and their export stay as they are",
+    )
+    fp8_layers: str = flag(
+        "auto",
+        group="model",
+        choices=list(FP8_LAYERS),
+        help="which Linear layers --fp8 converts: auto (torchao's rule: only GEMMs large enough to gain) or all "
+        "(every one with dimensions that are multiples of 16)",
+    )
+    sdpa_backend: str = flag(
+        "auto",
+        group="model",
+        choices=list(SDPA_BACKENDS),
+        help="the kernel behind timm's fused attention (torch's scaled_dot_product_attention): auto is torch's choice",
     )
     target: str = flag("mean3bit", group="objective", choices=list(TARGETS), help="what each corrupted patch predicts")
     mask_ratio: float = flag(0.5, group="objective", help="share of patches corrupted per image")
@@ -134,6 +155,8 @@ def validate(cfg: PretrainConfig) -> None:
             "ViTs "
             "and Eva, e.g. vit_tiny_patch16_224"
         )
+    check_fp8(cfg.fp8, cfg.fp8_layers)
+    check_sdpa_backend(cfg.sdpa_backend)
     if cfg.target not in TARGETS:
         raise UsageError(f"--target {cfg.target!r} is not one of: {', '.join(TARGETS)}")
     if cfg.random_from not in ("batch", "image"):
