@@ -14,6 +14,7 @@ from datasets import (
 )
 
 from mpp.data.augment import augment_value
+from mpp.data.batch import Batch
 from mpp.data.decode import BadImage, image_name
 from mpp.data.sources import prepare_columns
 
@@ -102,7 +103,7 @@ class AugmentedImages(torch.utils.data.Dataset):
         ]
 
 
-def collate_images(items: list) -> dict:
+def collate_images(items: list) -> Batch:
     """Stack the images (and labels); name the bad ones so the training loop can count and report them.
 
     Items are image tensors, (image, label) pairs or BadImage. A bad image's slot is filled with a
@@ -119,7 +120,7 @@ def collate_images(items: list) -> dict:
     valid = torch.arange(len(filled)) < len(good)  # (B,)
     labelled = isinstance(filled[0], tuple)
     images = [x for x, _ in filled] if labelled else filled
-    batch = {"pixels": stack_images(images), "valid": valid, "bad": bad}  # pixels (B, 3, H, W) uint8
+    batch = Batch(pixels=stack_images(images), valid=valid, bad=bad)
     encoded = [(slot, x) for slot, x in enumerate(images) if not isinstance(x, torch.Tensor)]
     if encoded:  # --decode gpu: these slots are filled on the device (augment.decode_deferred)
         batch["encoded"] = encoded

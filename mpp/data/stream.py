@@ -100,7 +100,8 @@ class AugmentedStream(torch.utils.data.IterableDataset):
 
     @staticmethod
     def collate(items: list) -> dict:
-        """collate_images, plus which worker made the batch (or a gap batch of placeholders)."""
+        """collate_images' Batch plus "worker", which worker made it (or a gap batch of placeholders);
+        StreamLoader takes "worker" off again."""
         worker = torch.utils.data.get_worker_info()
         wid = worker.id if worker else 0
         if isinstance(items[0], StreamGap):

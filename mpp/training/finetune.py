@@ -14,6 +14,7 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 
 from mpp import __version__
+from mpp.data.batch import Batch
 from mpp.data.heldout import low_label_subset
 from mpp.data.images import AugmentedImages, collate_images
 from mpp.data.loader import default_workers, leave_stop_signals_to_main, training_loader
@@ -390,7 +391,7 @@ def finetune(cfg) -> dict:
         else None
     )
 
-    def classify_step(model, batch):
+    def classify_step(model, batch: Batch):
         x = (batch["pixels"].float() / 255 - mean) / std  # (B, 3, H, W)
         y = batch["labels"]
         if mixup is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mpp.data.batch import Batch
 from mpp.training.checkpoint import (
     latest_checkpoint,
     save_checkpoint,
@@ -43,7 +44,7 @@ class LoopSettings:
     max_nonfinite: int = 5  # consecutive optimiser steps with a non-finite gradient before giving up; 0: no check
     strict_data: bool = False  # an unreadable image stops the run instead of being skipped
     clock: Callable[[], float] = time.perf_counter  # seconds; tests pass a deterministic one
-    prepare_batch: Callable[[dict], dict] | None = (
+    prepare_batch: Callable[[Batch], Batch] | None = (
         None  # e.g. decoding on the device (--decode gpu), before the batch is counted
     )
     seed: int = 0  # on XLA, each micro-batch's device RNG seed derives from it (xla.seed_micro_batch)
@@ -212,7 +213,7 @@ class TrainingLoop:
             st.stream = iter(batches)
         return itertools.islice(st.stream, self.per_epoch - st.batches_in_epoch)  # the rest of this epoch
 
-    def train_micro_batch(self, batch: dict) -> bool:
+    def train_micro_batch(self, batch: Batch) -> bool:
         """Forward, backward and (at the end of an accumulation) the optimiser step on one micro-batch;
         True when the optimiser stepped (or skipped a non-finite step)."""
         st, s, accelerator, optimizer = self.state, self.s, self.accelerator, self.optimizer
