@@ -13,7 +13,7 @@ from datasets import (
     Dataset,
 )
 
-from mpp.data.augment import augment_value
+from mpp.data.augment import augment_value, defer_value
 from mpp.data.batch import Batch
 from mpp.data.decode import BadImage, image_name
 from mpp.data.sources import prepare_columns
@@ -97,10 +97,8 @@ class AugmentedImages(torch.utils.data.Dataset):
         ]
 
     def _augment_all(self, values_and_indices):
-        return [
-            augment_value(value, self.transform, image_name(value, index), self.defer)
-            for value, index in values_and_indices
-        ]
+        augment = defer_value if self.defer else augment_value
+        return [augment(value, self.transform, image_name(value, index)) for value, index in values_and_indices]
 
 
 def collate_images(items: list) -> Batch:
