@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import LAUNCH_2_CPU, TINY_MODEL
 from safetensors.torch import load_file
 
 from mpp.training.guards import NonFiniteError, NonFiniteGuard
@@ -20,12 +21,7 @@ from mpp.training.run_setup import init_processes, open_run
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TINY = [
-    "--model",
-    "test_vit",
-    "--img-size",
-    "28",
-    "--patch-size",
-    "7",
+    *TINY_MODEL,
     "--batch-size",
     "32",
     "--warmup-steps",
@@ -396,26 +392,8 @@ def test_ctrl_z_suspends_the_whole_job_and_ctrl_c_after_fg_still_checkpoints(dig
     os.close(terminal)
 
 
-LAUNCH_2 = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--num_cpu_threads_per_process",
-    "1",
-]
-
-
 def launch_2(args):
-    return LAUNCH_2 + [str(ROOT / "recipes" / "pretrain_mpp.py"), *TINY, "--batch-size", "16", *args]
+    return LAUNCH_2_CPU + [str(ROOT / "recipes" / "pretrain_mpp.py"), *TINY, "--batch-size", "16", *args]
 
 
 @pytest.mark.slow
