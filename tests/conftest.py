@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 # Tests never reach a hub: fail fast instead of retrying for a minute.
@@ -7,6 +8,27 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# accelerate's launcher with 2 CPU (gloo) processes of one thread each: the multi-process tests' launch.
+# benchmarks/soak_resume.py spells out its own: it runs as a script, outside pytest and this folder.
+LAUNCH_2_CPU = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--num_cpu_threads_per_process",
+    "1",
+]
+# the tiny pretraining model every end-to-end test trains (16 patches of 7 px)
+TINY_MODEL = ["--model", "test_vit", "--img-size", "28", "--patch-size", "7"]
 
 
 def _truthy(name: str) -> bool:

@@ -54,16 +54,16 @@ def test_unreadable_eval_images_are_left_out_of_top1():
 
     image = lambda c: torch.full((3, 2, 2), c, dtype=torch.uint8)  # noqa: E731
     items = [(image(0), 0), (image(1), 2), BadImage("x.png", "truncated"), (image(2), 0)]
-    acc = Accelerator(cpu=True)
-    loader = acc.prepare(torch.utils.data.DataLoader(items, batch_size=4, collate_fn=collate_images))
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(items, batch_size=4, collate_fn=collate_images))
     zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
-    assert top1(acc, PixelClassifier(), loader, zero, one) == (pytest.approx(1 / 3), 1)
+    assert top1(accelerator, PixelClassifier(), loader, zero, one) == (pytest.approx(1 / 3), 1)
     # two ranks: the mask must be gathered (and trimmed) with the predictions
     assert top1(TwoRanks(), PixelClassifier(), loader, zero, one) == (pytest.approx(2 / 6), 1)
     # across batches: 5 readable (2 right), 2 unreadable
     items += [(image(1), 1), BadImage("y.png", "empty"), (image(0), 1)]
-    loader = acc.prepare(torch.utils.data.DataLoader(items, batch_size=3, collate_fn=collate_images))
-    assert top1(acc, PixelClassifier(), loader, zero, one) == (pytest.approx(2 / 5), 2)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(items, batch_size=3, collate_fn=collate_images))
+    assert top1(accelerator, PixelClassifier(), loader, zero, one) == (pytest.approx(2 / 5), 2)
 
 
 class TwoRanks:

@@ -10,16 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LAUNCH_2_CPU, TINY_MODEL
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
 TINY = [
-    "--model",
-    "test_vit",
-    "--img-size",
-    "28",
-    "--patch-size",
-    "7",
+    *TINY_MODEL,
     "--batch-size",
     "32",
     "--warmup-steps",
@@ -44,22 +40,7 @@ def two_ranks(small_dataset, tmp_path_factory):
     """accelerate launch with 2 CPU ranks over the 96 digits, 16 per rank and step (3 steps an epoch);
     rank 1 gets SIGTERM during its step 2. (run folder, what each rank wrote)"""
     out = tmp_path_factory.mktemp("two_ranks") / "run"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_cpu_threads_per_process",
-        "1",
-    ]
+    launch = LAUNCH_2_CPU
     proc = subprocess.run(
         launch
         + [
@@ -399,22 +380,7 @@ def test_streaming_parquet_pretraining_and_resume(tmp_path, small_dataset):
 
 
 def test_a_failing_rank_fails_the_whole_launch_fast(tmp_path):
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_cpu_threads_per_process",
-        "1",
-    ]
+    launch = LAUNCH_2_CPU
     start = time.time()
     proc = subprocess.run(
         launch + ["tests/launch_fail.py", *TINY, "--max-steps", "50", "--output-dir", str(tmp_path / "run")],

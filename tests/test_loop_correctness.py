@@ -125,12 +125,12 @@ def test_each_optimiser_step_is_the_mean_gradient_of_its_own_micro_batches(tmp_p
     model = torch.nn.Linear(3, 2)
     start = [p.detach().clone() for p in model.parameters()]
     lr, epochs = 0.1, 2
-    acc = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
     loader = torch.utils.data.DataLoader(
         Rows(x, y), batch_size=2, shuffle=False, drop_last=True, collate_fn=collate_rows
     )
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    model, opt, loader = acc.prepare(model, opt, loader)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
     total = optimizer_steps(epochs, len(loader), 4)
     assert total == 4
 
@@ -149,7 +149,9 @@ def test_each_optimiser_step_is_the_mean_gradient_of_its_own_micro_batches(tmp_p
         progress=False,
         max_nonfinite=0,
     )
-    result = fit(Run(acc, tmp_path, None, dict(FRESH_STATE)), model, opt, loader, loader.dataset, step_fn, settings)
+    result = fit(
+        Run(accelerator, tmp_path, None, dict(FRESH_STATE)), model, opt, loader, loader.dataset, step_fn, settings
+    )
     assert result.step == total
 
     reference = torch.nn.Linear(3, 2)
@@ -166,7 +168,7 @@ def test_each_optimiser_step_is_the_mean_gradient_of_its_own_micro_batches(tmp_p
             with torch.no_grad():
                 for p, g in zip(reference.parameters(), grads):
                     p -= lr * g
-    for p, q in zip(acc.unwrap_model(model).parameters(), reference.parameters()):
+    for p, q in zip(accelerator.unwrap_model(model).parameters(), reference.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import LAUNCH_2_CPU, TINY_MODEL
 from safetensors.torch import load_file
 
 from mpp.training.guards import NonFiniteError, NonFiniteGuard
@@ -20,12 +21,7 @@ from mpp.training.run_setup import init_processes, open_run
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TINY = [
-    "--model",
-    "test_vit",
-    "--img-size",
-    "28",
-    "--patch-size",
-    "7",
+    *TINY_MODEL,
     "--batch-size",
     "32",
     "--warmup-steps",
@@ -396,26 +392,8 @@ def test_ctrl_z_suspends_the_whole_job_and_ctrl_c_after_fg_still_checkpoints(dig
     os.close(terminal)
 
 
-LAUNCH_2 = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--num_cpu_threads_per_process",
-    "1",
-]
-
-
 def launch_2(args):
-    return LAUNCH_2 + [str(ROOT / "recipes" / "pretrain_mpp.py"), *TINY, "--batch-size", "16", *args]
+    return LAUNCH_2_CPU + [str(ROOT / "recipes" / "pretrain_mpp.py"), *TINY, "--batch-size", "16", *args]
 
 
 @pytest.mark.slow
@@ -810,9 +788,9 @@ def test_fp16_on_cpu_keeps_the_nonfinite_guard(tmp_path, fresh_accelerate_state)
 
     from mpp.training.run_setup import FRESH_STATE, Run
 
-    acc = Accelerator(mixed_precision="fp16", cpu=True)
-    assert acc.mixed_precision == "fp16" and acc.scaler is None
-    run = Run(acc, tmp_path, None, dict(FRESH_STATE))
+    accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+    assert accelerator.mixed_precision == "fp16" and accelerator.scaler is None
+    run = Run(accelerator, tmp_path, None, dict(FRESH_STATE))
     model = torch.nn.Linear(3, 1)
     settings = LoopSettings(
         total_steps=6,
@@ -838,11 +816,14 @@ def test_fp16_with_a_grad_scaler_leaves_nonfinite_steps_to_it(tmp_path, fresh_ac
 
     from mpp.training.run_setup import FRESH_STATE, Run
 
-    acc = Accelerator(mixed_precision="fp16", cpu=True)
-    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**8)  # what accelerate does on a GPU
+    accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+    accelerator.native_amp, accelerator.scaler = (
+        True,
+        torch.amp.GradScaler("cpu", init_scale=2.0**8),
+    )  # what accelerate does on a GPU
     model = torch.nn.Linear(3, 1)
-    optimizer = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
-    run = Run(acc, tmp_path, None, dict(FRESH_STATE))
+    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    run = Run(accelerator, tmp_path, None, dict(FRESH_STATE))
     weights = []
     step_fn = nan_from(2)  # every batch after the second is NaN: far more in a row than max_nonfinite
 
@@ -864,4 +845,4 @@ def test_fp16_with_a_grad_scaler_leaves_nonfinite_steps_to_it(tmp_path, fresh_ac
     assert result.step == 6 and result.stopped_by is None
     assert not torch.equal(weights[0], weights[1])  # good steps moved the weights
     assert all(torch.equal(weights[1], w) for w in weights[2:])  # the NaN steps did not
-    assert acc.scaler.get_scale() == 2.0**8 / 2**4  # halved once per skipped step
+    assert accelerator.scaler.get_scale() == 2.0**8 / 2**4  # halved once per skipped step

@@ -212,21 +212,33 @@ def decode_deferred(
     return pixels, failed
 
 
-def augment_value(value, transform, name: str, defer: bool = False):
-    """One stored image -> its augmented (3, S, S) uint8 tensor, or (defer: --decode gpu) an EncodedCrop
-    for the training process to decode, or a BadImage saying why not. A transform that opens images
-    itself (augment.CropFlip) gets encoded files undecoded, so that it decodes only what its crop needs."""
+def augment_value(value, transform, name: str) -> torch.Tensor | BadImage:
+    """One stored image -> its augmented (3, S, S) uint8 tensor, decoded here (--decode cpu / pil), or a
+    BadImage saying why not (what collate_images counts). A transform that opens images itself
+    (augment.CropFlip) gets encoded files undecoded, so that it decodes only what its crop needs."""
+    return _augment_stored(value, transform, name, lambda opened: transform(opened, lambda: read_bytes(value)))
+
+
+def defer_value(value, transform, name: str) -> EncodedCrop | torch.Tensor | BadImage:
+    """--decode gpu, in a worker: an EncodedCrop of a JPEG the training process decodes on its device
+    (decode_deferred); any other image as augment_value gives it."""
+
+    def defer_or_crop(opened):
+        return defer_or_apply(opened, read_bytes(value), transform, name)
+
+    return _augment_stored(value, transform, name, defer_or_crop)
+
+
+def _augment_stored(value, transform, name: str, take_opened):
+    """take_opened(an opened, not yet decoded image) when the transform opens images itself and the value
+    is an encoded file, else transform(decoded image); any failure becomes a BadImage."""
     if getattr(transform, "opens_images", False) and isinstance(value, dict):
         try:
             opened = open_encoded(value)
             if opened is None:
                 return BadImage(name, "empty image entry")
             with opened:
-                return (
-                    defer_or_apply(opened, read_bytes(value), transform, name)
-                    if defer
-                    else transform(opened, lambda: read_bytes(value))
-                )
+                return take_opened(opened)
         except Exception as e:  # as open_image: truncated, corrupt, not an image, ...
             return BadImage(name, why(e))
     image, problem = open_image(value)

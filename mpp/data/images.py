@@ -13,7 +13,8 @@ from datasets import (
     Dataset,
 )
 
-from mpp.data.augment import augment_value
+from mpp.data.augment import augment_value, defer_value
+from mpp.data.batch import Batch
 from mpp.data.decode import BadImage, image_name
 from mpp.data.sources import prepare_columns
 
@@ -96,13 +97,11 @@ class AugmentedImages(torch.utils.data.Dataset):
         ]
 
     def _augment_all(self, values_and_indices):
-        return [
-            augment_value(value, self.transform, image_name(value, index), self.defer)
-            for value, index in values_and_indices
-        ]
+        augment = defer_value if self.defer else augment_value
+        return [augment(value, self.transform, image_name(value, index)) for value, index in values_and_indices]
 
 
-def collate_images(items: list) -> dict:
+def collate_images(items: list) -> Batch:
     """Stack the images (and labels); name the bad ones so the training loop can count and report them.
 
     Items are image tensors, (image, label) pairs or BadImage. A bad image's slot is filled with a
@@ -119,7 +118,7 @@ def collate_images(items: list) -> dict:
     valid = torch.arange(len(filled)) < len(good)  # (B,)
     labelled = isinstance(filled[0], tuple)
     images = [x for x, _ in filled] if labelled else filled
-    batch = {"pixels": stack_images(images), "valid": valid, "bad": bad}  # pixels (B, 3, H, W) uint8
+    batch = Batch(pixels=stack_images(images), valid=valid, bad=bad)
     encoded = [(slot, x) for slot, x in enumerate(images) if not isinstance(x, torch.Tensor)]
     if encoded:  # --decode gpu: these slots are filled on the device (augment.decode_deferred)
         batch["encoded"] = encoded

@@ -8,7 +8,7 @@ from datasets import (
     IterableDataset,
 )
 
-from mpp.data.augment import augment_value
+from mpp.data.augment import augment_value, defer_value
 from mpp.data.decode import image_name
 from mpp.data.images import collate_images, sample_seed, seeded
 from mpp.data.sources import prepare_columns
@@ -90,17 +90,19 @@ class AugmentedStream(torch.utils.data.IterableDataset):
                 yield from [StreamGap()] * self.batch_size
         seed = self.seed * 1009 + self.rank * 101 + wid
         # iterating self.ds in a worker reads that worker's shards only (datasets splits them)
+        augment = defer_value if self.defer else augment_value
         for j, row in itertools.islice(enumerate(self.ds), consumed, None):  # skipped rows are read, not decoded
             value = row[self.column]
             yield seeded(
-                lambda v, j=j: augment_value(v, self.transform, image_name(v, j), self.defer),
+                lambda v, j=j: augment(v, self.transform, image_name(v, j)),
                 value,
                 sample_seed(seed, self.epoch, j),
             )
 
     @staticmethod
     def collate(items: list) -> dict:
-        """collate_images, plus which worker made the batch (or a gap batch of placeholders)."""
+        """collate_images' Batch plus "worker", which worker made it (or a gap batch of placeholders);
+        StreamLoader takes "worker" off again."""
         worker = torch.utils.data.get_worker_info()
         wid = worker.id if worker else 0
         if isinstance(items[0], StreamGap):

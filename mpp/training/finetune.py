@@ -14,6 +14,7 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 
 from mpp import __version__
+from mpp.data.batch import Batch
 from mpp.data.heldout import low_label_subset
 from mpp.data.images import AugmentedImages, collate_images
 from mpp.data.loader import default_workers, leave_stop_signals_to_main, training_loader
@@ -244,7 +245,7 @@ def earlier_run_dir(run) -> Path | None:
 
 
 def score_best_on_test(
-    acc,
+    accelerator,
     model,
     test_loader,
     best_file: Path,
@@ -261,7 +262,7 @@ def score_best_on_test(
     keep_if_best(epoch, step, final, history)
     candidates = history + [{"epoch": epoch, "step": step, "top1": final}]
     best = max(candidates, key=lambda h: h["top1"])  # the first of equals, as keep_if_best keeps it
-    acc.wait_for_everyone()  # best.safetensors is written by the main process
+    accelerator.wait_for_everyone()  # best.safetensors is written by the main process
     saved = read_metadata(best_file) if best_file.is_file() else {}
     if saved.get("steps") != best["step"]:
         raise RunError(
@@ -270,7 +271,7 @@ def score_best_on_test(
         )
     plain_model(model).load_state_dict(load_tensors(best_file))
     predictions = {}
-    test, left_out = top1(acc, model, test_loader, mean, std, predictions)
+    test, left_out = top1(accelerator, model, test_loader, mean, std, predictions)
     return {
         "best_val_top1": best["top1"],
         "best_epoch": best["epoch"],
@@ -313,14 +314,14 @@ def finetune(cfg) -> dict:
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to, settings=cfg.to_dict())
-    acc = run.accelerator
+    accelerator = run.accelerator
 
-    global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     peak_lr = cfg.resolved("lr")
     opt_kwargs = (
         {"momentum": 0.9}
         if cfg.resolved("opt") in ("momentum", "sgd")
-        else fused_optimizer_kwargs(cfg.resolved("opt"), acc.device)
+        else fused_optimizer_kwargs(cfg.resolved("opt"), accelerator.device)
     )
     optimizer = create_optimizer_v2(
         model,
@@ -330,8 +331,8 @@ def finetune(cfg) -> dict:
         layer_decay=cfg.resolved("layer_decay"),
         **opt_kwargs,
     )
-    optimizer = sync_free_on_xla(optimizer, acc.device)
-    workers = default_workers(acc.device) if cfg.workers is None else cfg.workers
+    optimizer = sync_free_on_xla(optimizer, accelerator.device)
+    workers = default_workers(accelerator.device) if cfg.workers is None else cfg.workers
     train_images = AugmentedImages(
         data.train,
         data.image_column,
@@ -341,26 +342,29 @@ def finetune(cfg) -> dict:
     )
 
     train_loader = training_loader(
-        train_images, cfg.batch_size, cfg.seed, workers, acc.device, collate_images, acc.num_processes
+        train_images, cfg.batch_size, cfg.seed, workers, accelerator.device, collate_images, accelerator.num_processes
     )
-    model, optimizer, train_loader, eval_loader = acc.prepare(
-        model, optimizer, train_loader, held_out_loader(data.eval, data, arch["img_size"], cfg, workers, acc.device)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+        model,
+        optimizer,
+        train_loader,
+        held_out_loader(data.eval, data, arch["img_size"], cfg, workers, accelerator.device),
     )
     test_loader = (
-        acc.prepare(held_out_loader(data.test, data, arch["img_size"], cfg, workers, acc.device))
+        accelerator.prepare(held_out_loader(data.test, data, arch["img_size"], cfg, workers, accelerator.device))
         if data.test is not None
         else None
     )
     total_steps = cfg.max_steps or optimizer_steps(cfg.epochs, len(train_loader), cfg.grad_accum)
-    warmup = capped_warmup(cfg.resolved("warmup_steps"), total_steps, acc.print)
+    warmup = capped_warmup(cfg.resolved("warmup_steps"), total_steps, accelerator.print)
     if run.resume_from:
-        acc.load_state(str(run.resume_from))
+        accelerator.load_state(str(run.resume_from))
     else:
         set_seed(cfg.seed, device_specific=True)
 
     cfg.derived = dict(
         run_dir=str(run.run_dir),
-        num_processes=acc.num_processes,
+        num_processes=accelerator.num_processes,
         global_batch=global_batch,
         total_steps=total_steps,
         warmup_steps=warmup,
@@ -373,8 +377,8 @@ def finetune(cfg) -> dict:
     )
     start_logging(run, cfg.to_dict())
 
-    mean = torch.tensor(arch["mean"], device=acc.device).view(1, -1, 1, 1)
-    std = torch.tensor(arch["std"], device=acc.device).view(1, -1, 1, 1)
+    mean = torch.tensor(arch["mean"], device=accelerator.device).view(1, -1, 1, 1)
+    std = torch.tensor(arch["std"], device=accelerator.device).view(1, -1, 1, 1)
     mixing = cfg.resolved("mixup") > 0 or cfg.resolved("cutmix") > 0
     mixup = (
         Mixup(
@@ -387,7 +391,7 @@ def finetune(cfg) -> dict:
         else None
     )
 
-    def classify_step(model, batch):
+    def classify_step(model, batch: Batch):
         x = (batch["pixels"].float() / 255 - mean) / std  # (B, 3, H, W)
         y = batch["labels"]
         if mixup is not None:
@@ -402,13 +406,13 @@ def finetune(cfg) -> dict:
     # evaluations before a resume: from this run's metrics.jsonl (trimmed to the resume step) and,
     # resuming another folder's checkpoint, from that folder's (its best weights come along)
     earlier = earlier_run_dir(run)
-    if acc.is_main_process and earlier and cfg.test_split and (earlier / "best.safetensors").is_file():
+    if accelerator.is_main_process and earlier and cfg.test_split and (earlier / "best.safetensors").is_file():
         if not (run.run_dir / "best.safetensors").exists():
             shutil.copyfile(earlier / "best.safetensors", run.run_dir / "best.safetensors")
     metrics_files = ([earlier / "metrics.jsonl"] if earlier else []) + [run.run_dir / "metrics.jsonl"]
-    history = broadcast_object_list([eval_history(metrics_files, run.state["step"]) if acc.is_main_process else None])[
-        0
-    ]
+    history = broadcast_object_list(
+        [eval_history(metrics_files, run.state["step"]) if accelerator.is_main_process else None]
+    )[0]
     weights_meta = {
         **arch,
         "num_classes": len(data.class_names),
@@ -420,13 +424,13 @@ def finetune(cfg) -> dict:
 
     def keep_if_best(epoch: int, step: int, score: float, others: list[dict]) -> None:
         """--test-split: the weights of each new best validation top-1 go to best.safetensors."""
-        if cfg.test_split and acc.is_main_process and score > max((h["top1"] for h in others), default=-1.0):
+        if cfg.test_split and accelerator.is_main_process and score > max((h["top1"] for h in others), default=-1.0):
             save_classifier(best_file, model, {**weights_meta, "steps": step, "epoch": epoch, "val_top1": score})
 
     def evaluate(epoch: int, step: int) -> dict | None:
         if (epoch + 1) % cfg.eval_every:
             return None
-        score, _ = top1(acc, model, eval_loader, mean, std)
+        score, _ = top1(accelerator, model, eval_loader, mean, std)
         history[:] = [h for h in history if h["epoch"] != epoch]  # evaluated again after a resume at its end
         keep_if_best(epoch, step, score, history)
         history.append({"epoch": epoch, "step": step, "top1": score})
@@ -452,7 +456,7 @@ def finetune(cfg) -> dict:
         write_summary(run, result)
         finish(run)
         return {"stopped_by": result.stopped_by, "steps": result.step}
-    final, left_out = top1(acc, model, eval_loader, mean, std)
+    final, left_out = top1(accelerator, model, eval_loader, mean, std)
     results = {
         "final_top1": final,
         "best_top1": max([final] + [h["top1"] for h in history]),
@@ -466,7 +470,7 @@ def finetune(cfg) -> dict:
     }
     # the folder's model.safetensors is what the card's test top-1 describes: with --test-split the selected
     # (best validation) weights, the last ones beside it in last.safetensors
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         save_classifier(
             run.run_dir / ("last.safetensors" if cfg.test_split else "model.safetensors"),
             model,
@@ -478,19 +482,29 @@ def finetune(cfg) -> dict:
         )  # no step: a finished run
         results.update(
             score_best_on_test(
-                acc, model, test_loader, best_file, history, final, last_epoch, result.step, keep_if_best, mean, std
+                accelerator,
+                model,
+                test_loader,
+                best_file,
+                history,
+                final,
+                last_epoch,
+                result.step,
+                keep_if_best,
+                mean,
+                std,
             )
         )
         results["test_images"] = len(data.test)
         predictions = results.pop("test_predictions")
-        if acc.is_main_process:  # per image, for intervals over test images as well as seeds
+        if accelerator.is_main_process:  # per image, for intervals over test images as well as seeds
             (run.run_dir / "test_predictions.json").write_text(json.dumps(predictions))
             save_weights(run.run_dir / "model.safetensors", load_tensors(best_file), read_metadata(best_file))
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         write_timm_config(run.run_dir, plain_model(model), weights_meta, label_names=[str(c) for c in data.class_names])
         write_finetuning_card(run.run_dir, cfg, arch, results)
-        acc.print(
+        accelerator.print(
             f"top-1 on {cfg.eval_split}: final {final:.4f}, best {results['best_top1']:.4f}"
             + (f" ({left_out} unreadable images left out)" if left_out else "")
             + (
@@ -502,6 +516,6 @@ def finetune(cfg) -> dict:
         )
     write_summary(run, result, {"final_top1": final})
     finish(run)
-    if cfg.push_to_hub and acc.is_main_process:
+    if cfg.push_to_hub and accelerator.is_main_process:
         publish(run.run_dir, cfg.push_to_hub, cfg.hub_private)
     return results

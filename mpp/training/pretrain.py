@@ -10,6 +10,7 @@ from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 
 from mpp import __version__
+from mpp.data.batch import Batch
 from mpp.data.images import AugmentedImages, collate_images
 from mpp.data.loader import default_workers, leave_stop_signals_to_main, training_loader
 from mpp.data.sources import find_image_column, load_images
@@ -84,7 +85,7 @@ def device_decoder(img_size: int, device: torch.device):
     their slots; one that fails is counted as unreadable and its slot filled with a readable image."""
     from mpp.data.augment import decode_deferred
 
-    def prepare(batch: dict) -> dict:
+    def prepare(batch: Batch) -> Batch:
         encoded = batch.pop("encoded", None)
         if not encoded:
             return batch
@@ -391,7 +392,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     )
     start_logging(run, cfg.to_dict())
 
-    def mpp_step(model, batch):
+    def mpp_step(model, batch: Batch):
         out = model(batch["pixels"].to(accelerator.device, non_blocking=True))  # (B, 3, H, W) uint8
         return out.loss, out.accuracy
 
