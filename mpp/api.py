@@ -33,8 +33,15 @@ class RunResult:
 
 
 def pretrain(config=None, /, **settings) -> RunResult:
-    """One MPP pretraining run (see the module's docstring); its folder is a timm hub folder that
-    MPP.from_pretrained(run.run_dir) and timm.create_model("local-dir:...") load."""
+    """One MPP pretraining run in this process, as `python -m mpp pretrain` runs it.
+
+    `config` is a PretrainConfig, `settings` the flags as keywords (img_size=28 for --img-size 28; they win over
+    `config`). Both are checked as the command line checks them: a bad value raises mpp.errors.UsageError (a
+    ValueError) naming the flag, before anything is built. Returns a RunResult; its run_dir is a timm hub folder
+    that MPP.from_pretrained(run.run_dir) and timm.create_model("local-dir:...") load.
+
+        run = mpp.pretrain(dataset="mnist5k", max_steps=200, output_dir="runs/notebook")
+    """
     from mpp.commands.pretrain import build_parser
     from mpp.training.pretrain import pretrain as run_pretraining
     from mpp.training.pretrain_config import PretrainConfig, validate
@@ -45,7 +52,14 @@ def pretrain(config=None, /, **settings) -> RunResult:
 
 
 def finetune(config=None, /, **settings) -> RunResult:
-    """One fine-tuning run (see the module's docstring); RunResult.results holds its results.json."""
+    """One fine-tuning run in this process, as `python -m mpp finetune` runs it.
+
+    `config` is a FinetuneConfig, `settings` the flags as keywords (they win over `config`), checked as the
+    command line checks them (mpp.errors.UsageError before anything is built). Returns a RunResult whose results
+    holds results.json (top-1 per evaluation, the best epoch, test top-1), or None when a signal stopped the run.
+
+        tuned = mpp.finetune(init="runs/notebook/model.safetensors", dataset="fashion-mnist", train_per_class=100)
+    """
     from mpp.commands.finetune import build_parser
     from mpp.training.finetune import finetune as run_finetuning
     from mpp.training.finetune_config import FinetuneConfig, validate_finetune

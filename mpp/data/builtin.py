@@ -11,6 +11,7 @@ import numpy as np
 from datasets import Array3D, ClassLabel, Dataset, Features
 
 from mpp.data.clipart import CLIPART_CLASSES, OPENCLIPART_DIR, class_of, load_clipart
+from mpp.errors import UsageError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -240,7 +241,6 @@ BUILTIN_SPLITS = {
 
 def check_split(dataset: str, split: str, flag: str) -> None:
     """Raises UsageError when `dataset` is a built-in set without `split`, naming its splits."""
-    from mpp.errors import UsageError
 
     if dataset in BUILTIN_SPLITS and split not in BUILTIN_SPLITS[dataset]:
         raise UsageError(f"{flag} {split}: {dataset} has the splits {', '.join(BUILTIN_SPLITS[dataset])}")

@@ -106,7 +106,7 @@ def device_decoder(img_size: int, device: torch.device):
     return prepare
 
 
-FINAL_WINDOWS = 5  # the README's "final loss" is the mean of the last 5 logged windows
+FINAL_WINDOWS = 5  # the docs' "final loss" is the mean of the last 5 logged windows
 
 
 def last_records(run_dir: Path, has, count: int) -> list[dict]:
@@ -125,7 +125,7 @@ def last_record(run_dir: Path, has) -> dict:
 
 def final_training_metrics(run_dir: Path) -> tuple[dict, str]:
     """(mean loss and masked-patch accuracy over the last FINAL_WINDOWS logged windows, what that mean covers):
-    one window is too noisy to judge a run by, and the README's tables use this mean."""
+    one window is too noisy to judge a run by, and the evidence tables use this mean."""
     windows = last_records(run_dir, lambda r: "loss" in r, FINAL_WINDOWS)
     if not windows:
         return {}, "no logged window"

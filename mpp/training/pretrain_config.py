@@ -17,7 +17,7 @@ from mpp.training.run_config import RunConfig, validate_run
 PAPER_BASE_LR, PAPER_REF_BATCH = 2e-4, 4096
 
 
-DEFAULT_LR = 3e-4  # best of 1e-4, 3e-4, 1e-3, 3e-3 on mnist5k with these defaults (README, "Defaults")
+DEFAULT_LR = 3e-4  # best of 1e-4, 3e-4, 1e-3, 3e-3 on mnist5k with these defaults (docs/training.md, "Defaults")
 
 
 @dataclass
