@@ -12,7 +12,16 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from mpp.commands.pretrain import parse_config
-from mpp.data.augment import CropFlip, EncodedCrop, decode_deferred, draft_jpeg
+from mpp.data.augment import (
+    CropBox,
+    CropFlip,
+    EncodedCrop,
+    crop_batch,
+    crop_tensor,
+    decode_deferred,
+    decode_jpeg_rgb,
+    draft_jpeg,
+)
 from mpp.data.images import collate_images, seeded
 from mpp.data.loader import EpochBatches, default_workers
 from mpp.data.sources import load_images
@@ -281,6 +290,30 @@ def test_default_workers_scale_with_the_cores_per_process(monkeypatch):
     assert default_workers(torch.device("cuda")) == 7
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
     assert default_workers(torch.device("cpu")) == 0
+
+
+@pytest.mark.parametrize(
+    "box,size,mean_levels",
+    [
+        ((10, 20, 300, 280), 64, 2.0),  # downscaled ~4.5x: roi_align's box filter against the triangle one
+        ((5, 7, 150, 140), 224, 0.5),  # upscaled: the same bilinear interpolation
+        ((50, 60, 40, 30), 64, 0.5),
+    ],
+)
+def test_the_batched_crop_is_each_images_crop(box, size, mean_levels):
+    """--decode gpu crops a batch in one kernel (crop_batch): against crop_tensor, image by image, on images of
+    two sizes (the batch is padded), with and without flips."""
+    images = [decode_jpeg_rgb(jpeg_bytes(photo(seed, (500, 375) if seed % 2 else (320, 240)))) for seed in range(6)]
+    boxes = [CropBox(*box, flip=seed % 3 == 0) for seed in range(6)]
+    batched = crop_batch(images, boxes, size)
+    assert batched.shape == (6, 3, size, size) and batched.dtype == torch.uint8
+    each = torch.stack([crop_tensor(image, b, size) for image, b in zip(images, boxes)])
+    diff = (batched.float() - each.float()).abs()
+    assert diff.mean() < mean_levels, diff.mean()
+    assert all(diff[k].mean() < 2 * mean_levels for k in range(6)), [round(float(d.mean()), 2) for d in diff]
+    unflipped = crop_batch(images, [CropBox(*box, flip=False)] * 6, size)
+    for k, b in enumerate(boxes):  # a flip is exactly the mirror of the unflipped crop
+        assert torch.equal(batched[k], unflipped[k].flip(-1) if b.flip else unflipped[k])
 
 
 @pytest.mark.skipif(
