@@ -34,6 +34,7 @@ from results_io import load_average, package_versions, provenance, provenance_li
 from mpp.evaluation.stats import paired_difference
 from mpp.models.model import MPP, create_encoder
 from mpp.training.fast_paths import FP8_LAYERS, SDPA_BACKENDS, convert_to_fp8, sdpa_backend
+from mpp.training.run_config import COMPILE_MODES
 from mpp.training.schedule import fused_optimizer_kwargs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,7 +86,6 @@ def mpp_step(model, optimizer, images):
 # Each lever is one more MPP arm, alone on top of the "mpp" arm's settings (compiled when --compile is given):
 # fp8-RECIPE[-LAYERS] (torchao float8 training, mpp.training.fast_paths), sdpa-BACKEND (one attention kernel),
 # compile-MODE (torch.compile with that mode, e.g. max-autotune, which adds CUDA graphs).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LEVERS = (
     [
         f"fp8-{r}" + ("" if layers == "auto" else f"-{layers}")

@@ -82,10 +82,10 @@ def fp8_filter(recipe: str, layers: str = "auto", skip: tuple[str, ...] = ()):
 def convert_to_fp8(module: torch.nn.Module, recipe: str, layers: str = "auto", skip: tuple[str, ...] = ()):
     """Swap the chosen Linear layers of `module` (in place) for torchao's Float8Linear; the names swapped. The
     parameters are the same tensors, so optimisers built afterwards and the exported weights see no change."""
+    if recipe == "none":
+        return []  # torchao is not even imported (its import warns on stderr)
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    if recipe == "none":
-        return []
     keep = fp8_filter(recipe, layers, skip)
     chosen = [name for name, m in module.named_modules() if keep(m, name)]
     convert_to_float8_training(

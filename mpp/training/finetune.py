@@ -313,7 +313,16 @@ def finetune(cfg) -> dict:
     model, arch = build_classifier(cfg, len(data.class_names))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to, settings=cfg.to_dict())
+    run = open_run(
+        dist,
+        cfg.output_dir,
+        cfg.resume,
+        cfg.grad_accum,
+        cfg.compile,
+        cfg.report_to,
+        settings=cfg.to_dict(),
+        compile_mode=cfg.compile_mode,
+    )
     accelerator = run.accelerator
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum

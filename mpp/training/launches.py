@@ -40,6 +40,8 @@ ACCEPTED = frozenset(
         "strict_data",
         "threads",
         "compile",
+        "compile_mode",
+        "sdpa_backend",  # which attention kernel: how fast, not what is trained
         "grad_checkpointing",
         "workers",
         "derived",

@@ -355,7 +355,16 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     fp8_converted = convert_to_fp8(model.encoder, cfg.fp8, cfg.fp8_layers)
     ds, column = open_dataset(cfg, dist)
     labelled = load_monitor_data(cfg) if dist.is_main_process else None
-    run = open_run(dist, cfg.output_dir, cfg.resume, cfg.grad_accum, cfg.compile, cfg.report_to, settings=cfg.to_dict())
+    run = open_run(
+        dist,
+        cfg.output_dir,
+        cfg.resume,
+        cfg.grad_accum,
+        cfg.compile,
+        cfg.report_to,
+        settings=cfg.to_dict(),
+        compile_mode=cfg.compile_mode,
+    )
     accelerator = run.accelerator
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum

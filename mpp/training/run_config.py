@@ -11,6 +11,8 @@ from mpp.flags import flag
 from mpp.training.trackers import CHOICES as TRACKER_CHOICES
 from mpp.training.trackers import check_trackers
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
 
 @dataclass
 class RunConfig:
@@ -48,6 +50,13 @@ class RunConfig:
         "logging steps); 0: no check",
     )  # 0 also saves the host-device sync per step
     compile: bool = flag(False, group="run", help="torch.compile the model (accelerate's dynamo plugin, inductor)")
+    compile_mode: str = flag(
+        "default",
+        group="run",
+        choices=list(COMPILE_MODES),
+        help="torch.compile's mode with --compile: reduce-overhead and max-autotune add CUDA graphs, max-autotune "
+        "also searches kernels (minutes of compilation)",
+    )
     threads: int | None = flag(
         None,
         group="run",
@@ -94,6 +103,8 @@ def validate_run(cfg: RunConfig) -> None:
         raise UsageError(f"--epochs must be positive, got {cfg.epochs}")
     if (cfg.workers or 0) < 0 or (cfg.threads or 0) < 0 or cfg.max_nonfinite_steps < 0:
         raise UsageError("--workers, --threads and --max-nonfinite-steps must not be negative")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise UsageError(f"--compile-mode {cfg.compile_mode} needs --compile")
     check_trackers(cfg.report_to)
     if cfg.push_to_hub:
         from mpp.models.publish import check_can_push

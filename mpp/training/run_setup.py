@@ -84,6 +84,7 @@ def open_run(
     compile: bool = False,
     report_to: str = "tensorboard",
     settings: dict | None = None,
+    compile_mode: str = "default",  # torch.compile's mode with compile
 ) -> Run:
     """Name, check and make the run folder, find the checkpoint to resume from, create the Accelerator.
     settings: the run's configuration; a resume that changes what it trains is refused (launches.py)."""
@@ -113,7 +114,15 @@ def open_run(
         # non_blocking: batches from pinned memory are copied while the previous step still runs (GPU)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         # accelerate compiles in prepare() and unwraps for saving; `accelerate launch --dynamo_backend` works too
-        **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor")} if compile else {}),
+        **(
+            {
+                "dynamo_plugin": TorchDynamoPlugin(
+                    backend="inductor", mode=None if compile_mode == "default" else compile_mode
+                )
+            }
+            if compile
+            else {}
+        ),
     )
     launch = (
         launch_record(settings, accelerator.num_processes, accelerator.mixed_precision) if settings is not None else {}
