@@ -15,7 +15,7 @@ protocol is written before the first run.
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from mpp.experiments.harness import (
     write_json,
 )
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
-from mpp.flags import argv_for
+from mpp.flags import argv_for, flag
 from mpp.training.finetune_config import FinetuneConfig
 from mpp.training.pretrain_config import PretrainConfig
 
@@ -146,34 +146,90 @@ OBSERVATIONS = [
 ]
 
 
+def shown(default, *, help: str, **argparse_options):
+    """A flag of the ablation whose help ends with its default."""
+    return flag(default, help=help, show_default=True, **argparse_options)
+
+
 @dataclass
 class AblateConfig:
-    pretrain_dataset: str = (
-        "colour-mix"  # unlabelled colour images (clip art of every folder, train split, + photo crops)
+    pretrain_dataset: str = shown(  # clip art of every folder (train split) and photo crops
+        "colour-mix", help="unlabelled pretraining set"
     )
-    downstream: str = "clipart-downstream"
-    model: str = "test_vit"
-    img_size: int = 32
-    patch_size: int = 8  # 16 patches: 15% corrupts 2 of them, 75% 12; a 4x4 target cell is 2x2 pixels
-    steps: int = 400  # the default length before the gate; the length axis scales the budget the gate settles on
-    batch: int = 128
-    lr: float = 1e-3
-    metric: str = "linear_10shot_mean"  # decides the gate, the verdicts and (on validation) the best setting
-    gate_doublings: int = 1  # times the budget may double while the default does not beat a random encoder
-    shots: tuple[int, ...] = (5, 10)
-    finetune_epochs: float = 100  # the starting budget (tuning.py may double it)
-    finetune_batch: int = 64
-    eval_every: int = 5
-    lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1)  # the paper preset's; grown at an edge (tuning.py)
-    grid_extensions: int = 1  # fine-tuning lr grid steps added a side while an arm's best lr is on that edge
-    budget_doublings: int = 1  # of the fine-tuning budget while a chosen run has not converged
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    output_dir: str = "benchmarks/results"
-    runs_dir: str = "runs/ablate"
-    finetune: bool = True
-    resume: bool = False  # continue in runs_dir: finished stages are kept (experiment.reusing)
-    protocol_note: str | None = None  # why the protocol differs from the one already in output_dir (with resume)
-    settings: dict = field(default_factory=all_settings)
+    downstream: str = shown(
+        "clipart-downstream",
+        help="labelled set (train / validation / test) the frozen encoders are probed and fine-tuned on",
+    )
+    model: str = shown("test_vit", help="timm ViT")
+    img_size: int = shown(32, help="resolution of pretraining, probes and fine-tuning")
+    patch_size: int = shown(  # 16 patches: 15% corrupts 2 of them, 75% 12; a 4x4 target cell is 2x2 pixels
+        8, help="patch size"
+    )
+    steps: int = shown(
+        400,
+        help="pretraining steps of the default setting before the gate (the length axis takes 25/50/100/200%% of the "
+        "budget the gate settles on)",
+    )
+    batch: int = shown(128, help="pretraining batch")
+    lr: float = shown(1e-3, help="peak AdamW lr of every pretraining")
+    metric: str = shown(
+        "linear_10shot_mean",
+        help="probe metric that decides the gate and the best setting (on validation) and the verdicts (on test)",
+    )
+    gate_doublings: int = shown(
+        1,
+        help="times the budget may double while the default does not beat a random-init encoder on --metric "
+        "(validation)",
+    )
+    shots: tuple[int, ...] = shown((5, 10), help="few-shot linear probes: examples per class")
+    finetune_epochs: float = shown(  # the flag has always taken whole epochs (a float only from quick or code)
+        100,
+        help="starting fine-tuning budget in epochs (doubled once if a chosen run has not converged)",
+        type=int,
+    )
+    finetune_batch: int = shown(64, help="fine-tuning batch")
+    eval_every: int = shown(5, help="epochs between validation evaluations while fine-tuning")
+    lr_grid: tuple[float, ...] = shown(
+        (0.01, 0.03, 0.1),
+        help="fine-tuning learning rates (paper preset), grown once at an edge; the first seed's validation chooses "
+        "one per arm",
+    )
+    grid_extensions: int = shown(
+        1, help="fine-tuning lr grid steps added on a side while an arm's best lr is on that edge"
+    )
+    budget_doublings: int = shown(
+        1, help="times the fine-tuning budget may double while a chosen run has not converged"
+    )
+    seeds: tuple[int, ...] = shown((0, 1, 2, 3, 4), help="one full repetition per seed")
+    output_dir: str = shown(
+        "benchmarks/results", help="folder for ablation.md, ablation.json, ablation.png and ablation_protocol.json"
+    )
+    runs_dir: str = shown(
+        "runs/ablate", help="folder for the runs and their logs (must be empty or new, unless --resume)"
+    )
+    finetune: bool = flag(
+        True,
+        help="probes only: skip fine-tuning the default and best settings",
+        action="store_false",
+        flag_name="--no-finetune",
+    )
+    resume: bool = flag(  # finished stages are kept (experiment.reusing)
+        False,
+        help="continue a stopped ablation in --runs-dir: finished runs are kept, an unfinished one is run again",
+        action="store_true",
+    )
+    protocol_note: str | None = flag(
+        None, help="with --resume: why the protocol differs from the one already in --output-dir (kept beside it)"
+    )
+    settings: dict = flag(  # the parser gives names (None: all), the command turns them into settings
+        default_factory=all_settings,
+        help="run only these settings besides the default (run-folder names such "
+        "as target_pixels_l2 or rate_15pc); findings that need another are 'not run' (default: all)",
+        parser_default=None,
+        nargs="+",
+        metavar="SETTING",
+        type=str,
+    )
 
 
 def choose_settings(names: list[str]) -> dict:

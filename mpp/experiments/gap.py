@@ -38,7 +38,7 @@ from mpp.experiments.harness import (
     write_json,
 )
 from mpp.experiments.tuning import TuningRules, finetune_runner, tune
-from mpp.flags import argv_for
+from mpp.flags import argv_for, flag
 from mpp.training.finetune_config import FinetuneConfig
 from mpp.training.pretrain_config import PretrainConfig
 
@@ -82,35 +82,75 @@ SETTINGS = {
 }
 
 
+def override(default, *, help: str, shown: bool = True):
+    """A flag of the gap experiment: an override of its --setting's values, so the parser's default is None (not
+    given) and make_config fills the field in. shown=False for a field the setting decides: its help shows no
+    default."""
+    return flag(default, help=help, show_default=shown, parser_default=None)
+
+
 @dataclass
 class GapConfig:
-    setting: str = "grey"
-    upstream: str = "fashion-mnist-upstream"
-    downstream: str = "fashion-mnist-downstream"
-    train_per_class: int | None = 100  # None: every downstream training image
-    model: str = "test_vit"
-    img_size: int = 28
-    patch_size: int = 7
-    pretrain_steps: int = 500
-    pretrain_batch: int = 256
-    pretrain_lr: float = 1e-3
-    finetune_epochs: float = 100  # the starting budget; the best validation epoch is kept
-    finetune_batch: int = 100
-    eval_every: int = 5  # epochs between validation evaluations
-    presets: tuple[str, ...] = ("paper", "modern")  # fine-tuning recipes every arm is tuned over
-    paper_lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1)  # SGD momentum
-    modern_lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # AdamW with layer decay, Mixup/CutMix, RandAugment
-    grid_extensions: int = 1  # lr grid steps added a side while an arm's best lr is on that edge
-    budget_doublings: int = 1  # of the fine-tuning budget while a chosen run has not converged
-    shots: tuple[int, ...] = (1, 5, 10)
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    bootstrap: int = 10_000  # resamples of the two-level (seeds x test images) bootstrap
-    output_dir: str = "runs/gap"
-    eval_limit: int | None = None  # probes on a stratified part of the test split (quick mode)
-    resume: bool = (
-        False  # continue in output_dir: finished stages are kept (harness.reusing), the earlier protocol recorded
+    setting: str = flag(
+        "grey", help=f"data setting: {' or '.join(SETTINGS)} (grey is the headline, colour an illustration)"
     )
-    protocol_note: str | None = None  # why the protocol differs from the one already in output_dir (with resume)
+    upstream: str = override(
+        "fashion-mnist-upstream", help="pretraining set (its labels used only by the supervised arm)", shown=False
+    )
+    downstream: str = override(
+        "fashion-mnist-downstream", help="fine-tuning set with train / validation / test splits", shown=False
+    )
+    train_per_class: int | None = override(  # None: every downstream training image
+        100, help="labelled downstream training images per class (default colour: all)", shown=False
+    )
+    model: str = override("test_vit", help="timm ViT for every arm")
+    img_size: int = override(28, help="img size", shown=False)
+    patch_size: int = override(7, help="patch size", shown=False)
+    pretrain_steps: int = override(500, help="optimiser steps of both pretrainings", shown=False)
+    pretrain_batch: int = override(256, help="batch of both pretrainings", shown=False)
+    pretrain_lr: float = override(1e-3, help="peak AdamW lr of both pretrainings")
+    finetune_epochs: float = override(
+        100,
+        help="starting fine-tuning budget in epochs (doubled while a chosen run has not converged); the best "
+        "validation epoch is kept",
+        shown=False,
+    )
+    finetune_batch: int = override(100, help="fine-tuning batch", shown=False)
+    eval_every: int = override(5, help="epochs between validation evaluations while fine-tuning", shown=False)
+    presets: tuple[str, ...] = override(
+        ("paper", "modern"), help="fine-tuning presets every arm is tuned over (paper, modern)"
+    )
+    paper_lr_grid: tuple[float, ...] = override(
+        (0.01, 0.03, 0.1), help="learning rates of the paper preset (SGD momentum)"
+    )
+    modern_lr_grid: tuple[float, ...] = override(  # AdamW with layer decay, Mixup/CutMix, RandAugment
+        (3e-4, 1e-3, 3e-3), help="learning rates of the modern preset (AdamW)"
+    )
+    grid_extensions: int = override(
+        1, help="lr grid steps added on a side while an arm's best lr in the grid is on that edge"
+    )
+    budget_doublings: int = override(
+        1, help="times the fine-tuning budget may double while a chosen run has not converged"
+    )
+    shots: tuple[int, ...] = override((1, 5, 10), help="few-shot linear probes: examples per class")
+    seeds: tuple[int, ...] = override(  # the setting decides, but the help has always shown grey's
+        (0, 1, 2, 3, 4),
+        help="one full repetition per seed; the first one chooses every arm's fine-tuning recipe on validation",
+    )
+    bootstrap: int = override(
+        10_000, help="resamples of the two-level bootstrap (seeds x test images) of the primary comparison"
+    )
+    output_dir: str = override("runs/gap", help="folder for every run, results.md, results.json and gap.png")
+    eval_limit: int | None = None  # no flag: probes on a stratified part of the test split (quick mode)
+    resume: bool = flag(  # finished stages are kept (harness.reusing), the earlier protocol recorded
+        False,
+        help="continue in --output-dir: finished runs are kept and only missing ones run "
+        "(also to widen a finished experiment's grid or budget; its earlier protocol is kept on record)",
+        action="store_true",
+    )
+    protocol_note: str | None = flag(
+        None, help="with --resume, why the protocol changed (recorded in protocol.json and results.md)"
+    )
 
     def grids(self) -> dict:
         return {p: getattr(self, f"{p}_lr_grid") for p in self.presets}
