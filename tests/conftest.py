@@ -9,24 +9,30 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# accelerate's launcher with 2 CPU (gloo) processes of one thread each: the multi-process tests' launch.
-# benchmarks/soak_resume.py spells out its own: it runs as a script, outside pytest and this folder.
-LAUNCH_2_CPU = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--num_cpu_threads_per_process",
-    "1",
-]
+
+def accelerate_launch(processes: int, threads: int | None = None) -> list[str]:
+    """accelerate's launcher on this machine's CPUs, every setting given (no config file is read): one process,
+    or several over gloo (`--multi_gpu` with ACCELERATE_USE_CPU; `--cpu --num_processes 2` would run one)."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *(["--multi_gpu"] if processes > 1 else []),
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *(["--num_cpu_threads_per_process", str(threads)] if threads else []),
+    ]
+
+
+# 2 CPU processes of one thread each: the multi-process tests' launch. benchmarks/soak_resume.py spells out its
+# own: it runs as a script, outside pytest and this folder.
+LAUNCH_2_CPU = accelerate_launch(2, threads=1)
 # the tiny pretraining model every end-to-end test trains (16 patches of 7 px)
 TINY_MODEL = ["--model", "test_vit", "--img-size", "28", "--patch-size", "7"]
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import timm
 import torch
+from conftest import accelerate_launch
 from safetensors.torch import load_file, save_file
 
 from mpp import load_backbone
@@ -288,21 +289,7 @@ def test_eva_recipe_through_accelerate_loads_in_plain_timm(tmp_path):
     data = tmp_path / "digits"
     mnist5k().select(range(64)).save_to_disk(str(data))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_cpu_threads_per_process",
-        "2",
-    ]
+    launch = accelerate_launch(1, threads=2)
     out = tmp_path / "run"
     proc = subprocess.run(
         launch

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import LAUNCH_2_CPU, TINY_MODEL
+from conftest import LAUNCH_2_CPU, TINY_MODEL, accelerate_launch
 from safetensors.torch import load_file
 
 from mpp.training.guards import NonFiniteError, NonFiniteGuard
@@ -249,17 +249,7 @@ def test_ctrl_c_under_accelerate_launch_piped_to_tee_checkpoints_however_long_it
 
     out, log = tmp_path / "run", tmp_path / "log"
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(1),
         str(ROOT / "tests" / "launch_slow_checkpoint.py"),
         *TINY,
         "--dataset",
@@ -325,17 +315,7 @@ def test_ctrl_z_suspends_the_whole_job_and_ctrl_c_after_fg_still_checkpoints(dig
 
     out = tmp_path / "run"
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(1),
         str(ROOT / "recipes" / "pretrain_mpp.py"),
         *TINY,
         "--dataset",

@@ -27,7 +27,7 @@ from mpp.models.weights import load_encoder_weights, load_tensors, read_metadata
 from mpp.training.guards import RunError
 from mpp.training.loop import LoopSettings, fit, write_summary
 from mpp.training.pretrain_config import check_batch_fits, lr_at, optimizer_steps
-from mpp.training.run_setup import finish, init_processes, open_run, start_logging
+from mpp.training.run_setup import finish, init_processes, open_run_for, start_logging
 from mpp.training.schedule import capped_warmup, fused_optimizer_kwargs
 from mpp.training.xla import sync_free_on_xla
 
@@ -313,16 +313,7 @@ def finetune(cfg) -> dict:
     model, arch = build_classifier(cfg, len(data.class_names))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    run = open_run(
-        dist,
-        cfg.output_dir,
-        cfg.resume,
-        cfg.grad_accum,
-        cfg.compile,
-        cfg.report_to,
-        settings=cfg.to_dict(),
-        compile_mode=cfg.compile_mode,
-    )
+    run = open_run_for(dist, cfg)
     accelerator = run.accelerator
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum

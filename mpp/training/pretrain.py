@@ -24,7 +24,7 @@ from mpp.models.publish import publish
 from mpp.training.fast_paths import convert_to_fp8, sdpa_backend
 from mpp.training.loop import LoopSettings, fit, write_summary
 from mpp.training.pretrain_config import PretrainConfig, check_batch_fits, lr_at, optimizer_steps, resolve_lr, validate
-from mpp.training.run_setup import finish, init_processes, open_run, start_logging, write_record
+from mpp.training.run_setup import finish, init_processes, open_run_for, start_logging, write_record
 from mpp.training.schedule import capped_warmup, fused_optimizer_kwargs
 from mpp.training.trackers import tracker_names
 from mpp.training.xla import sync_free_on_xla
@@ -355,16 +355,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     fp8_converted = convert_to_fp8(model.encoder, cfg.fp8, cfg.fp8_layers)
     ds, column = open_dataset(cfg, dist)
     labelled = load_monitor_data(cfg) if dist.is_main_process else None
-    run = open_run(
-        dist,
-        cfg.output_dir,
-        cfg.resume,
-        cfg.grad_accum,
-        cfg.compile,
-        cfg.report_to,
-        settings=cfg.to_dict(),
-        compile_mode=cfg.compile_mode,
-    )
+    run = open_run_for(dist, cfg)
     accelerator = run.accelerator
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum

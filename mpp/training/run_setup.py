@@ -76,6 +76,20 @@ class Run:
     records: int = 0  # metrics.jsonl records so far (main process); each checkpoint stores the count
 
 
+def open_run_for(dist: PartialState, cfg) -> Run:
+    """open_run with a command's RunConfig: its folder, resume, accumulation, compilation and trackers."""
+    return open_run(
+        dist,
+        cfg.output_dir,
+        cfg.resume,
+        cfg.grad_accum,
+        cfg.compile,
+        cfg.report_to,
+        settings=cfg.to_dict(),
+        compile_mode=cfg.compile_mode,
+    )
+
+
 def open_run(
     dist: PartialState,
     output_dir: str | None,
