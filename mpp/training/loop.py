@@ -30,6 +30,9 @@ from mpp.training.xla import (
 
 @dataclass
 class LoopSettings:
+    """What fit needs to know besides the model, optimiser and data: length, schedule, logging, checkpoints,
+    stops, and the hooks a recipe plugs in."""
+
     total_steps: int
     lr_at: Callable[[int], float]  # optimiser step -> learning rate
     clip_grad: float
@@ -52,6 +55,9 @@ class LoopSettings:
 
 @dataclass
 class LoopResult:
+    """What fit ends with: the step reached, unreadable images over all processes, skipped steps and the signal
+    that stopped it early, if any."""
+
     step: int
     bad_images: int  # over all processes
     bad_examples: list = field(default_factory=list)  # (name, reason), the first few
