@@ -3,6 +3,10 @@ resume; JPEG draft decoding keeps torchvision's crop boxes and flips; the --deco
 the CPU through the same code) gives the CPU path's crops; --decode gpu is refused without CUDA."""
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,8 +241,8 @@ def test_gpu_path_gives_the_cpu_paths_crops(jpeg_folder, accelerator, img_size):
     """--decode gpu, run on the CPU through the same code (libjpeg-turbo instead of nvJPEG): workers
     hand over bytes and boxes, the process decodes, crops, resizes and flips. Against Pillow decoding
     whole images (pil): the same crops, at most 1 level apart (torch's antialiased bilinear resize, not
-    PIL's). Against the default cpu path: identical wherever that path does not draft-decode (128 px
-    outputs from 240x320 images never allow a 2x reduction)."""
+    PIL's). Against the default cpu path: within 1 level wherever that path does not draft-decode (128 px
+    outputs from 240x320 images never allow a 2x reduction): the batch is resized at once, by matrix products."""
     reference = {}
     for decode in ("pil", "cpu"):
         images, loader = loader_for(jpeg_folder, accelerator, 0, decode, img_size)
@@ -253,8 +257,9 @@ def test_gpu_path_gives_the_cpu_paths_crops(jpeg_folder, accelerator, img_size):
         b = prepare(batch)["pixels"]
         diff = (a.float() - b.float()).abs()
         assert diff.mean() < 0.05 and diff.max() <= 1, (diff.mean(), diff.max())  # measured: mean 0.001, max 1
-        if img_size == 128:
-            assert torch.equal(b, c)
+        if img_size == 128:  # the same filter; float weights against torch's fixed-point uint8 resize
+            gap = (b.float() - c.float()).abs()
+            assert gap.max() <= 1 and gap.mean() < 0.05, (gap.mean(), gap.max())
     assert deferred == 24
 
 
@@ -293,24 +298,19 @@ def test_default_workers_scale_with_the_cores_per_process(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "box,size,mean_levels",
-    [
-        ((10, 20, 300, 280), 64, 2.0),  # downscaled ~4.5x: roi_align's box filter against the triangle one
-        ((5, 7, 150, 140), 224, 0.5),  # upscaled: the same bilinear interpolation
-        ((50, 60, 40, 30), 64, 0.5),
-    ],
+    "box,size", [((10, 20, 200, 180), 64), ((0, 0, 230, 310), 128), ((5, 7, 150, 140), 224), ((50, 60, 40, 30), 64)]
 )
-def test_the_batched_crop_is_each_images_crop(box, size, mean_levels):
-    """--decode gpu crops a batch in one kernel (crop_batch): against crop_tensor, image by image, on images of
-    two sizes (the batch is padded), with and without flips."""
+def test_the_batched_crop_is_each_images_crop(box, size):
+    """--decode gpu crops a whole batch at once (crop_batch): against crop_tensor, image by image, shrinking and
+    enlarging, on images of two sizes (the batch is padded), with and without flips: within 1 level (float
+    weights against torch's fixed-point uint8 resize)."""
     images = [decode_jpeg_rgb(jpeg_bytes(photo(seed, (500, 375) if seed % 2 else (320, 240)))) for seed in range(6)]
     boxes = [CropBox(*box, flip=seed % 3 == 0) for seed in range(6)]
     batched = crop_batch(images, boxes, size)
     assert batched.shape == (6, 3, size, size) and batched.dtype == torch.uint8
     each = torch.stack([crop_tensor(image, b, size) for image, b in zip(images, boxes)])
     diff = (batched.float() - each.float()).abs()
-    assert diff.mean() < mean_levels, diff.mean()
-    assert all(diff[k].mean() < 2 * mean_levels for k in range(6)), [round(float(d.mean()), 2) for d in diff]
+    assert diff.max() <= 1 and diff.mean() < 0.05, (diff.mean(), diff.max())  # measured: mean 0.001-0.016
     unflipped = crop_batch(images, [CropBox(*box, flip=False)] * 6, size)
     for k, b in enumerate(boxes):  # a flip is exactly the mirror of the unflipped crop
         assert torch.equal(batched[k], unflipped[k].flip(-1) if b.flip else unflipped[k])
@@ -441,3 +441,24 @@ def test_seeded_transforms_in_two_threads_draw_what_they_draw_alone():
     for t in threads:
         t.join()
     assert together == alone
+
+
+def test_a_process_exits_although_a_loader_was_never_shut_down(tmp_path):
+    """The workers ignore SIGTERM (the training process owns the stop signals), which multiprocessing's exit
+    would wait on forever when a loader was never shut down (an exception still holding its iterator, as a
+    failed test does): the process exits, quietly, and leaves no worker behind."""
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import torch\n"
+        "from mpp.data.loader import leave_stop_signals_to_main\n"
+        "loader = torch.utils.data.DataLoader(list(range(64)), batch_size=4, num_workers=1, persistent_workers=True,\n"
+        "                                     worker_init_fn=leave_stop_signals_to_main)\n"
+        "kept = iter(loader)\n"
+        "next(kept)\n"
+        "print(kept._workers[0].pid, flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    worker = int(done.stdout.split()[0])
+    assert not Path(f"/proc/{worker}").exists() or "zombie" in Path(f"/proc/{worker}/status").read_text()

@@ -13,8 +13,8 @@ a seeded sample gets the same box and flip whichever way it is decoded (--decode
   and torch crops and resizes the tensor (antialiased bilinear, within 1 level of PIL's): 2-3x less CPU
   than `pil` on ImageNet-sized JPEGs (benchmarks/bench_data.py);
 - `gpu`: the worker hands over the JPEG's bytes and the box; the training process decodes the batch
-  with nvJPEG and crops, resizes and flips the whole batch on the device in one roi_align kernel
-  (`decode_deferred`, `crop_batch`).
+  with nvJPEG and crops, resizes and flips the whole batch on the device at once, with the `cpu` path's
+  filter as two batched matrix products (`decode_deferred`, `crop_batch`).
 
 Other images (PNG, CMYK, EXIF-rotated JPEGs, arrays) take the `pil` path in every mode.
 """
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image as PILImage
-from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
@@ -127,25 +126,42 @@ def crop_tensor(image: torch.Tensor, box: CropBox, size: int) -> torch.Tensor:
 
 
 def crop_batch(images: list[torch.Tensor], boxes: list[CropBox], size: int) -> torch.Tensor:
-    """Each (3, H_i, W_i) uint8 image's box resized to (size, size) and flipped if asked, for the whole batch in
-    one roi_align kernel -> (N, 3, size, size) uint8 (per-image resizes cost a kernel launch each, which starves
-    a GPU step). The images are zero-padded to one (N, 3, H, W) tensor; a box never samples the padding.
-    roi_align averages ceil(box / size) bilinear samples per output pixel along each axis: a box filter where
-    crop_tensor's antialiasing uses a triangle one, so a downscaled crop differs from crop_tensor's by a level
-    or two on average; an upscaled one (one sample per pixel) is the same bilinear interpolation."""
+    """Each (3, H_i, W_i) uint8 image's box resized to (size, size) and flipped if asked, for the whole batch at
+    once -> (N, 3, size, size) uint8 (per-image resizes cost a kernel launch each, which starves a GPU step).
+    The resize is crop_tensor's antialiased bilinear (PIL's triangle filter, widened by the scale when shrinking,
+    confined to the box) written as two batched matrix products: out_n = Wy_n @ (image_n @ Wx_n^T), the images
+    zero-padded to one (N, 3, H, W) tensor that no weight reaches. Within 1 level of crop_tensor."""
     height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
     padded = images[0].new_zeros(len(images), 3, height, width, dtype=torch.float32)  # (N, 3, H, W)
     for k, image in enumerate(images):
         padded[k, :, : image.shape[1], : image.shape[2]] = image
-    rois = torch.tensor(  # (N, 5): image index, x1, y1, x2, y2 in pixels (aligned=True: pixel centres at +0.5)
-        [[k, b.left, b.top, b.left + b.width, b.top + b.height] for k, b in enumerate(boxes)],
-        dtype=torch.float32,
-        device=padded.device,
-    )
-    out = roi_align(padded, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    flips = torch.tensor([b.flip for b in boxes], device=out.device)[:, None, None, None]  # (N, 1, 1, 1)
+    device = padded.device
+    rows = resize_weights([b.top for b in boxes], [b.height for b in boxes], size, height, device)  # (N, S, H)
+    cols = resize_weights([b.left for b in boxes], [b.width for b in boxes], size, width, device)  # (N, S, W)
+    # along the width first, rounded to whole levels between the passes, as Pillow and torch's uint8 resize do
+    wide = torch.einsum("nchw,ntw->ncht", padded, cols).round_().clamp_(0, 255)  # (N, 3, H, S)
+    out = torch.einsum("nsh,ncht->ncst", rows, wide)  # (N, 3, S, S)
+    flips = torch.tensor([b.flip for b in boxes], device=device)[:, None, None, None]  # (N, 1, 1, 1)
     out = torch.where(flips, out.flip(-1), out)
     return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize_weights(starts: list[int], lengths: list[int], size: int, extent: int, device) -> torch.Tensor:
+    """(N, size, extent) weights of an antialiased bilinear resize of each crop [start, start + length) of an axis
+    to `size` samples, as PIL and torch's antialiased upsampling compute them: output o has its centre at
+    scale * (o + 0.5) in the crop, a triangle filter of half-width max(scale, 1), taps from
+    trunc(centre - support + 0.5) to trunc(centre + support + 0.5) clipped to the crop, normalised to sum 1."""
+    start = torch.tensor(starts, dtype=torch.float64, device=device)[:, None, None]  # (N, 1, 1)
+    length = torch.tensor(lengths, dtype=torch.float64, device=device)[:, None, None]
+    scale = length / size
+    stretch = scale.clamp(min=1.0)  # the filter widens when shrinking: that is the antialiasing
+    centre = scale * (torch.arange(size, dtype=torch.float64, device=device)[None, :, None] + 0.5)  # (N, S, 1)
+    tap = torch.arange(extent, dtype=torch.float64, device=device)[None, None, :] - start  # (N, 1, E) in the crop
+    first = torch.trunc(centre - stretch + 0.5).clamp(min=0)
+    last = torch.minimum(torch.trunc(centre + stretch + 0.5), length)  # exclusive
+    weights = (1 - ((tap - centre + 0.5) / stretch).abs()).clamp(min=0)
+    weights = weights * ((tap >= first) & (tap < last))
+    return (weights / weights.sum(-1, keepdim=True)).float()
 
 
 def decode_jpeg_rgb(data, device="cpu"):

@@ -11,8 +11,12 @@ Each index carries its epoch, so the augmentation seeds (data.sample_seed) follo
 an iterator per epoch; a resume skips into the stream as before.
 """
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers its exit hook now, before ours (atexit runs the last first)
 import os
 import signal
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -60,6 +64,31 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
     sees it gone; SIGKILL still kills them). torch seeds a worker before this runs, and this draws nothing."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def kill_workers_left_at_exit() -> None:
+    """At interpreter exit multiprocessing stops its daemonic children with SIGTERM, which these workers ignore,
+    and then waits for them: an exit that skipped a loader's shutdown (an exception still holding its iterator)
+    would wait forever. Such a child gets SIGKILL instead, the only signal it still obeys. Registered after
+    multiprocessing's own exit hook, so it runs first (atexit runs the last registered first)."""
+    stuck = [child for child in multiprocessing.active_children() if child.daemon and ignores_sigterm(child.pid)]
+    if stuck:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these kills as worker failures
+        for child in stuck:
+            child.kill()
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """Whether process pid ignores SIGTERM (Linux's /proc/PID/status SigIgn mask; False where it cannot be read)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    ignored = next((line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), "0")
+    return bool(int(ignored, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+atexit.register(kill_workers_left_at_exit)
 
 
 def training_loader(
