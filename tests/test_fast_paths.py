@@ -13,7 +13,12 @@ from mpp.models.model import MPP, create_encoder
 from mpp.training import fast_paths
 from mpp.training.fast_paths import check_fp8, convert_to_fp8, fp8_filter, sdpa_backend
 
-pytest.importorskip("torchao", reason="the fp8 extra (torchao) is part of the test extra")
+
+@pytest.fixture
+def torchao():
+    """torchao (the fp8 extra, part of the test extra), imported only by the tests that use it: collecting this
+    file imports nothing of it, so a tier with another torch (the XLA venv) never loads it."""
+    return pytest.importorskip("torchao", reason="the fp8 extra (torchao) is part of the test extra")
 
 
 def test_unknown_values_are_refused_in_one_line():
@@ -26,7 +31,7 @@ def test_unknown_values_are_refused_in_one_line():
             call()
 
 
-def test_fp8_is_refused_without_a_gpu_that_has_fp8_tensor_cores(monkeypatch):
+def test_fp8_is_refused_without_a_gpu_that_has_fp8_tensor_cores(monkeypatch, torchao):
     monkeypatch.delenv(fast_paths.EMULATE_ON_CPU, raising=False)
     check_fp8("none", cuda=False)  # the default asks for nothing
     with pytest.raises(UsageError, match="needs a CUDA GPU with FP8 tensor cores.*has none"):
@@ -57,7 +62,7 @@ CONVERTED = {
 
 
 @pytest.mark.parametrize("model,recipe", CONVERTED)
-def test_the_auto_filter_keeps_small_gemms_in_bf16(model, recipe):
+def test_the_auto_filter_keeps_small_gemms_in_bf16(model, recipe, torchao):
     dim, hidden = BLOCKS[model]
     shapes = {"qkv": (3 * dim, dim), "proj": (dim, dim), "fc1": (hidden, dim), "fc2": (dim, hidden)}
     keep = fp8_filter(recipe)
@@ -70,7 +75,7 @@ def test_the_auto_filter_keeps_small_gemms_in_bf16(model, recipe):
     assert not every(torch.nn.Linear(dim, 512), "head")  # skipped by name
 
 
-def test_a_converted_model_trains_and_exports_the_same_weights_for_timm(tmp_path):
+def test_a_converted_model_trains_and_exports_the_same_weights_for_timm(tmp_path, torchao):
     """FP8 swaps modules, not parameters: the state dict has the same keys and tensors, training steps run, and
     the folder save_pretrained writes loads strictly into plain timm with exactly the trained weights."""
     from torchao.float8.float8_linear import Float8Linear
@@ -124,7 +129,7 @@ def test_the_module_docstring_states_the_filter_as_tested():
     assert "ViT-B/16's qkv (768 -> 2304) and\n              fc1 (768 -> 3072)" in doc and "ViT-H/14's fc1" in doc
 
 
-def test_emulation_on_cpu_is_asked_for_by_name(monkeypatch):
+def test_emulation_on_cpu_is_asked_for_by_name(monkeypatch, torchao):
     monkeypatch.setenv(fast_paths.EMULATE_ON_CPU, "1")
     check_fp8("tensorwise", cuda=False)
     monkeypatch.setenv(fast_paths.EMULATE_ON_CPU, "0")
@@ -132,7 +137,7 @@ def test_emulation_on_cpu_is_asked_for_by_name(monkeypatch):
         check_fp8("tensorwise", cuda=False)
 
 
-def test_an_fp8_run_writes_a_folder_plain_timm_loads_strictly(tmp_path, monkeypatch):
+def test_an_fp8_run_writes_a_folder_plain_timm_loads_strictly(tmp_path, monkeypatch, torchao):
     """The whole recipe with --fp8 (emulated on this CPU): the layers the filter picks are converted before
     training, the run trains, and its folder loads into timm with no torchao module and the trained weights."""
     import json
