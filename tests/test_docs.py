@@ -87,3 +87,16 @@ def test_the_site_builds_strictly(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "site" / "reference" / "objective" / "index.html").read_text().count("from_pretrained") > 0
+    # the Flags page is written from the commands' parsers: every flag of every command is on it
+    import argparse
+    import importlib
+
+    from mpp.commands import COMMANDS
+
+    flags_page = (tmp_path / "site" / "flags" / "index.html").read_text()
+    for command in COMMANDS.values():
+        parser = importlib.import_module(command.module).build_parser()
+        for action in parser._actions:
+            if not isinstance(action, argparse._HelpAction):
+                for flag in action.option_strings:
+                    assert f"<code>{flag}</code>" in flags_page, (command.module, flag)
