@@ -6,6 +6,8 @@ A block that cannot run offline says so on the line before its fence, with the r
 The placeholder `runs/<date-time>` (the folder a run writes) stands for a finished tiny run made here.
 """
 
+import argparse
+import importlib
 import os
 import re
 import subprocess
@@ -13,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from mpp.commands import COMMANDS
 
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -88,11 +92,6 @@ def test_the_site_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "site" / "reference" / "objective" / "index.html").read_text().count("from_pretrained") > 0
     # the Flags page is written from the commands' parsers: every flag of every command is on it
-    import argparse
-    import importlib
-
-    from mpp.commands import COMMANDS
-
     flags_page = (tmp_path / "site" / "flags" / "index.html").read_text()
     for command in COMMANDS.values():
         parser = importlib.import_module(command.module).build_parser()

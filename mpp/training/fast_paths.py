@@ -85,13 +85,11 @@ def convert_to_fp8(module: torch.nn.Module, recipe: str, layers: str = "auto", s
     if recipe == "none":
         return []  # torchao is not even imported (its import warns on stderr)
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
 
-    keep = fp8_filter(recipe, layers, skip)
-    chosen = [name for name, m in module.named_modules() if keep(m, name)]
-    convert_to_float8_training(
-        module, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=lambda m, fqn: keep(m, fqn)
-    )
-    return chosen
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    convert_to_float8_training(module, config=config, module_filter_fn=fp8_filter(recipe, layers, skip))
+    return [name for name, m in module.named_modules() if isinstance(m, Float8Linear)]  # what torchao swapped
 
 
 def sdpa_backend(name: str):
