@@ -97,28 +97,46 @@ LEVERS = (
 )
 
 
+class WithAttentionKernel(torch.nn.Module):
+    """The MPP model with its attention kernel chosen inside forward, so torch.compile traces each arm under its
+    own kernel. Chosen outside (a context around a compiled call), it is not part of what dynamo guards: a second
+    compiled MPP model reuses the first one's graph and silently runs the first one's kernel."""
+
+    def __init__(self, model: torch.nn.Module, backend: str):
+        super().__init__()
+        self.model, self.backend = model, backend  # a string: dynamo guards on its value
+
+    def forward(self, images):
+        with sdpa_backend(self.backend):
+            return self.model(images)
+
+
 def lever_arm(lever: str, build_mpp, device: str, images, compile: bool):
     """(step, what changed): a fresh MPP model with one lever applied, its optimiser and its step."""
-    model, backend, mode, changed = build_mpp(), "auto", None, {}
+    model, mode, changed = build_mpp(), None, {}
     if lever.startswith("fp8-"):
         recipe, _, layers = lever.removeprefix("fp8-").partition("-")
         changed["fp8_layers"] = convert_to_fp8(model.encoder, recipe, layers or "auto")
         if not changed["fp8_layers"]:
             changed["note"] = "no layer passed the filter: the arm is the plain MPP step"
     elif lever.startswith("sdpa-"):
-        backend = lever.removeprefix("sdpa-")
+        model = WithAttentionKernel(model, lever.removeprefix("sdpa-"))
     else:
         mode = lever.removeprefix("compile-")
     optimizer = adamw([q for q in model.parameters() if q.requires_grad], device)
     if compile or mode:
         model = torch.compile(model, mode=None if mode == "default" else mode)
-    step = mpp_step(model, optimizer, images)
+    return mpp_step(model, optimizer, images), changed
 
-    def run():
-        with sdpa_backend(backend):
-            step()
 
-    return run, changed
+def attention_ops(step) -> list[str]:
+    """The attention operators one step runs (torch's profiler, CPU side, which sees the operators a compiled
+    graph calls too): which kernel an arm really used; an empty list means the math path (matmuls and softmax)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sorted({e.name for e in prof.events() if e.name.startswith("aten::") and "attention" in e.name})
 
 
 PEER_PACKAGES = ["transformers", "vit-pytorch"]
@@ -198,6 +216,7 @@ def peer_steps(args, device, dtype, batch) -> dict:
 
 
 GEMM = "gemm"  # the GEMM round's place in a repeat's order
+REFERENCE = "bare_timm"  # the arm every ratio divides by
 
 
 def arm_orders(names: list[str], repeats: int, seed: int) -> list[list[str]]:
@@ -213,23 +232,57 @@ def arm_orders(names: list[str], repeats: int, seed: int) -> list[list[str]]:
     return orders
 
 
-def time_arms(arms: dict, gemm, steps: int, repeats: int, warmup: int, device: str, batch: int, seed: int) -> dict:
-    """Per repeat, the arms and one GEMM round (gemm()) in that repeat's rotated order. Returns the
-    per-repeat images/s of every arm, the GEMM readings of every round, the orders used, and on CUDA each arm's
-    peak memory over its warm-up steps (what its activations and optimiser state need)."""
-    peak_bytes = {}
-    for name, fn in arms.items():
+def warm_up(arms: dict, warmup: int, device: str, budget: float | None = None, clock=time.perf_counter) -> dict:
+    """Run each arm's warm-up steps (where torch.compile compiles), in place: an arm that raises there, a lever a
+    card or a torch version cannot run, is left out of the timing with its one-line error instead of ending the
+    whole run (on a lent GPU the other arms' numbers are what the session's minutes bought); the reference arm
+    must warm up. Returns, per arm, its warm-up seconds, its peak CUDA memory over the warm-up (what its
+    activations and optimiser state need), the attention operators one more step runs, and the error of an arm
+    that failed. Progress goes to stdout as it happens, so a run killed by a timeout still tells how far it got.
+    Once `budget` seconds have gone on warm-ups (mostly compiling), the arms not yet warmed are left out, so that
+    a run under a hard time limit still reaches its timed repeats."""
+    warmed = {"seconds": {}, "peak_bytes": {}, "attention_ops": {}, "failed": {}}
+    began = clock()
+    for name in list(arms):
+        start = clock()
+        if budget is not None and start - began > budget and name != REFERENCE:
+            warmed["failed"][name] = f"not warmed up: the warm-up budget (--warmup-budget {budget:g} s) was spent"
+            del arms[name]
+            print(f"warm-up {name}: skipped, {warmed['failed'][name]}", flush=True)
+            continue
         if device == "cuda":
             sync(device)
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(warmup):
-            fn()
-        if device == "cuda":
+        try:
+            for _ in range(warmup):
+                arms[name]()
             sync(device)
-            peak_bytes[name] = torch.cuda.max_memory_allocated()
+        except Exception as error:  # noqa: BLE001 - any failure of one lever is reported, not fatal
+            if name == REFERENCE:
+                raise
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            warmed["failed"][name] = f"{type(error).__name__}: {first_line}"
+            del arms[name]
+            print(f"warm-up {name}: failed, left out of the timing ({warmed['failed'][name]})", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        warmed["seconds"][name] = clock() - start
+        if device == "cuda":
+            warmed["peak_bytes"][name] = torch.cuda.max_memory_allocated()
+        warmed["attention_ops"][name] = attention_ops(arms[name])
+        print(f"warm-up {name}: {warmed['seconds'][name]:.1f} s, {warmed['attention_ops'][name]}", flush=True)
+    return warmed
+
+
+def time_arms(arms: dict, gemm, steps: int, repeats: int, device: str, batch: int, seed: int, after_repeat=None):
+    """Per repeat, the (warmed-up) arms and one GEMM round (gemm()) in that repeat's rotated order. Returns the
+    per-repeat images/s of every arm, the GEMM readings of every round and the orders used; after_repeat(timed)
+    sees the same after each repeat (to write what is measured so far)."""
     sync(device)
     rates = {name: [] for name in arms}
     gemm_rounds, orders = [], arm_orders([*arms, GEMM], repeats, seed)
+    timed = {"rates": rates, "gemm_rounds": gemm_rounds, "orders": []}
     for order in orders:
         for name in order:
             if name == GEMM:
@@ -241,7 +294,10 @@ def time_arms(arms: dict, gemm, steps: int, repeats: int, warmup: int, device: s
                 arms[name]()
             sync(device)
             rates[name].append(batch * steps / (time.perf_counter() - start))
-    return {"rates": rates, "gemm_rounds": gemm_rounds, "orders": orders, "peak_bytes": peak_bytes}
+        timed["orders"].append(order)
+        if after_repeat:
+            after_repeat(timed)
+    return timed
 
 
 def paired_ratio(rates: list[float], reference: list[float], confidence: float = 0.95) -> dict:
@@ -268,6 +324,13 @@ def main(argv=None):
         "--repeats", type=int, default=5, help="each repeat times every arm and one GEMM round, in a rotated order"
     )
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--warmup-budget",
+        type=float,
+        default=None,
+        help="seconds of warm-up (compiling) after which the arms not yet warmed are left out, in the order given "
+        "(bare, mpp, then --levers): under a hard time limit the run still gets to its timed repeats",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the arm orders (and the weights)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -341,12 +404,17 @@ def main(argv=None):
 
         return run
 
-    arms = {"bare_timm": autocast(bare_step(enc_fwd, opt_a, x)), "mpp": autocast(mpp_step(model_b, opt_b, images))}
-    lever_changes = {}
+    arms = {REFERENCE: autocast(bare_step(enc_fwd, opt_a, x)), "mpp": autocast(mpp_step(model_b, opt_b, images))}
+    lever_changes, failed = {}, {}
     for lever in args.levers:
         torch.manual_seed(args.seed)  # the same initial weights as every other MPP arm
         build = lambda: MPP(create_encoder(args.model, args.img_size, args.patch_size, **arch)).to(device)
-        step, lever_changes[lever] = lever_arm(lever, build, device, images, args.compile)
+        try:
+            step, lever_changes[lever] = lever_arm(lever, build, device, images, args.compile)
+        except Exception as error:  # noqa: BLE001 - a lever that cannot be built is reported, not fatal
+            failed[lever] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+            print(f"build {lever}: failed, left out of the timing ({failed[lever]})", flush=True)
+            continue
         arms[lever] = autocast(step)
     if args.peers:
         arms.update(peer_steps(args, device, dtype, args.batch_size))
@@ -355,59 +423,74 @@ def main(argv=None):
     shapes = list(
         dict.fromkeys([(k, k, k) for k in args.peak_n] + model_gemm_shapes(args.batch_size * tokens, args.dim, hidden))
     )
+    warmed = warm_up(arms, args.warmup, device, args.warmup_budget)
+    warmed["failed"] = {**failed, **warmed["failed"]}
+    # a hybrid's CNN stem is not in the formula (its patch projection is counted as one over the region)
+    formula = vit_forward_flops(args.depth, args.dim, tokens, args.mlp_ratio, 3 * mpp.region[0] * mpp.region[1], n)
+    fixed = {
+        **provenance("bench_step.py", argv, device),
+        "load_average_before": load_before,
+        "peer_versions": package_versions(PEER_PACKAGES) if args.peers else None,
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "forward_flops_formula": formula,
+        "forward_flops_counted": counted_forward_flops(encoder, x[:1]),
+        "attention_share_of_block_flops": formula["attention"] / formula["total"],
+        "spec_peak": spec_peak(torch.cuda.get_device_name() if device == "cuda" else None, dtype),
+        "failed_arms": warmed["failed"],
+    }
+
+    def report_of(timed: dict) -> dict:
+        train_flops_per_image = 3 * formula["total"]  # forward + backward (2x forward)
+        best = max((r for rnd in timed["gemm_rounds"] for r in rnd), key=lambda r: r["flops_per_sec"])
+        spec, rows = fixed["spec_peak"], []
+        for name, r in timed["rates"].items():
+            median = statistics.median(r)
+            rows.append(
+                {
+                    "arm": name,
+                    "images_per_sec": median,
+                    "min": min(r),
+                    "max": max(r),
+                    "per_repeat": r,
+                    "vs_bare": paired_ratio(r, timed["rates"][REFERENCE]),
+                    "mfu_vs_spec_peak": median * train_flops_per_image / spec["flops_per_sec"] if spec else None,
+                    "mfu_vs_best_measured_gemm": median * train_flops_per_image / best["flops_per_sec"],
+                    "peak_memory_bytes": warmed["peak_bytes"].get(name),
+                    "warmup_seconds": warmed["seconds"][name],
+                    "attention_ops": warmed["attention_ops"][name],
+                    **({"lever": lever_changes[name]} if name in lever_changes else {}),
+                }
+            )
+        return {
+            **fixed,
+            "load_average_after": load_average(),
+            "repeats_done": len(timed["orders"]),
+            "best_measured_gemm": {
+                "flops_per_sec": best["flops_per_sec"],
+                "shape": best["shape"],
+                "rounds": timed["gemm_rounds"],
+            },
+            "arm_orders": timed["orders"],
+            "rows": rows,
+        }
+
+    def write_so_far(timed: dict) -> None:  # a timeout on a lent GPU keeps the repeats already measured
+        if len(timed["orders"]) < args.repeats:
+            report = report_of(timed)
+            write_results(args.out, report, markdown(report), echo=False)
+            print(f"repeat {len(timed['orders'])} of {args.repeats} written to {args.out}.md", flush=True)
+
     timed = time_arms(
         arms,
         lambda: gemm_round(shapes, device, dtype, args.gemm_seconds),
         args.steps,
         args.repeats,
-        args.warmup,
         device,
         args.batch_size,
         args.seed,
+        after_repeat=write_so_far,
     )
-    load_after = load_average()
-
-    # a hybrid's CNN stem is not in the formula (its patch projection is counted as one over the region)
-    formula = vit_forward_flops(args.depth, args.dim, tokens, args.mlp_ratio, 3 * mpp.region[0] * mpp.region[1], n)
-    counted = counted_forward_flops(encoder, x[:1])
-    train_flops_per_image = 3 * formula["total"]  # forward + backward (2x forward)
-    best = max((r for rnd in timed["gemm_rounds"] for r in rnd), key=lambda r: r["flops_per_sec"])
-    spec = spec_peak(torch.cuda.get_device_name() if device == "cuda" else None, dtype)
-    rows = []
-    for name, r in timed["rates"].items():
-        median = statistics.median(r)
-        rows.append(
-            {
-                "arm": name,
-                "images_per_sec": median,
-                "min": min(r),
-                "max": max(r),
-                "per_repeat": r,
-                "vs_bare": paired_ratio(r, timed["rates"]["bare_timm"]),
-                "mfu_vs_spec_peak": median * train_flops_per_image / spec["flops_per_sec"] if spec else None,
-                "mfu_vs_best_measured_gemm": median * train_flops_per_image / best["flops_per_sec"],
-                "peak_memory_bytes": timed["peak_bytes"].get(name),
-                **({"lever": lever_changes[name]} if name in lever_changes else {}),
-            }
-        )
-    report = {
-        **provenance("bench_step.py", argv, device),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "peer_versions": package_versions(PEER_PACKAGES) if args.peers else None,
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "forward_flops_formula": formula,
-        "forward_flops_counted": counted,
-        "attention_share_of_block_flops": formula["attention"] / formula["total"],
-        "spec_peak": spec,
-        "best_measured_gemm": {
-            "flops_per_sec": best["flops_per_sec"],
-            "shape": best["shape"],
-            "rounds": timed["gemm_rounds"],
-        },
-        "arm_orders": timed["orders"],
-        "rows": rows,
-    }
+    report = report_of(timed)
     write_results(args.out, report, markdown(report))
     return report
 
@@ -442,9 +525,14 @@ def markdown(r: dict) -> str:
         f"Arm order per repeat (rotations of a shuffle, seed {c['seed']}): "
         + "; ".join(" ".join(o) for o in r["arm_orders"]),
         "",
+        *(
+            [f"**Partial: {r['repeats_done']} of {c['repeats']} repeats measured** (the run was still going).", ""]
+            if r["repeats_done"] < c["repeats"]
+            else []
+        ),
         "| arm | images/s (median) | min–max | vs bare timm step: mean of per-repeat ratios [95% t-interval] "
-        "| MFU vs spec peak | MFU vs best measured GEMM | peak memory |",
-        "|---|---|---|---|---|---|---|",
+        "| MFU vs spec peak | MFU vs best measured GEMM | peak memory | warm-up (compile) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         v = row["vs_bare"]
@@ -454,8 +542,15 @@ def markdown(r: dict) -> str:
         lines.append(
             f"| {row['arm']} | {row['images_per_sec']:.1f} | {row['min']:.1f}–{row['max']:.1f} | "
             f"{v['mean']:.3f}{interval} "
-            f"| {spec_mfu} | {row['mfu_vs_best_measured_gemm']:.1%} | {memory} |"
+            f"| {spec_mfu} | {row['mfu_vs_best_measured_gemm']:.1%} | {memory} | {row['warmup_seconds']:.0f} s |"
         )
+    lines.append(
+        "\nAttention operators each arm ran (one profiled step after its warm-up; none: the math path): "
+        + "; ".join(f"{row['arm']} {', '.join(row['attention_ops']) or 'none'}" for row in r["rows"])
+        + "."
+    )
+    for arm, error in r["failed_arms"].items():
+        lines.append(f"\n{arm}: **failed**, not timed: {error}")
     for row in r["rows"]:
         lever = row.get("lever") or {}
         if "fp8_layers" in lever:

@@ -55,9 +55,10 @@ def provenance_lines(r: dict) -> list[str]:
     return lines + [""]
 
 
-def write_results(out: str | Path, report: dict, markdown: str) -> None:
+def write_results(out: str | Path, report: dict, markdown: str, echo: bool = True) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    if echo:
+        print(markdown)

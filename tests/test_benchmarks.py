@@ -192,6 +192,156 @@ def test_bench_step_refuses_compiled_arms_against_eager_peers(tmp_path, capsys, 
     assert not (tmp_path / "c.json").exists()
 
 
+TINY_STEP_ARGS = ["--model", "test_vit", "--img-size", "28", "--patch-size", "7", "--batch-size", "4"]
+TINY_TIMING = ["--steps", "1", "--warmup", "1", "--peak-n", "64", "--gemm-seconds", "0.01"]
+
+
+def test_a_lever_that_fails_is_reported_and_the_others_are_timed(tmp_path, monkeypatch):
+    # on a lent GPU one lever that a card or torch version cannot run must not cost the other arms' numbers:
+    # cuDNN attention has no CPU kernel (fails at its first step), and an FP8 conversion that raises fails at build
+    bench = load("bench_step")
+
+    def no_torchao(*args, **kwargs):
+        raise ImportError("No module named 'torchao'\nsecond line of the message")
+
+    monkeypatch.setattr(bench, "convert_to_fp8", no_torchao)
+    out = tmp_path / "levers"
+    argv = [*TINY_STEP_ARGS, *TINY_TIMING, "--repeats", "2", "--out", str(out)]
+    report = bench.main([*argv, "--levers", "sdpa-math", "sdpa-cudnn", "fp8-tensorwise"])
+    assert [r["arm"] for r in report["rows"]] == ["bare_timm", "mpp", "sdpa-math"]
+    assert all(len(r["per_repeat"]) == 2 and r["warmup_seconds"] > 0 for r in report["rows"])
+    failed = report["failed_arms"]
+    assert set(failed) == {"sdpa-cudnn", "fp8-tensorwise"}
+    assert failed["sdpa-cudnn"].startswith("RuntimeError: ") and "\n" not in failed["sdpa-cudnn"]
+    assert failed["fp8-tensorwise"] == "ImportError: No module named 'torchao'"
+    assert all(o.count("sdpa-cudnn") == 0 for o in report["arm_orders"])
+    md = out.with_suffix(".md").read_text()
+    assert "sdpa-cudnn: **failed**, not timed: RuntimeError" in md and "| sdpa-math |" in md
+    assert "Partial" not in md and report["repeats_done"] == 2
+
+
+def test_a_spent_warm_up_budget_leaves_the_later_arms_out():
+    # under a hard time limit the run must reach its timed repeats: arms past the budget are not warmed or timed
+    bench = load("bench_step")
+    now = [0.0]
+
+    def arm(seconds):  # an arm whose warm-up (compile) takes this long on the fake clock
+        def step():
+            now[0] += seconds
+
+        return step
+
+    arms = {"bare_timm": arm(10), "mpp": arm(10), "sdpa-math": arm(10), "sdpa-flash": arm(1)}
+    warmed = bench.warm_up(arms, 1, "cpu", budget=15, clock=lambda: now[0])
+    # bare 0-10 (+10 for its profiled step), mpp starts at 20 > 15: it and every later arm are left out
+    assert list(arms) == ["bare_timm"] and warmed["seconds"] == {"bare_timm": 10}
+    assert set(warmed["failed"]) == {"mpp", "sdpa-math", "sdpa-flash"}
+    assert all("warm-up budget (--warmup-budget 15 s)" in e for e in warmed["failed"].values())
+    arms = {"bare_timm": arm(10), "mpp": arm(10), "sdpa-math": arm(10)}
+    assert not bench.warm_up(arms, 1, "cpu", budget=None, clock=lambda: now[0])["failed"] and len(arms) == 3
+
+
+@pytest.mark.slow
+def test_each_compiled_attention_arm_runs_its_own_kernel(tmp_path):
+    # torch.compile does not guard on a kernel chosen around the compiled call: a second compiled MPP model would
+    # reuse the first one's graph and its kernel. Each arm's profiled step shows which attention operator it ran.
+    bench = load("bench_step")
+    out = tmp_path / "kernels"
+    argv = [*TINY_STEP_ARGS, *TINY_TIMING, "--repeats", "1", "--compile", "--out", str(out)]
+    report = bench.main([*argv, "--levers", "sdpa-math", "sdpa-flash"])
+    ops = {row["arm"]: row["attention_ops"] for row in report["rows"]}
+    flash_on_cpu = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert flash_on_cpu in ops["mpp"] and flash_on_cpu in ops["sdpa-flash"]  # torch's own choice on a CPU: flash
+    assert ops["sdpa-math"] == []  # matmuls and softmax, no fused attention operator
+    assert "sdpa-math none" in out.with_suffix(".md").read_text()
+
+
+def test_a_run_killed_mid_way_keeps_the_repeats_already_measured(tmp_path, monkeypatch):
+    # a timeout on a lent GPU: the files hold every finished repeat, marked partial
+    bench = load("bench_step")
+    rounds = []
+
+    class Killed(BaseException):
+        pass
+
+    def gemm_round(shapes, device, dtype, seconds):
+        if rounds:
+            raise Killed  # the second repeat's GEMM round: killed there
+        rounds.append(1)
+        return [{"shape": list(s), "flops_per_sec": 1e9} for s in shapes]
+
+    monkeypatch.setattr(bench, "gemm_round", gemm_round)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        bench.main([*TINY_STEP_ARGS, *TINY_TIMING, "--repeats", "3", "--out", str(out)])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["repeats_done"] == 1 and len(saved["arm_orders"]) == 1
+    assert [len(r["per_repeat"]) for r in saved["rows"]] == [1, 1]
+    assert "**Partial: 1 of 3 repeats measured**" in out.with_suffix(".md").read_text()
+
+
+def fake_pretrain(curves: dict, calls: list, stop_after: int | None = None):
+    """mpp.pretrain as fp8_curve calls it: writes the run's metrics.jsonl with the loss curve the test chose for
+    (arm, seed); raises instead of the run numbered stop_after (a session cut short)."""
+    from types import SimpleNamespace
+
+    def pretrain(seed, max_steps, output_dir, progress, **settings):
+        arm = "lever" if settings.get("fp8") else "plain"
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append((arm, seed))
+        run_dir = Path(output_dir)
+        run_dir.mkdir(parents=True)
+        lines = [json.dumps({"step": step, "loss": loss}) for step, loss in curves[arm, seed].items()]
+        lines.insert(1, json.dumps({"step": 10, "eval_accuracy": 0.5}))  # an evaluation record has no loss
+        (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        return SimpleNamespace(run_dir=run_dir, summary={"images_per_sec": 100.0})
+
+    return pretrain
+
+
+def curve(losses: list[float]) -> dict[int, float]:
+    return {10 * (i + 1): loss for i, loss in enumerate(losses)}
+
+
+def test_fp8_curve_judges_the_lever_against_the_plain_seeds_band(tmp_path, monkeypatch):
+    fp8_curve = load("fp8_curve")
+    plain0, plain1 = curve([5.0, 4.0, 3.0, 2.0]), curve([5.2, 4.2, 3.2, 2.2])
+    argv = ["--lever", "fp8=tensorwise", "--steps", "40", "--smooth", "1", "--runs-dir", str(tmp_path / "runs")]
+    argv += ["--settings", "warmup_steps=10"]
+    # inside the band: between the two plain seeds at every step past warm-up (step 10 is warm-up: ignored)
+    calls = []
+    curves = {("plain", 0): plain0, ("plain", 1): plain1, ("lever", 0): curve([9.0, 4.1, 3.1, 2.1])}
+    monkeypatch.setattr(fp8_curve.mpp, "pretrain", fake_pretrain(curves, calls))
+    report = fp8_curve.main([*argv, "--out", str(tmp_path / "within")])
+    assert calls == [("plain", 0), ("lever", 0), ("plain", 1)]  # alternated: a cut session still has a pair
+    v = report["verdict"]
+    assert v["within"] and v["steps_compared"] == 3 and v["margin"] == pytest.approx(0.1)  # half the 0.2 spread
+    assert report["runs"]["lever-seed0"]["final_loss"] == pytest.approx((9.0 + 4.1 + 3.1 + 2.1) / 4)
+    assert "**within**" in (tmp_path / "within.md").read_text()
+    # past the widened band (2.2 + 0.1) at the last step only
+    calls.clear()
+    curves["lever", 0] = curve([5.1, 4.1, 3.1, 2.31])
+    report = fp8_curve.main([*argv, "--runs-dir", str(tmp_path / "runs2"), "--out", str(tmp_path / "outside")])
+    v = report["verdict"]
+    assert not v["within"] and v["outside_count"] == 1 and v["outside"][0]["step"] == 40
+    assert v["outside"][0]["band"] == [pytest.approx(1.9), pytest.approx(2.3)]
+
+
+def test_fp8_curve_cut_short_keeps_the_runs_already_made(tmp_path, monkeypatch):
+    fp8_curve = load("fp8_curve")
+    curves = {("plain", 0): curve([5.0, 4.0]), ("lever", 0): curve([5.0, 4.1]), ("plain", 1): curve([5.1, 4.1])}
+    monkeypatch.setattr(fp8_curve.mpp, "pretrain", fake_pretrain(curves, [], stop_after=2))
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        fp8_curve.main(
+            ["--lever", "fp8=tensorwise", "--steps", "20", "--runs-dir", str(tmp_path / "r"), "--out", str(out)]
+        )
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert list(saved["runs"]) == ["plain-seed0", "lever-seed0"] and saved["verdict"] is None
+    assert "**Partial: 2 of 3 runs**" in out.with_suffix(".md").read_text()
+
+
 def test_spec_peak_table():
     import torch
 
