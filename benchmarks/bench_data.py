@@ -93,6 +93,8 @@ def arm_rate(dataset: str, img_size: int, batch_size: int, batches: int, decode:
     images = AugmentedImages(ds, find_image_column(ds), transform, seed, defer=decode == "gpu-worker")
     epoch = iter(EpochBatches(len(images), batch_size, seed, span=False))  # the loop's batches of epoch 0
     batches = min(batches, len(images) // batch_size)
+    if batches < 1:
+        raise SystemExit(f"bench_data.py: {dataset} has {len(images)} images, fewer than one --batch-size {batch_size}")
     start = time.perf_counter()
     for _ in range(batches):
         collate_images(images.__getitems__(next(epoch)))
@@ -121,6 +123,8 @@ def main(argv=None):
     )
     p.add_argument("--out", default=str(RESULTS / "bench_data"))
     args = p.parse_args(argv)
+    if 0 < args.images < args.batch_size:
+        p.error(f"--images {args.images}: at least one --batch-size ({args.batch_size}) is needed to time a batch")
     torch.set_num_threads(1)  # per core: one worker's view
     rows, made = [], None
     with tempfile.TemporaryDirectory() as tmp:

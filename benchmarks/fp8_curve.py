@@ -95,18 +95,34 @@ def main(argv=None):
         p.error(f"--seeds {args.seeds}: two or more plain seeds are needed for a seed-to-seed spread")
     settings, lever = pairs(args.settings, "--settings"), pairs(args.lever, "--lever")
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="fp8_curve_"))
-    runs = {}
-    for arm, seeds, extra in (("plain", args.seeds, {}), ("lever", args.lever_seeds, lever)):
-        for seed in seeds:
-            name = f"{arm}-seed{seed}"
-            result = mpp.pretrain(
-                **settings, **extra, seed=seed, max_steps=args.steps, output_dir=str(runs_dir / name), progress=False
-            )
-            runs[name] = {"arm": arm, "seed": seed, "curve": losses(result.run_dir), "summary": result.summary}
+    runs, warmup = {}, int(settings.get("warmup_steps", 30))
+    for arm, seed in run_order(args.seeds, args.lever_seeds):
+        name = f"{arm}-seed{seed}"
+        print(f"run {name}: {args.steps} steps", flush=True)
+        extra = lever if arm == "lever" else {}
+        result = mpp.pretrain(
+            **settings, **extra, seed=seed, max_steps=args.steps, output_dir=str(runs_dir / name), progress=False
+        )
+        runs[name] = {"arm": arm, "seed": seed, "curve": losses(result.run_dir), "summary": result.summary}
+        report = report_of(args, argv, settings, lever, runs_dir, runs, warmup)
+        done = len(runs) == len(args.seeds) + len(args.lever_seeds)
+        write_results(args.out, report, markdown(report), echo=done)  # after each run: a timeout keeps the rest
+    return report
+
+
+def run_order(seeds: list[int], lever_seeds: list[int]) -> list[tuple[str, int]]:
+    """Plain and lever runs alternated (plain first), so that a session cut short still has a plain run beside
+    a lever run, then the second plain seed that makes a band."""
+    plain, levered, order = [("plain", s) for s in seeds], [("lever", s) for s in lever_seeds], []
+    for i in range(max(len(plain), len(levered))):
+        order += plain[i : i + 1] + levered[i : i + 1]
+    return order
+
+
+def report_of(args, argv, settings: dict, lever: dict, runs_dir: Path, runs: dict, warmup: int) -> dict:
     plain = [smoothed(r["curve"], args.smooth) for r in runs.values() if r["arm"] == "plain"]
     levered = [smoothed(r["curve"], args.smooth) for r in runs.values() if r["arm"] == "lever"]
-    warmup = int(settings.get("warmup_steps", 30))
-    report = {
+    return {
         **provenance("fp8_curve.py", argv, "cuda" if torch.cuda.is_available() else "cpu"),
         "config": {**vars(args), "settings": settings, "lever": lever, "runs_dir": str(runs_dir)},
         "runs": {
@@ -114,10 +130,9 @@ def main(argv=None):
             for n, r in runs.items()
         },
         "curves": {n: r["curve"] for n, r in runs.items()},
-        "verdict": verdict(plain, levered, after=warmup),
+        # a band needs two plain seeds and something to hold against it
+        "verdict": verdict(plain, levered, after=warmup) if len(plain) >= 2 and levered else None,
     }
-    write_results(args.out, report, markdown(report))
-    return report
 
 
 def markdown(r: dict) -> str:
@@ -139,6 +154,9 @@ def markdown(r: dict) -> str:
             if rate
             else f"| {name} | {run['final_loss']:.4f} | — |"
         )
+    if v is None:
+        planned = len(c["seeds"]) + len(c["lever_seeds"])
+        return "\n".join(lines + ["", f"**Partial: {len(r['runs'])} of {planned} runs**, no verdict yet."]) + "\n"
     spread = v["mean_plain_spread"]
     lines += [
         "",
