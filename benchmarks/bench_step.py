@@ -32,8 +32,9 @@ from peaks import gemm_round, model_gemm_shapes, spec_peak, sync
 from results_io import load_average, package_versions, provenance, provenance_lines, write_results
 
 from mpp.evaluation.stats import paired_difference
+from mpp.models.attention_kernel import SDPA_BACKENDS
 from mpp.models.model import MPP, create_encoder
-from mpp.training.fast_paths import FP8_LAYERS, SDPA_BACKENDS, convert_to_fp8, sdpa_backend
+from mpp.training.fast_paths import FP8_LAYERS, convert_to_fp8
 from mpp.training.run_config import COMPILE_MODES
 from mpp.training.schedule import fused_optimizer_kwargs
 
@@ -97,20 +98,6 @@ LEVERS = (
 )
 
 
-class WithAttentionKernel(torch.nn.Module):
-    """The MPP model with its attention kernel chosen inside forward, so torch.compile traces each arm under its
-    own kernel. Chosen outside (a context around a compiled call), it is not part of what dynamo guards: a second
-    compiled MPP model reuses the first one's graph and silently runs the first one's kernel."""
-
-    def __init__(self, model: torch.nn.Module, backend: str):
-        super().__init__()
-        self.model, self.backend = model, backend  # a string: dynamo guards on its value
-
-    def forward(self, images):
-        with sdpa_backend(self.backend):
-            return self.model(images)
-
-
 def lever_arm(lever: str, build_mpp, device: str, images, compile: bool):
     """(step, what changed): a fresh MPP model with one lever applied, its optimiser and its step."""
     model, mode, changed = build_mpp(), None, {}
@@ -120,7 +107,7 @@ def lever_arm(lever: str, build_mpp, device: str, images, compile: bool):
         if not changed["fp8_layers"]:
             changed["note"] = "no layer passed the filter: the arm is the plain MPP step"
     elif lever.startswith("sdpa-"):
-        model = WithAttentionKernel(model, lever.removeprefix("sdpa-"))
+        model.sdpa_backend = lever.removeprefix("sdpa-")  # applied inside MPP.forward, where torch.compile sees it
     else:
         mode = lever.removeprefix("compile-")
     optimizer = adamw([q for q in model.parameters() if q.requires_grad], device)

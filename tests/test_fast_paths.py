@@ -9,9 +9,10 @@ import timm
 import torch
 
 from mpp.errors import UsageError
+from mpp.models.attention_kernel import attention_kernel
 from mpp.models.model import MPP, create_encoder
 from mpp.training import fast_paths
-from mpp.training.fast_paths import check_fp8, convert_to_fp8, fp8_filter, sdpa_backend
+from mpp.training.fast_paths import check_fp8, convert_to_fp8, fp8_filter
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def test_unknown_values_are_refused_in_one_line():
     for call, named in [
         (lambda: check_fp8("e4m3"), "--fp8 e4m3: one of none, tensorwise, rowwise"),
         (lambda: check_fp8("rowwise", "most"), "--fp8-layers most: one of auto, all"),
-        (lambda: sdpa_backend("fast"), "--sdpa-backend fast: one of auto, flash, cudnn, efficient, math"),
+        (lambda: attention_kernel("fast"), "--sdpa-backend fast: one of auto, flash, cudnn, efficient, math"),
     ]:
         with pytest.raises(UsageError, match="^" + named.replace("(", r"\(") + "$"):
             call()
@@ -115,12 +116,53 @@ def test_the_math_backend_runs_timm_attention_and_auto_changes_nothing():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         reference = encoder.forward_features(x)
-        with sdpa_backend("math"):
+        with attention_kernel("math"):
             math = encoder.forward_features(x)
-        with sdpa_backend("auto"):
+        with attention_kernel("auto"):
             auto = encoder.forward_features(x)
     torch.testing.assert_close(math, reference, rtol=1e-4, atol=1e-5)
     assert torch.equal(auto, reference)
+
+
+def test_mpp_holds_its_attention_kernel_inside_forward():
+    # cuDNN attention has no CPU kernel: an MPP held to it fails in forward, the default runs; math computes the
+    # same loss as torch's own choice on the same corruption
+    torch.manual_seed(0)
+    objective = MPP("test_vit", img_size=32, patch_size=8)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = objective(images)
+        objective.sdpa_backend = "math"
+        math = objective(images, reference.corruption)
+        objective.sdpa_backend = "cudnn"
+        with pytest.raises(RuntimeError):
+            objective(images, reference.corruption)
+    torch.testing.assert_close(math.loss, reference.loss, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="sdpa_backend must be one of 'auto', 'flash', 'cudnn', 'efficient', 'math'"):
+        MPP("test_vit", img_size=32, patch_size=8, sdpa_backend="fast")
+
+
+def attention_ops(step) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sorted({e.name for e in prof.events() if e.name.startswith("aten::") and "attention" in e.name})
+
+
+@pytest.mark.slow
+def test_a_second_compiled_mpp_runs_its_own_kernel():
+    # a kernel chosen around a compiled call is not guarded by dynamo: the second model of the class would reuse
+    # the first one's graph. Chosen inside forward, each compiled MPP runs its own (another run in a notebook)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    first = torch.compile(MPP("test_vit", img_size=32, patch_size=8))
+    second = torch.compile(MPP("test_vit", img_size=32, patch_size=8, sdpa_backend="math"))
+    ran = {}
+    for name, model in (("first", first), ("second", second)):
+        model(images).loss.backward()  # compiles
+        ran[name] = attention_ops(lambda m=model: m(images).loss.backward())
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ran["first"]  # torch's choice on a CPU
+    assert ran["second"] == []  # the math path: matmuls and softmax
 
 
 def test_the_module_docstring_states_the_filter_as_tested():

@@ -136,3 +136,18 @@ def test_predictions_are_read_from_exactly_the_corrupted_tokens(kind):
     patch_tokens = seen["tokens"][:, enc.num_prefix_tokens :]  # (B, N, D)
     for b in range(3):
         assert torch.equal(seen["head_in"][b], patch_tokens[b, c.ids[b]])
+
+
+@pytest.mark.slow
+def test_a_compiled_mpp_matches_eager_and_takes_a_second_batch_size():
+    # torch.compile: the same loss as eager on the same corruption; a second batch size recompiles with a
+    # dynamic batch dimension, through which the corruption is still drawn (a last, shorter batch; another run)
+    torch.manual_seed(0)
+    objective = MPP("test_vit", img_size=32, patch_size=8)
+    compiled = torch.compile(objective)
+    for batch in (4, 3):
+        images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+        drawn = compiled(images)
+        assert drawn.corruption.ids.shape == (batch, 8) and torch.isfinite(drawn.loss)
+        out = compiled(images, drawn.corruption)
+        torch.testing.assert_close(out.loss, objective(images, drawn.corruption).loss, rtol=1e-4, atol=1e-5)

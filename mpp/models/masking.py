@@ -49,22 +49,24 @@ def sample_corruption(
         raise ValueError(f"random_from must be 'batch' or 'image', got {random_from!r}")
     B, N = batch_size, num_patches
     K = num_corrupted(N, mask_ratio)
+    # generator=None spelled out fails under torch.compile once the batch dimension is dynamic (a second batch size)
+    draw = {"device": device} if generator is None else {"device": device, "generator": generator}
     # a uniformly random K-subset per row: the first K of a random permutation
-    noise = torch.rand(B, N, device=device, generator=generator)
+    noise = torch.rand(B, N, **draw)
     ids = noise.argsort(dim=1)[:, :K]  # (B, K)
 
-    u = torch.rand(B, K, device=device, generator=generator)
+    u = torch.rand(B, K, **draw)
     p_mask, p_random = probs[0], probs[1]
     kind = (u >= p_mask).long() + (u >= p_mask + p_random).long()  # (B, K) in {0, 1, 2}
 
     # A random *other* patch: draw from the pool without the token itself, then shift past it.
     row_offset = torch.arange(B, device=device).unsqueeze(1) * N  # (B, 1)
     if random_from == "image":
-        r = torch.randint(0, max(N - 1, 1), (B, K), device=device, generator=generator)
+        r = torch.randint(0, max(N - 1, 1), (B, K), **draw)
         source = r + (r >= ids).long() + row_offset  # (B, K)
     else:
         self_flat = ids + row_offset  # (B, K)
-        r = torch.randint(0, max(B * N - 1, 1), (B, K), device=device, generator=generator)
+        r = torch.randint(0, max(B * N - 1, 1), (B, K), **draw)
         source = r + (r >= self_flat).long()  # (B, K)
     return Corruption(ids=ids, kind=kind, source=source)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from mpp.models.attention_kernel import SDPA_BACKENDS, attention_kernel
 from mpp.models.families import (  # noqa: F401 (SUPPORTED: re-exported)
     SUPPORTED,
     create_encoder,
@@ -93,13 +94,18 @@ class MPP(nn.Module):
         input_mean: tuple[float, ...] | None = None,
         input_std: tuple[float, ...] | None = None,
         check_inputs: str = "auto",
+        sdpa_backend: str = "auto",
         **timm_kwargs,
     ):
         """corrupt_at: 'embedding' (the paper's: after the patch projection), 'pixels' (the corrupted
         regions of the normalised image, before the patch embedding) or 'auto' (embedding where a
         token sees only its own region, pixels for hybrids: see families.resolve_corrupt_at).
-        random_from: where a 'random patch' replacement comes from, 'batch' or 'image'."""
+        random_from: where a 'random patch' replacement comes from, 'batch' or 'image'.
+        sdpa_backend: the kernel of the encoder's attention in forward ('auto', 'flash', 'cudnn', 'efficient',
+        'math'; attention_kernel.py): how fast, not what is computed. An attribute, so it can be set later too."""
         super().__init__()
+        check_choice("sdpa_backend", sdpa_backend, SDPA_BACKENDS)
+        self.sdpa_backend = sdpa_backend  # read inside forward: torch.compile guards on it
         built_here = isinstance(encoder, str)
         if built_here:
             encoder = create_encoder(encoder, **timm_kwargs)
@@ -243,7 +249,8 @@ class MPP(nn.Module):
             )
         target = self.target.compute(pixels, self.region)  # (B, N, ...) from the uncorrupted image
         x = images.float() if self.inputs_are_encoder_input else (pixels - self.pixel_mean) / self.pixel_std
-        tokens = self.encode(x, corruption)
+        with attention_kernel(self.sdpa_backend):
+            tokens = self.encode(x, corruption)
         tokens = tokens[:, self.encoder.num_prefix_tokens :]  # (B, N, D)
         ids = corruption.ids  # (B, K)
         picked = torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (B, K, D)

@@ -1,5 +1,5 @@
-"""Opt-in speed levers for a GPU step, each checked before any heavy work: FP8 linear layers through torchao's
-float8 training, and the attention kernel behind torch's scaled_dot_product_attention (timm's fused attention).
+"""FP8 linear layers through torchao's float8 training: an opt-in speed lever for a GPU step, checked before any
+heavy work (the other levers: the attention kernel, mpp.models.attention_kernel; torch.compile's modes).
 
 FP8 pays only where a GEMM is large: torchao's own filter (`_auto_filter_for_recipe`, thresholds from its H100
 benchmarks) keeps a Linear in bf16 unless its dimensions clear the recipe's bar. For a ViT that means:
@@ -12,7 +12,6 @@ what the filter leaves out. The weights stay in their own dtype (torchao casts p
 the exported safetensors and timm's strict load are the same with and without FP8.
 """
 
-import contextlib
 import importlib.util
 import os
 
@@ -22,7 +21,6 @@ from mpp.errors import UsageError
 
 FP8_RECIPES = ("none", "tensorwise", "rowwise")
 FP8_LAYERS = ("auto", "all")
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 EMULATE_ON_CPU = "MPP_FP8_EMULATE_ON_CPU"
 
@@ -56,11 +54,6 @@ def check_fp8(recipe: str, layers: str = "auto", cuda: bool | None = None) -> No
         )
 
 
-def check_sdpa_backend(name: str) -> None:
-    if name not in SDPA_BACKENDS:
-        raise UsageError(f"--sdpa-backend {name}: one of {', '.join(SDPA_BACKENDS)}")
-
-
 def fp8_filter(recipe: str, layers: str = "auto", skip: tuple[str, ...] = ()):
     """module_filter_fn(module, fqn) -> bool for torchao's convert_to_float8_training: torchao's own size filter
     for the recipe ("auto"), or every Linear with dimensions that are multiples of 16 ("all"); never a module
@@ -90,19 +83,3 @@ def convert_to_fp8(module: torch.nn.Module, recipe: str, layers: str = "auto", s
     config = Float8LinearConfig.from_recipe_name(recipe)
     convert_to_float8_training(module, config=config, module_filter_fn=fp8_filter(recipe, layers, skip))
     return [name for name, m in module.named_modules() if isinstance(m, Float8Linear)]  # what torchao swapped
-
-
-def sdpa_backend(name: str):
-    """A context in which torch's scaled_dot_product_attention uses only this kernel ("auto": torch's choice)."""
-    check_sdpa_backend(name)
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "math": SDPBackend.MATH,
-    }[name]
-    return sdpa_kernel([backend])

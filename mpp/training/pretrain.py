@@ -21,7 +21,7 @@ from mpp.models.hub_folder import hub_dataset_ids, public_path, write_model_card
 from mpp.models.model import MPP, create_encoder
 from mpp.models.mpp_folder import save_objective
 from mpp.models.publish import publish
-from mpp.training.fast_paths import convert_to_fp8, sdpa_backend
+from mpp.training.fast_paths import convert_to_fp8
 from mpp.training.loop import LoopSettings, fit, write_summary
 from mpp.training.pretrain_config import PretrainConfig, check_batch_fits, lr_at, optimizer_steps, resolve_lr, validate
 from mpp.training.run_setup import finish, init_processes, open_run_for, start_logging, write_record
@@ -346,6 +346,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             mask_probs=cfg.mask_probs,
             random_from=cfg.random_from,
             corrupt_at=cfg.corrupt_at,
+            sdpa_backend=cfg.sdpa_backend,
         )
     except ValueError as e:
         raise UsageError(f"--model {cfg.model} at --img-size {cfg.img_size}: {e}") from None
@@ -414,10 +415,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         prepare_batch=device_decoder(cfg.img_size, accelerator.device) if cfg.decode == "gpu" else None,
     )
     callbacks = [c for c in (picture_logger(cfg, accelerator, model), feature_monitor(cfg, run, model, labelled)) if c]
-    with sdpa_backend(cfg.sdpa_backend):
-        result = fit(
-            run, model, optimizer, loader, images, mpp_step, settings, on_step=lambda step: [c(step) for c in callbacks]
-        )
+    result = fit(
+        run, model, optimizer, loader, images, mpp_step, settings, on_step=lambda step: [c(step) for c in callbacks]
+    )
     if accelerator.is_main_process and not result.stopped_by:  # weights only for a finished run
         export_weights(accelerator.unwrap_model(model), cfg, run.run_dir, result.step)
     trained = result.step - run.state["step"]  # this invocation's steps (a resumed run did the rest before)

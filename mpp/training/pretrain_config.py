@@ -8,9 +8,10 @@ import timm
 from mpp.data.augment import DECODE_MODES
 from mpp.errors import UsageError
 from mpp.flags import flag
+from mpp.models.attention_kernel import SDPA_BACKENDS, check_sdpa_backend
 from mpp.models.families import SUPPORTED
 from mpp.models.targets import TARGETS
-from mpp.training.fast_paths import FP8_LAYERS, FP8_RECIPES, SDPA_BACKENDS, check_fp8, check_sdpa_backend
+from mpp.training.fast_paths import FP8_LAYERS, FP8_RECIPES, check_fp8
 from mpp.training.run_config import RunConfig, validate_run
 
 # Reference batch of the paper's learning rate (Appendix B.1.2: Adam, 2e-4 at batch 4096).
@@ -76,7 +77,8 @@ class PretrainConfig(RunConfig):
         "auto",
         group="model",
         choices=list(SDPA_BACKENDS),
-        help="the kernel behind timm's fused attention (torch's scaled_dot_product_attention): auto is torch's choice",
+        help="the kernel behind the training step's attention (torch's scaled_dot_product_attention, which timm's "
+        "fused attention calls): auto is torch's choice",
     )
     target: str = flag("mean3bit", group="objective", choices=list(TARGETS), help="what each corrupted patch predicts")
     mask_ratio: float = flag(0.5, group="objective", help="share of patches corrupted per image")
