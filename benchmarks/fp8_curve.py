@@ -20,6 +20,7 @@ import torch
 from results_io import provenance, provenance_lines, write_results
 
 import mpp
+from mpp.training.pretrain_config import PretrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,7 +96,7 @@ def main(argv=None):
         p.error(f"--seeds {args.seeds}: two or more plain seeds are needed for a seed-to-seed spread")
     settings, lever = pairs(args.settings, "--settings"), pairs(args.lever, "--lever")
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="fp8_curve_"))
-    runs, warmup = {}, int(settings.get("warmup_steps", 30))
+    runs, warmup = {}, int(settings.get("warmup_steps", PretrainConfig.warmup_steps))
     for arm, seed in run_order(args.seeds, args.lever_seeds):
         name = f"{arm}-seed{seed}"
         print(f"run {name}: {args.steps} steps", flush=True)
@@ -103,6 +104,11 @@ def main(argv=None):
         result = mpp.pretrain(
             **settings, **extra, seed=seed, max_steps=args.steps, output_dir=str(runs_dir / name), progress=False
         )
+        if result.stopped_by:  # a timeout's SIGTERM: the run checkpointed and returned; start no other
+            report = report_of(args, argv, settings, lever, runs_dir, runs, warmup)
+            report["stopped"] = f"{name} was stopped by {result.stopped_by}; it and the runs after it are left out"
+            write_results(args.out, report, markdown(report))
+            raise SystemExit(f"fp8_curve.py: {report['stopped']}")
         runs[name] = {"arm": arm, "seed": seed, "curve": losses(result.run_dir), "summary": result.summary}
         report = report_of(args, argv, settings, lever, runs_dir, runs, warmup)
         done = len(runs) == len(args.seeds) + len(args.lever_seeds)
@@ -124,7 +130,7 @@ def report_of(args, argv, settings: dict, lever: dict, runs_dir: Path, runs: dic
     levered = [smoothed(r["curve"], args.smooth) for r in runs.values() if r["arm"] == "lever"]
     return {
         **provenance("fp8_curve.py", argv, "cuda" if torch.cuda.is_available() else "cpu"),
-        "config": {**vars(args), "settings": settings, "lever": lever, "runs_dir": str(runs_dir)},
+        "config": {**vars(args), "settings": settings, "lever": lever, "runs_dir": str(runs_dir), "warmup": warmup},
         "runs": {
             n: {"arm": r["arm"], "seed": r["seed"], "final_loss": final_loss(r["curve"]), "summary": r["summary"]}
             for n, r in runs.items()
@@ -156,7 +162,15 @@ def markdown(r: dict) -> str:
         )
     if v is None:
         planned = len(c["seeds"]) + len(c["lever_seeds"])
-        return "\n".join(lines + ["", f"**Partial: {len(r['runs'])} of {planned} runs**, no verdict yet."]) + "\n"
+        stopped = f" {r['stopped']}." if r.get("stopped") else ""
+        lines += ["", f"**Partial: {len(r['runs'])} of {planned} runs**, no verdict.{stopped}"]
+        return "\n".join(lines) + "\n"
+    if not v["steps_compared"]:
+        lines += [
+            "",
+            f"No step past warm-up (step {c['warmup']}) logged by every run: no verdict.",
+        ]
+        return "\n".join(lines) + "\n"
     spread = v["mean_plain_spread"]
     lines += [
         "",

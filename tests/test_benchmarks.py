@@ -218,6 +218,11 @@ def test_a_lever_that_fails_is_reported_and_the_others_are_timed(tmp_path, monke
     md = out.with_suffix(".md").read_text()
     assert "sdpa-cudnn: **failed**, not timed: RuntimeError" in md and "| sdpa-math |" in md
     assert "Partial" not in md and report["repeats_done"] == 2
+    # a lever against the MPP step without it, per repeat: does it pay
+    rows = {r["arm"]: r for r in report["rows"]}
+    expected = [a / b for a, b in zip(rows["sdpa-math"]["per_repeat"], rows["mpp"]["per_repeat"])]
+    assert rows["sdpa-math"]["vs_mpp"]["per_repeat"] == pytest.approx(expected) and "vs_mpp" not in rows["mpp"]
+    assert f"sdpa-math against the MPP step without it: {rows['sdpa-math']['vs_mpp']['mean']:.3f}×" in md
 
 
 def test_a_spent_warm_up_budget_leaves_the_later_arms_out():
@@ -280,22 +285,24 @@ def test_a_run_killed_mid_way_keeps_the_repeats_already_measured(tmp_path, monke
     assert "**Partial: 1 of 3 repeats measured**" in out.with_suffix(".md").read_text()
 
 
-def fake_pretrain(curves: dict, calls: list, stop_after: int | None = None):
+def fake_pretrain(curves: dict, calls: list, stop_after: int | None = None, signal_at: int | None = None):
     """mpp.pretrain as fp8_curve calls it: writes the run's metrics.jsonl with the loss curve the test chose for
-    (arm, seed); raises instead of the run numbered stop_after (a session cut short)."""
+    (arm, seed); raises instead of the run numbered stop_after (a session cut short); the run numbered signal_at
+    returns as a run stopped by SIGTERM does (a timeout's signal, caught by the training loop)."""
     from types import SimpleNamespace
 
     def pretrain(seed, max_steps, output_dir, progress, **settings):
         arm = "lever" if settings.get("fp8") else "plain"
         if stop_after is not None and len(calls) == stop_after:
             raise KeyboardInterrupt
+        stopped_by = "SIGTERM" if signal_at is not None and len(calls) == signal_at else None
         calls.append((arm, seed))
         run_dir = Path(output_dir)
         run_dir.mkdir(parents=True)
         lines = [json.dumps({"step": step, "loss": loss}) for step, loss in curves[arm, seed].items()]
         lines.insert(1, json.dumps({"step": 10, "eval_accuracy": 0.5}))  # an evaluation record has no loss
         (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-        return SimpleNamespace(run_dir=run_dir, summary={"images_per_sec": 100.0})
+        return SimpleNamespace(run_dir=run_dir, summary={"images_per_sec": 100.0}, stopped_by=stopped_by)
 
     return pretrain
 
@@ -326,6 +333,33 @@ def test_fp8_curve_judges_the_lever_against_the_plain_seeds_band(tmp_path, monke
     v = report["verdict"]
     assert not v["within"] and v["outside_count"] == 1 and v["outside"][0]["step"] == 40
     assert v["outside"][0]["band"] == [pytest.approx(1.9), pytest.approx(2.3)]
+    # nothing logged past warm-up: no verdict, rather than "outside at 0 steps"
+    report = fp8_curve.main(
+        [*argv, "warmup_steps=40", "--runs-dir", str(tmp_path / "r3"), "--out", str(tmp_path / "w")]
+    )
+    assert report["verdict"]["steps_compared"] == 0 and not report["verdict"]["within"]
+    md = (tmp_path / "w.md").read_text()
+    assert "No step past warm-up (step 40) logged by every run: no verdict." in md and "outside" not in md
+
+
+def test_fp8_curve_stops_at_a_signal_instead_of_starting_the_next_run(tmp_path, monkeypatch):
+    # a timeout's SIGTERM is caught by the training loop, which checkpoints and returns: the benchmark must end
+    # there, its stopped run left out, not go on with the next run past the time limit
+    fp8_curve = load("fp8_curve")
+    calls = []
+    curves = {("plain", 0): curve([5.0, 4.0]), ("lever", 0): curve([5.0]), ("plain", 1): curve([5.1, 4.1])}
+    monkeypatch.setattr(fp8_curve.mpp, "pretrain", fake_pretrain(curves, calls, signal_at=1))
+    out = tmp_path / "signal"
+    with pytest.raises(SystemExit, match="lever-seed0 was stopped by SIGTERM"):
+        fp8_curve.main(
+            ["--lever", "fp8=tensorwise", "--steps", "20", "--runs-dir", str(tmp_path / "r"), "--out", str(out)]
+        )
+    assert calls == [("plain", 0), ("lever", 0)]  # the second plain seed never started
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert list(saved["runs"]) == ["plain-seed0"] and saved["verdict"] is None
+    assert (
+        "**Partial: 1 of 3 runs**, no verdict. lever-seed0 was stopped by SIGTERM" in out.with_suffix(".md").read_text()
+    )
 
 
 def test_fp8_curve_cut_short_keeps_the_runs_already_made(tmp_path, monkeypatch):
