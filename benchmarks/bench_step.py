@@ -440,6 +440,12 @@ def main(argv=None):
                     "max": max(r),
                     "per_repeat": r,
                     "vs_bare": paired_ratio(r, timed["rates"][REFERENCE]),
+                    # does a lever pay: against the MPP step without it, timed in the same repeats
+                    **(
+                        {"vs_mpp": paired_ratio(r, timed["rates"]["mpp"])}
+                        if name in lever_changes and "mpp" in timed["rates"]
+                        else {}
+                    ),
                     "mfu_vs_spec_peak": median * train_flops_per_image / spec["flops_per_sec"] if spec else None,
                     "mfu_vs_best_measured_gemm": median * train_flops_per_image / best["flops_per_sec"],
                     "peak_memory_bytes": warmed["peak_bytes"].get(name),
@@ -536,6 +542,11 @@ def markdown(r: dict) -> str:
         + "; ".join(f"{row['arm']} {', '.join(row['attention_ops']) or 'none'}" for row in r["rows"])
         + "."
     )
+    for row in r["rows"]:
+        if "vs_mpp" in row:
+            v = row["vs_mpp"]
+            interval = f" [{v['low']:.3f}, {v['high']:.3f}]" if v["low"] is not None else " (one repeat: no interval)"
+            lines.append(f"\n{row['arm']} against the MPP step without it: {v['mean']:.3f}×{interval}.")
     for arm, error in r["failed_arms"].items():
         lines.append(f"\n{arm}: **failed**, not timed: {error}")
     for row in r["rows"]:
