@@ -33,11 +33,13 @@ if [ "${REHEARSE:-0}" = 1 ]; then
     VITB="--depth 1 --img-size 32 --batch-size 2"
     VITL="--depth 1 --img-size 32 --batch-size 2"
     TIMING="--steps 1 --repeats 2 --warmup 1 --peak-n 64 --gemm-seconds 0.01"
-    CURVE="--steps 40"
-    CURVE_SIZE="img_size=32 batch_size=4 warmup_steps=10 log_every=5"
+    CURVE="--steps 12 --smooth 3"
+    CURVE_LEVER="fp8=tensorwise fp8_layers=all"  # ViT-Ti's layers are below torchao's rule: force them
+    CURVE_SIZE="model=vit_tiny_patch16_224 img_size=32 batch_size=4 warmup_steps=4 log_every=2"
     DATA_SIZE="--images 24 --batch-size 8 --batches 2 --repeats 1"
     LOOP_SIZE="--jpegs 64 --steps 8 --window 2 --bare-windows 2"
     LOOP_MODEL="--img-size 32 --patch-size 16 --batch-size 4"
+    LOOP_DECODES="cpu"  # --decode gpu needs nvJPEG: refused on a CPU
     echo "rehearsal on this CPU at toy sizes (FP8 emulated)"
 else
     DEVICE=cuda
@@ -45,10 +47,12 @@ else
     VITL="--batch-size 64"
     TIMING="--steps 10 --repeats 5 --warmup 3 --peak-n 8192"
     CURVE="--steps 2000"
-    CURVE_SIZE="img_size=224 batch_size=64 warmup_steps=200 log_every=20"
+    CURVE_LEVER="fp8=tensorwise"
+    CURVE_SIZE="model=vit_base_patch16_224 img_size=224 batch_size=64 warmup_steps=200 log_every=20"
     DATA_SIZE="--images 300 --batches 4 --repeats 3"
     LOOP_SIZE="--jpegs 2560 --steps 120 --window 10 --bare-windows 6"
     LOOP_MODEL="--img-size 224 --patch-size 16 --batch-size 128"
+    LOOP_DECODES="cpu gpu"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
 nproc
@@ -75,8 +79,8 @@ curve)
     echo "== curve: FP8 (tensorwise) against two bf16 seeds, ViT-B/16 at 224 px, 2,000 steps of 64"
     # shellcheck disable=SC2086
     timeout 420 accelerate launch --mixed_precision bf16 --num_processes 1 benchmarks/fp8_curve.py $CURVE \
-        --lever fp8=tensorwise --seeds 0 1 --lever-seeds 0 --out "$OUT/fp8_curve_vitb16" \
-        --settings dataset=photos model=vit_base_patch16_224 patch_size=16 compile=true checkpoint_every=100000 $CURVE_SIZE
+        --lever $CURVE_LEVER --seeds 0 1 --lever-seeds 0 --out "$OUT/fp8_curve_vitb16" \
+        --settings dataset=photos patch_size=16 compile=true checkpoint_every=100000 $CURVE_SIZE
     ;;
 data)
     echo "== data 1. nvJPEG path against the CPU path (tests/test_pipeline.py on CUDA)"
@@ -87,7 +91,7 @@ data)
     echo "== data 3. the whole loop against the compiled bf16 step, --decode cpu and gpu, default workers"
     # shellcheck disable=SC2086
     timeout 420 python3 benchmarks/bench_loop.py --device $DEVICE --dtype bf16 --compile --photos "$PHOTOS" $LOOP_SIZE \
-        --repeats 1 --datasets jpegs --decodes cpu gpu --out "$OUT/bench_loop_$DEVICE" \
+        --repeats 1 --datasets jpegs --decodes $LOOP_DECODES --out "$OUT/bench_loop_$DEVICE" \
         --recipe-args "--model vit_base_patch16_224 $LOOP_MODEL"
     ;;
 esac
