@@ -6,10 +6,13 @@
 #   curve   FP8 training as good as bf16: 2,000-step ViT-B/16 losses, two bf16 seeds and one FP8 (about 5 minutes)
 #   data    the data pipeline: nvJPEG against the CPU path, decode per core, the whole loop (about 8 minutes)
 # A device session has 15 minutes in all: give one or two sections per call (bash benchmarks/run_gpu.sh levers).
-# Where a package is missing (the lent GPU machines lack datasets, dill, multiprocess, torchao), carry wheels in
-# .whl/; the ImageNet-like JPEGs are cut from the photographs in .photos/ (Debian's mate-backgrounds) when present.
+# Where a package is missing or too old (the lent GPU machines lack datasets, dill, multiprocess and torchao, and
+# their timm 1.0.29 is older than the 1.0.31 run folders need), carry wheels in .whl/ (cp312); the ImageNet-like
+# JPEGs are cut from the photographs in .photos/ (Debian's mate-backgrounds) when present.
 # REHEARSE=1 runs the same commands on this machine's CPU at toy sizes, with FP8 emulated (MPP_FP8_EMULATE_ON_CPU):
-# every command line, flag, install step and output file is checked before a minute of device time is spent.
+# every command line, flag, install step and output file is checked before a minute of device time is spent. Run
+# it with the lent machines' software first on the PATH (Python 3.12, torch 2.11, accelerate 1.15, tensorboard,
+# scikit-learn, pandas; no mlxtend), e.g. a venv: REHEARSE=1 PATH=/tmp/devenv/bin:$PATH bash benchmarks/run_gpu.sh
 set -uo pipefail
 OUT="${OUT:-benchmarks/results}"
 SECTIONS="${*:-levers curve data}"
