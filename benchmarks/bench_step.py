@@ -223,9 +223,10 @@ def warm_up(arms: dict, warmup: int, device: str, budget: float | None = None, c
     """Run each arm's warm-up steps (where torch.compile compiles), in place: an arm that raises there, a lever a
     card or a torch version cannot run, is left out of the timing with its one-line error instead of ending the
     whole run (on a lent GPU the other arms' numbers are what the session's minutes bought); the reference arm
-    must warm up. Returns, per arm, its warm-up seconds, its peak CUDA memory over the warm-up (what its
-    activations and optimiser state need), the attention operators one more step runs, and the error of an arm
-    that failed. Progress goes to stdout as it happens, so a run killed by a timeout still tells how far it got.
+    must warm up. Returns, per arm, its warm-up seconds, its peak CUDA memory over the warm-up above what was
+    resident before it (what its activations, gradients and optimiser state need; all arms' weights stay
+    resident), the attention operators one more step runs, and the error of an arm that failed. Progress goes
+    to stdout as it happens, so a run killed by a timeout still tells how far it got.
     Once `budget` seconds have gone on warm-ups (mostly compiling), the arms not yet warmed are left out, so that
     a run under a hard time limit still reaches its timed repeats."""
     warmed = {"seconds": {}, "peak_bytes": {}, "attention_ops": {}, "failed": {}}
@@ -240,6 +241,7 @@ def warm_up(arms: dict, warmup: int, device: str, budget: float | None = None, c
         if device == "cuda":
             sync(device)
             torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()  # every arm's weights, and the optimiser states made so far
         try:
             for _ in range(warmup):
                 arms[name]()
@@ -256,7 +258,7 @@ def warm_up(arms: dict, warmup: int, device: str, budget: float | None = None, c
             continue
         warmed["seconds"][name] = clock() - start
         if device == "cuda":
-            warmed["peak_bytes"][name] = torch.cuda.max_memory_allocated()
+            warmed["peak_bytes"][name] = torch.cuda.max_memory_allocated() - resident
         warmed["attention_ops"][name] = attention_ops(arms[name])
         print(f"warm-up {name}: {warmed['seconds'][name]:.1f} s, {warmed['attention_ops'][name]}", flush=True)
     return warmed
@@ -524,7 +526,7 @@ def markdown(r: dict) -> str:
             else []
         ),
         "| arm | images/s (median) | min–max | vs bare timm step: mean of per-repeat ratios [95% t-interval] "
-        "| MFU vs spec peak | MFU vs best measured GEMM | peak memory | warm-up (compile) |",
+        "| MFU vs spec peak | MFU vs best measured GEMM | peak memory above resident | warm-up (compile) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
