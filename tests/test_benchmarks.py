@@ -246,6 +246,36 @@ def test_a_spent_warm_up_budget_leaves_the_later_arms_out():
     assert not bench.warm_up(arms, 1, "cpu", budget=None, clock=lambda: now[0])["failed"] and len(arms) == 3
 
 
+def test_each_arms_peak_memory_is_its_own_above_what_was_resident(monkeypatch):
+    # the CUDA path of the warm-up, on a fake allocator: every arm's weights stay resident, so an arm's number
+    # is its warm-up's peak above what was allocated before it, not the raw peak
+    import torch
+
+    bench = load("bench_step")
+    memory = {"now": 1000, "peak": 1000}
+
+    def arm(keeps, transient):  # a warm-up step that leaves `keeps` bytes allocated, peaking `transient` above
+        def step():
+            memory["peak"] = max(memory["peak"], memory["now"] + transient)
+            memory["now"] += keeps
+
+        return step
+
+    def reset_peak():
+        memory["peak"] = memory["now"]
+
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    monkeypatch.setattr(bench, "attention_ops", lambda step: [])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: memory["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: memory["peak"])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    arms = {"bare_timm": arm(keeps=300, transient=500), "mpp": arm(keeps=0, transient=200)}
+    warmed = bench.warm_up(arms, 1, "cuda")
+    # bare: resident 1000, peak 1500 -> 500; mpp: resident 1300 (bare's optimiser state stayed), peak 1500 -> 200
+    assert warmed["peak_bytes"] == {"bare_timm": 500, "mpp": 200}
+
+
 @pytest.mark.slow
 def test_each_compiled_attention_arm_runs_its_own_kernel(tmp_path):
     # torch.compile does not guard on a kernel chosen around the compiled call: a second compiled MPP model would
