@@ -11,7 +11,9 @@ loss is the mean of the last 5 windows, as a run's summary reports it.
 """
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -89,13 +91,19 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the plain runs (two or more)")
     p.add_argument("--lever-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--smooth", type=int, default=9, help="logged windows in the centred moving mean")
-    p.add_argument("--runs-dir", default=None, help="where the runs go (default: a temporary folder)")
+    p.add_argument(
+        "--runs-dir",
+        default=None,
+        help="where the runs go, kept (default: a temporary folder, removed at the end: the curves are in OUT.json)",
+    )
     p.add_argument("--out", default=str(RESULTS / "fp8_curve"), help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     if len(args.seeds) < 2:
         p.error(f"--seeds {args.seeds}: two or more plain seeds are needed for a seed-to-seed spread")
     settings, lever = pairs(args.settings, "--settings"), pairs(args.lever, "--lever")
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="fp8_curve_"))
+    if args.runs_dir is None:  # a ViT-B/16 run's folder holds its export and, when stopped, a checkpoint: GBs
+        atexit.register(shutil.rmtree, runs_dir, ignore_errors=True)
     runs, warmup = {}, int(settings.get("warmup_steps", PretrainConfig.warmup_steps))
     for arm, seed in run_order(args.seeds, args.lever_seeds):
         name = f"{arm}-seed{seed}"
