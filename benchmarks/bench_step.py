@@ -86,7 +86,9 @@ def mpp_step(model, optimizer, images):
 
 # Each lever is one more MPP arm, alone on top of the "mpp" arm's settings (compiled when --compile is given):
 # fp8-RECIPE[-LAYERS] (torchao float8 training, mpp.training.fast_paths), sdpa-BACKEND (one attention kernel),
-# compile-MODE (torch.compile with that mode, e.g. max-autotune, which adds CUDA graphs).
+# compile-MODE (torch.compile with that mode, e.g. max-autotune, which adds CUDA graphs), grad-checkpointing
+# (timm's activation checkpointing: less activation memory for recomputing each block's forward), batch-x2
+# (twice the batch: its rate counts its own images, so it shows what a bigger batch buys per image).
 LEVERS = (
     [
         f"fp8-{r}" + ("" if layers == "auto" else f"-{layers}")
@@ -95,12 +97,14 @@ LEVERS = (
     ]
     + [f"sdpa-{b}" for b in SDPA_BACKENDS if b != "auto"]
     + [f"compile-{m}" for m in COMPILE_MODES]
+    + ["grad-checkpointing", "batch-x2"]
 )
 
 
 def lever_arm(lever: str, build_mpp, device: str, images, compile: bool):
-    """(step, what changed): a fresh MPP model with one lever applied, its optimiser and its step."""
-    model, mode, changed = build_mpp(), None, {}
+    """(step, what changed): a fresh MPP model with one lever applied, its optimiser and its step. What changed
+    holds "batch_size", the images one step takes (B, or 2B for batch-x2)."""
+    model, mode, changed = build_mpp(), None, {"batch_size": len(images)}
     if lever.startswith("fp8-"):
         recipe, _, layers = lever.removeprefix("fp8-").partition("-")
         changed["fp8_layers"] = convert_to_fp8(model.encoder, recipe, layers or "auto")
@@ -108,6 +112,11 @@ def lever_arm(lever: str, build_mpp, device: str, images, compile: bool):
             changed["note"] = "no layer passed the filter: the arm is the plain MPP step"
     elif lever.startswith("sdpa-"):
         model.sdpa_backend = lever.removeprefix("sdpa-")  # applied inside MPP.forward, where torch.compile sees it
+    elif lever == "grad-checkpointing":
+        model.encoder.set_grad_checkpointing(True)
+    elif lever == "batch-x2":
+        images = torch.cat([images, images.flip(0)])  # (2B, 3, H, W)
+        changed["batch_size"] = len(images)
     else:
         mode = lever.removeprefix("compile-")
     optimizer = adamw([q for q in model.parameters() if q.requires_grad], device)
@@ -264,10 +273,11 @@ def warm_up(arms: dict, warmup: int, device: str, budget: float | None = None, c
     return warmed
 
 
-def time_arms(arms: dict, gemm, steps: int, repeats: int, device: str, batch: int, seed: int, after_repeat=None):
+def time_arms(arms: dict, gemm, steps: int, repeats: int, device: str, batch_sizes: dict, seed: int, after_repeat=None):
     """Per repeat, the (warmed-up) arms and one GEMM round (gemm()) in that repeat's rotated order. Returns the
-    per-repeat images/s of every arm, the GEMM readings of every round and the orders used; after_repeat(timed)
-    sees the same after each repeat (to write what is measured so far)."""
+    per-repeat images/s of every arm (batch_sizes: the images one step of each arm takes), the GEMM readings of
+    every round and the orders used; after_repeat(timed) sees the same after each repeat (to write what is
+    measured so far)."""
     sync(device)
     rates = {name: [] for name in arms}
     gemm_rounds, orders = [], arm_orders([*arms, GEMM], repeats, seed)
@@ -282,7 +292,7 @@ def time_arms(arms: dict, gemm, steps: int, repeats: int, device: str, batch: in
             for _ in range(steps):
                 arms[name]()
             sync(device)
-            rates[name].append(batch * steps / (time.perf_counter() - start))
+            rates[name].append(batch_sizes[name] * steps / (time.perf_counter() - start))
         timed["orders"].append(order)
         if after_repeat:
             after_repeat(timed)
@@ -481,7 +491,7 @@ def main(argv=None):
         args.steps,
         args.repeats,
         device,
-        args.batch_size,
+        {name: lever_changes.get(name, {}).get("batch_size", args.batch_size) for name in arms},
         args.seed,
         after_repeat=write_so_far,
     )
@@ -558,6 +568,11 @@ def markdown(r: dict) -> str:
             lines.append(
                 f"\n{row['arm']}: {len(lever['fp8_layers'])} Linear layers in FP8 ({', '.join(names) or 'none'} of "
                 f"each block){'; ' + lever['note'] if lever.get('note') else ''}."
+            )
+        if lever.get("batch_size", c["batch_size"]) != c["batch_size"]:
+            lines.append(
+                f"\n{row['arm']}: batch {lever['batch_size']} (the other arms {c['batch_size']}); its images/s counts "
+                "its own images, so its ratios say what the bigger batch buys per image."
             )
     return "\n".join(lines) + "\n"
 

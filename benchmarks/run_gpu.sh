@@ -5,6 +5,8 @@
 #           ViT-B/16 and ViT-L/16 (at most 9 minutes, most of it torch.compile)
 #   curve   FP8 training as good as bf16: 2,000-step ViT-B/16 losses, two bf16 seeds and one FP8 (about 5 minutes)
 #   data    the data pipeline: nvJPEG against the CPU path, decode per core, the whole loop (about 8 minutes)
+#   modes   the other levers, ViT-B/16: twice the batch, activation checkpointing, CUDA graphs, max-autotune
+#           (at most 9 minutes; for a session after the one that ran levers)
 # A device session has 15 minutes in all: give one or two sections per call (bash benchmarks/run_gpu.sh levers).
 # Where a package is missing or too old (the lent GPU machines lack datasets, dill, multiprocess and torchao, and
 # their timm 1.0.29 is older than the 1.0.31 run folders need), carry wheels in .whl/ (cp312); the ImageNet-like
@@ -15,10 +17,10 @@
 # scikit-learn, pandas; no mlxtend), e.g. a venv: REHEARSE=1 PATH=/tmp/devenv/bin:$PATH bash benchmarks/run_gpu.sh
 set -uo pipefail
 OUT="${OUT:-benchmarks/results}"
-SECTIONS="${*:-levers curve data}"
+SECTIONS="${*:-levers curve data modes}"
 for section in $SECTIONS; do
-    case "$section" in levers | curve | data) ;; *)
-        echo "run_gpu.sh: unknown section '$section'; sections: levers curve data" >&2
+    case "$section" in levers | curve | data | modes) ;; *)
+        echo "run_gpu.sh: unknown section '$section'; sections: levers curve data modes" >&2
         exit 2
         ;;
     esac
@@ -96,6 +98,16 @@ data)
     timeout 420 python3 benchmarks/bench_loop.py --device $DEVICE --dtype bf16 --compile --photos "$PHOTOS" $LOOP_SIZE \
         --repeats 1 --datasets jpegs --decodes $LOOP_DECODES --out "$OUT/bench_loop_$DEVICE" \
         --recipe-args "--model vit_base_patch16_224 $LOOP_MODEL"
+    ;;
+modes)
+    # quick compiles first; max-autotune (minutes of GEMM autotuning) last, so that the budget check before it
+    # leaves it out rather than the run losing its timed repeats
+    echo "== modes: ViT-B/16, batch 128 (batch-x2: 256), bf16 compiled"
+    # shellcheck disable=SC2086
+    timeout 540 python3 benchmarks/bench_step.py --device $DEVICE --dtype bf16 --compile --model vit_base_patch16_224 \
+        $VITB $TIMING --warmup-budget 240 \
+        --levers batch-x2 grad-checkpointing compile-reduce-overhead compile-max-autotune-no-cudagraphs \
+        --out "$OUT/bench_modes_vitb16"
     ;;
 esac
 done

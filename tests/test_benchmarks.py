@@ -225,6 +225,50 @@ def test_a_lever_that_fails_is_reported_and_the_others_are_timed(tmp_path, monke
     assert f"sdpa-math against the MPP step without it: {rows['sdpa-math']['vs_mpp']['mean']:.3f}×" in md
 
 
+def test_each_arms_rate_counts_its_own_images(monkeypatch):
+    # batch-x2 takes twice the images per step: at the same step time its images/s must be twice the others'
+    bench = load("bench_step")
+    now = [0.0]
+
+    def step():  # every step takes one second on the fake clock
+        now[0] += 1.0
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    arms = {"bare_timm": step, "mpp": step, "batch-x2": step}
+    timed = bench.time_arms(arms, lambda: [], 2, 3, "cpu", {"bare_timm": 4, "mpp": 4, "batch-x2": 8}, 0)
+    assert timed["rates"] == {"bare_timm": [4.0] * 3, "mpp": [4.0] * 3, "batch-x2": [8.0] * 3}
+
+
+def test_memory_and_batch_levers_change_what_they_say(tmp_path):
+    # grad-checkpointing: each block's forward runs again in the backward (what saves its activations);
+    # batch-x2: the step takes 2B images and the table says so
+    import torch
+
+    from mpp.models.model import MPP, create_encoder
+
+    bench = load("bench_step")
+    images = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    for lever, block_runs, batch in [("batch-x2", 1, 8), ("grad-checkpointing", 2, 4)]:
+        runs = []
+
+        def build_mpp(runs=runs):
+            model = MPP(create_encoder("test_vit", 28, 7))
+            # a pre-hook: the recomputation in the backward stops once it has what it needs, before a forward hook
+            model.encoder.blocks[0].register_forward_pre_hook(lambda *args: runs.append(1))
+            return model
+
+        step, changed = bench.lever_arm(lever, build_mpp, "cpu", images, compile=False)
+        step()
+        assert len(runs) == block_runs and changed["batch_size"] == batch, lever
+    out = tmp_path / "memory"
+    argv = [*TINY_STEP_ARGS, *TINY_TIMING, "--repeats", "1", "--out", str(out)]
+    report = bench.main([*argv, "--levers", "batch-x2", "grad-checkpointing"])
+    rows = {r["arm"]: r for r in report["rows"]}
+    assert rows["batch-x2"]["lever"]["batch_size"] == 8 and rows["grad-checkpointing"]["lever"]["batch_size"] == 4
+    md = out.with_suffix(".md").read_text()
+    assert "batch-x2: batch 8 (the other arms 4)" in md and "grad-checkpointing: batch" not in md
+
+
 def test_a_spent_warm_up_budget_leaves_the_later_arms_out():
     # under a hard time limit the run must reach its timed repeats: arms past the budget are not warmed or timed
     bench = load("bench_step")
