@@ -10,7 +10,9 @@
 # A device session has 15 minutes in all: give one or two sections per call (bash benchmarks/run_gpu.sh levers).
 # Where a package is missing or too old (the lent GPU machines lack datasets, dill, multiprocess and torchao, and
 # their timm 1.0.29 is older than the 1.0.31 run folders need), carry wheels in .whl/ (cp312); the ImageNet-like
-# JPEGs are cut from the photographs in .photos/ (Debian's mate-backgrounds) when present.
+# JPEGs are cut from the photographs in .photos/ (Debian's mate-backgrounds) when present. The wheels, into a fresh checkout:
+#   pip download --only-binary=:all: --python-version 3.12 --no-deps -d .whl datasets==5.2.0 dill==0.4.1 \
+#       multiprocess==0.70.19 fsspec==2026.9.0 torchao==0.18.0 timm==1.0.31
 # REHEARSE=1 runs the same commands on this machine's CPU at toy sizes, with FP8 emulated (MPP_FP8_EMULATE_ON_CPU):
 # every command line, flag, install step and output file is checked before a minute of device time is spent. Run
 # it with the lent machines' software first on the PATH (Python 3.12, torch 2.11, accelerate 1.15, tensorboard,
