@@ -259,9 +259,7 @@ def test_timm_config_builds_the_pretraining_runs_input(pretrained):
         Image.fromarray(a[..., 0]) for a in np.asarray(mnist5k().with_format("numpy")["image"][:8], dtype=np.uint8)
     ]
     card_view = torch.cat([x for (x,) in run_card(run, digits + photo_crops(), "x")])
-    pixels = (
-        torch.stack([torch.from_numpy(np.asarray(d.convert("RGB"))).permute(2, 0, 1) for d in digits]).float() / 255
-    )
+    pixels = torch.stack([torch.from_numpy(np.array(d.convert("RGB"))).permute(2, 0, 1) for d in digits]).float() / 255
     trained_on = (pixels - model.pixel_mean) / model.pixel_std  # MPP.forward's normalisation
     torch.testing.assert_close(card_view[:8], trained_on, rtol=0, atol=1e-5)
     torch.testing.assert_close(card_view[8:], run_view(photo_crops(), 28, mean, std), rtol=0, atol=1e-5)
