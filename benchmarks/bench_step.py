@@ -104,7 +104,7 @@ LEVERS = (
 def lever_arm(lever: str, build_mpp, device: str, images, compile: bool):
     """(step, what changed): a fresh MPP model with one lever applied, its optimiser and its step. What changed
     holds "batch_size", the images one step takes (B, or 2B for batch-x2)."""
-    model, mode, changed = build_mpp(), None, {"batch_size": len(images)}
+    model, mode, changed = build_mpp(), None, {}
     if lever.startswith("fp8-"):
         recipe, _, layers = lever.removeprefix("fp8-").partition("-")
         changed["fp8_layers"] = convert_to_fp8(model.encoder, recipe, layers or "auto")
@@ -116,12 +116,12 @@ def lever_arm(lever: str, build_mpp, device: str, images, compile: bool):
         model.encoder.set_grad_checkpointing(True)
     elif lever == "batch-x2":
         images = torch.cat([images, images.flip(0)])  # (2B, 3, H, W)
-        changed["batch_size"] = len(images)
     else:
         mode = lever.removeprefix("compile-")
     optimizer = adamw([q for q in model.parameters() if q.requires_grad], device)
     if compile or mode:
         model = torch.compile(model, mode=None if mode == "default" else mode)
+    changed["batch_size"] = len(images)  # what the step takes, whichever lever changed it
     return mpp_step(model, optimizer, images), changed
 
 
